@@ -1,0 +1,372 @@
+//! The only module with `unsafe`: thin wrappers over the Linux syscalls that std, tokio and
+//! socket2 do not cover (splice, pipes, IP_PKTINFO messages, fd adoption, process hygiene).
+//!
+//! Every wrapper returns `io::Result` and takes borrowed or owned fds, so callers stay safe.
+
+use std::io;
+use std::mem::{size_of, zeroed, MaybeUninit};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process hygiene
+// ---------------------------------------------------------------------------------------------
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit and returns (old soft, new soft).
+/// dockerd's children inherit dockerd's original soft limit (often 1024); Go raises its own,
+/// so a drop-in must too.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass, which lives on our stack.
+    unsafe {
+        let mut lim: libc::rlimit = zeroed();
+        cvt(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+        let old = lim.rlim_cur;
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            cvt(libc::setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+        }
+        Ok((old as u64, lim.rlim_cur as u64))
+    }
+}
+
+/// Asks the kernel to send `signal` to us when our parent dies.
+pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value; no pointers are involved.
+    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// What an inherited descriptor number refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    Closed,
+    Fifo,
+    Socket,
+    File,
+    CharDevice,
+    Other,
+}
+
+/// Tells what `fd` is without taking ownership of it.
+pub fn fd_kind(fd: RawFd) -> FdKind {
+    // SAFETY: fstat writes into a zeroed stat buffer we own; an fd that is not open yields EBADF.
+    unsafe {
+        let mut st: libc::stat = zeroed();
+        if libc::fstat(fd, &mut st) < 0 {
+            return FdKind::Closed;
+        }
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO => FdKind::Fifo,
+            libc::S_IFSOCK => FdKind::Socket,
+            libc::S_IFREG => FdKind::File,
+            libc::S_IFCHR => FdKind::CharDevice,
+            _ => FdKind::Other,
+        }
+    }
+}
+
+/// Marks an inherited descriptor close-on-exec (no-op when it is not open).
+pub fn set_cloexec(fd: RawFd) {
+    // SAFETY: F_GETFD/F_SETFD on an arbitrary fd number only touch the descriptor flags;
+    // on a closed fd they fail with EBADF, which we ignore.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// Puts a descriptor into non-blocking mode.
+pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we borrow; only the status flags change.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
+        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+    }
+    Ok(())
+}
+
+/// Takes ownership of an inherited descriptor number, after checking that it is open.
+/// The caller must not use `fd` in any other way afterwards (it is closed on drop).
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd_kind(fd) == FdKind::Closed {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the fd is open (checked above), was inherited from our parent and is adopted
+    // exactly once at start-up, so nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipes and splice
+// ---------------------------------------------------------------------------------------------
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass; on success we own both.
+    unsafe {
+        cvt(libc::pipe2(
+            fds.as_mut_ptr(),
+            libc::O_NONBLOCK | libc::O_CLOEXEC,
+        ))?;
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to` without copying through user space.
+/// One of the two must be a pipe. Returns 0 at end of stream.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: both fds are borrowed for the call; null offsets mean "use the file position",
+    // which is what sockets and pipes require.
+    cvt_size(unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            std::ptr::null_mut(),
+            to.as_raw_fd(),
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// UDP with packet info: learn the local destination of each datagram, and reply from it
+// ---------------------------------------------------------------------------------------------
+
+/// Asks the kernel to report each datagram's destination address. An AF_INET6 socket gets
+/// IPV6_RECVPKTINFO and also IP_PKTINFO, which Linux honours for the IPv4 datagrams a
+/// dual-stack socket receives.
+pub fn enable_pktinfo(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+        // A V6ONLY socket never sees IPv4 traffic; failure here is harmless.
+        let _ = set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1);
+        Ok(())
+    } else {
+        set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
+    }
+}
+
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt reads an int from our stack for the length we pass.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const _ as *const libc::c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// One received datagram's envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    pub len: usize,
+    pub source: SocketAddr,
+    /// The local address the datagram was sent to, when the kernel reported it.
+    pub destination: Option<IpAddr>,
+    /// The datagram was larger than the buffer and was cut.
+    pub truncated: bool,
+}
+
+// Room for one IPv6 pktinfo message (the larger of the two), 8-byte aligned.
+const CMSG_SPACE: usize = 64;
+
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_SPACE]);
+
+fn sockaddr_to_std(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: ss_family says the storage holds a sockaddr_in, which it is large enough for.
+            let sin = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: ss_family says the storage holds a sockaddr_in6, which it is large enough for.
+            let sin6 = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// recvmsg(2) one datagram and its destination address (non-blocking: WouldBlock when empty).
+pub fn recv_with_destination(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    // SAFETY: every pointer in the msghdr points into buffers that live until recvmsg returns
+    // (`buf`, `storage`, `cmsg`), with their true lengths; the cmsg walk uses the kernel-set
+    // msg_controllen and the CMSG_* macros, which stay inside `cmsg`.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = zeroed();
+        let mut cmsg = MaybeUninit::<CmsgBuf>::zeroed().assume_init();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut storage as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = CMSG_SPACE as _;
+        let len = cvt_size(libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT))?;
+        let source = sockaddr_to_std(&storage).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "datagram without an IP source")
+        })?;
+        let mut destination = None;
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                destination = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    info.ipi_addr.s_addr,
+                ))));
+            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+                let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
+                destination = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+        Ok(Received {
+            len,
+            source,
+            destination,
+            truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
+        })
+    }
+}
+
+/// sendmsg(2) one datagram to `to`, with `from` as its source address when given
+/// (IP_PKTINFO `ipi_spec_dst` / IPV6_PKTINFO, interface left to routing).
+/// `ipv6_socket` tells which message the socket's family takes: an AF_INET6 socket answers
+/// IPv4 clients with IPv4-mapped addresses in an IPV6_PKTINFO message.
+pub fn send_from(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    to: &SocketAddr,
+    from: Option<IpAddr>,
+    ipv6_socket: bool,
+) -> io::Result<usize> {
+    let (mut name, namelen) = std_to_sockaddr(to);
+    // SAFETY: as in recv_with_destination: all pointers reference live locals with correct
+    // lengths; the control message is written through CMSG_FIRSTHDR/CMSG_DATA within `cmsg`,
+    // whose length we set with CMSG_SPACE of the payload we write.
+    unsafe {
+        let mut cmsg = MaybeUninit::<CmsgBuf>::zeroed().assume_init();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = zeroed();
+        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = namelen;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if let Some(from) = from {
+            msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
+            if ipv6_socket {
+                let v6 = match from {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+            } else if let IpAddr::V4(v4) = from {
+                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+            }
+        }
+        cvt_size(libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        ))
+    }
+}

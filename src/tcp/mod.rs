@@ -1,0 +1,112 @@
+//! TCP: accept clients, dial the target with a timeout, relay both directions.
+
+pub mod relay;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::mapping::describe;
+
+/// Knobs for one TCP mapping. dockerd's argv cannot carry options, so they come from the
+/// environment (`RPROXY_CONNECT_TIMEOUT` seconds, `RPROXY_SPLICE=0` to force copying).
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub connect_timeout: Duration,
+    pub splice: bool,
+}
+
+impl Config {
+    pub fn from_env() -> Config {
+        let connect_timeout = std::env::var("RPROXY_CONNECT_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .unwrap_or(Duration::from_secs(10));
+        let splice = std::env::var("RPROXY_SPLICE").map_or(true, |v| v != "0");
+        Config {
+            connect_timeout,
+            splice,
+        }
+    }
+}
+
+/// Accepts forever. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and retries
+/// instead of exiting as docker-proxy does: the port stays served once descriptors free up.
+pub async fn serve(listener: TcpListener, target: SocketAddr, config: Config) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                backoff = Duration::ZERO;
+                tokio::spawn(handle(client, peer, target, config));
+            }
+            Err(e) if is_transient(&e) => {}
+            Err(e) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tracing::warn!("accept failed: {}; retrying in {:?}", describe(&e), backoff);
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+/// Errors that concern one half-open connection, not the listener.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
+    )
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, target: SocketAddr, config: Config) {
+    tune(&client);
+    let backend = match connect(target, config.connect_timeout).await {
+        Ok(b) => b,
+        Err(e) => {
+            // Reset rather than accept-then-FIN: the client learns at once that nothing is there.
+            tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e));
+            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
+    tune(&backend);
+    tracing::debug!("{peer}: connected to {target}");
+    match relay::relay(&client, &backend, config.splice).await {
+        Ok((up, down)) => tracing::debug!("{peer}: closed after {up} bytes up, {down} down"),
+        Err(e) => {
+            tracing::debug!("{peer}: aborted: {}", describe(&e));
+            // Propagate the abort: both sides get a reset, not a clean FIN.
+            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            let _ = SockRef::from(&backend).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    match tokio::time::timeout(timeout, socket.connect(target)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connection timed out",
+        )),
+    }
+}
+
+/// The options Go gives both legs: no Nagle, keepalive 15 s idle / 15 s interval / 9 probes.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(15))
+        .with_retries(9);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

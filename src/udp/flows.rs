@@ -1,0 +1,158 @@
+//! The UDP flow table: one entry per (client address, local destination address), bounded in
+//! number with least-recently-used eviction.
+//!
+//! Recency is tracked lazily so the per-datagram cost is one atomic store: each flow sits in an
+//! ordered queue at the position of its last *queueing*; when the table is full the oldest entry
+//! is examined, and if it saw traffic since it was queued it is re-queued (second chance)
+//! instead of evicted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+/// A flow is identified by who sent and which local address they sent to: replies must leave
+/// from that address, and two clients behind different local addresses are different flows.
+pub type FlowKey = (SocketAddr, Option<IpAddr>);
+
+/// Milliseconds since the process's first call; cheap, monotonic, fits an atomic.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Last activity of a flow in either direction (ms, from [`now_ms`]); shared with its reply task.
+#[derive(Debug, Default)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    pub fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+    pub fn last(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Entry<F> {
+    pub flow: F,
+    pub activity: Arc<Activity>,
+    /// Unique per flow ever created; lets a late expiry notice tell a replaced flow apart.
+    pub id: u64,
+    /// Position in the recency queue and the time it was queued.
+    queued: (u64, u64),
+}
+
+pub struct FlowTable<F> {
+    flows: HashMap<FlowKey, Entry<F>>,
+    queue: BTreeMap<u64, FlowKey>,
+    next: u64,
+    max: usize,
+}
+
+impl<F> FlowTable<F> {
+    pub fn new(max: usize) -> Self {
+        FlowTable {
+            flows: HashMap::new(),
+            queue: BTreeMap::new(),
+            next: 0,
+            max: max.max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Entry<F>> {
+        self.flows.get(key)
+    }
+
+    /// Makes room for one more flow; returns the evicted flow, if one had to go.
+    pub fn make_room(&mut self) -> Option<(FlowKey, F)> {
+        if self.flows.len() < self.max {
+            return None;
+        }
+        while let Some((_, key)) = self.queue.pop_first() {
+            let Some(entry) = self.flows.get_mut(&key) else {
+                continue;
+            };
+            if entry.activity.last() > entry.queued.1 {
+                // Used since it was queued: give it a fresh position.
+                self.next += 1;
+                entry.queued = (self.next, now_ms());
+                self.queue.insert(self.next, key);
+                continue;
+            }
+            return self.flows.remove(&key).map(|e| (key, e.flow));
+        }
+        None
+    }
+
+    /// Inserts a new flow built from its id (call [`make_room`](Self::make_room) first).
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        activity: Arc<Activity>,
+        flow: impl FnOnce(u64) -> F,
+    ) -> u64 {
+        self.next += 1;
+        let id = self.next;
+        let flow = flow(id);
+        self.queue.insert(id, key);
+        if let Some(old) = self.flows.insert(
+            key,
+            Entry {
+                flow,
+                activity,
+                id,
+                queued: (id, now_ms()),
+            },
+        ) {
+            self.queue.remove(&old.queued.0);
+        }
+        id
+    }
+
+    /// Removes the flow if it is still the one with `id`.
+    pub fn remove(&mut self, key: &FlowKey, id: u64) -> Option<F> {
+        match self.flows.get(key) {
+            Some(e) if e.id == id => {
+                let e = self.flows.remove(key)?;
+                self.queue.remove(&e.queued.0);
+                Some(e.flow)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        (SocketAddr::from(([127, 0, 0, 1], port)), None)
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let mut t = FlowTable::new(2);
+        let a1 = Arc::new(Activity::default());
+        let a2 = Arc::new(Activity::default());
+        t.insert(key(1), a1.clone(), |_| "one");
+        t.insert(key(2), a2, |_| "two");
+        // Flow 1 sees traffic after it was queued, so flow 2 is now the least recent.
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        a1.touch();
+        assert_eq!(t.make_room(), Some((key(2), "two")));
+        let id = t.insert(key(3), Arc::new(Activity::default()), |_| "three");
+        assert_eq!(t.len(), 2);
+        assert!(t.get(&key(1)).is_some());
+        // A stale expiry (wrong id) does not remove the current flow.
+        assert_eq!(t.remove(&key(3), id + 100), None);
+        assert_eq!(t.remove(&key(3), id), Some("three"));
+        assert_eq!(t.make_room(), None);
+    }
+}
