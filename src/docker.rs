@@ -72,12 +72,32 @@ pub const FLAGS: &[Flag] = &[
 #[derive(Debug)]
 pub struct StartError(pub String);
 
-/// Runs docker-proxy mode with `args` (argv without argv[0]); returns the exit code.
-pub fn main(prog: &str, args: &[String]) -> i32 {
-    // First thing, as docker-proxy does: our children must not inherit the pipe or the socket.
-    sys::set_cloexec(STATUS_FD);
-    sys::set_cloexec(LISTEN_FD);
+/// The descriptors dockerd hands over. They must be taken before anything else opens a file
+/// (the log socket, the runtime's epoll): those would otherwise land on fds 3 and 4 when the
+/// parent left them closed, and be mistaken for the status pipe or the listening socket.
+pub struct Inherited {
+    status: StatusPipe,
+    listen: Result<OwnedFd, &'static str>,
+}
 
+impl Inherited {
+    pub fn take() -> Inherited {
+        // As docker-proxy does first thing: our children must not inherit these.
+        sys::set_cloexec(STATUS_FD);
+        sys::set_cloexec(LISTEN_FD);
+        let status = StatusPipe::inherit();
+        let listen = match sys::fd_kind(LISTEN_FD) {
+            FdKind::Socket => sys::adopt_fd(LISTEN_FD).map_err(|_| "fd 4 is not open"),
+            FdKind::Closed => Err("-use-listen-fd given but fd 4 is not open"),
+            _ => Err("fd 4 is not a socket"),
+        };
+        Inherited { status, listen }
+    }
+}
+
+/// Runs docker-proxy mode with `args` (argv without argv[0]); returns the exit code.
+pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
+    let Inherited { status, listen } = inherited;
     let opts = match Options::parse(args) {
         Ok(opts) => opts,
         Err(ParseError::Help) => {
@@ -99,7 +119,6 @@ pub fn main(prog: &str, args: &[String]) -> i32 {
         return 0;
     }
 
-    let status = StatusPipe::inherit();
     if let Err(e) = sys::raise_nofile_limit() {
         tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
     }
@@ -114,10 +133,8 @@ pub fn main(prog: &str, args: &[String]) -> i32 {
         Err(e) => return status.fail(&format!("cannot start the runtime: {}", describe(&e))),
     };
     runtime.block_on(async move {
-        let frontend = match opts
-            .mapping()
-            .and_then(|m| Frontend::open(m, opts.use_listen_fd))
-        {
+        let listen = opts.use_listen_fd.then_some(listen);
+        let frontend = match opts.mapping().and_then(|m| Frontend::open(m, listen)) {
             Ok(f) => f,
             Err(StartError(msg)) => return status.fail(&msg),
         };
@@ -289,10 +306,13 @@ pub enum Frontend {
 }
 
 impl Frontend {
-    /// Binds the mapping's address, or adopts fd 4 when `use_listen_fd`.
-    pub fn open(mapping: Mapping, use_listen_fd: bool) -> Result<Frontend, StartError> {
-        let socket = if use_listen_fd {
-            adopt_listen_fd(&mapping)?
+    /// Binds the mapping's address, or adopts the inherited socket when one is given.
+    pub fn open(
+        mapping: Mapping,
+        inherited: Option<Result<OwnedFd, &str>>,
+    ) -> Result<Frontend, StartError> {
+        let socket = if let Some(fd) = inherited {
+            adopt_listen_fd(&mapping, fd)?
         } else {
             bind(&mapping).map_err(|e| {
                 StartError(format!(
@@ -362,15 +382,10 @@ fn bind(mapping: &Mapping) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// Adopts dockerd's socket on fd 4 after checking it is what the flags say.
-fn adopt_listen_fd(mapping: &Mapping) -> Result<Socket, StartError> {
+/// Checks dockerd's socket from fd 4 is what the flags say.
+fn adopt_listen_fd(mapping: &Mapping, fd: Result<OwnedFd, &str>) -> Result<Socket, StartError> {
     let bad = |why: String| StartError(format!("bad listening socket on fd 4: {why}"));
-    match sys::fd_kind(LISTEN_FD) {
-        FdKind::Socket => {}
-        FdKind::Closed => return Err(bad("-use-listen-fd given but fd 4 is not open".into())),
-        _ => return Err(bad("fd 4 is not a socket".into())),
-    }
-    let fd: OwnedFd = sys::adopt_fd(LISTEN_FD).map_err(|e| bad(describe(&e)))?;
+    let fd = fd.map_err(|why| bad(why.to_string()))?;
     let socket = Socket::from(fd);
     let wrap = |e: io::Error| bad(describe(&e));
     let ty = socket.r#type().map_err(wrap)?;

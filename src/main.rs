@@ -12,9 +12,11 @@ mod tcp;
 mod udp;
 
 fn main() {
+    // Before anything opens a descriptor.
+    let inherited = docker::Inherited::take();
     let mut args = std::env::args();
     let prog = args.next().unwrap_or_else(|| "rproxy".into());
     let args: Vec<String> = args.collect();
     log::init();
-    std::process::exit(docker::main(&prog, &args));
+    std::process::exit(docker::main(&prog, &args, inherited));
 }

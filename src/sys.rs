@@ -197,8 +197,9 @@ pub struct Received {
     pub truncated: bool,
 }
 
-// Room for one IPv6 pktinfo message (the larger of the two), 8-byte aligned.
-const CMSG_SPACE: usize = 64;
+// Room for both pktinfo messages: a dual-stack socket receiving IPv4 gets IPV6_PKTINFO and
+// IP_PKTINFO together (72 bytes); 8-byte aligned.
+const CMSG_SPACE: usize = 128;
 
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_SPACE]);
@@ -259,7 +260,8 @@ fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_
 pub fn recv_with_destination(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     // SAFETY: every pointer in the msghdr points into buffers that live until recvmsg returns
     // (`buf`, `storage`, `cmsg`), with their true lengths; the cmsg walk uses the kernel-set
-    // msg_controllen and the CMSG_* macros, which stay inside `cmsg`.
+    // msg_controllen and the CMSG_* macros, which stay inside `cmsg`, and a payload is read
+    // only when its header's length covers it (a truncated message may be shorter).
     unsafe {
         let mut storage: libc::sockaddr_storage = zeroed();
         let mut cmsg = MaybeUninit::<CmsgBuf>::zeroed().assume_init();
@@ -282,14 +284,23 @@ pub fn recv_with_destination(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<R
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             let h = &*c;
-            if h.cmsg_level == libc::IPPROTO_IP && h.cmsg_type == libc::IP_PKTINFO {
+            let fits = |size: usize| h.cmsg_len as usize >= libc::CMSG_LEN(size as u32) as usize;
+            if h.cmsg_level == libc::IPPROTO_IP
+                && h.cmsg_type == libc::IP_PKTINFO
+                && fits(size_of::<libc::in_pktinfo>())
+            {
                 let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
                 destination = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                     info.ipi_addr.s_addr,
                 ))));
-            } else if h.cmsg_level == libc::IPPROTO_IPV6 && h.cmsg_type == libc::IPV6_PKTINFO {
+            } else if h.cmsg_level == libc::IPPROTO_IPV6
+                && h.cmsg_type == libc::IPV6_PKTINFO
+                && fits(size_of::<libc::in6_pktinfo>())
+            {
                 let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
-                destination = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
+                // A dual-stack socket reports IPv4 destinations as v4-mapped: keep one form.
+                destination =
+                    Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)).to_canonical());
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }

@@ -1,0 +1,341 @@
+//! Shared helpers for the integration tests: spawning the built binary the way dockerd does
+//! (status pipe on fd 3, optional socket on fd 4), reading its verdict, and skipping clearly
+//! when a test needs root.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+
+pub fn rproxy() -> &'static str {
+    env!("CARGO_BIN_EXE_rproxy")
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Returns false (after saying why) when the test needs root and we are not root.
+pub fn need_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("SKIP {test}: needs root (network namespaces / addresses); run the suite as root");
+    false
+}
+
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// A running (or finished) rproxy child with the read end of its status pipe.
+pub struct Proxy {
+    pub child: Child,
+    status: Option<File>,
+    stderr_lines: mpsc::Receiver<String>,
+    pub listen: Option<SocketAddr>,
+}
+
+pub struct Spawn {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub status_pipe: bool,
+    pub listen_fd: Option<OwnedFd>,
+    /// Shell commands run before exec'ing rproxy (`sh -c '…; exec rproxy …'`): rlimits, closing
+    /// inherited fds (cargo's jobserver pipe may sit on fd 4).
+    pub shell_prefix: Vec<String>,
+}
+
+impl Spawn {
+    pub fn new(args: &[&str]) -> Spawn {
+        Spawn {
+            args: self::args(args),
+            env: vec![("RPROXY_LOG".into(), "info".into())],
+            status_pipe: true,
+            listen_fd: None,
+            shell_prefix: Vec::new(),
+        }
+    }
+
+    /// Starts with this soft RLIMIT_NOFILE, as children of dockerd do.
+    pub fn soft_nofile(mut self, n: u64) -> Spawn {
+        self.shell_prefix.push(format!("ulimit -Sn {n}"));
+        self
+    }
+
+    /// Starts with fd 4 closed.
+    pub fn close_fd4(mut self) -> Spawn {
+        self.shell_prefix.push("exec 4>&-".into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Spawn {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn listen_fd(mut self, fd: impl Into<OwnedFd>) -> Spawn {
+        self.listen_fd = Some(fd.into());
+        self
+    }
+
+    pub fn no_status_pipe(mut self) -> Spawn {
+        self.status_pipe = false;
+        self
+    }
+
+    pub fn spawn(self) -> Proxy {
+        let mut cmd = match self.shell_prefix.is_empty() {
+            false => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "{} && exec \"$0\" \"$@\"",
+                        self.shell_prefix.join(" && ")
+                    ))
+                    .arg(rproxy())
+                    .args(&self.args);
+                c
+            }
+            true => {
+                let mut c = Command::new(rproxy());
+                c.args(&self.args);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.env_remove("RPROXY_LOG_FILE");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut mappings = Vec::new();
+        let mut status = None;
+        if self.status_pipe {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+            mappings.push(FdMapping {
+                parent_fd: w,
+                child_fd: 3,
+            });
+            status = Some(File::from(r));
+        }
+        if let Some(fd) = self.listen_fd {
+            mappings.push(FdMapping {
+                parent_fd: fd,
+                child_fd: 4,
+            });
+        }
+        cmd.fd_mappings(mappings).expect("fd mappings");
+        let mut child = cmd.spawn().expect("spawn rproxy");
+        // Our copies of the mapped fds were moved into `cmd`; drop it so only the child holds them.
+        drop(cmd);
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  [rproxy] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proxy {
+            child,
+            status,
+            stderr_lines: rx,
+            listen: None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Reads the status pipe to EOF (what dockerd ends up seeing), within 16 s like dockerd.
+    pub fn status(&mut self) -> Vec<u8> {
+        let mut f = self.status.take().expect("no status pipe");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = f.read_to_end(&mut out);
+            let _ = tx.send(out);
+        });
+        rx.recv_timeout(Duration::from_secs(16))
+            .expect("status pipe: no EOF within 16 s")
+    }
+
+    /// Waits for "0\n" and learns the bound address from the readiness log line.
+    pub fn ready(mut self) -> Proxy {
+        let status = self.status();
+        assert_eq!(
+            String::from_utf8_lossy(&status),
+            "0\n",
+            "rproxy did not report readiness"
+        );
+        let line = self.wait_log("serving ", Duration::from_secs(5));
+        // "serving tcp 127.0.0.1:41000 -> 127.0.0.1:8000"
+        let addr = line
+            .split_whitespace()
+            .skip_while(|w| *w != "serving")
+            .nth(2)
+            .unwrap();
+        self.listen = Some(addr.parse().expect("listen address in the log"));
+        self
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listen.expect("proxy address unknown")
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code (None: killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("rproxy did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("kill");
+    }
+
+    pub fn output_stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let _ = out.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn stderr_text(&self, timeout: Duration) -> String {
+        let mut all = String::new();
+        while let Ok(line) = self.stderr_lines.recv_timeout(timeout) {
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a proxy for `proto` from `listen` (port 0 = any) to `target` and waits until ready.
+pub fn start(proto: &str, listen: &str, target: SocketAddr) -> Proxy {
+    start_with(proto, listen, target, &[])
+}
+
+pub fn start_with(proto: &str, listen: &str, target: SocketAddr, env: &[(&str, &str)]) -> Proxy {
+    let mut spawn = Spawn::new(&[
+        "-proto",
+        proto,
+        "-host-ip",
+        listen,
+        "-host-port",
+        "0",
+        "-container-ip",
+        &target.ip().to_string(),
+        "-container-port",
+        &target.port().to_string(),
+    ]);
+    for (k, v) in env {
+        spawn = spawn.env(k, v);
+    }
+    spawn.spawn().ready()
+}
+
+/// Does the kernel let us bind IPv6 loopback here?
+pub fn has_ipv6() -> bool {
+    std::net::TcpListener::bind("[::1]:0").is_ok()
+}
+
+/// A TCP echo server on `addr` (port 0 = any), one thread per connection; echoes until EOF,
+/// then closes its write side.
+pub fn tcp_echo(addr: &str) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(addr).expect("bind echo server");
+    let local = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let _ = std::io::copy(&mut reader, &mut conn);
+                let _ = conn.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    local
+}
+
+/// A UDP echo server on `addr`; replies to every datagram with the same bytes.
+pub fn udp_echo(addr: &str) -> SocketAddr {
+    let socket = std::net::UdpSocket::bind(addr).expect("bind udp echo");
+    let local = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    local
+}
+
+/// Sends `data` to `to` from `socket` and waits for one reply (retrying a few times: UDP).
+pub fn udp_roundtrip(
+    socket: &std::net::UdpSocket,
+    to: SocketAddr,
+    data: &[u8],
+) -> (Vec<u8>, SocketAddr) {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..10 {
+        socket.send_to(data, to).expect("udp send");
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            return (buf[..n].to_vec(), from);
+        }
+    }
+    panic!("no UDP reply from {to}");
+}
+
+/// Writes `data`, half-closes, and reads everything back.
+pub fn tcp_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect through proxy");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(data).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read echo");
+    out
+}
