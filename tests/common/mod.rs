@@ -339,3 +339,50 @@ pub fn tcp_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     s.read_to_end(&mut out).expect("read echo");
     out
 }
+
+/// A network namespace made by a test (root only), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Creates `rpx-<tag>-<pid>` with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("rpx-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Netns { name }
+    }
+
+    /// Runs `f` on a fresh thread that has entered the namespace: sockets it opens, threads
+    /// and processes it starts all live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -1,0 +1,348 @@
+//! TCP relay behaviour through the real binary: half-close both ways, reset propagation, bulk
+//! integrity, many connections under dockerd's inherited fd limit, unreachable backends and
+//! descriptor exhaustion. Every relay test runs with splice and with the copy fallback.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use socket2::SockRef;
+
+const MODES: [(&str, &str); 2] = [("RPROXY_SPLICE", "1"), ("RPROXY_SPLICE", "0")];
+
+fn proxy_to(target: SocketAddr, mode: (&str, &str)) -> Proxy {
+    start_with("tcp", "127.0.0.1", target, &[mode])
+}
+
+/// A backend that hands each accepted connection to the test.
+fn backend() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+fn accept(l: &TcpListener) -> TcpStream {
+    let (s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).unwrap();
+    v
+}
+
+#[test]
+fn half_close_client_first() {
+    for mode in MODES {
+        let (l, target) = backend();
+        let p = proxy_to(target, mode);
+        let mut client = connect(p.addr());
+        let mut server = accept(&l);
+        client.write_all(b"request").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        // The server sees the request and then EOF...
+        assert_eq!(read_all(&mut server), b"request", "{mode:?}");
+        // ...and can still answer afterwards: the other direction stays open.
+        server.write_all(b"answer after EOF").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        server.write_all(b", twice").unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(
+            read_all(&mut client),
+            b"answer after EOF, twice",
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn half_close_server_first() {
+    for mode in MODES {
+        let (l, target) = backend();
+        let p = proxy_to(target, mode);
+        let mut client = connect(p.addr());
+        let mut server = accept(&l);
+        server.write_all(b"banner").unwrap();
+        server.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_all(&mut client), b"banner", "{mode:?}");
+        client.write_all(b"late upload").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(read_all(&mut server), b"late upload", "{mode:?}");
+    }
+}
+
+fn reset(s: TcpStream) {
+    SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+}
+
+fn expect_reset(s: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("{what}: expected a reset, got {other:?}"),
+    }
+}
+
+#[test]
+fn reset_propagates_both_ways() {
+    for mode in MODES {
+        let (l, target) = backend();
+        let p = proxy_to(target, mode);
+        // Client aborts → server is reset.
+        let client = connect(p.addr());
+        let mut server = accept(&l);
+        let mut c = client.try_clone().unwrap();
+        c.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        server.read_exact(&mut one).unwrap();
+        drop(c);
+        reset(client);
+        expect_reset(&mut server, &format!("server after client reset {mode:?}"));
+        // Server aborts → client is reset.
+        let mut client = connect(p.addr());
+        let server = accept(&l);
+        client.write_all(b"y").unwrap();
+        let mut s = server.try_clone().unwrap();
+        s.read_exact(&mut one).unwrap();
+        drop(s);
+        reset(server);
+        expect_reset(&mut client, &format!("client after server reset {mode:?}"));
+    }
+}
+
+/// A deterministic byte stream (xorshift), so each side can regenerate what it expects.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// 256 MB up and 256 MB down at the same time through the proxy to an echo server; every
+/// byte is checked against the generator.
+#[test]
+fn bulk_256_mb_each_way_intact() {
+    const TOTAL: usize = 256 << 20;
+    let echo = tcp_echo("127.0.0.1:0");
+    for mode in MODES {
+        let p = proxy_to(echo, mode);
+        let client = connect(p.addr());
+        let mut writer = client.try_clone().unwrap();
+        let seed = 0x9E37_79B9_7F4A_7C15;
+        let sender = std::thread::spawn(move || {
+            let mut gen = Stream(seed);
+            let mut buf = vec![0u8; 1 << 16];
+            let mut sent = 0;
+            while sent < TOTAL {
+                gen.fill(&mut buf);
+                writer.write_all(&buf).unwrap();
+                sent += buf.len();
+            }
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut reader = client;
+        let mut gen = Stream(seed);
+        let mut expected = vec![0u8; 1 << 16];
+        let mut got = vec![0u8; 1 << 16];
+        let mut received = 0;
+        let start = Instant::now();
+        while received < TOTAL {
+            gen.fill(&mut expected);
+            reader.read_exact(&mut got).unwrap();
+            assert!(
+                got == expected,
+                "corrupt data at offset {received} ({mode:?})"
+            );
+            received += got.len();
+        }
+        let mut tail = [0u8; 1];
+        assert_eq!(
+            reader.read(&mut tail).unwrap(),
+            0,
+            "extra bytes after {TOTAL} ({mode:?})"
+        );
+        sender.join().unwrap();
+        eprintln!("{mode:?}: 256 MB each way in {:?}", start.elapsed());
+    }
+}
+
+/// 1,000 connections at once with the soft fd limit at 1024 at start (as under dockerd): each
+/// relayed connection costs the proxy 2 sockets and 4 pipe ends, far past 1024.
+#[test]
+fn thousand_concurrent_connections_from_a_1024_fd_limit() {
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 8192 {
+        eprintln!("SKIP: hard RLIMIT_NOFILE is {hard}; this test needs 8192");
+        return;
+    }
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let echo = tcp_echo("127.0.0.1:0");
+    let mut spawn = Spawn::new(&[
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "0",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo.port().to_string(),
+    ])
+    .soft_nofile(1024);
+    spawn.env.push(("RPROXY_LOG".into(), "info".into()));
+    let p = spawn.spawn().ready();
+    let mut conns: Vec<TcpStream> = (0..1000).map(|_| connect(p.addr())).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("conn {i:04}").as_bytes()).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 9];
+        c.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(&buf, format!("conn {i:04}").as_bytes());
+    }
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .unwrap()
+        .count();
+    assert!(
+        fds > 1024,
+        "only {fds} fds open in the proxy: were the relays really concurrent?"
+    );
+}
+
+/// Nothing listening behind the proxy: the client is reset at once, the reason is logged, and
+/// the proxy keeps serving.
+#[test]
+fn refused_backend_resets_that_client_only() {
+    let (l, target) = backend();
+    drop(l);
+    let p = proxy_to(target, MODES[0]);
+    let mut client = connect(p.addr());
+    expect_reset(&mut client, "client of a refused backend");
+    p.wait_log("connection refused", Duration::from_secs(5));
+    // The backend comes up on the same port; the proxy serves it.
+    let Ok(l) = TcpListener::bind(target) else {
+        eprintln!("port {target} taken meanwhile; skipping the recovery half");
+        return;
+    };
+    let mut client = connect(p.addr());
+    let mut server = accept(&l);
+    client.write_all(b"now").unwrap();
+    let mut buf = [0u8; 3];
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"now");
+}
+
+/// A backend that never answers the SYN (its accept queue is full): the connect times out
+/// after RPROXY_CONNECT_TIMEOUT instead of ~2 minutes, and the client is reset.
+#[test]
+fn connect_timeout_resets_the_client() {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let target = s.local_addr().unwrap().as_socket().unwrap();
+    // Fill the accept queue until SYNs are dropped.
+    let mut fillers = Vec::new();
+    loop {
+        match TcpStream::connect_timeout(&target, Duration::from_millis(300)) {
+            Ok(c) => fillers.push(c),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    let p = start_with(
+        "tcp",
+        "127.0.0.1",
+        target,
+        &[("RPROXY_CONNECT_TIMEOUT", "1")],
+    );
+    let mut client = connect(p.addr());
+    let t = Instant::now();
+    expect_reset(&mut client, "client of a silent backend");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "reset after {waited:?}: before the timeout"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "reset after {waited:?}: timeout not applied"
+    );
+    p.wait_log("timed out", Duration::from_secs(2));
+}
+
+/// Out of descriptors (hard limit 64): accept fails with EMFILE; the proxy backs off instead of
+/// exiting (docker-proxy) or spinning, and serves again once descriptors free up.
+#[test]
+fn fd_exhaustion_backs_off_and_recovers() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let mut spawn = Spawn::new(&[
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "0",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo.port().to_string(),
+    ]);
+    spawn.shell_prefix.push("ulimit -n 64".into());
+    let p = spawn.spawn().ready();
+    let pid = p.child.id();
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    // Far more connections than descriptors; most stay in the kernel's accept queue.
+    let mut held: Vec<TcpStream> = (0..100).map(|_| connect(p.addr())).collect();
+    p.wait_log("accept failed: too many open files", Duration::from_secs(5));
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(2));
+    let ticks = cpu() - before;
+    // 2 s at 100 % of one CPU would be ~200 ticks.
+    assert!(
+        ticks < 40,
+        "proxy used {ticks} CPU ticks in 2 s while out of descriptors"
+    );
+    assert!(p.child.id() == pid && std::fs::metadata(format!("/proc/{pid}")).is_ok());
+    held.clear();
+    // Once the clients are gone, new connections are served again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = connect(p.addr());
+        let ok = c.write_all(b"back").is_ok() && {
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).is_ok() && &buf == b"back"
+        };
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not recover");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
