@@ -86,7 +86,8 @@ fn choose_dest() -> Dest {
         let path =
             PathBuf::from(std::env::var_os("RPROXY_SYSLOG_SOCKET").unwrap_or("/dev/log".into()));
         if let Ok(socket) = UnixDatagram::unbound() {
-            if socket.connect(&path).is_ok() {
+            // Never block the proxy on a slow reader: a full queue drops the line instead.
+            if socket.connect(&path).is_ok() && socket.set_nonblocking(true).is_ok() {
                 return Dest::Syslog { socket, path };
             }
         }
@@ -116,14 +117,11 @@ impl Inner {
         self.write(level, line);
     }
 
-    fn write(&mut self, level: Level, line: &[u8]) {
+    /// Writes one line; false when it had to be dropped (syslog queue full).
+    fn write(&mut self, level: Level, line: &[u8]) -> bool {
         match &mut self.dest {
-            Dest::Stderr => {
-                let _ = io::stderr().write_all(line);
-            }
-            Dest::File(f) => {
-                let _ = f.write_all(line);
-            }
+            Dest::Stderr => io::stderr().write_all(line).is_ok(),
+            Dest::File(f) => f.write_all(line).is_ok(),
             Dest::Syslog { socket, path } => {
                 // Facility daemon (3); severity from the level.
                 let severity = match level {
@@ -139,11 +137,11 @@ impl Inner {
                     std::process::id(),
                     text.trim_end()
                 );
-                if socket.send(msg.as_bytes()).is_err() {
+                match socket.send(msg.as_bytes()) {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
                     // journald restarted: reconnect once, drop the line if that fails too.
-                    if socket.connect(&*path).is_ok() {
-                        let _ = socket.send(msg.as_bytes());
-                    }
+                    Err(_) => socket.connect(&*path).is_ok() && socket.send(msg.as_bytes()).is_ok(),
                 }
             }
         }

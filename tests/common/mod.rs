@@ -50,6 +50,8 @@ pub struct Spawn {
     /// Shell commands run before exec'ing rproxy (`sh -c '…; exec rproxy …'`): rlimits, closing
     /// inherited fds (cargo's jobserver pipe may sit on fd 4).
     pub shell_prefix: Vec<String>,
+    /// stderr to /dev/null, as dockerd does (the log then goes to syslog).
+    pub stderr_null: bool,
 }
 
 impl Spawn {
@@ -60,6 +62,7 @@ impl Spawn {
             status_pipe: true,
             listen_fd: None,
             shell_prefix: Vec::new(),
+            stderr_null: false,
         }
     }
 
@@ -109,9 +112,12 @@ impl Spawn {
                 c
             }
         };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        cmd.stderr(if self.stderr_null {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        });
         cmd.env_remove("RPROXY_LOG_FILE");
         for (k, v) in &self.env {
             cmd.env(k, v);
@@ -137,8 +143,9 @@ impl Spawn {
         // Our copies of the mapped fds were moved into `cmd`; drop it so only the child holds them.
         drop(cmd);
         let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
+        let stderr = child.stderr.take();
         std::thread::spawn(move || {
+            let Some(stderr) = stderr else { return };
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("  [rproxy] {line}");
                 if tx.send(line).is_err() {

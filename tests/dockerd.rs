@@ -1,0 +1,1204 @@
+//! End to end with a real dockerd (root only): dockerd is started with
+//! `--userland-proxy-path=<rproxy>` and every published port must then be served by rproxy
+//! processes, exactly as dockerd would use docker-proxy (../shared/spec/docker-proxy-contract.md,
+//! sections 1-4, 8 and 10).
+//!
+//! Everything runs against a private containerd and dockerd (own roots, sockets and config file)
+//! and an image imported from a tarball (no registry is needed): /bin/busybox from
+//! busybox-static with applet symlinks, /www/index.html, and /udpecho (tests/support/udp_echo.rs,
+//! compiled here with rustc, because busybox's nc has no UDP mode).
+//!
+//! Scenarios: (a) TCP through 127.0.0.1, [::1] (the `::` proxy) and the bridge gateway;
+//! (b) the proxies are rproxy processes with the right flags and no docker-proxy runs;
+//! (c) UDP echo including a 60,000-byte datagram; (d) hairpin from another container through
+//! the gateway address; (e) `docker stop` ends the proxies and frees the ports; (f) a host port
+//! that is already taken makes `docker run` fail with rproxy's reason; (g) daemon shutdown with a
+//! running container leaves no rproxy behind.
+//!
+//! There is exactly one #[test]: two dockerds would fight over docker0 and the DOCKER chains.
+//! It skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or a
+//! static busybox is missing, or when another dockerd is already running.
+//!
+//! Host state: dockerd enables IPv4/IPv6 forwarding and sets the FORWARD policy to DROP; both are
+//! put back as found. dockerd's iptables chains and the docker0 bridge stay (as after any
+//! dockerd run; the next run reuses them). No DOCKER-USER rule is needed: proxied traffic,
+//! hairpin included, never crosses FORWARD. `RPROXY_KEEP_DOCKERD_DIR=1` keeps the work directory
+//! with dockerd.log, containerd.log and rproxy.log.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const IMAGE: &str = "rproxy-dockerd-test:latest";
+/// Busybox applets the scenarios use (plus a few for debugging by hand).
+const APPLETS: &[&str] = &[
+    "sh", "httpd", "nc", "sleep", "cat", "echo", "ls", "mkdir", "printf", "ps", "ip", "env",
+    "true", "wget", "hostname", "id", "kill",
+];
+/// Fixed test ports are searched from here (below the ephemeral range, see the brief).
+const PORT_BASE: u16 = 20080;
+const PORT_LIMIT: u16 = 20980;
+/// No docker CLI call may take longer than this.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn real_dockerd_uses_rproxy_for_published_ports() {
+    let Some(tools) = preflight() else { return };
+    let started = Instant::now();
+    let mut h = Harness::start(tools, started);
+
+    h.build_image();
+    h.step("image built");
+
+    // Four distinct free ports: P1 (127.0.0.1 only), P2 (all addresses), P3 (UDP), P4 (taken).
+    let ports = free_ports(4, h.ipv6);
+    let (p1, p2, p3, p4) = (ports[0], ports[1], ports[2], ports[3]);
+    h.ports = ports.clone();
+    h.step(&format!("ports: P1={p1} P2={p2} P3={p3} P4={p4}"));
+
+    // ---- a. TCP through loopback, [::1] and the bridge gateway --------------------------------
+    let web = "rproxy-test-web";
+    h.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        web,
+        "-p",
+        &format!("127.0.0.1:{p1}:80"),
+        "-p",
+        &format!("{p2}:80"),
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    let net = h.container_net(web);
+    h.step(&format!("web container: {net:?}"));
+    let gw: IpAddr = net.gateway;
+
+    // Loopback can only be served by the proxy: nat OUTPUT skips 127.0.0.0/8 when it is on.
+    let lo1 = SocketAddr::from((Ipv4Addr::LOCALHOST, p1));
+    let lo2 = SocketAddr::from((Ipv4Addr::LOCALHOST, p2));
+    let gw2 = SocketAddr::new(gw, p2);
+    let mut targets = vec![lo1, lo2, gw2];
+    if h.ipv6 {
+        // [::1] has no NAT path at all: only the `::` proxy can serve it.
+        targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, p2)));
+    }
+    for addr in &targets {
+        let body = http_get(*addr, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("GET http://{addr}/ failed: {e}\n{}", h.diag()));
+        assert_eq!(
+            body,
+            h.page,
+            "GET http://{addr}/ returned the wrong body\n{}",
+            h.diag()
+        );
+        h.step(&format!("GET http://{addr}/ ok"));
+    }
+
+    // ---- b. the proxies are rproxy, with the contract's flags; no docker-proxy ----------------
+    let procs = proxy_processes();
+    let ours = |port: u16| -> Vec<&ProxyProc> {
+        procs
+            .iter()
+            .filter(|p| p.exe == h.rproxy_arg && p.host_port == port.to_string())
+            .collect()
+    };
+    let on_p1 = ours(p1);
+    assert_eq!(
+        on_p1.len(),
+        1,
+        "expected exactly one rproxy for 127.0.0.1:{p1}, found {on_p1:#?}\nall proxies: {procs:#?}"
+    );
+    assert_eq!(on_p1[0].proto, "tcp");
+    assert_eq!(on_p1[0].host_ip, "127.0.0.1");
+    assert_eq!(on_p1[0].container_ip, net.ip.to_string());
+    assert_eq!(on_p1[0].container_port, "80");
+    let on_p2 = ours(p2);
+    let want_p2: BTreeSet<&str> = if h.ipv6 {
+        ["0.0.0.0", "::"].into()
+    } else {
+        ["0.0.0.0"].into()
+    };
+    let got_p2: BTreeSet<&str> = on_p2.iter().map(|p| p.host_ip.as_str()).collect();
+    assert_eq!(
+        got_p2, want_p2,
+        "rproxy processes for port {p2}: {on_p2:#?}\nall proxies: {procs:#?}"
+    );
+    assert_eq!(on_p2.len(), want_p2.len(), "duplicates: {on_p2:#?}");
+    for p in &on_p2 {
+        let want_backend = match (p.host_ip.as_str(), net.ipv6) {
+            // The `::` proxy targets the container's IPv6 address when it has one, else 6→4.
+            ("::", Some(v6)) => v6.to_string(),
+            _ => net.ip.to_string(),
+        };
+        assert_eq!(p.container_ip, want_backend, "backend of {p:#?}");
+        assert_eq!((p.proto.as_str(), p.container_port.as_str()), ("tcp", "80"));
+    }
+    let docker_proxies: Vec<&ProxyProc> = procs
+        .iter()
+        .filter(|p| p.exe.ends_with("docker-proxy"))
+        .filter(|p| [p1, p2].iter().any(|port| p.host_port == port.to_string()))
+        .collect();
+    assert!(
+        docker_proxies.is_empty(),
+        "docker-proxy must not serve our ports: {docker_proxies:#?}"
+    );
+    // RPROXY_LOG_FILE reached the proxies through dockerd's environment.
+    let log = h.rproxy_log();
+    for words in [
+        [
+            "serving",
+            &format!("127.0.0.1:{p1}"),
+            &format!("{}:80", net.ip),
+        ],
+        [
+            "serving",
+            &format!("0.0.0.0:{p2}"),
+            &format!("{}:80", net.ip),
+        ],
+    ] {
+        assert!(
+            log_has(&log, &words),
+            "rproxy.log has no line with all of {words:?}:\n{log}"
+        );
+    }
+    h.step("rproxy processes and log ok");
+
+    // ---- d. hairpin: another container on the bridge fetches via the gateway address -----------
+    // The proxy terminates the connection on the host, so no FORWARD rule is involved (no
+    // DOCKER-USER ACCEPT needed): container → host is INPUT, host → container is OUTPUT.
+    let hosts: Vec<IpAddr> = std::iter::once(gw).chain(net.ipv6_gateway).collect();
+    for host in hosts {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {p2}");
+        let mut last = None;
+        for _attempt in 0..3 {
+            let out = h.docker(&["run", "--rm", IMAGE, "sh", "-c", &script]);
+            if out.status.success() && out.stdout.contains(h.page.trim_end()) {
+                last = None;
+                break;
+            }
+            last = Some(out);
+            sleep(Duration::from_millis(500));
+        }
+        if let Some(out) = last {
+            panic!(
+                "hairpin fetch from a container to {host}:{p2} failed: {out}\n{}",
+                h.diag()
+            );
+        }
+        h.step(&format!("hairpin via {host}:{p2} ok"));
+    }
+
+    // ---- c. UDP echo through the proxy, small and 60,000-byte datagrams -------------------------
+    let udp = "rproxy-test-udp";
+    h.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        udp,
+        // udpecho is PID 1 without a SIGTERM handler: don't make the daemon shutdown wait 10 s.
+        "--stop-timeout",
+        "1",
+        "-p",
+        &format!("{p3}:7/udp"),
+        IMAGE,
+        "/udpecho",
+        "7",
+    ]);
+    let mut udp_targets = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, p3))];
+    if h.ipv6 {
+        udp_targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, p3)));
+    }
+    for addr in udp_targets {
+        udp_check(addr, &h);
+        h.step(&format!("UDP echo via {addr} ok (3 small + 60,000 bytes)"));
+    }
+    let on_p3 = proxy_processes()
+        .into_iter()
+        .filter(|p| p.exe == h.rproxy_arg && p.host_port == p3.to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        !on_p3.is_empty() && on_p3.iter().all(|p| p.proto == "udp"),
+        "UDP port {p3} must be served by rproxy -proto udp: {on_p3:#?}"
+    );
+
+    // ---- e. docker stop ends the proxies and frees the ports -----------------------------------
+    h.docker_ok(&["stop", "-t", "1", web]);
+    h.docker_ok(&["rm", web]);
+    let left = poll(Duration::from_secs(10), || {
+        let left: Vec<ProxyProc> = proxy_processes()
+            .into_iter()
+            .filter(|p| p.exe == h.rproxy_arg)
+            .filter(|p| p.host_port == p1.to_string() || p.host_port == p2.to_string())
+            .collect();
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    if let Err(left) = left {
+        panic!(
+            "rproxy processes for {p1}/{p2} still alive 10 s after docker stop: {left:#?}\n{}",
+            h.diag()
+        );
+    }
+    let freed = poll(Duration::from_secs(10), || {
+        let mut busy = Vec::new();
+        let mut try_bind = |addr: SocketAddr| {
+            if let Err(e) = TcpListener::bind(addr) {
+                busy.push(format!("{addr}: {e}"));
+            }
+        };
+        try_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, p1)));
+        try_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p2)));
+        if h.ipv6 {
+            try_bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, p2)));
+        }
+        busy.is_empty().then_some(()).ok_or(busy)
+    });
+    if let Err(busy) = freed {
+        panic!("ports still busy after docker stop: {busy:?}\n{}", h.diag());
+    }
+    // dockerd stops proxies with SIGINT; rproxy logs that it stopped on the signal.
+    let log = h.rproxy_log();
+    assert!(
+        log_has(&log, &["SIGINT", "stopping", &format!("0.0.0.0:{p2}")]),
+        "rproxy.log does not show the SIGINT stop of 0.0.0.0:{p2}:\n{log}"
+    );
+    h.step("docker stop: proxies gone, ports free");
+
+    // ---- f. a taken host port fails the container start with rproxy's reason -------------------
+    let blocker = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p4)))
+        .unwrap_or_else(|e| panic!("cannot take port {p4} for the conflict test: {e}"));
+    let taken = "rproxy-test-taken";
+    let out = h.docker(&[
+        "run",
+        "-d",
+        "--name",
+        taken,
+        "-p",
+        &format!("{p4}:80"),
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    assert!(
+        !out.status.success(),
+        "docker run on taken port {p4} must fail: {out}"
+    );
+    let reason = format!("failed to listen on tcp 0.0.0.0:{p4}: address already in use");
+    assert!(
+        out.stderr.contains("address already in use") && out.stderr.contains(&reason),
+        "docker run stderr must carry rproxy's reason {reason:?}; docker stderr was:\n{}",
+        out.stderr
+    );
+    let stray = poll(Duration::from_secs(5), || {
+        let stray: Vec<ProxyProc> = proxy_processes()
+            .into_iter()
+            .filter(|p| p.exe == h.rproxy_arg && p.host_port == p4.to_string())
+            .collect();
+        stray.is_empty().then_some(()).ok_or(stray)
+    });
+    if let Err(stray) = stray {
+        panic!("rproxy processes left for the failed port {p4}: {stray:#?}");
+    }
+    drop(blocker);
+    h.docker_ok(&["rm", "-f", taken]);
+    h.step("taken port: docker run failed with rproxy's reason");
+
+    // ---- g. daemon shutdown with a running container leaves no rproxy behind ------------------
+    // (the UDP container is still up; dockerd stops it and SIGINTs its proxies on the way out,
+    // waiting for them without a timeout: a proxy that ignored SIGINT would hang the shutdown)
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s of SIGTERM (killed)\n{}",
+        h.diag()
+    );
+    let rest = poll(Duration::from_secs(5), || {
+        let rest: Vec<ProxyProc> = proxy_processes()
+            .into_iter()
+            .filter(|p| {
+                p.exe == h.rproxy_arg && h.ports.iter().any(|q| p.host_port == q.to_string())
+            })
+            .collect();
+        rest.is_empty().then_some(()).ok_or(rest)
+    });
+    if let Err(rest) = rest {
+        panic!("rproxy processes outlived dockerd: {rest:#?}");
+    }
+    h.step("daemon shutdown: no rproxy left");
+}
+
+// ================================================================================================
+// Preflight
+
+struct Tools {
+    dockerd: PathBuf,
+    containerd: PathBuf,
+    docker: PathBuf,
+    busybox: PathBuf,
+    rustc: PathBuf,
+}
+
+fn skip(why: &str) -> Option<Tools> {
+    eprintln!("SKIP: real-dockerd test: {why}");
+    None
+}
+
+fn preflight() -> Option<Tools> {
+    if !nix::unistd::geteuid().is_root() {
+        return skip("not root (dockerd needs root)");
+    }
+    let Some(dockerd) = find_exe("dockerd", &["/usr/bin/dockerd", "/usr/sbin/dockerd"]) else {
+        return skip("dockerd not found (run .ci/install-deps)");
+    };
+    let Some(containerd) = find_exe("containerd", &["/usr/bin/containerd"]) else {
+        return skip("containerd not found (run .ci/install-deps)");
+    };
+    // /usr/local/bin/docker may be an unrelated newer CLI; prefer the distribution's one.
+    let Some(docker) = find_exe("docker", &["/usr/bin/docker"]) else {
+        return skip("docker CLI not found (run .ci/install-deps)");
+    };
+    if find_exe("iptables", &["/usr/sbin/iptables", "/sbin/iptables"]).is_none() {
+        return skip("iptables not found (dockerd needs it; run .ci/install-deps)");
+    }
+    if find_exe("tar", &["/bin/tar", "/usr/bin/tar"]).is_none() {
+        return skip("tar not found (needed to build the test image)");
+    }
+    let Some(busybox) = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+    else {
+        return skip("busybox not found (install busybox-static)");
+    };
+    if elf_has_interpreter(&busybox) {
+        return skip(&format!(
+            "{} is dynamically linked; the image needs busybox-static",
+            busybox.display()
+        ));
+    }
+    if let Some(pid) = processes_named("dockerd").first() {
+        return skip(&format!(
+            "another dockerd (pid {pid}) is running; two dockerds fight over docker0 and iptables"
+        ));
+    }
+    let rustc = std::env::var_os("RUSTC")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cargo = PathBuf::from(std::env::var_os("CARGO")?);
+            let sibling = cargo.with_file_name("rustc");
+            sibling.is_file().then_some(sibling)
+        })
+        .or_else(|| find_exe("rustc", &[]));
+    let Some(rustc) = rustc else {
+        return skip("rustc not found (needed to compile tests/support/udp_echo.rs)");
+    };
+    Some(Tools {
+        dockerd,
+        containerd,
+        docker,
+        busybox,
+        rustc,
+    })
+}
+
+fn find_exe(name: &str, preferred: &[&str]) -> Option<PathBuf> {
+    let is_exe = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    preferred
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| is_exe(p))
+        .or_else(|| {
+            std::env::split_paths(&search_path())
+                .map(|d| d.join(name))
+                .find(|p| is_exe(p))
+        })
+}
+
+/// PATH with the sbin directories added (iptables lives there; cargo's PATH may lack them).
+fn search_path() -> String {
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        if !path.split(':').any(|d| d == dir) {
+            if !path.is_empty() {
+                path.push(':');
+            }
+            path.push_str(dir);
+        }
+    }
+    path
+}
+
+/// True when the ELF file has a PT_INTERP segment (is dynamically linked).
+fn elf_has_interpreter(path: &Path) -> bool {
+    let Ok(data) = fs::read(path) else {
+        return false;
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 || data[5] != 1 {
+        return false; // not a 64-bit little-endian ELF: let the container run decide
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(data[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        o + 4 <= data.len() && u32::from_le_bytes(data[o..o + 4].try_into().unwrap()) == 3
+    })
+}
+
+// ================================================================================================
+// The harness: private containerd + dockerd, cleaned up in Drop
+
+struct Harness {
+    tools: Tools,
+    started: Instant,
+    dir: PathBuf,
+    sock: PathBuf,
+    /// The exact argv[0] dockerd gives rproxy.
+    rproxy_arg: String,
+    ipv6: bool,
+    page: String,
+    ports: Vec<u16>,
+    containerd: Option<Child>,
+    dockerd: Option<Child>,
+    /// Host state dockerd changes and we put back: FORWARD policy and forwarding sysctls.
+    forward_policy: Option<String>,
+    sysctls: Vec<(PathBuf, String)>,
+}
+
+#[derive(Debug)]
+struct ContainerNet {
+    ip: IpAddr,
+    gateway: IpAddr,
+    ipv6: Option<IpAddr>,
+    ipv6_gateway: Option<IpAddr>,
+}
+
+impl Harness {
+    fn start(tools: Tools, started: Instant) -> Harness {
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        // Short path: unix socket paths are limited to 108 bytes.
+        let dir =
+            std::env::temp_dir().join(format!("rpdk-{}-{}", std::process::id(), stamp % 1_000_000));
+        fs::create_dir_all(&dir).unwrap();
+        let rproxy = fs::canonicalize(env!("CARGO_BIN_EXE_rproxy")).unwrap();
+        let ipv6 = Path::new("/proc/net/if_inet6").exists()
+            && TcpListener::bind(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))).is_ok();
+        if !ipv6 {
+            eprintln!("note: no IPv6 loopback here; running dockerd without --ipv6, v6 checks off");
+        }
+        let forward_policy = iptables_forward_policy();
+        let sysctls = [
+            "/proc/sys/net/ipv4/ip_forward",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            "/proc/sys/net/ipv6/conf/default/forwarding",
+        ]
+        .iter()
+        .filter_map(|p| {
+            Some((
+                PathBuf::from(p),
+                fs::read_to_string(p).ok()?.trim().to_string(),
+            ))
+        })
+        .collect();
+        let mut h = Harness {
+            tools,
+            started,
+            sock: dir.join("docker.sock"),
+            dir,
+            rproxy_arg: rproxy.to_str().unwrap().to_string(),
+            ipv6,
+            page: format!("rproxy dockerd test page {}-{stamp}\n", std::process::id()),
+            ports: Vec::new(),
+            containerd: None,
+            dockerd: None,
+            forward_policy,
+            sysctls,
+        };
+        h.step(&format!("work dir {}", h.dir.display()));
+        h.start_containerd();
+        h.start_dockerd(&rproxy);
+        h
+    }
+
+    fn step(&self, what: &str) {
+        eprintln!("[{:6.1}s] {what}", self.started.elapsed().as_secs_f64());
+    }
+
+    fn start_containerd(&mut self) {
+        let d = &self.dir;
+        let config = d.join("containerd.toml");
+        // A config of our own so /etc/containerd/config.toml cannot interfere; CRI is not needed.
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = {:?}\n[debug]\n  address = {:?}\n",
+                d.join("ctd-root"),
+                d.join("ctd-state"),
+                d.join("ctd.sock"),
+                d.join("ctd-debug.sock"),
+            ),
+        )
+        .unwrap();
+        let log = File::create(d.join("containerd.log")).unwrap();
+        let mut cmd = dies_with_test(&self.tools.containerd);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--address")
+            .arg(d.join("ctd.sock"))
+            .arg("--root")
+            .arg(d.join("ctd-root"))
+            .arg("--state")
+            .arg(d.join("ctd-state"))
+            .env("PATH", search_path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn containerd");
+        self.step(&format!("containerd pid {}", child.id()));
+        self.containerd = Some(child);
+        let sock = d.join("ctd.sock");
+        let ok = poll(Duration::from_secs(20), || {
+            if let Some(status) = self.containerd.as_mut().unwrap().try_wait().unwrap() {
+                return Ok(Err(status));
+            }
+            if sock.exists() {
+                Ok(Ok(()))
+            } else {
+                Err(())
+            }
+        });
+        match ok {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => panic!(
+                "containerd exited ({status}):\n{}",
+                tail(&d.join("containerd.log"), 30)
+            ),
+            Err(()) => panic!(
+                "containerd socket did not appear in 20 s:\n{}",
+                tail(&d.join("containerd.log"), 30)
+            ),
+        }
+    }
+
+    fn start_dockerd(&mut self, rproxy: &Path) {
+        let d = &self.dir;
+        // An empty config file: the host's /etc/docker/daemon.json must not clash with our flags.
+        fs::write(d.join("daemon.json"), "{}\n").unwrap();
+        let log = File::create(d.join("dockerd.log")).unwrap();
+        let mut cmd = dies_with_test(&self.tools.dockerd);
+        cmd.arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .arg(format!("--containerd={}", d.join("ctd.sock").display()))
+            .arg(format!("--userland-proxy-path={}", rproxy.display()))
+            .arg("--shutdown-timeout=2");
+        if self.ipv6 {
+            cmd.args(["--ipv6", "--fixed-cidr-v6", "fd00:dead:beef::/64"]);
+        }
+        cmd.env("PATH", search_path())
+            .env("RPROXY_LOG", "info")
+            .env("RPROXY_LOG_FILE", d.join("rproxy.log"))
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("DOCKER_HOST")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("spawn dockerd");
+        self.step(&format!("dockerd pid {}", child.id()));
+        self.dockerd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.dockerd.as_mut().unwrap().try_wait().unwrap() {
+                panic!("dockerd exited early ({status}):\n{}", self.diag());
+            }
+            if self.sock.exists() {
+                let out = self.docker_timeout(
+                    &["info", "--format", "{{.ServerVersion}}"],
+                    Duration::from_secs(10),
+                );
+                if out.status.success() {
+                    self.step(&format!("dockerd {} ready", out.stdout.trim()));
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("dockerd not ready after 60 s\n{}", self.diag());
+            }
+            sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The image: static busybox + applets, /www/index.html, /udpecho.
+    fn build_image(&mut self) {
+        let root = self.dir.join("rootfs");
+        for sub in ["bin", "www", "tmp", "etc"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        fs::copy(&self.tools.busybox, root.join("bin/busybox")).unwrap();
+        for applet in APPLETS {
+            symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        fs::write(root.join("www/index.html"), &self.page).unwrap();
+        fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
+        fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+
+        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/udp_echo.rs");
+        let out = run(
+            Command::new(&self.tools.rustc)
+                .args([
+                    "-O",
+                    "-C",
+                    "target-feature=+crt-static",
+                    "-C",
+                    "strip=symbols",
+                    "-o",
+                ])
+                .arg(root.join("udpecho"))
+                .arg(src),
+            Duration::from_secs(120),
+            &self.dir,
+        );
+        assert!(out.status.success(), "rustc {src} failed: {out}");
+        self.step("udpecho compiled");
+
+        let tarball = self.dir.join("image.tar");
+        let out = run(
+            Command::new("tar")
+                .env("PATH", search_path())
+                .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+                .arg(&root)
+                .arg("-cf")
+                .arg(&tarball)
+                .arg("."),
+            Duration::from_secs(60),
+            &self.dir,
+        );
+        assert!(out.status.success(), "tar failed: {out}");
+        self.docker_ok(&["import", tarball.to_str().unwrap(), IMAGE]);
+    }
+
+    fn docker_cmd(&self) -> Command {
+        let mut cmd = Command::new(&self.tools.docker);
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .env_remove("DOCKER_TLS_VERIFY")
+            .env_remove("DOCKER_CERT_PATH");
+        cmd
+    }
+
+    fn docker_timeout(&self, args: &[&str], timeout: Duration) -> Out {
+        run(self.docker_cmd().args(args), timeout, &self.dir)
+    }
+
+    fn docker(&self, args: &[&str]) -> Out {
+        self.docker_timeout(args, CLI_TIMEOUT)
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed: {out}\n{}",
+            self.diag()
+        );
+        out.stdout.trim().to_string()
+    }
+
+    fn container_net(&self, name: &str) -> ContainerNet {
+        let text = self.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.Gateway}} \
+             {{.NetworkSettings.GlobalIPv6Address}} {{.NetworkSettings.IPv6Gateway}}",
+            name,
+        ]);
+        let mut f = text.split_whitespace();
+        let mut next = || f.next().and_then(|s| s.parse::<IpAddr>().ok());
+        let ip = next().unwrap_or_else(|| panic!("no IPv4 address in {text:?}"));
+        let gateway = next().unwrap_or_else(|| panic!("no IPv4 gateway in {text:?}"));
+        let (ipv6, ipv6_gateway) = (next(), next());
+        ContainerNet {
+            ip,
+            gateway,
+            ipv6,
+            ipv6_gateway,
+        }
+    }
+
+    fn rproxy_log(&self) -> String {
+        fs::read_to_string(self.dir.join("rproxy.log")).unwrap_or_default()
+    }
+
+    /// Log tails for failure messages.
+    fn diag(&self) -> String {
+        format!(
+            "--- dockerd.log (tail) ---\n{}\n--- rproxy.log (tail) ---\n{}",
+            tail(&self.dir.join("dockerd.log"), 25),
+            tail(&self.dir.join("rproxy.log"), 25)
+        )
+    }
+
+    /// Stops dockerd, then containerd; true when dockerd exited on SIGTERM in time.
+    fn stop_daemons(&mut self) -> bool {
+        let mut graceful = true;
+        if let Some(mut dockerd) = self.dockerd.take() {
+            graceful = stop_child(&mut dockerd, "dockerd", Duration::from_secs(20));
+            self.step("dockerd stopped");
+        }
+        if let Some(mut containerd) = self.containerd.take() {
+            stop_child(&mut containerd, "containerd", Duration::from_secs(10));
+            self.step("containerd stopped");
+        }
+        graceful
+    }
+
+    /// Failure-path cleanup: remove every container so dockerd's shutdown is quick.
+    fn remove_containers(&self) {
+        if self.dockerd.is_none() {
+            return;
+        }
+        let ids = self.docker_timeout(&["ps", "-aq"], Duration::from_secs(15));
+        let ids: Vec<&str> = ids.stdout.split_whitespace().collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids);
+            let out = self.docker_timeout(&args, Duration::from_secs(30));
+            if !out.status.success() {
+                eprintln!("cleanup: docker rm -f failed: {out}");
+            }
+        }
+    }
+
+    /// Kills what our containerd may have left (shims started with our socket path) and
+    /// rproxy processes for our ports that outlived dockerd.
+    fn kill_leftovers(&self) {
+        let dir = self.dir.to_string_lossy().to_string();
+        for (pid, argv) in all_processes() {
+            let shim = argv.iter().any(|a| a.contains(&dir));
+            let proxy = argv.first().map(String::as_str) == Some(self.rproxy_arg.as_str())
+                && argv.windows(2).any(|w| {
+                    w[0] == "-host-port" && self.ports.iter().any(|p| w[1] == p.to_string())
+                });
+            if (shim || proxy) && pid != std::process::id() as i32 {
+                eprintln!("cleanup: killing leftover pid {pid}: {}", argv.join(" "));
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn unmount_all(&self) {
+        let prefix = self.dir.to_string_lossy().to_string();
+        let mut points: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(unescape_mount)
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        points.dedup();
+        for p in points {
+            if let Err(e) = nix::mount::umount2(p.as_str(), nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("cleanup: umount {p}: {e}");
+            }
+        }
+    }
+
+    fn restore_host_state(&self) {
+        if let Some(orig) = &self.forward_policy {
+            if iptables_forward_policy().as_ref() != Some(orig) {
+                let out = run(
+                    Command::new("iptables")
+                        .env("PATH", search_path())
+                        .args(["-P", "FORWARD", orig]),
+                    Duration::from_secs(10),
+                    &self.dir,
+                );
+                if !out.status.success() {
+                    eprintln!("cleanup: iptables -P FORWARD {orig}: {out}");
+                }
+            }
+        }
+        for (path, value) in &self.sysctls {
+            if fs::read_to_string(path)
+                .map(|v| v.trim() != value)
+                .unwrap_or(false)
+            {
+                if let Err(e) = fs::write(path, value) {
+                    eprintln!("cleanup: restore {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed (RPROXY_KEEP_DOCKERD_DIR=1 keeps the logs in {}):\n{}",
+                self.dir.display(),
+                self.diag()
+            );
+        }
+        self.remove_containers();
+        let _ = self.stop_daemons();
+        self.kill_leftovers();
+        self.unmount_all();
+        self.restore_host_state();
+        // For debugging by hand: keep the logs (dockerd.log, rproxy.log, containerd.log).
+        if std::env::var_os("RPROXY_KEEP_DOCKERD_DIR").is_some() {
+            eprintln!("keeping {} (RPROXY_KEEP_DOCKERD_DIR)", self.dir.display());
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!("cleanup: remove {}: {e}", self.dir.display());
+        }
+        self.step("cleaned up");
+    }
+}
+
+/// A command for `exe` that gets SIGTERM if the test thread dies (util-linux `setpriv` sets
+/// the parent-death signal and execs in place), so a killed test run leaves nothing behind.
+fn dies_with_test(exe: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "TERM", "--"]).arg(exe);
+    cmd
+}
+
+/// SIGTERM, then SIGKILL after `grace`; true when the child exited without the SIGKILL.
+fn stop_child(child: &mut Child, name: &str, grace: Duration) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "cleanup: {name} (pid {}) ignored SIGTERM for {grace:?}; SIGKILL",
+        child.id()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+fn iptables_forward_policy() -> Option<String> {
+    let out = Command::new("iptables")
+        .env("PATH", search_path())
+        .args(["-S", "FORWARD"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("-P FORWARD "))
+        .map(|p| p.trim().to_string())
+}
+
+fn unescape_mount(field: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let mut out = String::new();
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let oct: String = chars.by_ref().take(3).collect();
+            if let Ok(b) = u8::from_str_radix(&oct, 8) {
+                out.push(b as char);
+                continue;
+            }
+            out.push('\\');
+            out.push_str(&oct);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ================================================================================================
+// Running commands with a timeout
+
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    what: String,
+}
+
+impl std::fmt::Display for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` with output captured in files under `scratch` (no pipe can fill up), killing it
+/// and panicking if it takes longer than `timeout`.
+fn run(cmd: &mut Command, timeout: Duration, scratch: &Path) -> Out {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let (out_path, err_path) = (
+        scratch.join(format!("cmd{n}.out")),
+        scratch.join(format!("cmd{n}.err")),
+    );
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).unwrap())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what} did not finish within {timeout:?}; stderr so far:\n{}",
+                fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        sleep(Duration::from_millis(20));
+    };
+    let read = |p: &Path| {
+        let s = fs::read_to_string(p).unwrap_or_default();
+        let _ = fs::remove_file(p);
+        s
+    };
+    Out {
+        status,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+        what,
+    }
+}
+
+/// Calls `f` until it returns Ok or `timeout` passes; returns the last result.
+fn poll<T, E>(timeout: Duration, mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = f();
+        if r.is_ok() || Instant::now() > deadline {
+            return r;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// True when some line of `log` contains every one of `words`.
+fn log_has(log: &str, words: &[&str]) -> bool {
+    log.lines().any(|l| words.iter().all(|w| l.contains(w)))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ================================================================================================
+// Processes
+
+#[derive(Debug)]
+#[allow(dead_code)] // pid is read through Debug in failure messages
+struct ProxyProc {
+    pid: i32,
+    exe: String,
+    proto: String,
+    host_ip: String,
+    host_port: String,
+    container_ip: String,
+    container_port: String,
+}
+
+fn all_processes() -> Vec<(i32, Vec<String>)> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let pid: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let argv: Vec<String> = raw
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        (!argv.is_empty()).then_some((pid, argv))
+    })
+    .collect()
+}
+
+/// Processes whose comm is `comm` (zombies have an empty cmdline, so all_processes skips them).
+fn processes_named(comm: &str) -> Vec<i32> {
+    all_processes()
+        .into_iter()
+        .filter(|(pid, _)| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == comm)
+                .unwrap_or(false)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Every process whose command line looks like a docker-proxy invocation (any binary).
+fn proxy_processes() -> Vec<ProxyProc> {
+    all_processes()
+        .into_iter()
+        .filter_map(|(pid, argv)| {
+            let flag = |name: &str| argv.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
+            Some(ProxyProc {
+                pid,
+                exe: argv[0].clone(),
+                host_port: flag("-host-port")?,
+                proto: flag("-proto")?,
+                host_ip: flag("-host-ip").unwrap_or_default(),
+                container_ip: flag("-container-ip").unwrap_or_default(),
+                container_port: flag("-container-port").unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+// ================================================================================================
+// Network helpers
+
+/// `count` ports from PORT_BASE up that are free for TCP and UDP, on IPv4 and (if any) IPv6.
+fn free_ports(count: usize, ipv6: bool) -> Vec<u16> {
+    let free = |port: u16| {
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+        TcpListener::bind(v4).is_ok()
+            && UdpSocket::bind(v4).is_ok()
+            && (!ipv6 || (TcpListener::bind(v6).is_ok() && UdpSocket::bind(v6).is_ok()))
+    };
+    let ports: Vec<u16> = (PORT_BASE..PORT_LIMIT)
+        .filter(|&p| free(p))
+        .take(count)
+        .collect();
+    assert_eq!(
+        ports.len(),
+        count,
+        "not enough free ports in {PORT_BASE}..{PORT_LIMIT}"
+    );
+    ports
+}
+
+/// A plain HTTP/1.0 GET of `/` (no curl, so no proxy settings apply); retried until `patience`
+/// runs out, because the container's httpd needs a moment after `docker run -d` returns.
+fn http_get(addr: SocketAddr, patience: Duration) -> Result<String, String> {
+    let once = || -> Result<String, String> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\nHost: rproxy-test\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).map_err(|e| format!("read: {e}"))?;
+        let resp = String::from_utf8_lossy(&resp).into_owned();
+        let (head, body) = resp
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("no HTTP response: {resp:?}"))?;
+        if !head.starts_with("HTTP/1.") || !head.contains(" 200 ") {
+            return Err(format!("not a 200: {head:?}"));
+        }
+        Ok(body.to_string())
+    };
+    poll(patience, once)
+}
+
+fn udp_check(addr: SocketAddr, h: &Harness) {
+    let local: SocketAddr = if addr.is_ipv6() {
+        (Ipv6Addr::LOCALHOST, 0).into()
+    } else {
+        (Ipv4Addr::LOCALHOST, 0).into()
+    };
+    let sock = UdpSocket::bind(local).unwrap();
+    // Connected: replies must come from the address we sent to (the proxy's frontend).
+    sock.connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut exchange = |payload: &[u8]| -> Result<(), String> {
+        sock.send(payload).map_err(|e| format!("send: {e}"))?;
+        // Skip stale echoes of earlier attempts.
+        loop {
+            let n = sock.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
+            if &buf[..n] == payload {
+                return Ok(());
+            }
+            if n == payload.len() {
+                return Err(format!("echo of {} bytes corrupted", n));
+            }
+        }
+    };
+    // The first datagram waits for udpecho to be up (retried for up to 20 s).
+    let first = poll(Duration::from_secs(20), || exchange(b"hello rproxy"));
+    if let Err(e) = first {
+        panic!("no UDP echo via {addr}: {e}\n{}", h.diag());
+    }
+    // Datagram boundaries are kept.
+    for msg in [&b"a"[..], b"bb", b"ccc"] {
+        let r = poll(Duration::from_secs(3), || exchange(msg));
+        assert!(r.is_ok(), "UDP echo of {msg:?} via {addr}: {r:?}");
+    }
+    let big: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let r = poll(Duration::from_secs(5), || exchange(&big));
+    assert!(
+        r.is_ok(),
+        "60,000-byte UDP datagram via {addr} not echoed intact: {r:?}\n{}",
+        h.diag()
+    );
+}
