@@ -1,7 +1,7 @@
 //! Logging that someone can read. dockerd points the proxy's stdout and stderr at /dev/null,
 //! so when stderr is not a terminal, file, pipe or socket, lines go to the syslog socket
 //! (/dev/log, which journald serves) instead. `RPROXY_LOG_FILE` overrides both;
-//! `RPROXY_LOG` sets the filter (default: warnings). All output is rate-limited so a flood of
+//! `RPROXY_LOG` sets the filter (default: warnings; info on a terminal). All output is rate-limited so a flood of
 //! failing connections cannot flood the journal.
 
 use std::fs::{File, OpenOptions};
@@ -43,9 +43,15 @@ struct Sink(Arc<Mutex<Inner>>);
 
 /// Installs the global subscriber. Safe to call once; later calls are ignored.
 pub fn init() {
+    // Default: warnings; someone watching a terminal also sees lifecycle events ("serving …").
+    let default = if io::stderr().is_terminal() {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = std::env::var("RPROXY_LOG").unwrap_or_default();
-    let filter = EnvFilter::try_new(if filter.is_empty() { "warn" } else { &filter })
-        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_new(if filter.is_empty() { default } else { &filter })
+        .unwrap_or_else(|_| EnvFilter::new(default));
     let dest = choose_dest();
     let syslog = matches!(dest, Dest::Syslog { .. });
     let ansi = matches!(dest, Dest::Stderr) && io::stderr().is_terminal();
