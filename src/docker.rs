@@ -3,16 +3,20 @@
 //! inherited socket, exit codes and signals.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::frontend::{self, Frontend, Stop};
 use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
+use crate::shim::{self, Handoff, WaitEnd};
+use crate::signals::{self, Signals};
+use crate::stats::Stats;
 use crate::sys::{self, FdKind};
-use crate::{tcp, udp};
 
 const STATUS_FD: i32 = 3;
 const LISTEN_FD: i32 = 4;
@@ -68,10 +72,6 @@ pub const FLAGS: &[Flag] = &[
     },
 ];
 
-/// A start-up failure that dockerd must see on fd 3 (exit 1).
-#[derive(Debug)]
-pub struct StartError(pub String);
-
 /// The descriptors dockerd hands over. They must be taken before anything else opens a file
 /// (the log socket, the runtime's epoll): those would otherwise land on fds 3 and 4 when the
 /// parent left them closed, and be mistaken for the status pipe or the listening socket.
@@ -98,6 +98,8 @@ impl Inherited {
 /// Runs docker-proxy mode with `args` (argv without argv[0]); returns the exit code.
 pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     let Inherited { status, listen } = inherited;
+    // Until a handler exists (signalfd in a shim, tokio's when serving), hold stop signals.
+    signals::block();
     let opts = match Options::parse(args) {
         Ok(opts) => opts,
         Err(ParseError::Help) => {
@@ -125,25 +127,89 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
     let _ = sys::set_parent_death_signal(libc::SIGTERM);
 
+    let socket = opts.mapping().and_then(|m| {
+        let socket = match opts.use_listen_fd {
+            true => listen
+                .map_err(str::to_string)
+                .and_then(|fd| frontend::check(&m, fd))
+                .map_err(|why| format!("bad listening socket on fd 4: {why}"))?,
+            false => frontend::bind(&m)?,
+        };
+        Ok((m, socket))
+    });
+    let (mapping, socket) = match socket {
+        Ok(ms) => ms,
+        Err(msg) => return status.fail(&msg),
+    };
+    match shim::register(&mapping, &socket) {
+        Err(refusal) => status.fail(&refusal),
+        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
+        Ok(Handoff::Registered(conn)) => {
+            status.ready(&mapping);
+            match shim::wait(&conn) {
+                Ok(WaitEnd::Stopped(signal)) => {
+                    tracing::info!("{signal}: stopping {mapping}");
+                    0
+                }
+                Ok(WaitEnd::DaemonGone) => {
+                    tracing::warn!(
+                        "the rproxy daemon went away; serving {mapping} in this process"
+                    );
+                    serve(mapping, socket, None)
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "waiting for the daemon failed ({}); serving {mapping} in this process",
+                        describe(&e)
+                    );
+                    serve(mapping, socket, None)
+                }
+            }
+        }
+    }
+}
+
+/// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM.
+/// `status` is reported once the socket is registered with the runtime.
+fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
+    let fail = |status: Option<StatusPipe>, msg: &str| match status {
+        Some(s) => s.fail(msg),
+        None => {
+            tracing::error!("{msg}");
+            1
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return status.fail(&format!("cannot start the runtime: {}", describe(&e))),
+        Err(e) => {
+            return fail(
+                status,
+                &format!("cannot start the runtime: {}", describe(&e)),
+            )
+        }
     };
     runtime.block_on(async move {
-        let listen = opts.use_listen_fd.then_some(listen);
-        let frontend = match opts.mapping().and_then(|m| Frontend::open(m, listen)) {
+        let mut signals = match Signals::install() {
+            Ok(s) => s,
+            Err(e) => return fail(status, &format!("cannot handle signals: {}", describe(&e))),
+        };
+        // Handlers exist now: a signal that arrived meanwhile is delivered to them.
+        signals::unblock();
+        let frontend = match Frontend::new(mapping, socket) {
             Ok(f) => f,
-            Err(StartError(msg)) => return status.fail(&msg),
+            Err(msg) => return fail(status, &msg),
         };
         let mapping = frontend.mapping();
-        let serve = frontend.serve();
-        status.ready(&mapping);
+        match status {
+            Some(s) => s.ready(&mapping),
+            None => tracing::info!("serving {mapping}"),
+        }
         tokio::select! {
-            _ = serve => 0,
-            signal = crate::signals::terminate() => {
+            _ = frontend.serve(Arc::new(Stats::default()), Stop::never()) => 0,
+            signal = signals.terminate() => {
                 tracing::info!("{signal}: stopping {mapping}");
                 0
             }
@@ -193,45 +259,41 @@ impl Options {
     }
 
     /// Checks the flags make a mapping; every failure here goes to fd 3.
-    fn mapping(&self) -> Result<Mapping, StartError> {
+    fn mapping(&self) -> Result<Mapping, String> {
         let proto = match self.proto.as_str() {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
-            "sctp" => return Err(StartError(sctp_unsupported())),
-            other => return Err(StartError(format!("unsupported protocol {other}"))),
+            "sctp" => return Err(sctp_unsupported()),
+            other => return Err(format!("unsupported protocol {other}")),
         };
         if self.container_ip.is_unspecified() {
-            return Err(StartError(format!(
+            return Err(format!(
                 "no container address: -container-ip is {} (give the container's IP)",
                 self.container_ip
-            )));
+            ));
         }
         let container_port = port(self.container_port)
             .filter(|&p| p != 0)
             .ok_or_else(|| {
-                StartError(format!(
+                format!(
                     "invalid container port {} (must be 1-65535)",
                     self.container_port
-                ))
+                )
             })?;
         // 6→4 is normal (dockerd's `::` proxy targets IPv4 containers); 4→6 never comes from
         // dockerd and means the caller mixed up addresses.
         if self.host_ip.is_ipv4() && self.container_ip.is_ipv6() {
-            return Err(StartError(format!(
+            return Err(format!(
                 "backend family mismatch: IPv4 host address {} cannot target IPv6 container address {}",
                 self.host_ip, self.container_ip
-            )));
+            ));
         }
         let host_port = if self.use_listen_fd {
             // The port is in the passed socket; the flag is informational.
             port(self.host_port).unwrap_or(0)
         } else {
-            port(self.host_port).ok_or_else(|| {
-                StartError(format!(
-                    "invalid host port {} (must be 0-65535)",
-                    self.host_port
-                ))
-            })?
+            port(self.host_port)
+                .ok_or_else(|| format!("invalid host port {} (must be 0-65535)", self.host_port))?
         };
         Ok(Mapping {
             proto,
@@ -297,122 +359,4 @@ impl StatusPipe {
         }
         1
     }
-}
-
-/// A bound (UDP) or listening (TCP) frontend socket, ready to serve.
-pub enum Frontend {
-    Tcp(tokio::net::TcpListener, Mapping),
-    Udp(tokio::net::UdpSocket, Mapping),
-}
-
-impl Frontend {
-    /// Binds the mapping's address, or adopts the inherited socket when one is given.
-    pub fn open(
-        mapping: Mapping,
-        inherited: Option<Result<OwnedFd, &str>>,
-    ) -> Result<Frontend, StartError> {
-        let socket = if let Some(fd) = inherited {
-            adopt_listen_fd(&mapping, fd)?
-        } else {
-            bind(&mapping).map_err(|e| {
-                StartError(format!(
-                    "failed to listen on {} {}: {}",
-                    mapping.proto,
-                    mapping.listen,
-                    describe(&e)
-                ))
-            })?
-        };
-        let mut mapping = mapping;
-        if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
-            mapping.listen = local;
-        }
-        let wrap =
-            |e: io::Error| StartError(format!("cannot use the frontend socket: {}", describe(&e)));
-        socket.set_nonblocking(true).map_err(wrap)?;
-        match mapping.proto {
-            Proto::Tcp => {
-                let l = tokio::net::TcpListener::from_std(socket.into()).map_err(wrap)?;
-                Ok(Frontend::Tcp(l, mapping))
-            }
-            Proto::Udp => {
-                let ipv6 = socket.domain().map_err(wrap)? == Domain::IPV6;
-                sys::enable_pktinfo(socket.as_fd(), ipv6).map_err(wrap)?;
-                let s = tokio::net::UdpSocket::from_std(socket.into()).map_err(wrap)?;
-                Ok(Frontend::Udp(s, mapping))
-            }
-        }
-    }
-
-    pub fn mapping(&self) -> Mapping {
-        match self {
-            Frontend::Tcp(_, m) | Frontend::Udp(_, m) => *m,
-        }
-    }
-
-    /// Serves until a fatal error (which is logged); normally runs until the process is stopped.
-    pub async fn serve(self) {
-        match self {
-            Frontend::Tcp(listener, m) => {
-                tcp::serve(listener, m.target, tcp::Config::from_env()).await
-            }
-            Frontend::Udp(socket, m) => udp::serve(socket, m.target, udp::Config::from_env()).await,
-        }
-    }
-}
-
-/// Binds as docker-proxy does: SO_REUSEADDR for TCP, V6ONLY for IPv6 (the v4 proxy is separate).
-fn bind(mapping: &Mapping) -> io::Result<Socket> {
-    let domain = Domain::for_address(mapping.listen);
-    let socket = match mapping.proto {
-        Proto::Tcp => Socket::new(domain, Type::STREAM.cloexec(), None)?,
-        Proto::Udp => Socket::new(domain, Type::DGRAM.cloexec(), None)?,
-    };
-    if domain == Domain::IPV6 {
-        socket.set_only_v6(true)?;
-    }
-    if mapping.proto == Proto::Tcp {
-        socket.set_reuse_address(true)?;
-    }
-    socket.bind(&mapping.listen.into())?;
-    if mapping.proto == Proto::Tcp {
-        // The kernel caps this at net.core.somaxconn, which is what Go asks for.
-        socket.listen(4096)?;
-    }
-    Ok(socket)
-}
-
-/// Checks dockerd's socket from fd 4 is what the flags say.
-fn adopt_listen_fd(mapping: &Mapping, fd: Result<OwnedFd, &str>) -> Result<Socket, StartError> {
-    let bad = |why: String| StartError(format!("bad listening socket on fd 4: {why}"));
-    let fd = fd.map_err(|why| bad(why.to_string()))?;
-    let socket = Socket::from(fd);
-    let wrap = |e: io::Error| bad(describe(&e));
-    let ty = socket.r#type().map_err(wrap)?;
-    let want = match mapping.proto {
-        Proto::Tcp => Type::STREAM,
-        Proto::Udp => Type::DGRAM,
-    };
-    if ty != want {
-        return Err(bad(format!("it is not a {} socket", mapping.proto)));
-    }
-    let domain = socket.domain().map_err(wrap)?;
-    // An AF_INET6 socket may be dual-stack and serve any host address; an AF_INET one cannot
-    // serve an IPv6 host address.
-    if domain == Domain::IPV4 && mapping.listen.is_ipv6() {
-        return Err(bad(format!(
-            "an IPv4 socket cannot serve host address {}",
-            mapping.listen.ip()
-        )));
-    }
-    if domain != Domain::IPV4 && domain != Domain::IPV6 {
-        return Err(bad("not an IPv4 or IPv6 socket".into()));
-    }
-    if mapping.proto == Proto::Tcp {
-        let listening = SockRef::from(&socket).is_listener().map_err(wrap)?;
-        if !listening {
-            socket.listen(4096).map_err(wrap)?;
-        }
-    }
-    Ok(socket)
 }

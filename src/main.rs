@@ -1,22 +1,88 @@
 //! rproxy: a userland port-forwarding proxy and drop-in replacement for docker-proxy.
 //!
-//! argv → mode → run. Today the one mode is docker-proxy's command line (Go-style flags).
+//! argv → mode → run: a subcommand (`daemon`, `ls`, `add`, `rm`) or, for anything else,
+//! docker-proxy's own command line (Go-style flags, as dockerd passes them).
 
+mod control;
+mod daemon;
 mod docker;
+mod frontend;
 mod goflags;
 mod log;
 mod mapping;
+mod shim;
 mod signals;
+mod stats;
+mod supervisor;
 mod sys;
 mod tcp;
 mod udp;
 
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// rproxy — one process for every published port. Without a subcommand, rproxy takes
+/// docker-proxy's flags (-proto, -host-ip, -host-port, -container-ip, -container-port,
+/// -use-listen-fd) and is what dockerd's `userland-proxy-path` points at.
+#[derive(Parser)]
+#[command(name = "rproxy", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve many mappings in one process, with a control socket for `ls`/`add`/`rm` and for
+    /// docker-mode processes handing their ports over.
+    Daemon(daemon::Args),
+    /// List the daemon's mappings with their connections and bytes.
+    Ls {
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+    },
+    /// Add a mapping to the running daemon: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp].
+    Add {
+        spec: String,
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+    },
+    /// Remove a mapping from the running daemon (same spec as `add`).
+    Rm {
+        spec: String,
+        #[arg(long, value_name = "PATH")]
+        control_socket: Option<PathBuf>,
+    },
+}
+
+const SUBCOMMANDS: &[&str] = &["daemon", "ls", "add", "rm", "help"];
+
 fn main() {
     // Before anything opens a descriptor.
     let inherited = docker::Inherited::take();
-    let mut args = std::env::args();
-    let prog = args.next().unwrap_or_else(|| "rproxy".into());
-    let args: Vec<String> = args.collect();
+    let argv: Vec<String> = std::env::args().collect();
     log::init();
-    std::process::exit(docker::main(&prog, &args, inherited));
+    let subcommand = argv
+        .get(1)
+        .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()));
+    let code = if subcommand {
+        drop(inherited);
+        match Cli::parse_from(&argv).command {
+            Command::Daemon(args) => daemon::main(args),
+            Command::Ls { control_socket } => daemon::client_main("ls", control_socket),
+            Command::Add {
+                spec,
+                control_socket,
+            } => daemon::client_main(&format!("add {spec}"), control_socket),
+            Command::Rm {
+                spec,
+                control_socket,
+            } => daemon::client_main(&format!("rm {spec}"), control_socket),
+        }
+    } else {
+        let prog = argv.first().map_or("rproxy", String::as_str);
+        docker::main(prog, argv.get(1..).unwrap_or_default(), inherited)
+    };
+    std::process::exit(code);
 }

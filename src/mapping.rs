@@ -2,9 +2,10 @@
 //! docker-proxy flags produce one, and the data path never knows where it came from.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,
     Udp,
@@ -34,6 +35,134 @@ impl fmt::Display for Mapping {
     }
 }
 
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Proto, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            "sctp" => Err("sctp is not supported".into()),
+            other => Err(format!("unknown protocol {other:?} (tcp or udp)")),
+        }
+    }
+}
+
+impl Mapping {
+    /// The mapping as a one-port publish spec (`127.0.0.1:8080:172.17.0.2:80/tcp`), the form the
+    /// control socket and `rproxy ls` use.
+    pub fn spec(&self) -> String {
+        format!("{}:{}/{}", self.listen, self.target, self.proto)
+    }
+}
+
+/// Parses `[HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]` into one mapping
+/// per port. IPv6 addresses go in brackets; the host address defaults to 0.0.0.0; ranges map
+/// one to one and must have the same length.
+pub fn parse_publish(spec: &str) -> Result<Vec<Mapping>, String> {
+    let (body, proto) = match spec.rsplit_once('/') {
+        Some((body, proto)) => (body, proto.parse::<Proto>()?),
+        None => (spec, Proto::Tcp),
+    };
+    let parts = split_fields(body)?;
+    let (host_ip, host_ports, target_ip, target_ports) = match parts.as_slice() {
+        [hp, tip, tp] => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), *hp, *tip, *tp),
+        [hip, hp, tip, tp] => (parse_ip(hip, "host")?, *hp, *tip, *tp),
+        _ => {
+            return Err(
+                "expected [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]".into(),
+            )
+        }
+    };
+    let target_ip = parse_ip(target_ip, "target")?;
+    if target_ip.is_unspecified() {
+        return Err(format!(
+            "target address {target_ip} is not an address to connect to"
+        ));
+    }
+    if host_ip.is_ipv4() && target_ip.is_ipv6() {
+        return Err(format!(
+            "backend family mismatch: IPv4 host address {host_ip} cannot target IPv6 address {target_ip}"
+        ));
+    }
+    let (h0, h1) = parse_range(host_ports, "host", 0)?;
+    let (t0, t1) = parse_range(target_ports, "target", 1)?;
+    if h1 - h0 != t1 - t0 {
+        return Err(format!(
+            "host range {h0}-{h1} has {} ports but target range {t0}-{t1} has {}",
+            h1 - h0 + 1,
+            t1 - t0 + 1
+        ));
+    }
+    if h0 == 0 && h1 != h0 {
+        return Err("host port 0 (any free port) cannot be part of a range".into());
+    }
+    Ok((0..=(h1 - h0))
+        .map(|i| Mapping {
+            proto,
+            listen: SocketAddr::new(host_ip, h0 + i),
+            target: SocketAddr::new(target_ip, t0 + i),
+        })
+        .collect())
+}
+
+/// Splits on ':' outside brackets.
+fn split_fields(s: &str) -> Result<Vec<&str>, String> {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut depth = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' if depth > 0 => depth -= 1,
+            ']' => return Err("unbalanced ']'".into()),
+            ':' if depth == 0 => {
+                fields.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("unbalanced '['".into());
+    }
+    fields.push(&s[start..]);
+    Ok(fields)
+}
+
+fn parse_ip(s: &str, which: &str) -> Result<IpAddr, String> {
+    let inner = s.strip_prefix('[').and_then(|s| s.strip_suffix(']'));
+    let ip = match inner {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().map(IpAddr::V6),
+        None => s.parse::<std::net::Ipv4Addr>().map(IpAddr::V4),
+    };
+    ip.map(|ip| ip.to_canonical()).map_err(|_| {
+        if inner.is_none() && s.contains(':') {
+            format!("invalid {which} address {s:?} (IPv6 addresses go in brackets)")
+        } else {
+            format!("invalid {which} address {s:?}")
+        }
+    })
+}
+
+fn parse_range(s: &str, which: &str, min: u16) -> Result<(u16, u16), String> {
+    let port = |p: &str| -> Result<u16, String> {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&n| n >= min)
+            .ok_or_else(|| format!("invalid {which} port {p:?} (must be {min}-65535)"))
+    };
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if b < a {
+                return Err(format!("{which} range {a}-{b} ends before it starts"));
+            }
+            Ok((a, b))
+        }
+        None => port(s).map(|p| (p, p)),
+    }
+}
+
 /// An OS error as a short lowercase phrase ("address already in use"), the way Go prints it,
 /// without Rust's " (os error 98)" suffix — these strings end up in `docker run` output.
 pub fn describe(err: &std::io::Error) -> String {
@@ -52,6 +181,67 @@ pub fn describe(err: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn one(spec: &str) -> String {
+        let m = parse_publish(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert_eq!(m.len(), 1);
+        m[0].spec()
+    }
+
+    #[test]
+    fn publish_specs() {
+        assert_eq!(one("8080:10.0.0.2:80"), "0.0.0.0:8080:10.0.0.2:80/tcp");
+        assert_eq!(
+            one("127.0.0.1:8080:10.0.0.2:80/udp"),
+            "127.0.0.1:8080:10.0.0.2:80/udp"
+        );
+        assert_eq!(
+            one("[::1]:8080:[fd00::2]:80/tcp"),
+            "[::1]:8080:[fd00::2]:80/tcp"
+        );
+        assert_eq!(one("[::]:53:10.0.0.2:53/udp"), "[::]:53:10.0.0.2:53/udp");
+        assert_eq!(
+            one("[::ffff:127.0.0.1]:1:10.0.0.2:2"),
+            "127.0.0.1:1:10.0.0.2:2/tcp"
+        );
+        let r = parse_publish("20000-20002:10.0.0.2:30000-30002/udp").unwrap();
+        let specs: Vec<String> = r.iter().map(Mapping::spec).collect();
+        assert_eq!(
+            specs,
+            [
+                "0.0.0.0:20000:10.0.0.2:30000/udp",
+                "0.0.0.0:20001:10.0.0.2:30001/udp",
+                "0.0.0.0:20002:10.0.0.2:30002/udp"
+            ]
+        );
+        // Round trip: what ls prints parses back to the same mapping.
+        for m in r {
+            assert_eq!(parse_publish(&m.spec()).unwrap(), vec![m]);
+        }
+    }
+
+    #[test]
+    fn bad_publish_specs_say_why() {
+        for (spec, why) in [
+            ("8080", "expected"),
+            ("8080:10.0.0.2", "expected"),
+            ("8080:10.0.0.2:80/sctp", "sctp"),
+            ("8080:10.0.0.2:80/icmp", "unknown protocol"),
+            ("::1:8080:10.0.0.2:80", "expected"),
+            ("1-3:10.0.0.2:5-6", "has 3 ports but target range 5-6 has 2"),
+            ("9-3:10.0.0.2:9-3", "ends before it starts"),
+            ("8080:10.0.0.2:0", "invalid target port"),
+            ("70000:10.0.0.2:80", "invalid host port"),
+            ("8080:0.0.0.0:80", "not an address"),
+            ("8080:10.0.0:80", "invalid target address"),
+            ("127.0.0.1:8080:[::1]:80", "family mismatch"),
+            ("fd00::1:8080:10.0.0.2:80", "expected"),
+            ("[fd00::1:8080:10.0.0.2:80", "unbalanced"),
+        ] {
+            let err = parse_publish(spec).expect_err(spec);
+            assert!(err.contains(why), "{spec}: {err:?} lacks {why:?}");
+        }
+    }
 
     #[test]
     fn os_errors_read_like_go() {

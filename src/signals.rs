@@ -1,24 +1,67 @@
 //! Stop signals. dockerd stops a proxy with SIGINT and waits for it with no timeout, so both
-//! SIGINT and SIGTERM must end the process promptly; SIGHUP must not kill it.
+//! SIGINT and SIGTERM must end the process promptly; SIGHUP must not kill it (the daemon
+//! reloads on it).
+//!
+//! docker-proxy mode blocks these signals first thing ([`block`]) and unblocks them once a
+//! handler exists: a shim waits for them on a signalfd without any runtime, and a self-serving
+//! proxy installs tokio's handlers before unblocking, so a signal is never lost in between.
 
-use tokio::signal::unix::{signal, SignalKind};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 
-/// Resolves with the signal's name when SIGINT or SIGTERM arrives. SIGHUP is swallowed (a
-/// terminal closing must not take published ports down).
-pub async fn terminate() -> &'static str {
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return std::future::pending().await;
-    };
-    loop {
+/// The signals docker-proxy mode handles.
+pub fn set() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
+    set
+}
+
+pub fn block() {
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set()), None);
+}
+
+pub fn unblock() {
+    let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set()), None);
+}
+
+/// tokio handlers for SIGINT, SIGTERM and SIGHUP (create inside the runtime).
+pub struct Signals {
+    int: TokioSignal,
+    term: TokioSignal,
+    hup: TokioSignal,
+}
+
+pub enum Event {
+    Stop(&'static str),
+    Reload,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Event {
         tokio::select! {
-            _ = int.recv() => return "SIGINT",
-            _ = term.recv() => return "SIGTERM",
-            _ = hup.recv() => tracing::info!("SIGHUP ignored"),
+            _ = self.int.recv() => Event::Stop("SIGINT"),
+            _ = self.term.recv() => Event::Stop("SIGTERM"),
+            _ = self.hup.recv() => Event::Reload,
+        }
+    }
+
+    /// Resolves at SIGINT or SIGTERM; SIGHUP is swallowed.
+    pub async fn terminate(&mut self) -> &'static str {
+        loop {
+            match self.next().await {
+                Event::Stop(name) => return name,
+                Event::Reload => tracing::info!("SIGHUP ignored"),
+            }
         }
     }
 }

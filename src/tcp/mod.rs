@@ -4,12 +4,16 @@ pub mod relay;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinSet;
 
+use crate::frontend::Stop;
 use crate::mapping::describe;
+use crate::stats::Stats;
 
 /// Knobs for one TCP mapping. dockerd's argv cannot carry options, so they come from the
 /// environment (`RPROXY_CONNECT_TIMEOUT` seconds, `RPROXY_SPLICE=0` to force copying).
@@ -35,24 +39,44 @@ impl Config {
     }
 }
 
-/// Accepts forever. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and retries
+/// Accepts until `stop` fires, then gives open connections the drain time to finish and cuts
+/// the rest. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and retries
 /// instead of exiting as docker-proxy does: the port stays served once descriptors free up.
-pub async fn serve(listener: TcpListener, target: SocketAddr, config: Config) {
+pub async fn serve(
+    listener: TcpListener,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+    mut stop: Stop,
+) {
+    let mut conns = JoinSet::new();
     let mut backoff = Duration::ZERO;
-    loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                backoff = Duration::ZERO;
-                tokio::spawn(handle(client, peer, target, config));
-            }
-            Err(e) if is_transient(&e) => {}
-            Err(e) => {
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                tracing::warn!("accept failed: {}; retrying in {:?}", describe(&e), backoff);
-                tokio::time::sleep(backoff).await;
-            }
+    let drain = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    backoff = Duration::ZERO;
+                    conns.spawn(handle(client, peer, target, config, stats.clone()));
+                }
+                Err(e) if is_transient(&e) => {}
+                Err(e) => {
+                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::warn!("accept failed: {}; retrying in {:?}", describe(&e), backoff);
+                    tokio::time::sleep(backoff).await;
+                }
+            },
+            // Reap finished connections so the set stays the size of what is open.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            drain = stop.wait() => break drain,
         }
+    };
+    drop(listener);
+    if !conns.is_empty() {
+        tracing::info!("draining {} connections for up to {drain:?}", conns.len());
+        let _ =
+            tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     }
+    // Dropping the set aborts what is left.
 }
 
 /// Errors that concern one half-open connection, not the listener.
@@ -63,11 +87,21 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, target: SocketAddr, config: Config) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+) {
+    Stats::add(&stats.total, 1);
+    Stats::add(&stats.active, 1);
+    let _active = Guard(&stats);
     tune(&client);
     let backend = match connect(target, config.connect_timeout).await {
         Ok(b) => b,
         Err(e) => {
+            Stats::add(&stats.failed, 1);
             // Reset rather than accept-then-FIN: the client learns at once that nothing is there.
             tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e));
             let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
@@ -76,7 +110,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, target: SocketAddr, config:
     };
     tune(&backend);
     tracing::debug!("{peer}: connected to {target}");
-    match relay::relay(&client, &backend, config.splice).await {
+    match relay::relay(
+        &client,
+        &backend,
+        config.splice,
+        (&stats.bytes_in, &stats.bytes_out),
+    )
+    .await
+    {
         Ok((up, down)) => tracing::debug!("{peer}: closed after {up} bytes up, {down} down"),
         Err(e) => {
             tracing::debug!("{peer}: aborted: {}", describe(&e));
@@ -109,4 +150,13 @@ fn tune(stream: &TcpStream) {
         .with_interval(Duration::from_secs(15))
         .with_retries(9);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// Counts a connection as closed however its task ends (finished, failed or aborted).
+struct Guard<'a>(&'a Stats);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        Stats::sub(&self.0.active, 1);
+    }
 }

@@ -8,6 +8,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use socket2::SockRef;
 use tokio::io::Interest;
@@ -18,21 +19,37 @@ use crate::sys;
 /// Bytes moved per splice call; also the pipe's default capacity.
 const CHUNK: usize = 1 << 16;
 
-/// Relays until both directions reach EOF; returns bytes (a→b, b→a).
-pub async fn relay(a: &TcpStream, b: &TcpStream, splice: bool) -> io::Result<(u64, u64)> {
-    tokio::try_join!(pump(a, b, splice), pump(b, a, splice))
+/// Relays until both directions reach EOF; returns bytes (a→b, b→a). `counters` (a→b, b→a)
+/// are bumped as bytes move, so live connections show up in statistics.
+pub async fn relay(
+    a: &TcpStream,
+    b: &TcpStream,
+    splice: bool,
+    counters: (&AtomicU64, &AtomicU64),
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(
+        pump(a, b, splice, counters.0),
+        pump(b, a, splice, counters.1)
+    )
 }
 
 /// One direction: `from` → `to` until EOF, then shutdown(write) on `to`.
-async fn pump(from: &TcpStream, to: &TcpStream, splice: bool) -> io::Result<u64> {
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    splice: bool,
+    counter: &AtomicU64,
+) -> io::Result<u64> {
     let moved = if splice {
-        match splice_pump(from, to).await {
-            Err(SpliceError::Unsupported(already)) => already + copy_pump(from, to).await?,
+        match splice_pump(from, to, counter).await {
+            Err(SpliceError::Unsupported(already)) => {
+                already + copy_pump(from, to, counter).await?
+            }
             Err(SpliceError::Io(e)) => return Err(e),
             Ok(n) => n,
         }
     } else {
-        copy_pump(from, to).await?
+        copy_pump(from, to, counter).await?
     };
     match SockRef::from(to).shutdown(Shutdown::Write) {
         // The peer may be gone already; its own direction reports that.
@@ -53,7 +70,11 @@ impl From<io::Error> for SpliceError {
     }
 }
 
-async fn splice_pump(from: &TcpStream, to: &TcpStream) -> Result<u64, SpliceError> {
+async fn splice_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+) -> Result<u64, SpliceError> {
     // Created on first data, so idle connections hold no pipe.
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut total = 0u64;
@@ -87,10 +108,11 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream) -> Result<u64, SpliceErro
             }
         }
         total += n as u64;
+        counter.fetch_add(n as u64, Relaxed);
     }
 }
 
-async fn copy_pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+async fn copy_pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
     let mut buf: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
@@ -114,5 +136,6 @@ async fn copy_pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
             }
         }
         total += n as u64;
+        counter.fetch_add(n as u64, Relaxed);
     }
 }

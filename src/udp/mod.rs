@@ -16,7 +16,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::frontend::Stop;
 use crate::mapping::describe;
+use crate::stats::Stats;
 use crate::sys;
 use flows::{now_ms, Activity, FlowKey, FlowTable};
 
@@ -71,11 +73,18 @@ struct ReplyPath {
     frontend_v6: bool,
     client: SocketAddr,
     local: Option<IpAddr>,
+    stats: Arc<Stats>,
 }
 
 /// Serves the frontend forever. The table is owned by this loop alone (no lock); reply tasks
 /// report their flow's expiry back over a channel.
-pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
+pub async fn serve(
+    frontend: UdpSocket,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+    mut stop: Stop,
+) {
     let frontend_v6 = frontend.local_addr().is_ok_and(|a| a.is_ipv6());
     let frontend = Arc::new(frontend);
     let (expired_tx, mut expired_rx) = mpsc::unbounded_channel::<(FlowKey, u64)>();
@@ -84,8 +93,14 @@ pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
     loop {
         let received = tokio::select! {
             biased;
+            _ = stop.wait() => {
+                // Flows close with the table; UDP has nothing to drain.
+                stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
             Some((key, id)) = expired_rx.recv() => {
                 if table.remove(&key, id).is_some() {
+                    Stats::sub(&stats.active, 1);
                     tracing::debug!("udp flow {} expired ({} left)", key.0, table.len());
                 }
                 continue;
@@ -106,6 +121,7 @@ pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
                 "udp datagram from {} larger than {MAX_DATAGRAM} bytes dropped",
                 received.source
             );
+            Stats::add(&stats.failed, 1);
             continue;
         }
         let key: FlowKey = (received.source, received.destination);
@@ -119,10 +135,12 @@ pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
                     Ok(s) => Arc::new(s),
                     Err(e) => {
                         tracing::warn!("udp flow to {target} not opened: {}", describe(&e));
+                        Stats::add(&stats.failed, 1);
                         continue;
                     }
                 };
                 if let Some((old, _flow)) = table.make_room() {
+                    Stats::sub(&stats.active, 1);
                     tracing::debug!(
                         "udp flow {} evicted: {} flows is the limit",
                         old.0,
@@ -136,7 +154,10 @@ pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
                     frontend_v6,
                     client: received.source,
                     local: received.destination,
+                    stats: stats.clone(),
                 };
+                Stats::add(&stats.total, 1);
+                Stats::add(&stats.active, 1);
                 let expired = expired_tx.clone();
                 let (s, a, timeout) = (socket.clone(), activity.clone(), config.idle_timeout);
                 table.insert(key, activity, |id| Flow {
@@ -155,12 +176,16 @@ pub async fn serve(frontend: UdpSocket, target: SocketAddr, config: Config) {
             // A stale ICMP port-unreachable from an earlier datagram, not this one: retry.
             result = socket.send(datagram).await;
         }
-        if let Err(e) = result {
-            tracing::debug!(
-                "udp datagram from {} to {target} dropped: {}",
-                received.source,
-                describe(&e)
-            );
+        match result {
+            Ok(n) => Stats::add(&stats.bytes_in, n as u64),
+            Err(e) => {
+                Stats::add(&stats.failed, 1);
+                tracing::debug!(
+                    "udp datagram from {} to {target} dropped: {}",
+                    received.source,
+                    describe(&e)
+                );
+            }
         }
     }
 }
@@ -246,6 +271,7 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
 
 impl ReplyPath {
     fn send(&self, data: &[u8]) -> io::Result<usize> {
+        Stats::add(&self.stats.bytes_out, data.len() as u64);
         sys::send_from(
             self.frontend.as_fd(),
             data,

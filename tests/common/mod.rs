@@ -58,7 +58,14 @@ impl Spawn {
     pub fn new(args: &[&str]) -> Spawn {
         Spawn {
             args: self::args(args),
-            env: vec![("RPROXY_LOG".into(), "info".into())],
+            env: vec![
+                ("RPROXY_LOG".into(), "info".into()),
+                // Never hand off to a daemon the machine may be running; daemon tests set their own.
+                (
+                    "RPROXY_SOCKET".into(),
+                    "/nonexistent/rproxy-test.sock".into(),
+                ),
+            ],
             status_pipe: true,
             listen_fd: None,
             shell_prefix: Vec::new(),

@@ -1,0 +1,530 @@
+//! `rproxy daemon`: every mapping in one multi-thread runtime — from `--publish`, a config file,
+//! `rproxy add`, and docker-mode shims handing over dockerd's ports — with a control socket,
+//! reload on SIGHUP and a bounded drain on SIGTERM.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::control::{self, Row};
+use crate::frontend;
+use crate::mapping::{describe, parse_publish, Mapping};
+use crate::signals::{Event, Signals};
+use crate::supervisor::{Origin, Supervisor};
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable;
+    /// IPv6 addresses in brackets; ranges map one to one).
+    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
+    publish: Vec<String>,
+    /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
+    /// re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Seconds open connections may take to finish when their mapping is removed or the daemon
+    /// stops.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    drain_timeout: f64,
+}
+
+/// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    publish: Vec<toml::Spanned<String>>,
+    control_socket: Option<PathBuf>,
+    drain_timeout: Option<f64>,
+}
+
+/// What the daemon runs: the union of `--publish` and the config file.
+struct Settings {
+    publish: Vec<Mapping>,
+    config: Vec<Mapping>,
+    config_path: Option<PathBuf>,
+    control_socket: PathBuf,
+    drain: Duration,
+}
+
+impl Settings {
+    /// Parses everything up front; every bad spec is reported (with its line) before
+    /// anything binds.
+    fn load(args: &Args) -> Result<Settings, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut publish = Vec::new();
+        for spec in &args.publish {
+            match parse_publish(spec) {
+                Ok(m) => publish.extend(m),
+                Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
+            }
+        }
+        let config_path = args.config.clone().or_else(|| {
+            Path::new(DEFAULT_CONFIG)
+                .exists()
+                .then(|| PathBuf::from(DEFAULT_CONFIG))
+        });
+        let (file, config) = match &config_path {
+            Some(path) => match read_config(path) {
+                Ok(c) => c,
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    (ConfigFile::default(), Vec::new())
+                }
+            },
+            None => (ConfigFile::default(), Vec::new()),
+        };
+        let drain = file.drain_timeout.unwrap_or(args.drain_timeout);
+        if !(drain.is_finite() && drain >= 0.0) {
+            errors.push(format!("drain timeout {drain} is not a number of seconds"));
+        }
+        let mut seen = BTreeSet::new();
+        for m in publish.iter().chain(&config) {
+            if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
+                errors.push(format!("{} {} is mapped twice", m.proto, m.listen));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Settings {
+            publish,
+            config,
+            config_path,
+            control_socket: control::socket_path(
+                args.control_socket.clone().or(file.control_socket),
+            ),
+            drain: Duration::from_secs_f64(drain.max(0.0)),
+        })
+    }
+}
+
+/// Reads a config file into its settings and mappings; errors name the file and line.
+fn read_config(path: &Path) -> Result<(ConfigFile, Vec<Mapping>), Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!(":{}", line_of(s.start)))
+            .unwrap_or_default();
+        vec![format!("{}{line}: {}", path.display(), e.message())]
+    })?;
+    let mut errors = Vec::new();
+    let mut mappings = Vec::new();
+    for spec in &file.publish {
+        match parse_publish(spec.get_ref()) {
+            Ok(m) => mappings.extend(m),
+            Err(e) => errors.push(format!(
+                "{}:{}: publish {:?}: {e}",
+                path.display(),
+                line_of(spec.span().start),
+                spec.get_ref()
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok((file, mappings))
+    } else {
+        Err(errors)
+    }
+}
+
+/// Runs the daemon; returns the exit code.
+pub fn main(args: Args) -> i32 {
+    let settings = match Settings::load(&args) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("rproxy: {e}");
+            }
+            return 2;
+        }
+    };
+    if let Err(e) = crate::sys::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rproxy: cannot start the runtime: {}", describe(&e));
+            return 1;
+        }
+    };
+    runtime.block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> i32 {
+    let mut signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("rproxy: cannot handle signals: {}", describe(&e));
+            return 1;
+        }
+    };
+    let sup = Supervisor::default();
+    let mut failed = Vec::new();
+    for (mappings, origin) in [
+        (&settings.publish, Origin::Publish),
+        (&settings.config, Origin::Config),
+    ] {
+        for m in mappings.iter() {
+            if let Err(e) = sup.start(*m, None, origin) {
+                failed.push(e);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        for e in failed {
+            eprintln!("rproxy: {e}");
+        }
+        sup.stop_all(Duration::ZERO);
+        return 1;
+    }
+    let listener = match control_listener(&settings.control_socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("rproxy: {e}");
+            sup.stop_all(Duration::ZERO);
+            return 1;
+        }
+    };
+    tracing::info!(
+        "daemon ready: {} mappings, control socket {}",
+        sup.rows().len(),
+        settings.control_socket.display()
+    );
+    sd_notify("READY=1");
+    let control = tokio::spawn(serve_control(listener, sup.clone(), settings.drain));
+    loop {
+        match signals.next().await {
+            Event::Reload => reload(&sup, &settings),
+            Event::Stop(name) => {
+                tracing::info!(
+                    "{name}: stopping; open connections get {:?}",
+                    settings.drain
+                );
+                sd_notify("STOPPING=1");
+                break;
+            }
+        }
+    }
+    control.abort();
+    let _ = std::fs::remove_file(&settings.control_socket);
+    let tasks = sup.stop_all(settings.drain);
+    // A second signal cuts the drain short.
+    let drained = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    tokio::select! {
+        _ = drained => {}
+        _ = signals.next() => tracing::info!("second signal: exiting without waiting"),
+    }
+    0
+}
+
+/// Binds the control socket: mode 0600, its directory created; a stale socket file left by a
+/// crash is replaced, a live daemon is not.
+fn control_listener(path: &Path) -> Result<UnixListener, String> {
+    let ctx = |e: std::io::Error| format!("control socket {}: {}", path.display(), describe(&e));
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "another rproxy daemon is running on {}",
+            path.display()
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(ctx)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(ctx(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(ctx)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
+    Ok(listener)
+}
+
+/// SIGHUP: re-read the config file; start what was added, stop what was removed (with the
+/// drain time), leave every unchanged mapping — and its connections — alone.
+fn reload(sup: &Supervisor, settings: &Settings) {
+    let Some(path) = &settings.config_path else {
+        tracing::info!("SIGHUP: no config file to reload");
+        return;
+    };
+    let wanted = match read_config(path) {
+        Ok((_, m)) => m,
+        Err(errors) => {
+            for e in errors {
+                tracing::error!("reload refused, nothing changed: {e}");
+            }
+            return;
+        }
+    };
+    let wanted_keys: BTreeSet<_> = wanted
+        .iter()
+        .map(|m| (m.proto, m.listen, m.target))
+        .collect();
+    let running = sup.mappings(Origin::Config);
+    let (mut added, mut removed) = (0, 0);
+    for m in &running {
+        if !wanted_keys.contains(&(m.proto, m.listen, m.target)) {
+            sup.stop_if(&(m.proto, m.listen), settings.drain, |o| {
+                o == Origin::Config
+            });
+            removed += 1;
+        }
+    }
+    let running_keys: BTreeSet<_> = running
+        .iter()
+        .map(|m| (m.proto, m.listen, m.target))
+        .collect();
+    for m in wanted {
+        if !running_keys.contains(&(m.proto, m.listen, m.target)) {
+            match sup.start(m, None, Origin::Config) {
+                Ok(_) => added += 1,
+                Err(e) => tracing::error!("reload: {e}"),
+            }
+        }
+    }
+    tracing::info!(
+        "reloaded {}: {added} added, {removed} removed",
+        path.display()
+    );
+}
+
+/// Accepts control connections; each is served on its own task.
+async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration) {
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let mut next_id = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("control accept failed: {}", describe(&e));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let (sup, id) = (sup.clone(), next_id);
+        tokio::spawn(async move {
+            if let Err(e) = client(stream, sup, own_uid, id, drain).await {
+                tracing::debug!("control client: {}", describe(&e));
+            }
+        });
+    }
+}
+
+/// One control connection: read the request line (and any socket sent with it), answer.
+async fn client(
+    mut stream: UnixStream,
+    sup: Supervisor,
+    own_uid: u32,
+    id: u64,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
+    let mut buf = vec![0u8; control::MAX_REQUEST];
+    let mut len = 0;
+    let mut fds = Vec::new();
+    while !buf[..len].contains(&b'\n') {
+        if len == buf.len() {
+            return reply(&mut stream, "error request too long").await;
+        }
+        let (n, mut got) = stream
+            .async_io(Interest::READABLE, || {
+                use std::os::fd::AsFd;
+                control::recv_request(stream.as_fd(), &mut buf[len..])
+            })
+            .await?;
+        fds.append(&mut got);
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+    }
+    let line = String::from_utf8_lossy(&buf[..len]);
+    let line = line.trim_end();
+    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+    if cmd != "ls" && uid != 0 && uid != own_uid {
+        tracing::warn!("control: uid {uid} may not {cmd}");
+        return reply(&mut stream, &format!("error permission denied: uid {uid} may not change mappings (only root or uid {own_uid})")).await;
+    }
+    match cmd {
+        "ls" => {
+            let mut out = String::new();
+            for row in sup.rows() {
+                out.push_str(&row.encode());
+                out.push('\n');
+            }
+            out.push_str("end\n");
+            stream.write_all(out.as_bytes()).await
+        }
+        "add" => {
+            let answer = match add(&sup, arg) {
+                Ok(n) => format!("ok added {n}"),
+                Err(e) => format!("error {e}"),
+            };
+            reply(&mut stream, &answer).await
+        }
+        "rm" => {
+            let answer = match remove(&sup, arg, drain) {
+                Ok(n) => format!("ok removed {n}"),
+                Err(e) => format!("error {e}"),
+            };
+            reply(&mut stream, &answer).await
+        }
+        "register" => register(stream, &sup, arg, fds, id).await,
+        _ => reply(&mut stream, &format!("error unknown request {cmd:?}")).await,
+    }
+}
+
+async fn reply(stream: &mut UnixStream, line: &str) -> std::io::Result<()> {
+    stream.write_all(format!("{line}\n").as_bytes()).await
+}
+
+/// `add SPEC`: all of the spec's mappings start, or none do.
+fn add(sup: &Supervisor, spec: &str) -> Result<usize, String> {
+    let mappings = parse_publish(spec)?;
+    let mut started = Vec::new();
+    for m in &mappings {
+        match sup.start(*m, None, Origin::Control) {
+            Ok(real) => started.push(real),
+            Err(e) => {
+                for s in started {
+                    sup.stop_if(&(s.proto, s.listen), Duration::ZERO, |_| true);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(started.len())
+}
+
+/// `rm SPEC`: stops the spec's mappings (matched by protocol and listen address).
+fn remove(sup: &Supervisor, spec: &str, drain: Duration) -> Result<usize, String> {
+    let mappings = parse_publish(spec)?;
+    let mut removed = 0;
+    for m in &mappings {
+        let key = (m.proto, m.listen);
+        match sup.get(&key) {
+            Some((running, _)) if running.target != m.target => {
+                return Err(format!(
+                    "{} {} maps to {}, not {}",
+                    m.proto, m.listen, running.target, m.target
+                ))
+            }
+            Some(_) => {
+                sup.stop_if(&key, drain, |_| true);
+                removed += 1;
+            }
+            None => {}
+        }
+    }
+    if removed == 0 {
+        return Err(format!("no mapping matches {spec:?}"));
+    }
+    Ok(removed)
+}
+
+/// `register SPEC` + socket: serve it for as long as the shim keeps this connection open.
+async fn register(
+    mut stream: UnixStream,
+    sup: &Supervisor,
+    spec: &str,
+    mut fds: Vec<std::os::fd::OwnedFd>,
+    id: u64,
+) -> std::io::Result<()> {
+    let started = (|| -> Result<Mapping, String> {
+        let mapping = match parse_publish(spec)?.as_slice() {
+            [m] => *m,
+            _ => return Err("register takes exactly one port".into()),
+        };
+        let fd = match (fds.pop(), fds.is_empty()) {
+            (Some(fd), true) => fd,
+            _ => return Err("register needs exactly one listening socket".into()),
+        };
+        let socket = frontend::check(&mapping, fd)?;
+        sup.start(mapping, Some(socket), Origin::Shim(id))
+    })();
+    let mapping = match started {
+        Ok(m) => m,
+        Err(e) => return reply(&mut stream, &format!("error {e}")).await,
+    };
+    reply(&mut stream, &format!("ok {}", mapping.spec())).await?;
+    // The shim never writes again: readable means it closed (dockerd stopped it).
+    let mut byte = [0u8; 1];
+    loop {
+        stream.readable().await?;
+        match stream.try_read(&mut byte) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            // EOF, an error, or a protocol violation: the registration ends.
+            _ => break,
+        }
+    }
+    sup.stop_if(&(mapping.proto, mapping.listen), Duration::ZERO, |o| {
+        o == Origin::Shim(id)
+    });
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) about our state, when it asked.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| socket.send_to_addr(state.as_bytes(), &a))
+    } else {
+        socket.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!("sd_notify {state}: {}", describe(&e));
+    }
+}
+
+/// `rproxy ls` / `add` / `rm`: print the answer; exit 1 with the daemon's reason on failure.
+pub fn client_main(request: &str, control_socket: Option<PathBuf>) -> i32 {
+    let path = control::socket_path(control_socket);
+    match control::call(&path, request) {
+        Ok(lines) if request == "ls" => {
+            let rows: Vec<Row> = lines.iter().filter_map(|l| Row::decode(l)).collect();
+            print!("{}", control::format_table(&rows));
+            0
+        }
+        Ok(lines) => {
+            for l in lines {
+                println!("{}", l.strip_prefix("ok ").unwrap_or(&l));
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("rproxy: {e}");
+            1
+        }
+    }
+}

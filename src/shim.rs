@@ -1,0 +1,118 @@
+//! The docker-mode shim: when an rproxy daemon runs, a process that dockerd spawns hands its
+//! mapping (and listening socket) to the daemon and then only waits, as a minimal process —
+//! one thread, no runtime — for dockerd's SIGINT/SIGTERM.
+//!
+//! Recovery: the registration lives as long as the shim's control connection. If the daemon
+//! dies or restarts, the connection closes and the shim takes the mapping back, serving it
+//! itself from the copy of the listening socket it kept (the port never closes; queued
+//! connections are not lost). It stays self-serving until dockerd stops it.
+
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use socket2::Socket;
+
+use crate::control;
+use crate::mapping::{describe, Mapping};
+
+pub enum Handoff {
+    /// The daemon serves the mapping for as long as this connection stays open.
+    Registered(UnixStream),
+    /// No daemon (or hand-off disabled): serve the mapping in this process.
+    NoDaemon,
+}
+
+/// Offers the mapping to the daemon. `Err` is the daemon's refusal, for fd 3.
+pub fn register(mapping: &Mapping, socket: &Socket) -> Result<Handoff, String> {
+    if std::env::var("RPROXY_HANDOFF").is_ok_and(|v| v == "0") {
+        return Ok(Handoff::NoDaemon);
+    }
+    let path = control::socket_path(None);
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::ConnectionRefused {
+                tracing::warn!(
+                    "daemon at {} unreachable ({}); serving {mapping} here",
+                    path.display(),
+                    describe(&e)
+                );
+            }
+            return Ok(Handoff::NoDaemon);
+        }
+    };
+    let exchange = || -> io::Result<String> {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        control::send_request(
+            &stream,
+            &format!("register {}", mapping.spec()),
+            Some(socket.as_fd()),
+        )?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        stream.set_read_timeout(None)?;
+        Ok(line.trim_end().to_string())
+    };
+    match exchange() {
+        Ok(line) if line.starts_with("ok") => {
+            tracing::info!("{mapping} handed to the daemon at {}", path.display());
+            Ok(Handoff::Registered(stream))
+        }
+        Ok(line) if line.starts_with("error ") => Err(line["error ".len()..].to_string()),
+        Ok(line) => {
+            tracing::warn!("daemon answered {line:?}; serving {mapping} here");
+            Ok(Handoff::NoDaemon)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "daemon did not answer ({}); serving {mapping} here",
+                describe(&e)
+            );
+            Ok(Handoff::NoDaemon)
+        }
+    }
+}
+
+pub enum WaitEnd {
+    /// SIGINT or SIGTERM: exit 0 (closing the connection deregisters the mapping).
+    Stopped(&'static str),
+    /// The daemon closed the connection: take the mapping back.
+    DaemonGone,
+}
+
+/// Waits, with signals already blocked, for a stop signal or the daemon's end.
+pub fn wait(stream: &UnixStream) -> io::Result<WaitEnd> {
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    let sfd = SignalFd::with_flags(&stop, SfdFlags::SFD_CLOEXEC)?;
+    loop {
+        let mut fds = [
+            PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        if fds[0].any().unwrap_or(false) {
+            if let Some(info) = sfd.read_signal()? {
+                let name = if info.ssi_signo == libc::SIGINT as u32 {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                return Ok(WaitEnd::Stopped(name));
+            }
+        }
+        if fds[1].any().unwrap_or(false) {
+            // The daemon never writes after "ok": readable means EOF or an error.
+            return Ok(WaitEnd::DaemonGone);
+        }
+    }
+}
