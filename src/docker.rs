@@ -137,10 +137,14 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
         };
         Ok((m, socket))
     });
-    let (mapping, socket) = match socket {
+    let (mut mapping, socket) = match socket {
         Ok(ms) => ms,
         Err(msg) => return status.fail(&msg),
     };
+    // The socket's own address is the truth (fd 4, or port 0 resolved by bind).
+    if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+        mapping.listen = local;
+    }
     match shim::register(&mapping, &socket) {
         Err(refusal) => status.fail(&refusal),
         Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
