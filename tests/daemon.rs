@@ -570,3 +570,35 @@ fn sigterm_closes_listeners_at_once_and_drains_connections() {
     assert_eq!(d.wait_exit(Duration::from_secs(2)), Some(0));
     assert!(!dir.sock().exists(), "control socket left behind");
 }
+
+/// systemd Type=notify: READY=1 once every mapping listens, STOPPING=1 on SIGTERM; the shipped
+/// example config is valid.
+#[test]
+fn sd_notify_and_the_packaged_config() {
+    let dir = Dir::new("notify");
+    let notify = dir.0.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/rproxy.toml");
+    let sock = dir.sock();
+    let mut d = Spawn::new(&[
+        "daemon",
+        "--config",
+        config,
+        "--control-socket",
+        sock.to_str().unwrap(),
+    ])
+    .env("NOTIFY_SOCKET", notify.to_str().unwrap())
+    .no_status_pipe()
+    .spawn();
+    let mut buf = [0u8; 64];
+    let n = systemd.recv(&mut buf).expect("no READY=1");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(sock.exists(), "READY=1 before the control socket existed");
+    d.signal(Signal::SIGTERM);
+    let n = systemd.recv(&mut buf).expect("no STOPPING=1");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(d.wait_exit(Duration::from_secs(2)), Some(0));
+}
