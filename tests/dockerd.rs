@@ -12,8 +12,16 @@
 //! (b) the proxies are rproxy processes with the right flags and no docker-proxy runs;
 //! (c) UDP echo including a 60,000-byte datagram; (d) hairpin from another container through
 //! the gateway address; (e) `docker stop` ends the proxies and frees the ports; (f) a host port
-//! that is already taken makes `docker run` fail with rproxy's reason; (g) daemon shutdown with a
-//! running container leaves no rproxy behind.
+//! that is already taken makes `docker run` fail with rproxy's reason; (h) with an `rproxy
+//! daemon` listening on dockerd's RPROXY_SOCKET, a published 10-port range plus a UDP port are
+//! handed over: the daemon serves them, dockerd's processes are one-thread shims, and
+//! `docker rm -f` removes every mapping; (g) daemon shutdown with a running container leaves no
+//! rproxy behind.
+//!
+//! Isolation from an rproxy daemon running on this machine: dockerd's environment always carries
+//! RPROXY_SOCKET=<work dir>/rproxy.sock. Nothing listens there during (a)-(f), so every proxy
+//! serves its port itself; (h) starts our own daemon on exactly that path (shims look for it at
+//! each spawn) and stops it by PID afterwards.
 //!
 //! There is exactly one #[test]: two dockerds would fight over docker0 and the DOCKER chains.
 //! It skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or a
@@ -23,7 +31,7 @@
 //! put back as found. dockerd's iptables chains and the docker0 bridge stay (as after any
 //! dockerd run; the next run reuses them). No DOCKER-USER rule is needed: proxied traffic,
 //! hairpin included, never crosses FORWARD. `RPROXY_KEEP_DOCKERD_DIR=1` keeps the work directory
-//! with dockerd.log, containerd.log and rproxy.log.
+//! with dockerd.log, containerd.log, rproxy.log and daemon.log.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -322,6 +330,326 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     h.docker_ok(&["rm", "-f", taken]);
     h.step("taken port: docker run failed with rproxy's reason");
 
+    // ---- h. an rproxy daemon: dockerd's processes hand their ports over and wait as shims -------
+    // Until now nothing listened on dockerd's RPROXY_SOCKET: every proxy served its port itself.
+    let log = h.rproxy_log();
+    for word in [
+        "handed to the daemon",
+        "unreachable",
+        "daemon did not answer",
+    ] {
+        assert!(
+            !log.contains(word),
+            "with no daemon on RPROXY_SOCKET, no proxy may talk to one ({word:?}):\n{log}"
+        );
+    }
+    let base = free_run(10, h.ipv6, &h.ports);
+    let range: Vec<u16> = (base..base + 10).collect();
+    h.ports.extend(&range);
+    let pu = free_run(1, h.ipv6, &h.ports);
+    h.ports.push(pu);
+    let (r0, r5, r9) = (range[0], range[5], range[9]);
+    h.step(&format!("daemon phase ports: TCP {r0}-{r9}, UDP {pu}"));
+    // Started after (a)-(f), at the path dockerd already gave its proxies: shims look at each
+    // spawn, so no dockerd restart is needed.
+    h.start_rproxy_daemon();
+    let many = "rproxy-test-daemon";
+    h.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        many,
+        "--stop-timeout",
+        "1",
+        "-p",
+        &format!("{r0}-{r9}:{r0}-{r9}"),
+        "-p",
+        &format!("{pu}:7/udp"),
+        IMAGE,
+        "sh",
+        "-c",
+        // Two httpds in the background (busybox httpd forks without -f), udpecho as PID 1.
+        &format!("httpd -p {r0} -h /www && httpd -p {r5} -h /www && exec /udpecho 7"),
+    ]);
+    let net = h.container_net(many);
+    h.step(&format!("daemon-phase container: {net:?}"));
+
+    // The daemon lists every published port, all registered by shims.
+    let v6_target = |port: u16| match net.ipv6 {
+        Some(v6) => format!("[{v6}]:{port}"),
+        None => format!("{}:{port}", net.ip),
+    };
+    let mut want: BTreeSet<(String, String, String)> = BTreeSet::new();
+    for &p in &range {
+        want.insert((
+            "tcp".into(),
+            format!("0.0.0.0:{p}"),
+            format!("{}:{p}", net.ip),
+        ));
+        if h.ipv6 {
+            want.insert(("tcp".into(), format!("[::]:{p}"), v6_target(p)));
+        }
+    }
+    want.insert((
+        "udp".into(),
+        format!("0.0.0.0:{pu}"),
+        format!("{}:7", net.ip),
+    ));
+    if h.ipv6 {
+        want.insert(("udp".into(), format!("[::]:{pu}"), v6_target(7)));
+    }
+    let listed = poll(Duration::from_secs(10), || {
+        let rows = h.rproxy_ls();
+        let got: BTreeSet<(String, String, String)> = rows
+            .iter()
+            .map(|r| (r.proto.clone(), r.listen.clone(), r.target.clone()))
+            .collect();
+        (got == want && rows.len() == want.len())
+            .then_some(())
+            .ok_or(rows)
+    });
+    if let Err(rows) = listed {
+        panic!(
+            "rproxy ls must list exactly the {} published mappings {want:#?}\ngot {rows:#?}\n{}",
+            want.len(),
+            h.diag()
+        );
+    }
+    let rows = h.rproxy_ls();
+    let tcp_rows = rows.iter().filter(|r| r.proto == "tcp").count();
+    assert_eq!(tcp_rows, if h.ipv6 { 20 } else { 10 }, "{rows:#?}");
+    for r in &rows {
+        assert_eq!(
+            (r.origin.as_str(), r.state.as_str()),
+            ("shim", "serving"),
+            "every mapping comes from a shim: {r:#?}"
+        );
+    }
+    h.step(&format!(
+        "rproxy ls: {} mappings ({tcp_rows} TCP), all ORIGIN shim",
+        rows.len()
+    ));
+
+    // Traffic: httpd on R0 and R5 answer through the daemon, on IPv4 and IPv6 loopback.
+    let mut targets = vec![
+        SocketAddr::from((Ipv4Addr::LOCALHOST, r0)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, r5)),
+    ];
+    if h.ipv6 {
+        targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, r0)));
+        targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, r5)));
+    }
+    for addr in &targets {
+        let body = http_get(*addr, Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("GET http://{addr}/ failed: {e}\n{}", h.diag()));
+        assert_eq!(
+            body,
+            h.page,
+            "GET http://{addr}/ returned the wrong body\n{}",
+            h.diag()
+        );
+        h.step(&format!("GET http://{addr}/ ok (daemon)"));
+    }
+    let mut udp_targets = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, pu))];
+    if h.ipv6 {
+        udp_targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, pu)));
+    }
+    for addr in &udp_targets {
+        udp_check(*addr, &h);
+        h.step(&format!("UDP echo via {addr} ok (daemon)"));
+    }
+    // The daemon's own counters prove it carried that traffic (a shim relays nothing).
+    let rows = h.rproxy_ls();
+    let row = |proto: &str, listen: String| -> LsRow {
+        rows.iter()
+            .find(|r| r.proto == proto && r.listen == listen)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {proto} {listen} in rproxy ls: {rows:#?}"))
+    };
+    let mut carried = vec![
+        row("tcp", format!("0.0.0.0:{r0}")),
+        row("tcp", format!("0.0.0.0:{r5}")),
+        row("udp", format!("0.0.0.0:{pu}")),
+    ];
+    if h.ipv6 {
+        carried.push(row("tcp", format!("[::]:{r0}")));
+        carried.push(row("tcp", format!("[::]:{r5}")));
+        carried.push(row("udp", format!("[::]:{pu}")));
+    }
+    for r in &carried {
+        assert!(
+            r.total >= 1 && r.bytes_in > 0 && r.bytes_out > 0,
+            "the daemon's counters show no traffic for {r:#?}"
+        );
+    }
+    let big = carried.iter().filter(|r| r.proto == "udp");
+    for r in big {
+        assert!(
+            r.bytes_in >= 60_000 && r.bytes_out >= 60_000,
+            "the 60,000-byte datagram is missing from {r:#?}"
+        );
+    }
+    h.step("daemon counters show the traffic");
+
+    // The processes dockerd spawned for these ports are shims: one thread each, registered.
+    let ours_now = || -> Vec<ProxyProc> {
+        proxy_processes()
+            .into_iter()
+            .filter(|p| {
+                p.exe == h.rproxy_arg
+                    && (range.iter().any(|q| p.host_port == q.to_string())
+                        || p.host_port == pu.to_string())
+            })
+            .collect()
+    };
+    let shims = ours_now();
+    let want_procs: BTreeSet<(String, String, String)> = want
+        .iter()
+        .map(|(proto, listen, _)| {
+            let (ip, port) = listen.rsplit_once(':').unwrap();
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
+            (proto.clone(), ip.to_string(), port.to_string())
+        })
+        .collect();
+    let got_procs: BTreeSet<(String, String, String)> = shims
+        .iter()
+        .map(|p| (p.proto.clone(), p.host_ip.clone(), p.host_port.clone()))
+        .collect();
+    assert_eq!(
+        got_procs, want_procs,
+        "one rproxy process per mapping expected: {shims:#?}"
+    );
+    assert_eq!(shims.len(), want_procs.len(), "duplicates: {shims:#?}");
+    let log = h.rproxy_log();
+    for (proto, ip, port) in &want_procs {
+        let listen = if ip.contains(':') {
+            format!("[{ip}]:{port} ->")
+        } else {
+            format!("{ip}:{port} ->")
+        };
+        assert!(
+            log_has(
+                &log,
+                &[&format!("{proto} {listen}"), "handed to the daemon"]
+            ),
+            "rproxy.log has no hand-over of {proto} {listen}:\n{log}"
+        );
+    }
+    let mut shim_pss = 0;
+    for p in &shims {
+        let threads = proc_threads(p.pid);
+        assert_eq!(
+            threads,
+            Some(1),
+            "shim {p:#?} must be a single thread\n{}",
+            h.diag()
+        );
+        shim_pss += proc_pss_kb(p.pid).unwrap_or(0);
+    }
+    let dpid = h.rproxy_daemon_pid().expect("the rproxy daemon runs");
+    let daemon_pss = proc_pss_kb(dpid).unwrap_or(0);
+    let daemon_threads = proc_threads(dpid).unwrap_or(0);
+    let n = shims.len();
+    eprintln!(
+        "FOOTPRINT daemon mode: {} processes ({n} shims x 1 thread + 1 daemon with {daemon_threads} \
+         threads) for {} mappings: PSS total {} kB = shims {shim_pss} kB ({} kB each on average) \
+         + daemon {daemon_pss} kB; {:.0} kB per mapping",
+        n + 1,
+        rows.len(),
+        shim_pss + daemon_pss,
+        shim_pss / n.max(1) as u64,
+        (shim_pss + daemon_pss) as f64 / rows.len().max(1) as f64,
+    );
+    // For comparison, the self-serving proxies of (c), still up for the UDP container.
+    let solo: Vec<(u64, u32)> = proxy_processes()
+        .into_iter()
+        .filter(|p| p.exe == h.rproxy_arg && p.host_port == p3.to_string())
+        .filter_map(|p| Some((proc_pss_kb(p.pid)?, proc_threads(p.pid)?)))
+        .collect();
+    if !solo.is_empty() {
+        eprintln!(
+            "FOOTPRINT without daemon: {} self-serving rproxy processes on port {p3}: PSS {:?} kB, \
+             threads {:?}",
+            solo.len(),
+            solo.iter().map(|s| s.0).collect::<Vec<_>>(),
+            solo.iter().map(|s| s.1).collect::<Vec<_>>()
+        );
+    }
+    h.step(&format!("{n} shims, 1 thread each"));
+
+    // docker rm -f: dockerd SIGINTs the shims, the daemon drops every mapping, ports come free.
+    let removing = Instant::now();
+    h.docker_ok(&["rm", "-f", many]);
+    let emptied = poll(Duration::from_secs(10), || {
+        let rows = h.rproxy_ls();
+        rows.is_empty().then_some(()).ok_or(rows)
+    });
+    if let Err(rows) = emptied {
+        panic!(
+            "rproxy ls still lists mappings 10 s after docker rm -f: {rows:#?}\n{}",
+            h.diag()
+        );
+    }
+    let gone = poll(Duration::from_secs(10), || {
+        let left = ours_now();
+        left.is_empty().then_some(()).ok_or(left)
+    });
+    if let Err(left) = gone {
+        panic!(
+            "shims still alive 10 s after docker rm -f: {left:#?}\n{}",
+            h.diag()
+        );
+    }
+    let freed = poll(Duration::from_secs(10), || {
+        let mut busy = Vec::new();
+        let mut unspecified = vec![IpAddr::from(Ipv4Addr::UNSPECIFIED)];
+        if h.ipv6 {
+            unspecified.push(IpAddr::from(Ipv6Addr::UNSPECIFIED));
+        }
+        for ip in &unspecified {
+            for &p in &range {
+                if let Err(e) = TcpListener::bind(SocketAddr::new(*ip, p)) {
+                    busy.push(format!("tcp {ip} {p}: {e}"));
+                }
+            }
+            if let Err(e) = UdpSocket::bind(SocketAddr::new(*ip, pu)) {
+                busy.push(format!("udp {ip} {pu}: {e}"));
+            }
+        }
+        busy.is_empty().then_some(()).ok_or(busy)
+    });
+    if let Err(busy) = freed {
+        panic!(
+            "ports still busy after docker rm -f: {busy:?}\n{}",
+            h.diag()
+        );
+    }
+    let dlog = h.daemon_log();
+    assert!(
+        log_has(
+            &dlog,
+            &["stopped", &format!("tcp 0.0.0.0:{r0} ->"), "(shim)"]
+        ),
+        "daemon.log does not show the mapping of 0.0.0.0:{r0} ending:\n{dlog}"
+    );
+    h.step(&format!(
+        "docker rm -f: mappings, shims and ports gone after {:.1}s",
+        removing.elapsed().as_secs_f64()
+    ));
+
+    // The daemon outlives its shims; SIGTERM (by PID) stops it at once with nothing to drain.
+    let status = h.stop_rproxy_daemon();
+    assert!(
+        matches!(status, Some(s) if s.success()),
+        "rproxy daemon did not exit 0 on SIGTERM within 5 s: {status:?}\n{}",
+        h.diag()
+    );
+    assert!(
+        !h.rproxy_sock.exists(),
+        "the daemon left its control socket behind"
+    );
+    h.step("rproxy daemon stopped");
+
     // ---- g. daemon shutdown with a running container leaves no rproxy behind ------------------
     // (the UDP container is still up; dockerd stops it and SIGINTs its proxies on the way out,
     // waiting for them without a timeout: a proxy that ignored SIGINT would hang the shutdown)
@@ -484,9 +812,29 @@ struct Harness {
     ports: Vec<u16>,
     containerd: Option<Child>,
     dockerd: Option<Child>,
+    /// dockerd's RPROXY_SOCKET: where our `rproxy daemon` listens during (h), and nothing else.
+    rproxy_sock: PathBuf,
+    /// Our `rproxy daemon` (scenario h only).
+    rproxy_daemon: Option<Child>,
     /// Host state dockerd changes and we put back: FORWARD policy and forwarding sysctls.
     forward_policy: Option<String>,
     sysctls: Vec<(PathBuf, String)>,
+}
+
+/// One row of `rproxy ls`.
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // active and failed are read through Debug in failure messages
+struct LsRow {
+    proto: String,
+    listen: String,
+    target: String,
+    origin: String,
+    state: String,
+    active: u64,
+    total: u64,
+    failed: u64,
+    bytes_in: u64,
+    bytes_out: u64,
 }
 
 #[derive(Debug)]
@@ -531,6 +879,7 @@ impl Harness {
             tools,
             started,
             sock: dir.join("docker.sock"),
+            rproxy_sock: dir.join("rproxy.sock"),
             dir,
             rproxy_arg: rproxy.to_str().unwrap().to_string(),
             ipv6,
@@ -538,6 +887,7 @@ impl Harness {
             ports: Vec::new(),
             containerd: None,
             dockerd: None,
+            rproxy_daemon: None,
             forward_policy,
             sysctls,
         };
@@ -633,6 +983,10 @@ impl Harness {
         cmd.env("PATH", search_path())
             .env("RPROXY_LOG", "info")
             .env("RPROXY_LOG_FILE", d.join("rproxy.log"))
+            // Never the machine's daemon (/run/rproxy/rproxy.sock or the inherited variable):
+            // only ours, and only once (h) starts it.
+            .env("RPROXY_SOCKET", &self.rproxy_sock)
+            .env_remove("RPROXY_HANDOFF")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("DOCKER_HOST")
             .stdin(Stdio::null())
@@ -767,13 +1121,156 @@ impl Harness {
         fs::read_to_string(self.dir.join("rproxy.log")).unwrap_or_default()
     }
 
+    fn daemon_log(&self) -> String {
+        fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
     /// Log tails for failure messages.
     fn diag(&self) -> String {
-        format!(
+        let mut text = format!(
             "--- dockerd.log (tail) ---\n{}\n--- rproxy.log (tail) ---\n{}",
             tail(&self.dir.join("dockerd.log"), 25),
             tail(&self.dir.join("rproxy.log"), 25)
-        )
+        );
+        if self.dir.join("daemon.log").exists() {
+            text.push_str(&format!(
+                "\n--- daemon.log (tail) ---\n{}\n--- daemon.out (tail) ---\n{}",
+                tail(&self.dir.join("daemon.log"), 25),
+                tail(&self.dir.join("daemon.out"), 10)
+            ));
+        }
+        text
+    }
+
+    /// Starts `rproxy daemon` on dockerd's RPROXY_SOCKET, with a config file of our own (so
+    /// /etc/rproxy/rproxy.toml cannot add mappings), and waits until it is ready.
+    fn start_rproxy_daemon(&mut self) {
+        let d = &self.dir;
+        let config = d.join("rproxy.toml");
+        fs::write(&config, "publish = []\n").unwrap();
+        let out = File::create(d.join("daemon.out")).unwrap();
+        let mut cmd = dies_with_test(Path::new(&self.rproxy_arg));
+        cmd.arg("daemon")
+            .arg("--control-socket")
+            .arg(&self.rproxy_sock)
+            .arg("--config")
+            .arg(&config)
+            .args(["--drain-timeout", "2"])
+            .env("RPROXY_LOG", "info")
+            .env("RPROXY_LOG_FILE", d.join("daemon.log"))
+            .env_remove("RPROXY_SOCKET")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("spawn rproxy daemon");
+        self.step(&format!("rproxy daemon pid {}", child.id()));
+        self.rproxy_daemon = Some(child);
+        let ready = poll(Duration::from_secs(10), || {
+            if let Some(status) = self.rproxy_daemon.as_mut().unwrap().try_wait().unwrap() {
+                return Ok(Err(status));
+            }
+            if self.rproxy_sock.exists() && self.daemon_log().contains("daemon ready") {
+                Ok(Ok(()))
+            } else {
+                Err(())
+            }
+        });
+        match ready {
+            Ok(Ok(())) => self.step("rproxy daemon ready"),
+            Ok(Err(status)) => panic!("rproxy daemon exited ({status}):\n{}", self.diag()),
+            Err(()) => panic!("rproxy daemon not ready after 10 s:\n{}", self.diag()),
+        }
+    }
+
+    fn rproxy_daemon_pid(&self) -> Option<i32> {
+        self.rproxy_daemon.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGTERM to our daemon's PID; its exit status, or None when it needed a SIGKILL (5 s).
+    fn stop_rproxy_daemon(&mut self) -> Option<ExitStatus> {
+        let mut child = self.rproxy_daemon.take()?;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let status = poll(Duration::from_secs(5), || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            _ => Err(()),
+        });
+        match status {
+            Ok(status) => Some(status),
+            Err(()) => {
+                eprintln!(
+                    "cleanup: rproxy daemon (pid {}) ignored SIGTERM for 5 s; SIGKILL",
+                    child.id()
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
+    /// `rproxy ls` against our daemon, parsed.
+    fn rproxy_ls(&self) -> Vec<LsRow> {
+        let out = run(
+            Command::new(&self.rproxy_arg)
+                .arg("ls")
+                .arg("--control-socket")
+                .arg(&self.rproxy_sock),
+            Duration::from_secs(10),
+            &self.dir,
+        );
+        assert!(
+            out.status.success(),
+            "rproxy ls failed: {out}\n{}",
+            self.diag()
+        );
+        let mut lines = out.stdout.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            header,
+            [
+                "PROTO",
+                "LISTEN",
+                "TARGET",
+                "ORIGIN",
+                "STATE",
+                "ACTIVE",
+                "TOTAL",
+                "FAILED",
+                "BYTES_IN",
+                "BYTES_OUT"
+            ],
+            "rproxy ls header: {out}"
+        );
+        lines
+            .map(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(c.len(), 10, "rproxy ls row {l:?}");
+                let num = |i: usize| -> u64 {
+                    c[i].parse()
+                        .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))
+                };
+                LsRow {
+                    proto: c[0].into(),
+                    listen: c[1].into(),
+                    target: c[2].into(),
+                    origin: c[3].into(),
+                    state: c[4].into(),
+                    active: num(5),
+                    total: num(6),
+                    failed: num(7),
+                    bytes_in: num(8),
+                    bytes_out: num(9),
+                }
+            })
+            .collect()
     }
 
     /// Stops dockerd, then containerd; true when dockerd exited on SIGTERM in time.
@@ -881,6 +1378,11 @@ impl Drop for Harness {
         }
         self.remove_containers();
         let _ = self.stop_daemons();
+        // After dockerd: its shims are gone by now, so the daemon has nothing left to drain.
+        if self.rproxy_daemon.is_some() {
+            let status = self.stop_rproxy_daemon();
+            self.step(&format!("rproxy daemon stopped ({status:?})"));
+        }
         self.kill_leftovers();
         self.unmount_all();
         self.restore_host_state();
@@ -1092,6 +1594,30 @@ fn processes_named(comm: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `Threads:` of /proc/PID/status.
+fn proc_threads(pid: i32) -> Option<u32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Proportional set size in kB (`Pss:` of /proc/PID/smaps_rollup).
+fn proc_pss_kb(pid: i32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Every process whose command line looks like a docker-proxy invocation (any binary).
 fn proxy_processes() -> Vec<ProxyProc> {
     all_processes()
@@ -1114,17 +1640,27 @@ fn proxy_processes() -> Vec<ProxyProc> {
 // ================================================================================================
 // Network helpers
 
+/// True when `port` is free for TCP and UDP, on IPv4 and (if `ipv6`) IPv6.
+fn port_free(port: u16, ipv6: bool) -> bool {
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    TcpListener::bind(v4).is_ok()
+        && UdpSocket::bind(v4).is_ok()
+        && (!ipv6 || (TcpListener::bind(v6).is_ok() && UdpSocket::bind(v6).is_ok()))
+}
+
+/// The first of `count` consecutive free ports (see port_free) from PORT_BASE up, none of them
+/// in `avoid` (ports the test already uses, some of which may be free again by now).
+fn free_run(count: u16, ipv6: bool, avoid: &[u16]) -> u16 {
+    (PORT_BASE..PORT_LIMIT.saturating_sub(count))
+        .find(|&base| (base..base + count).all(|p| !avoid.contains(&p) && port_free(p, ipv6)))
+        .unwrap_or_else(|| panic!("no {count} consecutive free ports in {PORT_BASE}..{PORT_LIMIT}"))
+}
+
 /// `count` ports from PORT_BASE up that are free for TCP and UDP, on IPv4 and (if any) IPv6.
 fn free_ports(count: usize, ipv6: bool) -> Vec<u16> {
-    let free = |port: u16| {
-        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-        let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        TcpListener::bind(v4).is_ok()
-            && UdpSocket::bind(v4).is_ok()
-            && (!ipv6 || (TcpListener::bind(v6).is_ok() && UdpSocket::bind(v6).is_ok()))
-    };
     let ports: Vec<u16> = (PORT_BASE..PORT_LIMIT)
-        .filter(|&p| free(p))
+        .filter(|&p| port_free(p, ipv6))
         .take(count)
         .collect();
     assert_eq!(
