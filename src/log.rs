@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tracing::{Level, Metadata};
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
+use tracing::{span, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -41,8 +45,9 @@ struct Inner {
 #[derive(Clone)]
 struct Sink(Arc<Mutex<Inner>>);
 
-/// Installs the global subscriber. Safe to call once; later calls are ignored.
-pub fn init() {
+/// Installs the global subscriber. Safe to call once; later calls are ignored. `light` picks
+/// the registry-free subscriber for docker-proxy mode (see [`Light`]).
+pub fn init(light: bool) {
     // Default: warnings; someone watching a terminal also sees lifecycle events ("serving …").
     let default = if io::stderr().is_terminal() {
         "info"
@@ -50,8 +55,7 @@ pub fn init() {
         "warn"
     };
     let filter = std::env::var("RPROXY_LOG").unwrap_or_default();
-    let filter = EnvFilter::try_new(if filter.is_empty() { default } else { &filter })
-        .unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = if filter.is_empty() { default } else { &filter };
     let dest = choose_dest();
     let syslog = matches!(dest, Dest::Syslog { .. });
     let ansi = matches!(dest, Dest::Stderr) && io::stderr().is_terminal();
@@ -63,6 +67,20 @@ pub fn init() {
             suppressed: 0,
         },
     })));
+    if light {
+        let max = filter
+            .rsplit(['=', ','])
+            .next()
+            .and_then(|l| l.trim().parse::<LevelFilter>().ok())
+            .unwrap_or(LevelFilter::WARN);
+        let _ = tracing::subscriber::set_global_default(Light {
+            max,
+            sink,
+            time: !syslog,
+        });
+        return;
+    }
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(sink)
@@ -195,6 +213,108 @@ impl<'a> MakeWriter<'a> for Sink {
             sink: self.clone(),
             level: *meta.level(),
             buf: Vec::new(),
+        }
+    }
+}
+
+/// docker-proxy mode's subscriber: a level filter (`RPROXY_LOG=warn|info|debug|…`, or the last
+/// level of a directive list) and one line per event, no span registry. tracing-subscriber's
+/// registry allocates a 32 KiB shard table up front — most of a waiting shim's heap, paid once
+/// per published port when dockerd runs a thousand of them.
+struct Light {
+    max: LevelFilter,
+    sink: Sink,
+    time: bool,
+}
+
+impl Subscriber for Light {
+    fn enabled(&self, meta: &Metadata<'_>) -> bool {
+        self.max >= *meta.level()
+    }
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.max)
+    }
+    // rproxy logs events only; spans are accepted and ignored.
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let level = *event.metadata().level();
+        let mut line = String::with_capacity(128);
+        if self.time {
+            line.push_str(&utc_now());
+            line.push(' ');
+        }
+        let _ = write!(line, "{level:>5} ");
+        event.record(&mut LineVisitor(&mut line));
+        line.push('\n');
+        if let Ok(mut inner) = self.sink.0.lock() {
+            inner.emit(level, line.as_bytes());
+        }
+    }
+}
+
+struct LineVisitor<'a>(&'a mut String);
+
+impl Visit for LineVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+}
+
+/// Now as RFC 3339 UTC with microseconds, like tracing-subscriber's default.
+fn utc_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_timestamps_match_the_calendar() {
+        let stamp = super::utc_now();
+        // Shape: 2026-11-23T12:00:00.123456Z
+        assert_eq!(stamp.len(), 27, "{stamp}");
+        assert!(stamp.starts_with("20") && stamp.ends_with('Z') && &stamp[10..11] == "T");
+        let out = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M"])
+            .output();
+        if let Ok(out) = out {
+            let date = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let again = super::utc_now();
+            assert!(
+                again.starts_with(&date) || stamp.starts_with(&date),
+                "{stamp} vs date(1) {date}"
+            );
         }
     }
 }

@@ -62,10 +62,11 @@ fn main() {
     // Before anything opens a descriptor.
     let inherited = docker::Inherited::take();
     let argv: Vec<String> = std::env::args().collect();
-    log::init();
     let subcommand = argv
         .get(1)
         .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()));
+    // docker-proxy mode runs once per published port: the light logger keeps each one small.
+    log::init(!subcommand);
     let code = if subcommand {
         drop(inherited);
         match Cli::parse_from(&argv).command {
