@@ -5,6 +5,8 @@
 # /proc/PID/smaps_rollup, which shares pages fairly) of every proxy process incl. the daemon.
 #
 #   usage (root): benches/dockerd_ports.sh [PORTS=500] [FIRST=20000]
+#   IPTABLES=false runs dockerd with --iptables=false, to see the proxies' own share of the
+#   start and removal times (dockerd's iptables calls otherwise dominate them).
 # Needs docker.io (dockerd, containerd, docker-proxy) and busybox-static: .ci/install-deps.
 # Runs its own containerd and dockerd (own data/exec roots and socket); stop any other dockerd
 # first, since two dockerds fight over docker0.
@@ -49,6 +51,7 @@ start_dockerd() { # proxy-path [env...]
     env "$@" dockerd --config-file "$TMP/daemon.json" --data-root "$TMP/data" --exec-root "$TMP/exec" \
         --pidfile "$TMP/dockerd.pid" -H "unix://$SOCK" --containerd "$TMP/ctd.sock" \
         --userland-proxy-path "$proxy" --ipv6 --fixed-cidr-v6 fd00:bec:1::/64 \
+        ${IPTABLES:+--iptables=$IPTABLES --ip6tables=$IPTABLES} \
         >"$TMP/dockerd.log" 2>&1 &
     DOCKERD_PID=$!
     for _ in $(seq 300); do $DOCKER -H unix://$SOCK info >/dev/null 2>&1 && return; sleep 0.2; done
