@@ -602,3 +602,44 @@ fn sd_notify_and_the_packaged_config() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert_eq!(d.wait_exit(Duration::from_secs(2)), Some(0));
 }
+
+/// The daemon's refusal reaches dockerd through the shim's status pipe: here a shim running as
+/// an unprivileged user, which the daemon must not take registrations from.
+#[test]
+fn a_refused_registration_reaches_fd_3() {
+    if !need_root("a_refused_registration_reaches_fd_3") {
+        return;
+    }
+    let dir = Dir::new("refused");
+    let _d = daemon(&dir, &[]);
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.sock(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let base = free_ports(1);
+    let mut spawn = Spawn::new(&[
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        &base.to_string(),
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        "9",
+    ])
+    .env("RPROXY_SOCKET", dir.sock().to_str().unwrap());
+    spawn
+        .shell_prefix
+        .push("exec setpriv --reuid 65534 --regid 65534 --clear-groups -- \"$0\" \"$@\"".into());
+    let mut p = spawn.spawn();
+    let status = String::from_utf8_lossy(&p.status()).to_string();
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(1));
+    assert!(
+        status.starts_with("1\npermission denied: uid 65534 may not change mappings"),
+        "{status:?}"
+    );
+    assert!(ls(&dir).is_empty());
+    TcpListener::bind(at(base)).expect("the refused shim left its port bound");
+}
