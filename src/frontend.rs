@@ -100,6 +100,9 @@ impl Frontend {
             Proto::Udp => {
                 let ipv6 = socket.domain().map_err(wrap)? == Domain::IPV6;
                 sys::enable_pktinfo(socket.as_fd(), ipv6).map_err(wrap)?;
+                // Absorb bursts: the kernel default (~208 KiB) overflows within a millisecond at
+                // line rate. Memory is charged only while datagrams wait.
+                udp::grow_receive_buffer(&socket);
                 let s = tokio::net::UdpSocket::from_std(socket.into()).map_err(wrap)?;
                 Ok(Frontend::Udp(s, mapping))
             }

@@ -4,7 +4,7 @@
 //! Every wrapper returns `io::Result` and takes borrowed or owned fds, so callers stay safe.
 
 use std::io;
-use std::mem::{size_of, zeroed, MaybeUninit};
+use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -167,6 +167,16 @@ pub fn enable_pktinfo(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
     }
 }
 
+/// SO_RCVBUFFORCE: a receive buffer past net.core.rmem_max (needs CAP_NET_ADMIN).
+pub fn force_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    set_int_option(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        bytes.min(i32::MAX as usize) as libc::c_int,
+    )
+}
+
 fn set_int_option(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
@@ -256,32 +266,18 @@ fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_
     (storage, len as libc::socklen_t)
 }
 
-/// recvmsg(2) one datagram and its destination address (non-blocking: WouldBlock when empty).
-pub fn recv_with_destination(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    // SAFETY: every pointer in the msghdr points into buffers that live until recvmsg returns
-    // (`buf`, `storage`, `cmsg`), with their true lengths; the cmsg walk uses the kernel-set
-    // msg_controllen and the CMSG_* macros, which stay inside `cmsg`, and a payload is read
-    // only when its header's length covers it (a truncated message may be shorter).
+/// Reads the destination address out of a received message's control data.
+///
+/// # Safety
+/// `msg` must be a msghdr filled in by recvmsg/recvmmsg whose `msg_control` points to a live
+/// buffer of at least `msg_controllen` bytes.
+unsafe fn pktinfo_destination(msg: &libc::msghdr) -> Option<IpAddr> {
+    let mut destination = None;
+    // SAFETY (for the block): the CMSG_* macros walk only within msg_control/msg_controllen
+    // (guaranteed by the caller), and a payload is read only when its header's length covers
+    // it (a truncated message may be shorter).
     unsafe {
-        let mut storage: libc::sockaddr_storage = zeroed();
-        let mut cmsg = MaybeUninit::<CmsgBuf>::zeroed().assume_init();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        let mut msg: libc::msghdr = zeroed();
-        msg.msg_name = &mut storage as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = CMSG_SPACE as _;
-        let len = cvt_size(libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT))?;
-        let source = sockaddr_to_std(&storage).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidData, "datagram without an IP source")
-        })?;
-        let mut destination = None;
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut c = libc::CMSG_FIRSTHDR(msg);
         while !c.is_null() {
             let h = &*c;
             let fits = |size: usize| h.cmsg_len as usize >= libc::CMSG_LEN(size as u32) as usize;
@@ -302,21 +298,69 @@ pub fn recv_with_destination(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<R
                 destination =
                     Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)).to_canonical());
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            c = libc::CMSG_NXTHDR(msg, c);
         }
-        Ok(Received {
-            len,
-            source,
-            destination,
-            truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
-        })
+    }
+    destination
+}
+
+/// Points `msg`'s control data at `cmsg` and writes a pktinfo message choosing `from` as the
+/// source address. An AF_INET6 socket (`ipv6_socket`) takes IPV6_PKTINFO, with IPv4 sources
+/// v4-mapped (Linux accepts that for v4-mapped destinations); an AF_INET one IP_PKTINFO.
+///
+/// # Safety
+/// `cmsg` must outlive every use of `msg`.
+unsafe fn set_pktinfo_source(
+    msg: &mut libc::msghdr,
+    cmsg: &mut CmsgBuf,
+    from: IpAddr,
+    ipv6_socket: bool,
+) {
+    // SAFETY (for the block): msg_control points at `cmsg` (CMSG_SPACE bytes, 8-aligned, far
+    // larger than one pktinfo message); CMSG_FIRSTHDR is non-null because controllen covers a
+    // header, and CMSG_DATA stays within the CMSG_LEN we declare.
+    unsafe {
+        msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
+        if ipv6_socket {
+            let v6 = match from {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
+            let c = libc::CMSG_FIRSTHDR(msg);
+            (*c).cmsg_level = libc::IPPROTO_IPV6;
+            (*c).cmsg_type = libc::IPV6_PKTINFO;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+        } else if let IpAddr::V4(v4) = from {
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
+            let c = libc::CMSG_FIRSTHDR(msg);
+            (*c).cmsg_level = libc::IPPROTO_IP;
+            (*c).cmsg_type = libc::IP_PKTINFO;
+            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+        } else {
+            msg.msg_control = std::ptr::null_mut();
+            msg.msg_controllen = 0;
+        }
     }
 }
 
 /// sendmsg(2) one datagram to `to`, with `from` as its source address when given
 /// (IP_PKTINFO `ipi_spec_dst` / IPV6_PKTINFO, interface left to routing).
-/// `ipv6_socket` tells which message the socket's family takes: an AF_INET6 socket answers
-/// IPv4 clients with IPv4-mapped addresses in an IPV6_PKTINFO message.
 pub fn send_from(
     fd: BorrowedFd<'_>,
     buf: &[u8],
@@ -325,59 +369,204 @@ pub fn send_from(
     ipv6_socket: bool,
 ) -> io::Result<usize> {
     let (mut name, namelen) = std_to_sockaddr(to);
-    // SAFETY: as in recv_with_destination: all pointers reference live locals with correct
-    // lengths; the control message is written through CMSG_FIRSTHDR/CMSG_DATA within `cmsg`,
-    // whose length we set with CMSG_SPACE of the payload we write.
-    unsafe {
-        let mut cmsg = MaybeUninit::<CmsgBuf>::zeroed().assume_init();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_ptr() as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        let mut msg: libc::msghdr = zeroed();
-        msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
-        msg.msg_namelen = namelen;
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        if let Some(from) = from {
-            msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-            if ipv6_socket {
-                let v6 = match from {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(&msg);
-                (*c).cmsg_level = libc::IPPROTO_IPV6;
-                (*c).cmsg_type = libc::IPV6_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
-                let info = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: v6.octets(),
-                    },
-                    ipi6_ifindex: 0,
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
-            } else if let IpAddr::V4(v4) = from {
-                msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-                let c = libc::CMSG_FIRSTHDR(&msg);
-                (*c).cmsg_level = libc::IPPROTO_IP;
-                (*c).cmsg_type = libc::IP_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-                let info = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(v4).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
-            }
-        }
-        cvt_size(libc::sendmsg(
+    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut msg: libc::msghdr = unsafe_zeroed();
+    msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = namelen;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(from) = from {
+        // SAFETY: `cmsg` lives until sendmsg returns.
+        unsafe { set_pktinfo_source(&mut msg, &mut cmsg, from, ipv6_socket) };
+    }
+    // SAFETY: all pointers in msg reference live locals with correct lengths; sendmsg only
+    // reads through them.
+    cvt_size(unsafe {
+        libc::sendmsg(
             fd.as_raw_fd(),
             &msg,
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        ))
+        )
+    })
+}
+
+/// All-zero plain-old-data structs (msghdr, sockaddr_storage, mmsghdr).
+fn unsafe_zeroed<T: Zeroable>() -> T {
+    // SAFETY: only implemented for C structs of integers and raw pointers, for which all-zero
+    // bytes are a valid value.
+    unsafe { zeroed() }
+}
+
+trait Zeroable {}
+impl Zeroable for libc::msghdr {}
+impl Zeroable for libc::mmsghdr {}
+impl Zeroable for libc::sockaddr_storage {}
+
+// ---------------------------------------------------------------------------------------------
+// Batched UDP: recvmmsg/sendmmsg, up to BATCH datagrams per system call
+// ---------------------------------------------------------------------------------------------
+
+/// Datagrams per recvmmsg/sendmmsg call.
+pub const BATCH: usize = 32;
+
+/// Receive buffers for one recvmmsg call: `BATCH` slots large enough for any datagram. Pages
+/// are touched only as far as datagrams fill them, so mostly-small traffic stays cheap.
+pub struct RecvBatch {
+    data: Vec<u8>,
+    slot: usize,
+    names: Vec<libc::sockaddr_storage>,
+    cmsgs: Vec<CmsgBuf>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    pub received: Vec<Received>,
+}
+
+impl RecvBatch {
+    pub fn new(slot: usize) -> RecvBatch {
+        RecvBatch {
+            data: vec![0; slot * BATCH],
+            slot,
+            names: (0..BATCH).map(|_| unsafe_zeroed()).collect(),
+            cmsgs: (0..BATCH).map(|_| CmsgBuf([0; CMSG_SPACE])).collect(),
+            iovs: Vec::with_capacity(BATCH),
+            hdrs: Vec::with_capacity(BATCH),
+            received: Vec::with_capacity(BATCH),
+        }
     }
+
+    /// The payload of datagram `i` of the last receive.
+    pub fn datagram(&self, i: usize) -> &[u8] {
+        let start = i * self.slot;
+        &self.data[start..start + self.received[i].len.min(self.slot)]
+    }
+
+    /// Receives up to `BATCH` datagrams (non-blocking: WouldBlock when none); returns how many,
+    /// with their envelopes in `received`.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.iovs.clear();
+        self.hdrs.clear();
+        self.received.clear();
+        for chunk in self.data.chunks_mut(self.slot) {
+            self.iovs.push(libc::iovec {
+                iov_base: chunk.as_mut_ptr() as *mut libc::c_void,
+                iov_len: chunk.len(),
+            });
+        }
+        for i in 0..BATCH {
+            let mut h: libc::mmsghdr = unsafe_zeroed();
+            h.msg_hdr.msg_name = &mut self.names[i] as *mut _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_iov = &mut self.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = self.cmsgs[i].0.as_mut_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_controllen = CMSG_SPACE as _;
+            self.hdrs.push(h);
+        }
+        // SAFETY: each header points at this batch's own name, iovec (into `data`) and cmsg
+        // buffers with their true sizes; none of these Vecs is resized while the call runs.
+        let n = cvt(unsafe {
+            libc::recvmmsg(
+                fd.as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        })? as usize;
+        for i in 0..n {
+            let h = &self.hdrs[i];
+            // An IP socket always reports an IP source; anything else is dropped as if truncated.
+            let source = sockaddr_to_std(&self.names[i]);
+            self.received.push(Received {
+                len: h.msg_len as usize,
+                source: source.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                // SAFETY: filled by recvmmsg; the cmsg buffer it points to is alive in `self`.
+                destination: unsafe { pktinfo_destination(&h.msg_hdr) },
+                truncated: source.is_none() || h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            });
+        }
+        Ok(self.received.len())
+    }
+}
+
+/// sendmmsg(2) on a connected socket: sends `datagrams` in order; returns how many were sent
+/// (a short count means the socket buffer filled).
+pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            let mut h: libc::mmsghdr = unsafe_zeroed();
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    // SAFETY: each header points at an iovec in `iovs`, which points into a borrowed slice;
+    // both outlive the call, and sendmmsg only reads through them.
+    let n = cvt(unsafe {
+        libc::sendmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })?;
+    Ok(n as usize)
+}
+
+/// sendmmsg(2) of datagrams to one destination, each with `from` as its source address (see
+/// [`send_from`]); returns how many were sent.
+pub fn send_batch_from(
+    fd: BorrowedFd<'_>,
+    datagrams: &[&[u8]],
+    to: &SocketAddr,
+    from: Option<IpAddr>,
+    ipv6_socket: bool,
+) -> io::Result<usize> {
+    let (mut name, namelen) = std_to_sockaddr(to);
+    let mut cmsgs: Vec<CmsgBuf> = (0..datagrams.len())
+        .map(|_| CmsgBuf([0; CMSG_SPACE]))
+        .collect();
+    let mut iovs: Vec<libc::iovec> = datagrams
+        .iter()
+        .map(|d| libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(datagrams.len());
+    for (iov, cmsg) in iovs.iter_mut().zip(cmsgs.iter_mut()) {
+        let mut h: libc::mmsghdr = unsafe_zeroed();
+        h.msg_hdr.msg_name = &mut name as *mut _ as *mut libc::c_void;
+        h.msg_hdr.msg_namelen = namelen;
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+        if let Some(from) = from {
+            // SAFETY: `cmsgs` outlives the sendmmsg call below and is not resized.
+            unsafe { set_pktinfo_source(&mut h.msg_hdr, cmsg, from, ipv6_socket) };
+        }
+        hdrs.push(h);
+    }
+    // SAFETY: headers point at `name`, `iovs` (into borrowed slices) and `cmsgs`, all alive
+    // and unmoved for the call; sendmmsg only reads through them.
+    let n = cvt(unsafe {
+        libc::sendmmsg(
+            fd.as_raw_fd(),
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })?;
+    Ok(n as usize)
 }

@@ -1,6 +1,10 @@
 //! UDP: one frontend socket, a flow per (client, local destination) with its own connected
 //! socket toward the target, and replies sent back through the frontend from the address the
 //! client used (IP_PKTINFO / IPV6_PKTINFO), so multi-address hosts answer from the right IP.
+//!
+//! Both directions move datagrams in batches (recvmmsg/sendmmsg, up to 32 per system call)
+//! through one set of receive buffers per runtime thread: per-packet system calls were the
+//! bottleneck, and per-flow buffers would cost gigabytes at the flow limit.
 
 pub mod flows;
 
@@ -8,6 +12,7 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,8 +81,25 @@ struct ReplyPath {
     stats: Arc<Stats>,
 }
 
-/// Serves the frontend forever. The table is owned by this loop alone (no lock); reply tasks
-/// report their flow's expiry back over a channel.
+thread_local! {
+    /// Receive buffers shared by every frontend and reply task on this runtime thread; only
+    /// borrowed between a receive and the sends it feeds, never across an await.
+    static BATCH: RefCell<Option<sys::RecvBatch>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's receive batch.
+fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
+    BATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        f(slot.get_or_insert_with(|| sys::RecvBatch::new(MAX_DATAGRAM)))
+    })
+}
+
+/// Datagrams that did not fit a full socket buffer, copied out to be sent after awaiting room.
+type Leftovers = Vec<(Arc<UdpSocket>, Vec<u8>)>;
+
+/// Serves the frontend until `stop`. The table is owned by this loop alone (no lock); reply
+/// tasks report their flow's expiry back over a channel.
 pub async fn serve(
     frontend: UdpSocket,
     target: SocketAddr,
@@ -85,108 +107,201 @@ pub async fn serve(
     stats: Arc<Stats>,
     mut stop: Stop,
 ) {
-    let frontend_v6 = frontend.local_addr().is_ok_and(|a| a.is_ipv6());
     let frontend = Arc::new(frontend);
-    let (expired_tx, mut expired_rx) = mpsc::unbounded_channel::<(FlowKey, u64)>();
-    let mut table: FlowTable<Flow> = FlowTable::new(config.max_flows);
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (expired_tx, mut expired_rx) = mpsc::unbounded_channel();
+    let mut ctx = Dispatch {
+        frontend_v6: frontend.local_addr().is_ok_and(|a| a.is_ipv6()),
+        frontend: frontend.clone(),
+        target,
+        config,
+        stats,
+        table: FlowTable::new(config.max_flows),
+        expired_tx,
+    };
     loop {
-        let received = tokio::select! {
+        tokio::select! {
             biased;
             _ = stop.wait() => {
                 // Flows close with the table; UDP has nothing to drain.
-                stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
+                ctx.stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
             Some((key, id)) = expired_rx.recv() => {
-                if table.remove(&key, id).is_some() {
-                    Stats::sub(&stats.active, 1);
-                    tracing::debug!("udp flow {} expired ({} left)", key.0, table.len());
+                if ctx.table.remove(&key, id).is_some() {
+                    Stats::sub(&ctx.stats.active, 1);
+                    tracing::debug!("udp flow {} expired ({} left)", key.0, ctx.table.len());
                 }
                 continue;
             }
-            r = frontend.async_io(Interest::READABLE, || sys::recv_with_destination(frontend.as_fd(), &mut buf)) => r,
-        };
-        let received = match received {
-            Ok(r) => r,
-            Err(e) => {
-                // Transient kernel trouble (ENOMEM, ICMP errors); never spin on it.
-                tracing::warn!("udp receive failed: {}", describe(&e));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        if received.truncated {
-            tracing::warn!(
-                "udp datagram from {} larger than {MAX_DATAGRAM} bytes dropped",
-                received.source
-            );
-            Stats::add(&stats.failed, 1);
-            continue;
+            ready = frontend.readable() => if let Err(e) = ready {
+                tracing::error!("udp frontend failed: {}", describe(&e));
+                return;
+            },
         }
-        let key: FlowKey = (received.source, received.destination);
-        let socket = match table.get(&key) {
-            Some(entry) => {
-                entry.activity.touch();
-                entry.flow.socket.clone()
-            }
-            None => {
-                let socket = match connect(target) {
-                    Ok(s) => Arc::new(s),
-                    Err(e) => {
-                        tracing::warn!("udp flow to {target} not opened: {}", describe(&e));
-                        Stats::add(&stats.failed, 1);
-                        continue;
+        loop {
+            let round = with_batch(|batch| {
+                match frontend.try_io(Interest::READABLE, || batch.recv(frontend.as_fd())) {
+                    Ok(n) => Ok(Some(ctx.dispatch(batch, n))),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    Err(e) => Err(e),
+                }
+            });
+            match round {
+                Ok(Some(leftovers)) => {
+                    for (socket, data) in leftovers {
+                        match socket.send(&data).await {
+                            Ok(n) => Stats::add(&ctx.stats.bytes_in, n as u64),
+                            Err(_) => Stats::add(&ctx.stats.failed, 1),
+                        }
                     }
-                };
-                if let Some((old, _flow)) = table.make_room() {
-                    Stats::sub(&stats.active, 1);
-                    tracing::debug!(
-                        "udp flow {} evicted: {} flows is the limit",
-                        old.0,
-                        config.max_flows
-                    );
                 }
-                let activity = Arc::new(Activity::default());
-                activity.touch();
-                let path = ReplyPath {
-                    frontend: frontend.clone(),
-                    frontend_v6,
-                    client: received.source,
-                    local: received.destination,
-                    stats: stats.clone(),
-                };
-                Stats::add(&stats.total, 1);
-                Stats::add(&stats.active, 1);
-                let expired = expired_tx.clone();
-                let (s, a, timeout) = (socket.clone(), activity.clone(), config.idle_timeout);
-                table.insert(key, activity, |id| Flow {
-                    socket: socket.clone(),
-                    replies: tokio::spawn(async move {
-                        replies(&s, &path, &a, timeout).await;
-                        let _ = expired.send((key, id));
-                    }),
-                });
-                socket
+                Ok(None) => break,
+                Err(e) => {
+                    // Transient kernel trouble (ENOMEM, ICMP errors); never spin on it.
+                    tracing::warn!("udp receive failed: {}", describe(&e));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The frontend loop's state: the flow table and what new flows need.
+struct Dispatch {
+    frontend: Arc<UdpSocket>,
+    frontend_v6: bool,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+    table: FlowTable<Flow>,
+    /// Reply tasks report their flow's expiry here: (key, flow id).
+    expired_tx: mpsc::UnboundedSender<(FlowKey, u64)>,
+}
+
+impl Dispatch {
+    /// Forwards one received batch: consecutive datagrams of the same flow go out in one
+    /// sendmmsg. Returns what a full socket buffer could not take.
+    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) -> Leftovers {
+        let mut leftovers = Vec::new();
+        let mut run: Vec<&[u8]> = Vec::with_capacity(sys::BATCH);
+        let mut run_socket: Option<Arc<UdpSocket>> = None;
+        for i in 0..n {
+            let received = batch.received[i];
+            if received.truncated {
+                tracing::warn!(
+                    "udp datagram from {} larger than {MAX_DATAGRAM} bytes dropped",
+                    received.source
+                );
+                Stats::add(&self.stats.failed, 1);
+                continue;
+            }
+            let Some(socket) = self.flow((received.source, received.destination)) else {
+                continue;
+            };
+            if run_socket
+                .as_ref()
+                .is_some_and(|s| !Arc::ptr_eq(s, &socket))
+            {
+                self.flush(run_socket.take().unwrap(), &mut run, &mut leftovers);
+            }
+            run_socket = Some(socket);
+            run.push(batch.datagram(i));
+        }
+        if let Some(socket) = run_socket {
+            self.flush(socket, &mut run, &mut leftovers);
+        }
+        leftovers
+    }
+
+    /// The flow for `key`, created (with its reply task) on first sight.
+    fn flow(&mut self, key: FlowKey) -> Option<Arc<UdpSocket>> {
+        if let Some(entry) = self.table.get(&key) {
+            entry.activity.touch();
+            return Some(entry.flow.socket.clone());
+        }
+        let socket = match connect(self.target) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::warn!("udp flow to {} not opened: {}", self.target, describe(&e));
+                Stats::add(&self.stats.failed, 1);
+                return None;
             }
         };
-        let datagram = &buf[..received.len];
-        let mut result = socket.send(datagram).await;
-        if matches!(&result, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
-            // A stale ICMP port-unreachable from an earlier datagram, not this one: retry.
-            result = socket.send(datagram).await;
+        if let Some((old, _flow)) = self.table.make_room() {
+            Stats::sub(&self.stats.active, 1);
+            tracing::debug!(
+                "udp flow {} evicted: {} flows is the limit",
+                old.0,
+                self.config.max_flows
+            );
         }
-        match result {
-            Ok(n) => Stats::add(&stats.bytes_in, n as u64),
-            Err(e) => {
-                Stats::add(&stats.failed, 1);
-                tracing::debug!(
-                    "udp datagram from {} to {target} dropped: {}",
-                    received.source,
-                    describe(&e)
-                );
+        let activity = Arc::new(Activity::default());
+        activity.touch();
+        let path = ReplyPath {
+            frontend: self.frontend.clone(),
+            frontend_v6: self.frontend_v6,
+            client: key.0,
+            local: key.1,
+            stats: self.stats.clone(),
+        };
+        Stats::add(&self.stats.total, 1);
+        Stats::add(&self.stats.active, 1);
+        let expired = self.expired_tx.clone();
+        let (s, a, timeout) = (socket.clone(), activity.clone(), self.config.idle_timeout);
+        self.table.insert(key, activity, |id| Flow {
+            socket: socket.clone(),
+            replies: tokio::spawn(async move {
+                replies(&s, &path, &a, timeout).await;
+                let _ = expired.send((key, id));
+            }),
+        });
+        Some(socket)
+    }
+
+    /// Sends a run of datagrams for one flow; keeps copies of what did not fit.
+    fn flush(&self, socket: Arc<UdpSocket>, run: &mut Vec<&[u8]>, leftovers: &mut Leftovers) {
+        let mut sent = 0;
+        let mut retried = false;
+        while sent < run.len() {
+            match socket.try_io(Interest::WRITABLE, || {
+                sys::send_batch(socket.as_fd(), &run[sent..])
+            }) {
+                Ok(n) => {
+                    let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
+                    Stats::add(&self.stats.bytes_in, bytes as u64);
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    leftovers.extend(run[sent..].iter().map(|d| (socket.clone(), d.to_vec())));
+                    break;
+                }
+                // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
+                    retried = true
+                }
+                Err(e) => {
+                    tracing::debug!("udp datagram to {} dropped: {}", self.target, describe(&e));
+                    Stats::add(&self.stats.failed, 1);
+                    sent += 1;
+                }
             }
         }
+        run.clear();
+    }
+}
+
+/// Receive buffer asked for on UDP sockets that take bursts (frontends).
+const RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Raises a socket's receive buffer to [`RECEIVE_BUFFER`]: SO_RCVBUFFORCE when privileged
+/// (past net.core.rmem_max), else as far as rmem_max allows.
+pub fn grow_receive_buffer(socket: &socket2::Socket) {
+    if socket2::SockRef::from(socket)
+        .set_recv_buffer_size(RECEIVE_BUFFER)
+        .is_ok()
+    {
+        let _ = sys::force_receive_buffer(socket.as_fd(), RECEIVE_BUFFER);
     }
 }
 
@@ -200,19 +315,6 @@ fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
     socket.connect(target)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
-}
-
-thread_local! {
-    /// One receive buffer per runtime thread, shared by all reply tasks on it: 65 KiB per flow
-    /// would cost gigabytes at the flow limit.
-    static REPLY_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
-}
-
-enum Step {
-    Sent,
-    Drained,
-    /// The frontend's send buffer is full: this datagram waits (copied out of the shared buffer).
-    Blocked(Vec<u8>),
 }
 
 /// Relays the target's replies to the client until the flow has been idle for `timeout`.
@@ -229,39 +331,31 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
             _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => continue,
         }
         loop {
-            let step = REPLY_BUF.with(|cell| {
-                let mut buf = cell.borrow_mut();
-                let n = match flow.try_recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Drained,
-                    // ICMP unreachable from the target: nothing to relay.
-                    Err(_) => return Step::Sent,
-                };
-                activity.touch();
-                match path
-                    .frontend
-                    .try_io(Interest::WRITABLE, || path.send(&buf[..n]))
-                {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        Step::Blocked(buf[..n].to_vec())
+            let round = with_batch(|batch| {
+                match flow.try_io(Interest::READABLE, || batch.recv(flow.as_fd())) {
+                    Ok(n) => {
+                        activity.touch();
+                        Some(path.send(batch, n))
                     }
-                    Err(e) => {
-                        tracing::debug!("udp reply to {} dropped: {}", path.client, describe(&e));
-                        Step::Sent
-                    }
-                    Ok(_) => Step::Sent,
+                    // Drained; or an ICMP error from the target (nothing to relay).
+                    Err(_) => None,
                 }
             });
-            match step {
-                Step::Drained => break,
-                Step::Sent => {}
-                Step::Blocked(data) => {
-                    if let Err(e) = path
-                        .frontend
-                        .async_io(Interest::WRITABLE, || path.send(&data))
-                        .await
-                    {
-                        tracing::debug!("udp reply to {} dropped: {}", path.client, describe(&e));
+            match round {
+                None => break,
+                Some(leftovers) => {
+                    for data in leftovers {
+                        let sent = path
+                            .frontend
+                            .async_io(Interest::WRITABLE, || path.send_one(&data))
+                            .await;
+                        if let Err(e) = sent {
+                            tracing::debug!(
+                                "udp reply to {} dropped: {}",
+                                path.client,
+                                describe(&e)
+                            );
+                        }
                     }
                 }
             }
@@ -270,14 +364,51 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
 }
 
 impl ReplyPath {
-    fn send(&self, data: &[u8]) -> io::Result<usize> {
-        Stats::add(&self.stats.bytes_out, data.len() as u64);
-        sys::send_from(
+    /// Sends a received batch back to the client; returns copies of what did not fit.
+    fn send(&self, batch: &sys::RecvBatch, n: usize) -> Vec<Vec<u8>> {
+        let datagrams: Vec<&[u8]> = (0..n)
+            .filter(|&i| !batch.received[i].truncated)
+            .map(|i| batch.datagram(i))
+            .collect();
+        let mut sent = 0;
+        while sent < datagrams.len() {
+            let fd: BorrowedFd<'_> = self.frontend.as_fd();
+            let result = self.frontend.try_io(Interest::WRITABLE, || {
+                sys::send_batch_from(
+                    fd,
+                    &datagrams[sent..],
+                    &self.client,
+                    self.local,
+                    self.frontend_v6,
+                )
+            });
+            match result {
+                Ok(k) => {
+                    let bytes: usize = datagrams[sent..sent + k].iter().map(|d| d.len()).sum();
+                    Stats::add(&self.stats.bytes_out, bytes as u64);
+                    sent += k;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return datagrams[sent..].iter().map(|d| d.to_vec()).collect();
+                }
+                Err(e) => {
+                    tracing::debug!("udp reply to {} dropped: {}", self.client, describe(&e));
+                    sent += 1;
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    fn send_one(&self, data: &[u8]) -> io::Result<usize> {
+        let n = sys::send_from(
             self.frontend.as_fd(),
             data,
             &self.client,
             self.local,
             self.frontend_v6,
-        )
+        )?;
+        Stats::add(&self.stats.bytes_out, n as u64);
+        Ok(n)
     }
 }
