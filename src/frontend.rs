@@ -94,6 +94,7 @@ impl Frontend {
         socket.set_nonblocking(true).map_err(wrap)?;
         match mapping.proto {
             Proto::Tcp => {
+                tcp::tune(SockRef::from(&socket));
                 let l = tokio::net::TcpListener::from_std(socket.into()).map_err(wrap)?;
                 Ok(Frontend::Tcp(l, mapping))
             }

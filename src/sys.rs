@@ -132,6 +132,18 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
+/// Asks for a pipe of `bytes` capacity (F_SETPIPE_SZ) and returns the capacity it has, which
+/// stays the old one when the kernel refuses (EPERM past the per-user pipe quota).
+pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> usize {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a borrowed pipe fd with integer arguments; no memory is passed.
+    if let Ok(size) = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }) {
+        return size as usize;
+    }
+    // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) }).map_or(1 << 16, |n| n as usize)
+}
+
 /// Moves up to `len` bytes from `from` to `to` without copying through user space.
 /// One of the two must be a pipe. Returns 0 at end of stream.
 pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {

@@ -1,66 +1,126 @@
-//! The relay between two connected TCP sockets: both directions at once, exact half-close,
-//! zero-copy splice(2) through one pipe per direction, and a copy fallback.
+//! The relay between two connected TCP sockets: both directions at once, exact half-close.
 //!
-//! A direction ends at EOF: what is buffered is flushed, then the other socket is shut down
-//! for writing so the peer sees FIN while the opposite direction keeps flowing. An error in
-//! either direction ends both and is returned, so the caller can reset both sides.
+//! Each direction starts by copying through a buffer on the stack, which suits
+//! request/response traffic: one read and one write per message, and a short read tells the
+//! runtime the socket is drained, so no extra "would block" syscall follows. When a read fills
+//! the buffer, the direction is streaming, and it switches to zero-copy splice(2) through a
+//! pooled pipe (see `pipes`) until a splice moves less than a buffer's worth again.
+//!
+//! A direction ends at EOF: what is in flight is delivered, then the other socket is shut
+//! down for writing so the peer sees FIN while the opposite direction keeps flowing. An error
+//! in either direction ends both and is returned, so the caller can reset both sides.
 
+use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{ready, Poll};
 
 use socket2::SockRef;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use super::pipes::Lease;
 use crate::sys;
 
-/// Bytes moved per splice call; also the pipe's default capacity.
-const CHUNK: usize = 1 << 16;
+/// The copy buffer, and the threshold for streaming: a read that fills it switches to
+/// splice, a splice that moves less switches back.
+const COPY_CHUNK: usize = 16 << 10;
 
 /// Relays until both directions reach EOF; returns bytes (a→b, b→a). `counters` (a→b, b→a)
-/// are bumped as bytes move, so live connections show up in statistics.
+/// are bumped as bytes move, so live connections show up in statistics. With `splice` false,
+/// bytes are only ever copied.
 pub async fn relay(
-    a: &TcpStream,
-    b: &TcpStream,
+    a: &mut TcpStream,
+    b: &mut TcpStream,
     splice: bool,
     counters: (&AtomicU64, &AtomicU64),
 ) -> io::Result<(u64, u64)> {
+    let (a_read, a_write) = a.split();
+    let (b_read, b_write) = b.split();
     tokio::try_join!(
-        pump(a, b, splice, counters.0),
-        pump(b, a, splice, counters.1)
+        pump(a_read, b_write, splice, counters.0),
+        pump(b_read, a_write, splice, counters.1)
     )
 }
 
 /// One direction: `from` → `to` until EOF, then shutdown(write) on `to`.
 async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    splice: bool,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    mut splice: bool,
     counter: &AtomicU64,
 ) -> io::Result<u64> {
-    let moved = if splice {
-        match splice_pump(from, to, counter).await {
-            Err(SpliceError::Unsupported(already)) => {
-                already + copy_pump(from, to, counter).await?
+    let mut streaming = false;
+    let mut total = 0u64;
+    loop {
+        let n = if streaming {
+            match splice_once(from.as_ref(), to.as_ref()).await {
+                Ok(n) => {
+                    streaming = n >= COPY_CHUNK;
+                    n
+                }
+                // These fds cannot be spliced (nothing was moved): copy from now on.
+                Err(SpliceError::Unsupported) => {
+                    (splice, streaming) = (false, false);
+                    continue;
+                }
+                Err(SpliceError::Io(e)) => return Err(e),
             }
-            Err(SpliceError::Io(e)) => return Err(e),
-            Ok(n) => n,
+        } else {
+            let n = copy_once(&mut from, &mut to).await?;
+            streaming = splice && n == COPY_CHUNK;
+            n
+        };
+        if n == 0 {
+            break;
         }
-    } else {
-        copy_pump(from, to, counter).await?
-    };
-    match SockRef::from(to).shutdown(Shutdown::Write) {
+        total += n as u64;
+        counter.fetch_add(n as u64, Relaxed);
+    }
+    match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
         // The peer may be gone already; its own direction reports that.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(moved),
+        _ => Ok(total),
     }
 }
 
+/// Reads once (waiting for data) into a stack buffer and writes it all; 0 means EOF. The
+/// buffer lives only inside the poll, so a waiting connection holds no memory; bytes the
+/// socket would not take at once move to the heap until written.
+async fn copy_once(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>) -> io::Result<usize> {
+    let mut rest = Vec::new();
+    let n = poll_fn(|cx| {
+        let mut buf = [MaybeUninit::<u8>::uninit(); COPY_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut buf);
+        ready!(Pin::new(&mut *from).poll_read(cx, &mut buf))?;
+        let data = buf.filled();
+        let mut sent = 0;
+        while sent < data.len() {
+            match Pin::new(&mut *to).poll_write(cx, &data[sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(m)) => sent += m,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        rest.extend_from_slice(&data[sent..]);
+        Poll::Ready(Ok(data.len()))
+    })
+    .await?;
+    if !rest.is_empty() {
+        to.write_all(&rest).await?;
+    }
+    Ok(n)
+}
+
 enum SpliceError {
-    /// splice(2) refused these fds (EINVAL); carries bytes moved before, all delivered.
-    Unsupported(u64),
+    /// splice(2) refused to read these fds (EINVAL); nothing was moved.
+    Unsupported,
     Io(io::Error),
 }
 
@@ -70,72 +130,35 @@ impl From<io::Error> for SpliceError {
     }
 }
 
-async fn splice_pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    counter: &AtomicU64,
-) -> Result<u64, SpliceError> {
-    // Created on first data, so idle connections hold no pipe.
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
-    let mut total = 0u64;
+/// Splices one pipeful: waits for data, moves it into a pooled pipe and out to `to`; 0 means
+/// EOF.
+async fn splice_once(from: &TcpStream, to: &TcpStream) -> Result<usize, SpliceError> {
     loop {
         from.readable().await?;
-        let (rd, wr) = match &pipe {
-            Some(p) => p,
-            None => pipe.insert(sys::pipe()?),
-        };
-        // The pipe is always empty here, so EAGAIN means the socket has nothing to read.
+        let mut pipe = Lease::take()?;
+        // The pipe is empty, so "would block" means the socket has nothing to read; the lease
+        // then goes straight back to the pool.
         let n = match from.try_io(Interest::READABLE, || {
-            sys::splice(from.as_fd(), wr.as_fd(), CHUNK)
+            sys::splice(from.as_fd(), pipe.write_end(), pipe.capacity())
         }) {
-            Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && total == 0 => {
-                return Err(SpliceError::Unsupported(total))
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(SpliceError::Unsupported)
             }
             Err(e) => return Err(e.into()),
         };
-        let mut pending = n;
-        while pending > 0 {
+        pipe.pending = n;
+        while pipe.pending > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                sys::splice(rd.as_fd(), to.as_fd(), pending)
+                sys::splice(pipe.read_end(), to.as_fd(), pipe.pending)
             }) {
-                Ok(m) => pending -= m,
+                Ok(m) => pipe.pending -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        total += n as u64;
-        counter.fetch_add(n as u64, Relaxed);
-    }
-}
-
-async fn copy_pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<u64> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; CHUNK];
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut sent = 0;
-        while sent < n {
-            to.writable().await?;
-            match to.try_write(&buf[sent..n]) {
-                Ok(m) => sent += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        total += n as u64;
-        counter.fetch_add(n as u64, Relaxed);
+        return Ok(n);
     }
 }
