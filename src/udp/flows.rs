@@ -2,9 +2,10 @@
 //! number with least-recently-used eviction.
 //!
 //! Recency is tracked lazily so the per-datagram cost is one atomic store: each flow sits in an
-//! ordered queue at the position of its last *queueing*; when the table is full the oldest entry
-//! is examined, and if it saw traffic since it was queued it is re-queued (second chance)
-//! instead of evicted.
+//! ordered queue at the time it was last *queued*; when the table is full the first entry is
+//! examined, and if it saw traffic since, it is re-queued at the time of that traffic instead
+//! of evicted. The entry evicted is then the one whose last activity is oldest, as in a true
+//! LRU (to the millisecond).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -40,13 +41,13 @@ pub struct Entry<F> {
     pub activity: Arc<Activity>,
     /// Unique per flow ever created; lets a late expiry notice tell a replaced flow apart.
     pub id: u64,
-    /// Position in the recency queue and the time it was queued.
+    /// Position in the recency queue: (last activity known when queued, id).
     queued: (u64, u64),
 }
 
 pub struct FlowTable<F> {
     flows: HashMap<FlowKey, Entry<F>>,
-    queue: BTreeMap<u64, FlowKey>,
+    queue: BTreeMap<(u64, u64), FlowKey>,
     next: u64,
     max: usize,
 }
@@ -74,15 +75,15 @@ impl<F> FlowTable<F> {
         if self.flows.len() < self.max {
             return None;
         }
-        while let Some((_, key)) = self.queue.pop_first() {
+        while let Some(((queued, id), key)) = self.queue.pop_first() {
             let Some(entry) = self.flows.get_mut(&key) else {
                 continue;
             };
-            if entry.activity.last() > entry.queued.1 {
-                // Used since it was queued: give it a fresh position.
-                self.next += 1;
-                entry.queued = (self.next, now_ms());
-                self.queue.insert(self.next, key);
+            let last = entry.activity.last();
+            if last > queued {
+                // Used since it was queued: back in line at the time of that use.
+                entry.queued = (last, id);
+                self.queue.insert(entry.queued, key);
                 continue;
             }
             return self.flows.remove(&key).map(|e| (key, e.flow));
@@ -100,17 +101,18 @@ impl<F> FlowTable<F> {
         self.next += 1;
         let id = self.next;
         let flow = flow(id);
-        self.queue.insert(id, key);
+        let queued = (now_ms(), id);
+        self.queue.insert(queued, key);
         if let Some(old) = self.flows.insert(
             key,
             Entry {
                 flow,
                 activity,
                 id,
-                queued: (id, now_ms()),
+                queued,
             },
         ) {
-            self.queue.remove(&old.queued.0);
+            self.queue.remove(&old.queued);
         }
         id
     }
@@ -120,7 +122,7 @@ impl<F> FlowTable<F> {
         match self.flows.get(key) {
             Some(e) if e.id == id => {
                 let e = self.flows.remove(key)?;
-                self.queue.remove(&e.queued.0);
+                self.queue.remove(&e.queued);
                 Some(e.flow)
             }
             _ => None,
@@ -154,5 +156,21 @@ mod tests {
         assert_eq!(t.remove(&key(3), id + 100), None);
         assert_eq!(t.remove(&key(3), id), Some("three"));
         assert_eq!(t.make_room(), None);
+    }
+
+    /// Both flows saw traffic since they were queued: the one whose traffic is older goes,
+    /// not the one queued first.
+    #[test]
+    fn evicts_by_last_activity_when_all_were_used() {
+        let mut t = FlowTable::new(2);
+        let a = Arc::new(Activity::default());
+        let b = Arc::new(Activity::default());
+        t.insert(key(1), a.clone(), |_| "a");
+        t.insert(key(2), b.clone(), |_| "b");
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        b.touch();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        a.touch();
+        assert_eq!(t.make_room(), Some((key(2), "b")));
     }
 }
