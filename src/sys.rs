@@ -208,6 +208,28 @@ fn set_int_option(
     Ok(())
 }
 
+/// The largest UDP payload a connected socket can send unfragmented: its path MTU (IP_MTU /
+/// IPV6_MTU) less the IP and UDP headers. GSO segments must fit it.
+pub fn max_unfragmented_payload(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<usize> {
+    let (level, name, headers) = match ipv6 {
+        true => (libc::IPPROTO_IPV6, libc::IPV6_MTU, 40 + 8),
+        false => (libc::IPPROTO_IP, libc::IP_MTU, 20 + 8),
+    };
+    let mut mtu: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into our int and updates `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &mut mtu as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok((mtu as usize).saturating_sub(headers))
+}
+
 /// One received datagram's envelope.
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
@@ -505,9 +527,45 @@ impl RecvBatch {
     }
 }
 
+/// The UDP_SEGMENT socket option / cmsg (linux/udp.h), not in every libc target.
+const UDP_SEGMENT: libc::c_int = 103;
+/// Segments one GSO send may carry (UDP_MAX_SEGMENTS before Linux 6.9; 128 since).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Payload of one GSO send: what fits an IPv4 datagram (65,535 less IP and UDP headers).
+const GSO_MAX_BYTES: usize = 65_507;
+
+/// Where the GSO group starting at `start` ends: following datagrams of the same size, and
+/// at most one shorter one to close it, within the kernel's segment and size limits. Only
+/// datagrams of at most `max_segment` bytes (what the path takes unfragmented) are grouped.
+pub fn gso_group_end(datagrams: &[&[u8]], start: usize, max_segment: usize) -> usize {
+    let size = datagrams[start].len();
+    let (mut end, mut bytes) = (start + 1, size);
+    if size == 0 || size > max_segment {
+        return end;
+    }
+    while end < datagrams.len() && end - start < GSO_MAX_SEGMENTS {
+        let len = datagrams[end].len();
+        if len == 0 || len > size || bytes + len > GSO_MAX_BYTES {
+            break;
+        }
+        (end, bytes) = (end + 1, bytes + len);
+        if len < size {
+            break;
+        }
+    }
+    end
+}
+
 /// sendmmsg(2) on a connected socket: sends `datagrams` in order; returns how many were sent
-/// (a short count means the socket buffer filled).
-pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> {
+/// (a short count means the socket buffer filled). With `max_segment` above 0, runs of
+/// equal-sized datagrams up to that size go as one message with UDP_SEGMENT, so the stack is
+/// traversed once per run and the kernel (or the NIC) cuts it into the same datagrams; EIO
+/// then means the route cannot do it, EINVAL that a segment no longer fits the path.
+pub fn send_batch(
+    fd: BorrowedFd<'_>,
+    datagrams: &[&[u8]],
+    max_segment: usize,
+) -> io::Result<usize> {
     let mut iovs: Vec<libc::iovec> = datagrams
         .iter()
         .map(|d| libc::iovec {
@@ -515,26 +573,63 @@ pub fn send_batch(fd: BorrowedFd<'_>, datagrams: &[&[u8]]) -> io::Result<usize> 
             iov_len: d.len(),
         })
         .collect();
-    let mut hdrs: Vec<libc::mmsghdr> = iovs
-        .iter_mut()
-        .map(|iov| {
-            let mut h: libc::mmsghdr = unsafe_zeroed();
-            h.msg_hdr.msg_iov = iov;
-            h.msg_hdr.msg_iovlen = 1;
-            h
-        })
-        .collect();
-    // SAFETY: each header points at an iovec in `iovs`, which points into a borrowed slice;
-    // both outlive the call, and sendmmsg only reads through them.
-    let n = cvt(unsafe {
+    // (first datagram, count) per message.
+    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
+    let mut start = 0;
+    while start < datagrams.len() {
+        let end = gso_group_end(datagrams, start, max_segment);
+        groups.push((start, end - start));
+        start = end;
+    }
+    let mut cmsgs: Vec<CmsgBuf> = groups.iter().map(|_| CmsgBuf([0; CMSG_SPACE])).collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
+    for (&(first, count), cmsg) in groups.iter().zip(cmsgs.iter_mut()) {
+        let mut h: libc::mmsghdr = unsafe_zeroed();
+        h.msg_hdr.msg_iov = &mut iovs[first];
+        h.msg_hdr.msg_iovlen = count as _;
+        if count > 1 {
+            let size = datagrams[first].len() as u16;
+            // SAFETY: `cmsg` outlives the sendmmsg call below and is not resized.
+            unsafe { set_u16_cmsg(&mut h.msg_hdr, cmsg, libc::SOL_UDP, UDP_SEGMENT, size) };
+        }
+        hdrs.push(h);
+    }
+    // SAFETY: each header points at `count` consecutive iovecs in `iovs` (into borrowed
+    // slices) and at its own cmsg buffer; all outlive the call, which only reads through them.
+    let sent = cvt(unsafe {
         libc::sendmmsg(
             fd.as_raw_fd(),
             hdrs.as_mut_ptr(),
             hdrs.len() as libc::c_uint,
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
-    })?;
-    Ok(n as usize)
+    })? as usize;
+    Ok(groups[..sent].iter().map(|g| g.1).sum())
+}
+
+/// Puts one control message carrying a u16 into `msg`, using `cmsg` as its buffer.
+///
+/// # Safety
+/// `cmsg` must stay alive and unmoved until `msg` has been used.
+unsafe fn set_u16_cmsg(
+    msg: &mut libc::msghdr,
+    cmsg: &mut CmsgBuf,
+    level: libc::c_int,
+    kind: libc::c_int,
+    value: u16,
+) {
+    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY (for the block): msg_control points at `cmsg` (CMSG_SPACE bytes, 8-aligned, more
+    // than one u16 message); CMSG_FIRSTHDR is non-null because controllen covers a header, and
+    // the write stays within the CMSG_LEN we declare.
+    unsafe {
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+        let c = libc::CMSG_FIRSTHDR(msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = kind;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, value);
+    }
 }
 
 /// sendmmsg(2) of datagrams to one destination, each with `from` as its source address (see
@@ -581,4 +676,44 @@ pub fn send_batch_from(
         )
     })?;
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(sizes: &[usize]) -> Vec<usize> {
+        let data: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0; n]).collect();
+        let slices: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        let (mut start, mut out) = (0, Vec::new());
+        while start < slices.len() {
+            let end = gso_group_end(&slices, start, 65_507);
+            out.push(end - start);
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn gso_groups_follow_the_kernels_rules() {
+        // Equal sizes group; a shorter one closes the group; a longer one starts the next.
+        assert_eq!(groups(&[100, 100, 100, 50, 100]), [4, 1]);
+        assert_eq!(groups(&[100, 200, 200]), [1, 2]);
+        // Empty datagrams are sent alone (a zero segment size is invalid).
+        assert_eq!(groups(&[0, 0, 10, 0]), [1, 1, 1, 1]);
+        // At most 64 segments, and at most 65,507 bytes in all.
+        assert_eq!(groups(&[1; 130]), [64, 64, 2]);
+        assert_eq!(groups(&[16_000; 5]), [4, 1]);
+        assert_eq!(groups(&[65_000, 1]), [2]);
+        assert_eq!(groups(&[65_000, 600]), [1, 1]);
+    }
+
+    #[test]
+    fn gso_groups_only_what_fits_the_path() {
+        let data = [vec![0u8; 1472], vec![0; 1472], vec![0; 1473], vec![0; 1473]];
+        let slices: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+        assert_eq!(gso_group_end(&slices, 0, 1472), 2);
+        assert_eq!(gso_group_end(&slices, 2, 1472), 3);
+        assert_eq!(gso_group_end(&slices, 0, 0), 1);
+    }
 }

@@ -216,3 +216,79 @@ fn reply_source_in_a_namespace_with_two_addresses() {
         reply_source_check("::", "fd77::1".parse().unwrap(), &v6, "10.77.0.2");
     });
 }
+
+/// Bursts of datagrams in runs of equal and varying sizes, which the proxy sends on as
+/// segmented (GSO) messages: each must arrive as the same datagram, boundaries and bytes
+/// intact, in order; with GSO on (the default) and off.
+#[test]
+fn bursts_keep_datagram_boundaries() {
+    for gso in ["1", "0"] {
+        let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+        burst_check(backend, gso);
+    }
+}
+
+/// The same through a 1,500-byte MTU link: runs of datagrams too big for it are sent whole
+/// (IP fragments), never as GSO segments, which the kernel would refuse.
+#[test]
+fn bursts_keep_datagram_boundaries_over_a_1500_mtu_link() {
+    if !need_root("bursts_keep_datagram_boundaries_over_a_1500_mtu_link") {
+        return;
+    }
+    let (host, ctr) = (Netns::new("gsoh"), Netns::new("gsoc"));
+    sh(&format!(
+        "ip -n {h} link add g0 mtu 1500 type veth peer name g1 netns {c} && \
+         ip -n {h} addr add 10.78.0.1/24 dev g0 && ip -n {h} link set g0 up && \
+         ip -n {c} addr add 10.78.0.2/24 dev g1 && ip -n {c} link set g1 up",
+        h = host.name,
+        c = ctr.name
+    ));
+    let backend = ctr.run(|| UdpSocket::bind("10.78.0.2:0").unwrap());
+    host.run(move || burst_check(backend, "1"));
+}
+
+fn burst_check(backend: UdpSocket, gso: &str) {
+    // Runs that exercise the grouping: equal sizes past the 64-segment limit, a shorter one
+    // closing a run, a longer one starting the next, empty datagrams, near-64 KiB totals.
+    let mut sizes = Vec::new();
+    sizes.extend(std::iter::repeat_n(1400, 100));
+    sizes.extend([
+        1400, 700, 1400, 1400, 0, 0, 9000, 9000, 9000, 9000, 9000, 9000, 9000, 9000,
+    ]);
+    sizes.extend(std::iter::repeat_n(1, 70));
+    sizes.extend(std::iter::repeat_n(16_000, 5));
+    sizes.extend([200, 300, 300, 300, 65_000, 1]);
+    socket2::SockRef::from(&backend)
+        .set_recv_buffer_size(8 << 20)
+        .unwrap();
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let p = start_with(
+        "udp",
+        "127.0.0.1",
+        backend.local_addr().unwrap(),
+        &[("RPROXY_UDP_GSO", gso)],
+    );
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // First a datagram to open the flow, so the burst below queues up behind it.
+    client.send_to(b"open", p.addr()).unwrap();
+    let mut buf = vec![0u8; 65536];
+    assert_eq!(backend.recv(&mut buf).unwrap(), 4);
+    let datagram = |i: usize, len: usize| -> Vec<u8> {
+        (0..len).map(|j| (i * 31 + j * 7 + j / 253) as u8).collect()
+    };
+    for (i, &len) in sizes.iter().enumerate() {
+        client.send_to(&datagram(i, len), p.addr()).unwrap();
+    }
+    for (i, &len) in sizes.iter().enumerate() {
+        let n = backend
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} ({len} B) lost: {e} (GSO {gso})"));
+        assert_eq!(n, len, "datagram {i}: length (GSO {gso})");
+        assert!(
+            buf[..n] == datagram(i, len)[..],
+            "datagram {i} ({len} B) altered (GSO {gso})"
+        );
+    }
+}

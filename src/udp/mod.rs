@@ -13,6 +13,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,10 @@ use crate::mapping::describe;
 use crate::stats::Stats;
 use crate::sys;
 use flows::{now_ms, Activity, FlowKey, FlowTable};
+
+/// Whether to send runs of equal-sized datagrams to a flow as one segmented message (UDP GSO,
+/// Linux 4.18+): cleared for good when a route cannot offload it (EIO), and by `RPROXY_UDP_GSO=0`.
+static GSO: AtomicBool = AtomicBool::new(true);
 
 /// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
 const MAX_DATAGRAM: usize = 1 << 16;
@@ -52,6 +57,9 @@ impl Config {
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|&n| n > 0)
             .unwrap_or(65_536);
+        if std::env::var("RPROXY_UDP_GSO").is_ok_and(|v| v == "0") {
+            GSO.store(false, Relaxed);
+        }
         Config {
             idle_timeout,
             max_flows,
@@ -62,13 +70,33 @@ impl Config {
 /// A live flow: its socket toward the target and the task relaying replies. Dropping it stops
 /// the task, which closes the socket.
 struct Flow {
-    socket: Arc<UdpSocket>,
+    socket: Arc<Upstream>,
     replies: JoinHandle<()>,
 }
 
 impl Drop for Flow {
     fn drop(&mut self) {
         self.replies.abort();
+    }
+}
+
+/// A flow's connected socket toward the target, and the largest datagram it may send as a
+/// GSO segment (its path's unfragmented payload; 0 once the kernel refused a segmented send).
+struct Upstream {
+    socket: UdpSocket,
+    max_segment: AtomicUsize,
+}
+
+impl Upstream {
+    fn new(socket: UdpSocket, target: SocketAddr) -> Upstream {
+        let max_segment = match GSO.load(Relaxed) {
+            true => sys::max_unfragmented_payload(socket.as_fd(), target.is_ipv6()).unwrap_or(0),
+            false => 0,
+        };
+        Upstream {
+            socket,
+            max_segment: AtomicUsize::new(max_segment),
+        }
     }
 }
 
@@ -96,7 +124,7 @@ fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
 }
 
 /// Datagrams that did not fit a full socket buffer, copied out to be sent after awaiting room.
-type Leftovers = Vec<(Arc<UdpSocket>, Vec<u8>)>;
+type Leftovers = Vec<(Arc<Upstream>, Vec<u8>)>;
 
 /// Serves the frontend until `stop`. The table is owned by this loop alone (no lock); reply
 /// tasks report their flow's expiry back over a channel.
@@ -148,8 +176,8 @@ pub async fn serve(
             });
             match round {
                 Ok(Some(leftovers)) => {
-                    for (socket, data) in leftovers {
-                        match socket.send(&data).await {
+                    for (upstream, data) in leftovers {
+                        match upstream.socket.send(&data).await {
                             Ok(n) => Stats::add(&ctx.stats.bytes_in, n as u64),
                             Err(_) => Stats::add(&ctx.stats.failed, 1),
                         }
@@ -185,7 +213,7 @@ impl Dispatch {
     fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) -> Leftovers {
         let mut leftovers = Vec::new();
         let mut run: Vec<&[u8]> = Vec::with_capacity(sys::BATCH);
-        let mut run_socket: Option<Arc<UdpSocket>> = None;
+        let mut run_socket: Option<Arc<Upstream>> = None;
         for i in 0..n {
             let received = batch.received[i];
             if received.truncated {
@@ -215,13 +243,13 @@ impl Dispatch {
     }
 
     /// The flow for `key`, created (with its reply task) on first sight.
-    fn flow(&mut self, key: FlowKey) -> Option<Arc<UdpSocket>> {
+    fn flow(&mut self, key: FlowKey) -> Option<Arc<Upstream>> {
         if let Some(entry) = self.table.get(&key) {
             entry.activity.touch();
             return Some(entry.flow.socket.clone());
         }
         let socket = match connect(self.target) {
-            Ok(s) => Arc::new(s),
+            Ok(s) => Arc::new(Upstream::new(s, self.target)),
             Err(e) => {
                 tracing::warn!("udp flow to {} not opened: {}", self.target, describe(&e));
                 Stats::add(&self.stats.failed, 1);
@@ -252,7 +280,7 @@ impl Dispatch {
         self.table.insert(key, activity, |id| Flow {
             socket: socket.clone(),
             replies: tokio::spawn(async move {
-                replies(&s, &path, &a, timeout).await;
+                replies(&s.socket, &path, &a, timeout).await;
                 let _ = expired.send((key, id));
             }),
         });
@@ -260,12 +288,14 @@ impl Dispatch {
     }
 
     /// Sends a run of datagrams for one flow; keeps copies of what did not fit.
-    fn flush(&self, socket: Arc<UdpSocket>, run: &mut Vec<&[u8]>, leftovers: &mut Leftovers) {
+    fn flush(&self, upstream: Arc<Upstream>, run: &mut Vec<&[u8]>, leftovers: &mut Leftovers) {
+        let socket = &upstream.socket;
         let mut sent = 0;
         let mut retried = false;
         while sent < run.len() {
+            let max_segment = upstream.max_segment.load(Relaxed);
             match socket.try_io(Interest::WRITABLE, || {
-                sys::send_batch(socket.as_fd(), &run[sent..])
+                sys::send_batch(socket.as_fd(), &run[sent..], max_segment)
             }) {
                 Ok(n) => {
                     let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
@@ -273,8 +303,22 @@ impl Dispatch {
                     sent += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    leftovers.extend(run[sent..].iter().map(|d| (socket.clone(), d.to_vec())));
+                    leftovers.extend(run[sent..].iter().map(|d| (upstream.clone(), d.to_vec())));
                     break;
+                }
+                // The kernel refused a segmented send: the path's MTU shrank (EINVAL), or the
+                // route cannot offload checksums (EIO), which no flow will get past.
+                Err(e)
+                    if max_segment > 0
+                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) =>
+                {
+                    upstream.max_segment.store(0, Relaxed);
+                    if e.raw_os_error() == Some(libc::EIO) && GSO.swap(false, Relaxed) {
+                        tracing::info!(
+                            "UDP segmentation offload unavailable toward {}: sending datagrams one by one",
+                            self.target
+                        );
+                    }
                 }
                 // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
