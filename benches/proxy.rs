@@ -1288,52 +1288,65 @@ fn wait_readable(fd: &impl AsFd, ms: u16) {
 }
 
 /// Accepts on a non-blocking listener until `stop`, handing each connection to `serve`.
-fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, mut serve: impl FnMut(TcpStream)) {
-    while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((s, _)) => {
-                if s.set_nonblocking(false).is_ok() {
-                    serve(s);
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => wait_readable(&l, 50),
-            Err(_) => thread::sleep(Duration::from_millis(1)),
-        }
-    }
-}
-
+/// The container's web server: one thread, epoll-driven (a tokio current-thread runtime), so
+/// it serves every connection at once as nginx does. A server with a thread per connection
+/// in flight set the rate itself: with 2, a connection whose request was still crossing a
+/// proxy held up the others; with 16, polling threads woke in a herd on every connection.
 fn http_server(port: u16) -> Result<Server, String> {
     let listener = tcp_listener_in(NS_CTR, SocketAddrV4::new(CTR, port))?;
     let mut server = Server::new();
-    for _ in 0..2 {
-        let l = listener.try_clone().map_err(|e| format!("listener: {e}"))?;
-        let (stop, count) = (server.stop.clone(), server.count.clone());
-        server.handles.push(thread::spawn(move || {
-            accept_loop(l, stop, |s| {
-                if serve_http(s).is_ok() {
-                    count.fetch_add(1, Ordering::Relaxed);
+    let (stop, count) = (server.stop.clone(), server.count.clone());
+    server.handles.push(thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let accepted =
+                    tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+                if let Ok(Ok((s, _))) = accepted {
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        if serve_http_async(s).await.is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
                 }
-            })
-        }));
-    }
+            }
+        });
+    }));
     Ok(server)
 }
 
-fn serve_http(mut s: TcpStream) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+async fn serve_http_async(mut s: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.set_nodelay(true)?;
     let mut buf = [0u8; 4096];
     let mut n = 0;
-    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        if n == buf.len() {
-            return Ok(());
+    let read = async {
+        while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            if n == buf.len() {
+                return Ok(false);
+            }
+            match s.read(&mut buf[n..]).await? {
+                0 => return Ok(false),
+                r => n += r,
+            }
         }
-        match s.read(&mut buf[n..])? {
-            0 => return Ok(()),
-            r => n += r,
-        }
+        Ok::<_, std::io::Error>(true)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(true)) => s.write_all(HTTP_RESPONSE).await,
+        Ok(Ok(false)) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(ErrorKind::TimedOut.into()),
     }
-    s.write_all(HTTP_RESPONSE)
 }
 
 fn conn_rate(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
