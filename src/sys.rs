@@ -338,57 +338,96 @@ unsafe fn pktinfo_destination(msg: &libc::msghdr) -> Option<IpAddr> {
     destination
 }
 
-/// Points `msg`'s control data at `cmsg` and writes a pktinfo message choosing `from` as the
-/// source address. An AF_INET6 socket (`ipv6_socket`) takes IPV6_PKTINFO, with IPv4 sources
-/// v4-mapped (Linux accepts that for v4-mapped destinations); an AF_INET one IP_PKTINFO.
-///
-/// # Safety
-/// `cmsg` must outlive every use of `msg`.
-unsafe fn set_pktinfo_source(
-    msg: &mut libc::msghdr,
-    cmsg: &mut CmsgBuf,
-    from: IpAddr,
-    ipv6_socket: bool,
-) {
-    // SAFETY (for the block): msg_control points at `cmsg` (CMSG_SPACE bytes, 8-aligned, far
-    // larger than one pktinfo message); CMSG_FIRSTHDR is non-null because controllen covers a
-    // header, and CMSG_DATA stays within the CMSG_LEN we declare.
-    unsafe {
-        msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-        if ipv6_socket {
-            let v6 = match from {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) as _;
-            let c = libc::CMSG_FIRSTHDR(msg);
-            (*c).cmsg_level = libc::IPPROTO_IPV6;
-            (*c).cmsg_type = libc::IPV6_PKTINFO;
-            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as _;
-            let info = libc::in6_pktinfo {
-                ipi6_addr: libc::in6_addr {
-                    s6_addr: v6.octets(),
-                },
-                ipi6_ifindex: 0,
-            };
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
-        } else if let IpAddr::V4(v4) = from {
-            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) as _;
-            let c = libc::CMSG_FIRSTHDR(msg);
-            (*c).cmsg_level = libc::IPPROTO_IP;
-            (*c).cmsg_type = libc::IP_PKTINFO;
-            (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as _;
-            let info = libc::in_pktinfo {
-                ipi_ifindex: 0,
-                ipi_spec_dst: libc::in_addr {
-                    s_addr: u32::from(v4).to_be(),
-                },
-                ipi_addr: libc::in_addr { s_addr: 0 },
-            };
-            std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
-        } else {
+/// Control messages for one sendmsg, written back to back into a [`CmsgBuf`].
+struct Cmsgs {
+    buf: CmsgBuf,
+    len: usize,
+}
+
+impl Cmsgs {
+    fn new() -> Cmsgs {
+        Cmsgs {
+            buf: CmsgBuf([0; CMSG_SPACE]),
+            len: 0,
+        }
+    }
+
+    /// Appends one message. The buffer holds far more than the two rproxy sends at most (a
+    /// pktinfo and a segment size); one that would not fit is left out.
+    fn push<T: Copy>(&mut self, level: libc::c_int, kind: libc::c_int, value: T) {
+        let size = size_of::<T>() as u32;
+        // SAFETY: the CMSG_* macros are pure arithmetic on their argument.
+        let (space, len, data_at) = unsafe {
+            (
+                libc::CMSG_SPACE(size) as usize,
+                libc::CMSG_LEN(size),
+                libc::CMSG_LEN(0) as usize,
+            )
+        };
+        if self.len + space > CMSG_SPACE {
+            return;
+        }
+        let mut header: libc::cmsghdr = unsafe_zeroed();
+        header.cmsg_len = len as _;
+        header.cmsg_level = level;
+        header.cmsg_type = kind;
+        let at = self.buf.0[self.len..].as_mut_ptr();
+        // SAFETY: `space` bytes are left at `at` (checked above): the header at its start and
+        // the value right after it (at CMSG_LEN(0), where CMSG_DATA points) fit; unaligned
+        // writes need no alignment.
+        unsafe {
+            std::ptr::write_unaligned(at as *mut libc::cmsghdr, header);
+            std::ptr::write_unaligned(at.add(data_at) as *mut T, value);
+        }
+        self.len += space;
+    }
+
+    /// A pktinfo message choosing `from` as the source address. An AF_INET6 socket
+    /// (`ipv6_socket`) takes IPV6_PKTINFO, with IPv4 sources v4-mapped (Linux accepts that for
+    /// v4-mapped destinations); an AF_INET one IP_PKTINFO.
+    fn source(&mut self, from: IpAddr, ipv6_socket: bool) {
+        match (from, ipv6_socket) {
+            (from, true) => {
+                let v6 = match from {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                self.push(libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
+            }
+            (IpAddr::V4(v4), false) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(v4).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                self.push(libc::IPPROTO_IP, libc::IP_PKTINFO, info);
+            }
+            // An IPv6 source cannot go out of an AF_INET socket: let routing choose.
+            (IpAddr::V6(_), false) => {}
+        }
+    }
+
+    /// UDP_SEGMENT: the payload is cut into datagrams of `size` bytes (the last may be shorter).
+    fn segment_size(&mut self, size: u16) {
+        self.push(libc::SOL_UDP, UDP_SEGMENT, size);
+    }
+
+    /// Points `msg` at these messages (or at none). `self` must stay put while `msg` is used.
+    fn attach(&mut self, msg: &mut libc::msghdr) {
+        if self.len == 0 {
             msg.msg_control = std::ptr::null_mut();
             msg.msg_controllen = 0;
+        } else {
+            msg.msg_control = self.buf.0.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = self.len as _;
         }
     }
 }
@@ -403,7 +442,7 @@ pub fn send_from(
     ipv6_socket: bool,
 ) -> io::Result<usize> {
     let (mut name, namelen) = std_to_sockaddr(to);
-    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
+    let mut cmsgs = Cmsgs::new();
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -414,9 +453,9 @@ pub fn send_from(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     if let Some(from) = from {
-        // SAFETY: `cmsg` lives until sendmsg returns.
-        unsafe { set_pktinfo_source(&mut msg, &mut cmsg, from, ipv6_socket) };
+        cmsgs.source(from, ipv6_socket);
     }
+    cmsgs.attach(&mut msg);
     // SAFETY: all pointers in msg reference live locals with correct lengths; sendmsg only
     // reads through them.
     cvt_size(unsafe {
@@ -439,6 +478,7 @@ trait Zeroable {}
 impl Zeroable for libc::msghdr {}
 impl Zeroable for libc::mmsghdr {}
 impl Zeroable for libc::sockaddr_storage {}
+impl Zeroable for libc::cmsghdr {}
 
 // ---------------------------------------------------------------------------------------------
 // Batched UDP: recvmmsg/sendmmsg, up to BATCH datagrams per system call
@@ -556,6 +596,18 @@ pub fn gso_group_end(datagrams: &[&[u8]], start: usize, max_segment: usize) -> u
     end
 }
 
+/// (first datagram, count) of each message that sends `datagrams` (see [`gso_group_end`]).
+fn gso_groups(datagrams: &[&[u8]], max_segment: usize) -> Vec<(usize, usize)> {
+    let mut groups = Vec::with_capacity(datagrams.len());
+    let mut start = 0;
+    while start < datagrams.len() {
+        let end = gso_group_end(datagrams, start, max_segment);
+        groups.push((start, end - start));
+        start = end;
+    }
+    groups
+}
+
 /// sendmmsg(2) on a connected socket: sends `datagrams` in order; returns how many were sent
 /// (a short count means the socket buffer filled). With `max_segment` above 0, runs of
 /// equal-sized datagrams up to that size go as one message with UDP_SEGMENT, so the stack is
@@ -573,25 +625,17 @@ pub fn send_batch(
             iov_len: d.len(),
         })
         .collect();
-    // (first datagram, count) per message.
-    let mut groups: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
-    let mut start = 0;
-    while start < datagrams.len() {
-        let end = gso_group_end(datagrams, start, max_segment);
-        groups.push((start, end - start));
-        start = end;
-    }
-    let mut cmsgs: Vec<CmsgBuf> = groups.iter().map(|_| CmsgBuf([0; CMSG_SPACE])).collect();
+    let groups = gso_groups(datagrams, max_segment);
+    let mut cmsgs: Vec<Cmsgs> = groups.iter().map(|_| Cmsgs::new()).collect();
     let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
     for (&(first, count), cmsg) in groups.iter().zip(cmsgs.iter_mut()) {
         let mut h: libc::mmsghdr = unsafe_zeroed();
         h.msg_hdr.msg_iov = &mut iovs[first];
         h.msg_hdr.msg_iovlen = count as _;
         if count > 1 {
-            let size = datagrams[first].len() as u16;
-            // SAFETY: `cmsg` outlives the sendmmsg call below and is not resized.
-            unsafe { set_u16_cmsg(&mut h.msg_hdr, cmsg, libc::SOL_UDP, UDP_SEGMENT, size) };
+            cmsg.segment_size(datagrams[first].len() as u16);
         }
+        cmsg.attach(&mut h.msg_hdr);
         hdrs.push(h);
     }
     // SAFETY: each header points at `count` consecutive iovecs in `iovs` (into borrowed
@@ -607,44 +651,18 @@ pub fn send_batch(
     Ok(groups[..sent].iter().map(|g| g.1).sum())
 }
 
-/// Puts one control message carrying a u16 into `msg`, using `cmsg` as its buffer.
-///
-/// # Safety
-/// `cmsg` must stay alive and unmoved until `msg` has been used.
-unsafe fn set_u16_cmsg(
-    msg: &mut libc::msghdr,
-    cmsg: &mut CmsgBuf,
-    level: libc::c_int,
-    kind: libc::c_int,
-    value: u16,
-) {
-    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-    // SAFETY (for the block): msg_control points at `cmsg` (CMSG_SPACE bytes, 8-aligned, more
-    // than one u16 message); CMSG_FIRSTHDR is non-null because controllen covers a header, and
-    // the write stays within the CMSG_LEN we declare.
-    unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
-        let c = libc::CMSG_FIRSTHDR(msg);
-        (*c).cmsg_level = level;
-        (*c).cmsg_type = kind;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, value);
-    }
-}
-
 /// sendmmsg(2) of datagrams to one destination, each with `from` as its source address (see
-/// [`send_from`]); returns how many were sent.
+/// [`send_from`]), segmented as [`send_batch`] does with `max_segment` above 0; returns how
+/// many datagrams were sent.
 pub fn send_batch_from(
     fd: BorrowedFd<'_>,
     datagrams: &[&[u8]],
     to: &SocketAddr,
     from: Option<IpAddr>,
     ipv6_socket: bool,
+    max_segment: usize,
 ) -> io::Result<usize> {
     let (mut name, namelen) = std_to_sockaddr(to);
-    let mut cmsgs: Vec<CmsgBuf> = (0..datagrams.len())
-        .map(|_| CmsgBuf([0; CMSG_SPACE]))
-        .collect();
     let mut iovs: Vec<libc::iovec> = datagrams
         .iter()
         .map(|d| libc::iovec {
@@ -652,30 +670,36 @@ pub fn send_batch_from(
             iov_len: d.len(),
         })
         .collect();
-    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(datagrams.len());
-    for (iov, cmsg) in iovs.iter_mut().zip(cmsgs.iter_mut()) {
+    let groups = gso_groups(datagrams, max_segment);
+    let mut cmsgs: Vec<Cmsgs> = groups.iter().map(|_| Cmsgs::new()).collect();
+    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
+    for (&(first, count), cmsg) in groups.iter().zip(cmsgs.iter_mut()) {
         let mut h: libc::mmsghdr = unsafe_zeroed();
         h.msg_hdr.msg_name = &mut name as *mut _ as *mut libc::c_void;
         h.msg_hdr.msg_namelen = namelen;
-        h.msg_hdr.msg_iov = iov;
-        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_iov = &mut iovs[first];
+        h.msg_hdr.msg_iovlen = count as _;
         if let Some(from) = from {
-            // SAFETY: `cmsgs` outlives the sendmmsg call below and is not resized.
-            unsafe { set_pktinfo_source(&mut h.msg_hdr, cmsg, from, ipv6_socket) };
+            cmsg.source(from, ipv6_socket);
         }
+        if count > 1 {
+            cmsg.segment_size(datagrams[first].len() as u16);
+        }
+        cmsg.attach(&mut h.msg_hdr);
         hdrs.push(h);
     }
-    // SAFETY: headers point at `name`, `iovs` (into borrowed slices) and `cmsgs`, all alive
-    // and unmoved for the call; sendmmsg only reads through them.
-    let n = cvt(unsafe {
+    // SAFETY: headers point at `name`, `count` consecutive iovecs in `iovs` (into borrowed
+    // slices) and their own entry in `cmsgs`, all alive and unmoved for the call; sendmmsg
+    // only reads through them.
+    let sent = cvt(unsafe {
         libc::sendmmsg(
             fd.as_raw_fd(),
             hdrs.as_mut_ptr(),
             hdrs.len() as libc::c_uint,
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
-    })?;
-    Ok(n as usize)
+    })? as usize;
+    Ok(groups[..sent].iter().map(|g| g.1).sum())
 }
 
 #[cfg(test)]

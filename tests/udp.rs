@@ -218,18 +218,20 @@ fn reply_source_in_a_namespace_with_two_addresses() {
 }
 
 /// Bursts of datagrams in runs of equal and varying sizes, which the proxy sends on as
-/// segmented (GSO) messages: each must arrive as the same datagram, boundaries and bytes
-/// intact, in order; with GSO on (the default) and off.
+/// segmented (GSO) messages, to the container and back: each must arrive as the same
+/// datagram, boundaries and bytes intact, in order; with GSO on (the default) and off.
 #[test]
 fn bursts_keep_datagram_boundaries() {
     for gso in ["1", "0"] {
         let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
-        burst_check(backend, gso);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        burst_check(backend, client, "127.0.0.1", gso);
     }
 }
 
-/// The same through a 1,500-byte MTU link: runs of datagrams too big for it are sent whole
-/// (IP fragments), never as GSO segments, which the kernel would refuse.
+/// The same through a 1,500-byte MTU link both ways (client and container behind it): runs
+/// of datagrams too big for it are sent whole (IP fragments), not as GSO segments, which the
+/// kernel refuses.
 #[test]
 fn bursts_keep_datagram_boundaries_over_a_1500_mtu_link() {
     if !need_root("bursts_keep_datagram_boundaries_over_a_1500_mtu_link") {
@@ -243,11 +245,16 @@ fn bursts_keep_datagram_boundaries_over_a_1500_mtu_link() {
         h = host.name,
         c = ctr.name
     ));
-    let backend = ctr.run(|| UdpSocket::bind("10.78.0.2:0").unwrap());
-    host.run(move || burst_check(backend, "1"));
+    let (backend, client) = ctr.run(|| {
+        (
+            UdpSocket::bind("10.78.0.2:0").unwrap(),
+            UdpSocket::bind("10.78.0.2:0").unwrap(),
+        )
+    });
+    host.run(move || burst_check(backend, client, "10.78.0.1", "1"));
 }
 
-fn burst_check(backend: UdpSocket, gso: &str) {
+fn burst_check(backend: UdpSocket, client: UdpSocket, listen: &str, gso: &str) {
     // Runs that exercise the grouping: equal sizes past the 64-segment limit, a shorter one
     // closing a run, a longer one starting the next, empty datagrams, near-64 KiB totals.
     let mut sizes = Vec::new();
@@ -258,37 +265,68 @@ fn burst_check(backend: UdpSocket, gso: &str) {
     sizes.extend(std::iter::repeat_n(1, 70));
     sizes.extend(std::iter::repeat_n(16_000, 5));
     sizes.extend([200, 300, 300, 300, 65_000, 1]);
-    socket2::SockRef::from(&backend)
-        .set_recv_buffer_size(8 << 20)
-        .unwrap();
-    backend
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    for s in [&backend, &client] {
+        socket2::SockRef::from(s)
+            .set_recv_buffer_size(8 << 20)
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
     let p = start_with(
         "udp",
-        "127.0.0.1",
+        listen,
         backend.local_addr().unwrap(),
         &[("RPROXY_UDP_GSO", gso)],
     );
-    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     // First a datagram to open the flow, so the burst below queues up behind it.
     client.send_to(b"open", p.addr()).unwrap();
     let mut buf = vec![0u8; 65536];
-    assert_eq!(backend.recv(&mut buf).unwrap(), 4);
+    let (n, flow) = backend.recv_from(&mut buf).unwrap();
+    assert_eq!(n, 4);
     let datagram = |i: usize, len: usize| -> Vec<u8> {
         (0..len).map(|j| (i * 31 + j * 7 + j / 253) as u8).collect()
     };
+    // Bursts sized to fit a receive buffer at the kernel's default cap (212 KiB, counting
+    // each datagram's overhead), so that what is measured is boundaries, not buffer space.
+    let mut bursts: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut cost = 0;
     for (i, &len) in sizes.iter().enumerate() {
-        client.send_to(&datagram(i, len), p.addr()).unwrap();
+        if bursts.is_empty() || cost + len + 1024 > 150_000 {
+            bursts.push(i..i);
+            cost = 0;
+        }
+        cost += len + 1024;
+        bursts.last_mut().unwrap().end = i + 1;
     }
-    for (i, &len) in sizes.iter().enumerate() {
-        let n = backend
-            .recv(&mut buf)
-            .unwrap_or_else(|e| panic!("datagram {i} ({len} B) lost: {e} (GSO {gso})"));
-        assert_eq!(n, len, "datagram {i}: length (GSO {gso})");
-        assert!(
-            buf[..n] == datagram(i, len)[..],
-            "datagram {i} ({len} B) altered (GSO {gso})"
-        );
+    for burst in bursts {
+        for i in burst.clone() {
+            client.send_to(&datagram(i, sizes[i]), p.addr()).unwrap();
+        }
+        for i in burst.clone() {
+            let len = sizes[i];
+            let n = backend
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} ({len} B) lost: {e} (GSO {gso})"));
+            assert_eq!(n, len, "datagram {i}: length (GSO {gso})");
+            assert!(
+                buf[..n] == datagram(i, len)[..],
+                "datagram {i} ({len} B) altered (GSO {gso})"
+            );
+        }
+        // And back: the container answers with the same burst.
+        for i in burst.clone() {
+            backend.send_to(&datagram(i, sizes[i]), flow).unwrap();
+        }
+        for i in burst {
+            let len = sizes[i];
+            let (n, from) = client
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("reply {i} ({len} B) lost: {e} (GSO {gso})"));
+            assert_eq!(from, p.addr(), "reply {i} from the wrong address");
+            assert_eq!(n, len, "reply {i}: length (GSO {gso})");
+            assert!(
+                buf[..n] == datagram(i, len)[..],
+                "reply {i} ({len} B) altered (GSO {gso})"
+            );
+        }
     }
 }

@@ -107,6 +107,10 @@ struct ReplyPath {
     client: SocketAddr,
     local: Option<IpAddr>,
     stats: Arc<Stats>,
+    /// As [`Upstream::max_segment`], toward the client. The frontend is not connected, so its
+    /// path MTU is unknown: segments are tried up to the UDP maximum, and the kernel's EINVAL
+    /// (a segment larger than the route's MTU) turns GSO off for this flow.
+    max_segment: AtomicUsize,
 }
 
 thread_local! {
@@ -272,6 +276,7 @@ impl Dispatch {
             client: key.0,
             local: key.1,
             stats: self.stats.clone(),
+            max_segment: AtomicUsize::new(if GSO.load(Relaxed) { 65_507 } else { 0 }),
         };
         Stats::add(&self.stats.total, 1);
         Stats::add(&self.stats.active, 1);
@@ -306,19 +311,8 @@ impl Dispatch {
                     leftovers.extend(run[sent..].iter().map(|d| (upstream.clone(), d.to_vec())));
                     break;
                 }
-                // The kernel refused a segmented send: the path's MTU shrank (EINVAL), or the
-                // route cannot offload checksums (EIO), which no flow will get past.
-                Err(e)
-                    if max_segment > 0
-                        && matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EIO)) =>
-                {
+                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
                     upstream.max_segment.store(0, Relaxed);
-                    if e.raw_os_error() == Some(libc::EIO) && GSO.swap(false, Relaxed) {
-                        tracing::info!(
-                            "UDP segmentation offload unavailable toward {}: sending datagrams one by one",
-                            self.target
-                        );
-                    }
                 }
                 // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
@@ -332,6 +326,25 @@ impl Dispatch {
             }
         }
         run.clear();
+    }
+}
+
+/// Whether a failed segmented send means "not like this": a segment larger than the path's
+/// MTU (EINVAL on a connected socket, EMSGSIZE on the frontend; the flow then sends datagram
+/// by datagram), or a route that cannot offload checksums (EIO; the process stops segmenting
+/// altogether).
+fn refuses_segmentation(e: &io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(libc::EINVAL | libc::EMSGSIZE) => true,
+        Some(libc::EIO) => {
+            if GSO.swap(false, Relaxed) {
+                tracing::info!(
+                    "UDP segmentation offload unavailable: sending datagrams one by one"
+                );
+            }
+            true
+        }
+        _ => false,
     }
 }
 
@@ -417,6 +430,7 @@ impl ReplyPath {
         let mut sent = 0;
         while sent < datagrams.len() {
             let fd: BorrowedFd<'_> = self.frontend.as_fd();
+            let max_segment = self.max_segment.load(Relaxed);
             let result = self.frontend.try_io(Interest::WRITABLE, || {
                 sys::send_batch_from(
                     fd,
@@ -424,6 +438,7 @@ impl ReplyPath {
                     &self.client,
                     self.local,
                     self.frontend_v6,
+                    max_segment,
                 )
             });
             match result {
@@ -434,6 +449,9 @@ impl ReplyPath {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return datagrams[sent..].iter().map(|d| d.to_vec()).collect();
+                }
+                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
+                    self.max_segment.store(0, Relaxed);
                 }
                 Err(e) => {
                     tracing::debug!("udp reply to {} dropped: {}", self.client, describe(&e));
