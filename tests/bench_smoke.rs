@@ -1,4 +1,4 @@
-//! The benchmark harness (benches/proxy.rs) in its smoke mode: every workload once, briefly,
+//! The benchmark harness (benches/proxy/) in its smoke mode: every workload once, briefly,
 //! through every proxy. It checks that the harness works (a table row per workload, no failed
 //! measurement), not the figures. Needs root and the tools from .ci/install-deps; skips
 //! (saying why) without them.
@@ -6,7 +6,7 @@
 //! The harness is compiled into this test rather than run through `cargo bench`, which would
 //! wait for the build directory lock that `cargo test` holds while tests run.
 
-#[path = "../benches/proxy.rs"]
+#[path = "../benches/proxy/main.rs"]
 mod harness;
 
 use std::time::Instant;

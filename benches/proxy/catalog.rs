@@ -1,0 +1,143 @@
+//! What is compared (direct and the proxies) and what is measured: the workload table.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Direct,
+    Rproxy,
+    DockerProxy,
+    Socat,
+}
+
+pub const KINDS: [Kind; 4] = [Kind::Direct, Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Rproxy => "rproxy",
+            Kind::DockerProxy => "docker-proxy",
+            Kind::Socat => "socat",
+        }
+    }
+
+    pub(crate) fn from_name(s: &str) -> Option<Kind> {
+        KINDS.into_iter().find(|k| k.name() == s)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        KINDS.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+pub(crate) struct Metric {
+    pub(crate) name: &'static str,
+    pub(crate) decimals: usize,
+    /// Whether dividing two proxies' figures means something (not for error counts, loss…).
+    pub(crate) ratio: bool,
+}
+
+pub(crate) const fn m(name: &'static str, decimals: usize, ratio: bool) -> Metric {
+    Metric {
+        name,
+        decimals,
+        ratio,
+    }
+}
+
+pub(crate) type RunFn = fn(&Ctx, Kind, u16) -> Result<Vec<f64>, String>;
+
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) about: String,
+    pub(crate) metrics: &'static [Metric],
+    pub(crate) kinds: &'static [Kind],
+    pub(crate) run: RunFn,
+}
+
+pub(crate) const ALL: &[Kind] = &KINDS;
+pub(crate) const PROXIES: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
+/// socat forks a process per connection: 10,000 of them are no "memory per connection" figure.
+pub(crate) const ONE_PROCESS: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy];
+pub(crate) const BULK: &[Metric] = &[m("Gb/s", 2, true)];
+pub(crate) const RR: &[Metric] = &[
+    m("k req/s", 1, true),
+    m("p50 µs", 1, true),
+    m("p99 µs", 1, true),
+];
+pub(crate) const WRK: &[Metric] = &[m("k conn/s", 2, true), m("errors", 0, false)];
+pub(crate) const FIXED: &[Metric] = &[
+    m("k conn/s done", 2, true),
+    m("errors", 0, false),
+    m("not started", 0, false),
+    m("p99 ms", 2, true),
+];
+pub(crate) const UDP: &[Metric] = &[m("delivered Mb/s", 0, true), m("loss %", 2, false)];
+pub(crate) const FLOWS: &[Metric] = &[m("replies %", 2, true), m("misrouted", 0, false)];
+pub(crate) const IDLE: &[Metric] = &[
+    m("PSS KB/conn", 2, true),
+    m("private KB/conn", 2, true),
+    m("connections", 0, false),
+];
+pub(crate) const PORTS: &[Metric] = &[
+    m("ready ms", 0, true),
+    m("RSS MB", 1, true),
+    m("PSS MB", 1, true),
+    m("threads", 0, true),
+    m("processes", 0, false),
+];
+
+pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
+    let s = o.seconds;
+    let w = |name, about: String, metrics, kinds, run| Workload {
+        name,
+        about,
+        metrics,
+        kinds,
+        run,
+    };
+    vec![
+        w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, ALL,
+            |c, k, p| tcp_bulk(c, k, p, 1, false)),
+        w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, ALL,
+            |c, k, p| tcp_bulk(c, k, p, 1, true)),
+        w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, ALL,
+            |c, k, p| tcp_bulk(c, k, p, 4, false)),
+        w("tcp-bulk-4-rev", format!("TCP bulk, 4 streams, container → client, {s} s (iperf3 -P 4 -R)"), BULK, ALL,
+            |c, k, p| tcp_bulk(c, k, p, 4, true)),
+        w("rr", format!("TCP request/response, 64 B, one connection, unpinned, {s} s (sockperf ping-pong, full round trip)"), RR, ALL,
+            |c, k, p| request_response(c, k, p, false)),
+        w("rr-pinned", format!("as rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, ALL,
+            |c, k, p| request_response(c, k, p, true)),
+        w("conn-rate", format!("TCP connections/s, 16 clients, closed loop, one request per connection, {s} s (wrk -t2 -c16, Connection: close)"), WRK, ALL,
+            conn_rate),
+        w("conn-fixed", format!("TCP connections at {} /s offered for {s} s, 16 client threads, open loop (own generator; errors: connections that failed; not started: still queued behind busy clients when the run ended, {s} s + 5 s; p99 from the scheduled start)", o.rate), FIXED, ALL,
+            conn_fixed),
+        w("udp-bulk", format!("UDP 1,400 B datagrams, unlimited rate, client → container, {s} s (iperf3 -u -b 0)"), UDP, ALL,
+            |c, k, p| udp_bulk(c, k, p, "0")),
+        w("udp-500m", format!("UDP 1,400 B datagrams at 500 Mb/s, client → container, {s} s (iperf3 -u -b 500M)"), UDP, ALL,
+            |c, k, p| udp_bulk(c, k, p, "500M")),
+        w("udp-flows", format!("{} concurrent UDP flows (one client socket each) × {} datagrams to an echo server, sent at ≤10,000 datagrams/s (own code; misrouted: a reply from another address or with another flow's payload)", o.flows, o.flow_msgs), FLOWS, ALL,
+            udp_flows),
+        w("idle-conns", format!("{} idle proxied TCP connections (fewer where RLIMIT_NOFILE, {}, cannot hold them: docker-proxy keeps 6 fds per idle connection, rproxy 2) that have carried nothing yet: the proxy's user-space memory per connection (PSS and private, /proc/PID/smaps_rollup after minus before, ÷ N); then 100 of them echo a byte to prove they work", o.idle, o.nofile), IDLE, ONE_PROCESS,
+            idle_conns),
+        w("ports", format!("{} TCP ports: one `rproxy daemon -p RANGE` vs a docker-proxy / socat process per port; ready = all listening", o.ports), PORTS, PROXIES,
+            many_ports),
+    ]
+}

@@ -1,0 +1,142 @@
+//! Starting each proxy as dockerd would (status pipe on fd 3), or the daemon for N ports.
+
+use super::*;
+
+pub(crate) struct Ctx {
+    pub(crate) o: Options,
+    pub(crate) dir: PathBuf,
+    pub(crate) kinds: Vec<Kind>,
+}
+
+impl Ctx {
+    pub(crate) fn settle(&self) {
+        thread::sleep(Duration::from_millis(if self.o.smoke { 50 } else { 300 }));
+    }
+}
+
+/// Where the client sends: the proxy on the bridge gateway, or the container itself.
+pub(crate) fn dest(kind: Kind, port: u16) -> SocketAddrV4 {
+    match kind {
+        Kind::Direct => SocketAddrV4::new(CTR, port),
+        _ => SocketAddrV4::new(GW, port),
+    }
+}
+
+/// docker-proxy's command line, as dockerd passes it.
+pub(crate) fn docker_args(proto: Proto, port: u16) -> Vec<String> {
+    [
+        "-proto",
+        proto.name(),
+        "-host-ip",
+        &GW.to_string(),
+        "-host-port",
+        &port.to_string(),
+        "-container-ip",
+        &CTR.to_string(),
+        "-container-port",
+        &port.to_string(),
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Starts one proxy process for `proto` GW:port → CTR:port (nothing for direct), ready to serve.
+pub(crate) fn start_proxy(
+    ctx: &Ctx,
+    kind: Kind,
+    proto: Proto,
+    port: u16,
+    pin: bool,
+) -> Result<Option<Proc>, String> {
+    let name = format!("{}-{}-{port}", kind.name(), proto.name());
+    match kind {
+        Kind::Direct => Ok(None),
+        Kind::Rproxy | Kind::DockerProxy => {
+            let binary = match kind {
+                Kind::Rproxy => &ctx.o.rproxy,
+                _ => &ctx.o.docker_proxy,
+            };
+            let mut cmd = command(None, pin, binary);
+            cmd.args(docker_args(proto, port))
+                .env("RPROXY_SOCKET", NO_DAEMON)
+                .env("RPROXY_LOG", "warn")
+                .env_remove("RPROXY_LOG_FILE");
+            let (read, write) =
+                nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd: write,
+                child_fd: 3,
+            }])
+            .map_err(|e| format!("fd mapping: {e:?}"))?;
+            let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
+            wait_status(&mut p, read)?;
+            Ok(Some(p))
+        }
+        Kind::Socat => {
+            let (listen, connect) = match proto {
+                Proto::Tcp => (
+                    format!("TCP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("TCP4:{CTR}:{port}"),
+                ),
+                Proto::Udp => (
+                    format!("UDP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("UDP4:{CTR}:{port}"),
+                ),
+            };
+            let mut cmd = command(None, pin, tool("socat"));
+            cmd.args([listen, connect]);
+            let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
+            wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
+            Ok(Some(p))
+        }
+    }
+}
+
+/// Appends the proxies' own words to an error, which is where their misbehaviour shows.
+pub(crate) fn explain<T>(result: Result<T, String>, procs: &[&Option<Proc>]) -> Result<T, String> {
+    result.map_err(|e| {
+        let logs: String = procs
+            .iter()
+            .filter_map(|p| p.as_ref())
+            .map(Proc::logs)
+            .collect();
+        format!("{e}{logs}")
+    })
+}
+
+/// A server program in the container namespace, listening on CTR:port.
+pub(crate) fn start_server(ctx: &Ctx, name: &str, cmd: Command, port: u16) -> Result<Proc, String> {
+    let mut p = Proc::spawn(cmd, name, &ctx.dir)?;
+    wait_bound(&mut p, Proto::Tcp, SocketAddrV4::new(CTR, port))?;
+    Ok(p)
+}
+
+pub(crate) fn iperf3_server(ctx: &Ctx, port: u16) -> Result<Proc, String> {
+    let mut cmd = command(Some(NS_CTR), false, tool("iperf3"));
+    cmd.args(["-s", "-1", "-p", &port.to_string(), "-B", &CTR.to_string()]);
+    start_server(ctx, "iperf3-server", cmd, port)
+}
+
+pub(crate) fn iperf3_json(out: &ToolOut) -> Result<Value, String> {
+    let j: Value = serde_json::from_str(&out.stdout).map_err(|e| {
+        format!(
+            "iperf3 ({}): no JSON ({e}): {}",
+            out.status,
+            tail(&out.stderr, 3)
+        )
+    })?;
+    if let Some(e) = j.get("error").and_then(Value::as_str) {
+        return Err(format!("iperf3: {e}"));
+    }
+    if !out.ok {
+        return Err(format!("iperf3 exited with {}", out.status));
+    }
+    Ok(j)
+}
+
+pub(crate) fn json_f64(j: &Value, path: &[&str]) -> Result<f64, String> {
+    path.iter()
+        .try_fold(j, |v, k| v.get(k))
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format!("iperf3 JSON has no {}", path.join(".")))
+}

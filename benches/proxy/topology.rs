@@ -1,0 +1,142 @@
+//! The network: client and container namespaces on a bridge, and the iptables rules for it.
+
+use super::*;
+
+/// Holds the lock that keeps two runs from sharing the bridge.
+pub(crate) struct Topology {
+    pub(crate) _lock: Flock<File>,
+}
+
+impl Topology {
+    pub(crate) fn up() -> Result<Topology, String> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_PATH)
+            .map_err(|e| format!("{LOCK_PATH}: {e}"))?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            format!("another benchmark run holds {LOCK_PATH} (it owns {BRIDGE}); wait for it")
+        })?;
+        let leftover = Path::new("/sys/class/net").join(BRIDGE).exists()
+            || VETHS.iter().any(|(veth, ns, _)| {
+                Path::new("/sys/class/net").join(veth).exists()
+                    || Path::new("/run/netns").join(ns).exists()
+            });
+        if leftover {
+            eprintln!("bench: removing {BRIDGE} and namespaces left by an earlier run");
+            teardown();
+        }
+        registry().topology = true;
+        let gw = format!("{GW}/24");
+        sh(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
+        sh(&["ip", "addr", "add", &gw, "dev", BRIDGE])?;
+        sh(&["ip", "link", "set", BRIDGE, "up"])?;
+        for (veth, ns, addr) in VETHS {
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&[
+                "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ])?;
+            sh(&["ip", "link", "set", veth, "master", BRIDGE, "up"])?;
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+            sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &GW.to_string(),
+            ])?;
+        }
+        // The client namespace makes tens of thousands of short connections: a wide port range
+        // and reuse of TIME_WAIT ports there (per-namespace settings; the host's are untouched).
+        for setting in [
+            "net.ipv4.ip_local_port_range=15000 64999",
+            "net.ipv4.tcp_tw_reuse=1",
+        ] {
+            sh(&["ip", "netns", "exec", NS_CLI, "sysctl", "-q", "-w", setting])?;
+        }
+        for (table, chain, dir, target) in IPTABLES_RULES {
+            let mut args = vec![
+                "iptables", "-w", "-t", table, "-I", chain, dir, BRIDGE, "-j",
+            ];
+            args.extend(target.split(' '));
+            sh(&args)?;
+        }
+        Ok(Topology { _lock: lock })
+    }
+}
+
+/// Removes the iptables rules, whatever runs in our namespaces, the namespaces and the bridge.
+pub(crate) fn teardown() {
+    for (table, chain, dir, target) in IPTABLES_RULES {
+        let mut args = vec![
+            "iptables", "-w", "-t", table, "-D", chain, dir, BRIDGE, "-j",
+        ];
+        args.extend(target.split(' '));
+        for _ in 0..8 {
+            if sh(&args).is_err() {
+                break;
+            }
+        }
+    }
+    for (veth, ns, _) in VETHS {
+        if Path::new("/run/netns").join(ns).exists() {
+            if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
+                for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                    kill_tree(pid, None);
+                }
+            }
+        }
+        if Path::new("/sys/class/net").join(veth).exists() {
+            let _ = sh(&["ip", "link", "del", veth]);
+        }
+        if Path::new("/run/netns").join(ns).exists() {
+            if let Err(e) = sh(&["ip", "netns", "del", ns]) {
+                eprintln!("bench: cleanup: {e}");
+            }
+        }
+    }
+    if Path::new("/sys/class/net").join(BRIDGE).exists() {
+        if let Err(e) = sh(&["ip", "link", "del", BRIDGE]) {
+            eprintln!("bench: cleanup: {e}");
+        }
+    }
+}
+
+pub(crate) fn enter_netns(ns: &str) -> Result<(), String> {
+    let f = File::open(Path::new("/run/netns").join(ns)).map_err(|e| format!("netns {ns}: {e}"))?;
+    setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns {ns}: {e}"))
+}
+
+/// Runs `f` on a fresh thread inside network namespace `ns`; sockets it makes stay in `ns`.
+pub(crate) fn in_netns<T, F>(ns: &'static str, f: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, String> + Send + 'static,
+{
+    spawn_in_netns(ns, f)?
+        .join()
+        .unwrap_or_else(|_| Err(format!("a thread in {ns} panicked")))
+}
+
+pub(crate) fn spawn_in_netns<T, F>(
+    ns: &'static str,
+    f: F,
+) -> Result<JoinHandle<Result<T, String>>, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, String> + Send + 'static,
+{
+    thread::Builder::new()
+        .name(format!("in-{ns}"))
+        .spawn(move || {
+            enter_netns(ns)?;
+            f()
+        })
+        .map_err(|e| format!("thread: {e}"))
+}
