@@ -43,6 +43,7 @@ fn bench_smoke() {
         "conn-rate",
         "conn-fixed",
         "udp-bulk",
+        "udp-bulk-rev",
         "udp-500m",
         "udp-flows",
         "idle-conns",

@@ -1,4 +1,5 @@
-//! UDP workloads: bulk at unlimited and fixed rate (iperf3), and many concurrent flows.
+//! UDP workloads: bulk at unlimited and fixed rate, both directions (iperf3), and many
+//! concurrent flows.
 
 use super::*;
 
@@ -7,6 +8,7 @@ pub(crate) fn udp_bulk(
     kind: Kind,
     port: u16,
     bitrate: &str,
+    reverse: bool,
 ) -> Result<Vec<f64>, String> {
     let _server = iperf3_server(ctx, port)?;
     // iperf3 runs its control connection over TCP on the same port: two proxies, as dockerd
@@ -25,6 +27,11 @@ pub(crate) fn udp_bulk(
             &ctx.o.seconds.to_string(),
             "-J",
         ]);
+    if reverse {
+        // The server sends, to the address the client's first datagrams came from: through a
+        // proxy, that is the proxy's flow socket, so the data takes the proxy's reply path.
+        cmd.arg("-R");
+    }
     let result = run_tool(
         ctx,
         cmd,
