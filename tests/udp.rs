@@ -330,3 +330,50 @@ fn burst_check(backend: UdpSocket, client: UdpSocket, listen: &str, gso: &str) {
         }
     }
 }
+
+/// A flow whose replies stream (a full receive batch) gets a large receive buffer, so a burst
+/// from the container that arrives while the proxy is busy waits instead of being dropped.
+/// Deterministic: the proxy is stopped (SIGSTOP) while each burst is sent.
+#[test]
+fn streaming_replies_get_a_large_receive_buffer() {
+    if !need_root("streaming_replies_get_a_large_receive_buffer") {
+        return; // SO_RCVBUFFORCE past net.core.rmem_max needs CAP_NET_ADMIN
+    }
+    use nix::sys::signal::{kill, Signal};
+    let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for s in [&backend, &client] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    let fd = std::os::fd::AsFd::as_fd(&client);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20)).unwrap();
+    let p = start("udp", "127.0.0.1", backend.local_addr().unwrap());
+    let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+    client.send_to(b"open", p.addr()).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let (_, flow) = backend.recv_from(&mut buf).unwrap();
+    let mut burst = |n: usize, tag: u8| {
+        kill(pid, Signal::SIGSTOP).unwrap();
+        for i in 0..n {
+            let mut d = vec![tag; 1400];
+            d[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            backend.send_to(&d, flow).unwrap();
+        }
+        kill(pid, Signal::SIGCONT).unwrap();
+        for i in 0..n {
+            let n = client
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("burst {tag}: reply {i} lost: {e}"));
+            assert_eq!(n, 1400);
+            assert_eq!(
+                &buf[..4],
+                &(i as u32).to_be_bytes(),
+                "burst {tag}: out of order"
+            );
+        }
+    };
+    // 40 replies fit the default buffer and fill a batch: the flow is streaming now.
+    burst(40, 1);
+    // 2,000 (about 5 MB with the kernel's overhead) would overflow the default 208 KiB.
+    burst(2000, 2);
+}

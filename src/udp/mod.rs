@@ -353,7 +353,7 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 
 /// Raises a socket's receive buffer to [`RECEIVE_BUFFER`]: SO_RCVBUFFORCE when privileged
 /// (past net.core.rmem_max), else as far as rmem_max allows.
-pub fn grow_receive_buffer(socket: &socket2::Socket) {
+pub fn grow_receive_buffer(socket: &impl AsFd) {
     if socket2::SockRef::from(socket)
         .set_recv_buffer_size(RECEIVE_BUFFER)
         .is_ok()
@@ -377,6 +377,10 @@ fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
 /// Relays the target's replies to the client until the flow has been idle for `timeout`.
 async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeout: Duration) {
     let timeout_ms = timeout.as_millis() as u64;
+    // A flow socket starts with the kernel's default buffer (~208 KiB: cheap for the many
+    // small flows); one whose replies fill a whole batch is streaming, and gets the
+    // frontend's buffer so bursts from the target are not dropped before they are read.
+    let mut grown = false;
     loop {
         let deadline = activity.last() + timeout_ms;
         let now = now_ms();
@@ -392,6 +396,10 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
                 match flow.try_io(Interest::READABLE, || batch.recv(flow.as_fd())) {
                     Ok(n) => {
                         activity.touch();
+                        if n == sys::BATCH && !grown {
+                            grow_receive_buffer(flow);
+                            grown = true;
+                        }
                         Some(path.send(batch, n))
                     }
                     // Drained; or an ICMP error from the target (nothing to relay).
