@@ -162,7 +162,7 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
     let mut pipes = Vec::new();
     let t0 = Instant::now();
     match kind {
-        Kind::Rproxy => {
+        Kind::Rproxy | Kind::RproxyDaemon => {
             let config = ctx.dir.join("empty.toml");
             fs::write(&config, "publish = []\n")
                 .map_err(|e| format!("{}: {e}", config.display()))?;

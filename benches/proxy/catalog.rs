@@ -5,12 +5,22 @@ use super::*;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Direct,
+    /// rproxy as dockerd runs it: one process per port (current-thread runtime).
     Rproxy,
     DockerProxy,
     Socat,
+    /// `rproxy daemon -p …`: the one-process mode (multi-thread runtime).
+    RproxyDaemon,
 }
 
-pub const KINDS: [Kind; 4] = [Kind::Direct, Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
+/// Columns in this order; rproxy-daemon last so the others keep their places.
+pub const KINDS: [Kind; 5] = [
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::DockerProxy,
+    Kind::Socat,
+    Kind::RproxyDaemon,
+];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -19,6 +29,7 @@ impl Kind {
             Kind::Rproxy => "rproxy",
             Kind::DockerProxy => "docker-proxy",
             Kind::Socat => "socat",
+            Kind::RproxyDaemon => "rproxy-daemon",
         }
     }
 
@@ -74,7 +85,7 @@ pub(crate) struct Workload {
 pub(crate) const ALL: &[Kind] = &KINDS;
 pub(crate) const PROXIES: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
 /// socat forks a process per connection: 10,000 of them are no "memory per connection" figure.
-pub(crate) const ONE_PROCESS: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy];
+pub(crate) const ONE_PROCESS: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::RproxyDaemon];
 pub(crate) const BULK: &[Metric] = &[m("Gb/s", 2, true)];
 pub(crate) const RR: &[Metric] = &[
     m("k req/s", 1, true),
@@ -139,7 +150,7 @@ pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
             udp_flows),
         w("idle-conns", format!("{} idle proxied TCP connections (fewer where RLIMIT_NOFILE, {}, cannot hold them: docker-proxy keeps 6 fds per idle connection, rproxy 2) that have carried nothing yet: the proxy's user-space memory per connection (PSS and private, /proc/PID/smaps_rollup after minus before, ÷ N); then 100 of them echo a byte to prove they work", o.idle, o.nofile), IDLE, ONE_PROCESS,
             idle_conns),
-        w("ports", format!("{} TCP ports: one `rproxy daemon -p RANGE` vs a docker-proxy / socat process per port; ready = all listening", o.ports), PORTS, PROXIES,
+        w("ports", format!("{} TCP ports: one `rproxy daemon -p RANGE` (in the rproxy column) vs a docker-proxy / socat process per port; ready = all listening", o.ports), PORTS, PROXIES,
             many_ports),
     ]
 }

@@ -330,8 +330,9 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 4] = [
+pub(crate) const RATIOS: [(Kind, Kind); 5] = [
     (Kind::Rproxy, Kind::DockerProxy),
+    (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
     (Kind::DockerProxy, Kind::Direct),
     (Kind::Socat, Kind::DockerProxy),

@@ -72,6 +72,25 @@ pub(crate) fn start_proxy(
             wait_status(&mut p, read)?;
             Ok(Some(p))
         }
+        Kind::RproxyDaemon => {
+            let config = ctx.dir.join("empty.toml");
+            fs::write(&config, "publish = []\n")
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            let socket = ctx.dir.join(format!("{name}.sock"));
+            let mut cmd = command(None, pin, &ctx.o.rproxy);
+            cmd.arg("daemon")
+                .arg("--config")
+                .arg(&config)
+                .arg("--control-socket")
+                .arg(&socket)
+                .arg("-p")
+                .arg(format!("{GW}:{port}:{CTR}:{port}/{}", proto.name()))
+                .env("RPROXY_LOG", "warn")
+                .env_remove("RPROXY_LOG_FILE");
+            let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
+            wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
+            Ok(Some(p))
+        }
         Kind::Socat => {
             let (listen, connect) = match proto {
                 Proto::Tcp => (
