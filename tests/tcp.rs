@@ -307,6 +307,42 @@ fn thousand_concurrent_connections_from_a_1024_fd_limit() {
     );
 }
 
+/// Out of descriptors, a connection that starts streaming cannot get a pipe: it copies
+/// instead of failing (it had no pipe yet: pipes are shared and made on first streaming).
+#[test]
+fn streaming_without_a_pipe_to_be_had_copies() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let mut spawn = Spawn::new(&[
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "0",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo.port().to_string(),
+    ]);
+    spawn.shell_prefix.push("ulimit -n 64".into());
+    let p = spawn.spawn().ready();
+    let mut streamer = connect(p.addr());
+    streamer.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    streamer.read_exact(&mut one).unwrap();
+    // Use up every descriptor the proxy has left.
+    let _held: Vec<TcpStream> = (0..100).map(|_| connect(p.addr())).collect();
+    p.wait_log("accept failed: too many open files", Duration::from_secs(5));
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut writer = streamer.try_clone().unwrap();
+    let sent = data.clone();
+    let sender = std::thread::spawn(move || writer.write_all(&sent));
+    let mut back = vec![0u8; data.len()];
+    streamer
+        .read_exact(&mut back)
+        .expect("the streaming connection failed without a pipe");
+    sender.join().unwrap().unwrap();
+    assert!(back == data, "bytes altered while copying");
+}
+
 /// Nothing listening behind the proxy: the client is reset at once, the reason is logged, and
 /// the proxy keeps serving.
 #[test]

@@ -69,6 +69,12 @@ async fn pump(
                     (splice, streaming) = (false, false);
                     continue;
                 }
+                // No pipe to be had (out of descriptors): copy this chunk; the next full read
+                // tries splice again.
+                Err(SpliceError::NoPipe) => {
+                    streaming = false;
+                    continue;
+                }
                 Err(SpliceError::Io(e)) => return Err(e),
             }
         } else {
@@ -121,6 +127,8 @@ async fn copy_once(from: &mut ReadHalf<'_>, to: &mut WriteHalf<'_>) -> io::Resul
 enum SpliceError {
     /// splice(2) refused to read these fds (EINVAL); nothing was moved.
     Unsupported,
+    /// No pipe could be made (EMFILE, ENFILE); nothing was moved.
+    NoPipe,
     Io(io::Error),
 }
 
@@ -135,7 +143,9 @@ impl From<io::Error> for SpliceError {
 async fn splice_once(from: &TcpStream, to: &TcpStream) -> Result<usize, SpliceError> {
     loop {
         from.readable().await?;
-        let mut pipe = Lease::take()?;
+        let Ok(mut pipe) = Lease::take() else {
+            return Err(SpliceError::NoPipe);
+        };
         // The pipe is empty, so "would block" means the socket has nothing to read; the lease
         // then goes straight back to the pool.
         let n = match from.try_io(Interest::READABLE, || {
