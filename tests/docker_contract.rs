@@ -279,19 +279,9 @@ fn bad_fd_4_is_reported() {
 #[test]
 fn works_without_status_pipe() {
     let echo = tcp_echo("127.0.0.1:0");
-    let port = echo.port().to_string();
-    let p = Spawn::new(&[
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        "0",
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        &port,
-    ])
-    .no_status_pipe()
-    .spawn();
+    let p = Spawn::forward("tcp", "127.0.0.1", echo)
+        .no_status_pipe()
+        .spawn();
     let line = p.wait_log("serving tcp 127.0.0.1:", Duration::from_secs(5));
     let addr: SocketAddr = line
         .split_whitespace()

@@ -275,17 +275,7 @@ fn thousand_concurrent_connections_from_a_1024_fd_limit() {
     }
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let echo = tcp_echo("127.0.0.1:0");
-    let mut spawn = Spawn::new(&[
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        "0",
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        &echo.port().to_string(),
-    ])
-    .soft_nofile(1024);
+    let mut spawn = Spawn::forward("tcp", "127.0.0.1", echo).soft_nofile(1024);
     spawn.env.push(("RPROXY_LOG".into(), "info".into()));
     let p = spawn.spawn().ready();
     let mut conns: Vec<TcpStream> = (0..1000).map(|_| connect(p.addr())).collect();
@@ -312,16 +302,7 @@ fn thousand_concurrent_connections_from_a_1024_fd_limit() {
 #[test]
 fn streaming_without_a_pipe_to_be_had_copies() {
     let echo = tcp_echo("127.0.0.1:0");
-    let mut spawn = Spawn::new(&[
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        "0",
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        &echo.port().to_string(),
-    ]);
+    let mut spawn = Spawn::forward("tcp", "127.0.0.1", echo);
     spawn.shell_prefix.push("ulimit -n 64".into());
     let p = spawn.spawn().ready();
     let mut streamer = connect(p.addr());
@@ -410,16 +391,7 @@ fn connect_timeout_resets_the_client() {
 #[test]
 fn fd_exhaustion_backs_off_and_recovers() {
     let echo = tcp_echo("127.0.0.1:0");
-    let mut spawn = Spawn::new(&[
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        "0",
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        &echo.port().to_string(),
-    ]);
+    let mut spawn = Spawn::forward("tcp", "127.0.0.1", echo);
     spawn.shell_prefix.push("ulimit -n 64".into());
     let p = spawn.spawn().ready();
     let pid = p.child.id();

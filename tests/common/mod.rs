@@ -85,6 +85,22 @@ impl Spawn {
         self
     }
 
+    /// The docker-proxy flags dockerd passes: `proto` from `listen` (port 0 = any) to `target`.
+    pub fn forward(proto: &str, listen: &str, target: SocketAddr) -> Spawn {
+        Spawn::new(&[
+            "-proto",
+            proto,
+            "-host-ip",
+            listen,
+            "-host-port",
+            "0",
+            "-container-ip",
+            &target.ip().to_string(),
+            "-container-port",
+            &target.port().to_string(),
+        ])
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Spawn {
         self.env.push((key.into(), value.into()));
         self
@@ -269,18 +285,7 @@ pub fn start(proto: &str, listen: &str, target: SocketAddr) -> Proxy {
 }
 
 pub fn start_with(proto: &str, listen: &str, target: SocketAddr, env: &[(&str, &str)]) -> Proxy {
-    let mut spawn = Spawn::new(&[
-        "-proto",
-        proto,
-        "-host-ip",
-        listen,
-        "-host-port",
-        "0",
-        "-container-ip",
-        &target.ip().to_string(),
-        "-container-port",
-        &target.port().to_string(),
-    ]);
+    let mut spawn = Spawn::forward(proto, listen, target);
     for (k, v) in env {
         spawn = spawn.env(k, v);
     }
