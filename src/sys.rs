@@ -618,37 +618,7 @@ pub fn send_batch(
     datagrams: &[&[u8]],
     max_segment: usize,
 ) -> io::Result<usize> {
-    let mut iovs: Vec<libc::iovec> = datagrams
-        .iter()
-        .map(|d| libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        })
-        .collect();
-    let groups = gso_groups(datagrams, max_segment);
-    let mut cmsgs: Vec<Cmsgs> = groups.iter().map(|_| Cmsgs::new()).collect();
-    let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
-    for (&(first, count), cmsg) in groups.iter().zip(cmsgs.iter_mut()) {
-        let mut h: libc::mmsghdr = unsafe_zeroed();
-        h.msg_hdr.msg_iov = &mut iovs[first];
-        h.msg_hdr.msg_iovlen = count as _;
-        if count > 1 {
-            cmsg.segment_size(datagrams[first].len() as u16);
-        }
-        cmsg.attach(&mut h.msg_hdr);
-        hdrs.push(h);
-    }
-    // SAFETY: each header points at `count` consecutive iovecs in `iovs` (into borrowed
-    // slices) and at its own cmsg buffer; all outlive the call, which only reads through them.
-    let sent = cvt(unsafe {
-        libc::sendmmsg(
-            fd.as_raw_fd(),
-            hdrs.as_mut_ptr(),
-            hdrs.len() as libc::c_uint,
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    })? as usize;
-    Ok(groups[..sent].iter().map(|g| g.1).sum())
+    send_groups(fd, datagrams, None, max_segment)
 }
 
 /// sendmmsg(2) of datagrams to one destination, each with `from` as its source address (see
@@ -662,7 +632,18 @@ pub fn send_batch_from(
     ipv6_socket: bool,
     max_segment: usize,
 ) -> io::Result<usize> {
-    let (mut name, namelen) = std_to_sockaddr(to);
+    send_groups(fd, datagrams, Some((to, from, ipv6_socket)), max_segment)
+}
+
+/// Both batch senders: one message per GSO group (see [`gso_groups`]), addressed to
+/// `to = (destination, source, ipv6_socket)` when the socket is not connected.
+fn send_groups(
+    fd: BorrowedFd<'_>,
+    datagrams: &[&[u8]],
+    to: Option<(&SocketAddr, Option<IpAddr>, bool)>,
+    max_segment: usize,
+) -> io::Result<usize> {
+    let mut name = to.map(|(to, _, _)| std_to_sockaddr(to));
     let mut iovs: Vec<libc::iovec> = datagrams
         .iter()
         .map(|d| libc::iovec {
@@ -675,11 +656,13 @@ pub fn send_batch_from(
     let mut hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(groups.len());
     for (&(first, count), cmsg) in groups.iter().zip(cmsgs.iter_mut()) {
         let mut h: libc::mmsghdr = unsafe_zeroed();
-        h.msg_hdr.msg_name = &mut name as *mut _ as *mut libc::c_void;
-        h.msg_hdr.msg_namelen = namelen;
+        if let Some((name, namelen)) = &mut name {
+            h.msg_hdr.msg_name = name as *mut _ as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = *namelen;
+        }
         h.msg_hdr.msg_iov = &mut iovs[first];
         h.msg_hdr.msg_iovlen = count as _;
-        if let Some(from) = from {
+        if let Some((_, Some(from), ipv6_socket)) = to {
             cmsg.source(from, ipv6_socket);
         }
         if count > 1 {
