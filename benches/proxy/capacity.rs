@@ -163,36 +163,20 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
     let t0 = Instant::now();
     match kind {
         Kind::Rproxy | Kind::RproxyDaemon => {
-            let config = ctx.dir.join("empty.toml");
-            fs::write(&config, "publish = []\n")
-                .map_err(|e| format!("{}: {e}", config.display()))?;
-            let socket = ctx
-                .dir
-                .join(format!("ctl-{}.sock", SEQ.load(Ordering::Relaxed)));
-            let mut cmd = command(None, false, &ctx.o.rproxy);
-            cmd.arg("daemon")
-                .arg("--config")
-                .arg(&config)
-                .arg("--control-socket")
-                .arg(&socket)
-                .args(["--drain-timeout", "0", "-p"])
-                .arg(format!("{GW}:{first}-{last}:{CTR}:{first}-{last}"))
-                .env("RPROXY_LOG", "warn")
-                .env_remove("RPROXY_LOG_FILE")
-                .env_remove("NOTIFY_SOCKET");
+            let name = format!("ctl-{}", SEQ.load(Ordering::Relaxed));
+            let cmd = daemon_command(
+                ctx,
+                false,
+                &name,
+                &format!("{GW}:{first}-{last}:{CTR}:{first}-{last}"),
+            )?;
             procs.push(Proc::spawn(cmd, "rproxy-daemon", &ctx.dir)?);
         }
         Kind::DockerProxy => {
             for port in first..=last {
                 let mut cmd = command(None, false, &ctx.o.docker_proxy);
                 cmd.args(docker_args(Proto::Tcp, port));
-                let (read, write) =
-                    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-                cmd.fd_mappings(vec![FdMapping {
-                    parent_fd: write,
-                    child_fd: 3,
-                }])
-                .map_err(|e| format!("fd mapping: {e:?}"))?;
+                let read = status_pipe(&mut cmd)?;
                 procs.push(Proc::spawn(cmd, &format!("docker-proxy-{port}"), &ctx.dir)?);
                 pipes.push(read);
             }

@@ -61,32 +61,14 @@ pub(crate) fn start_proxy(
                 .env("RPROXY_SOCKET", NO_DAEMON)
                 .env("RPROXY_LOG", "warn")
                 .env_remove("RPROXY_LOG_FILE");
-            let (read, write) =
-                nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-            cmd.fd_mappings(vec![FdMapping {
-                parent_fd: write,
-                child_fd: 3,
-            }])
-            .map_err(|e| format!("fd mapping: {e:?}"))?;
+            let read = status_pipe(&mut cmd)?;
             let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
             wait_status(&mut p, read)?;
             Ok(Some(p))
         }
         Kind::RproxyDaemon => {
-            let config = ctx.dir.join("empty.toml");
-            fs::write(&config, "publish = []\n")
-                .map_err(|e| format!("{}: {e}", config.display()))?;
-            let socket = ctx.dir.join(format!("{name}.sock"));
-            let mut cmd = command(None, pin, &ctx.o.rproxy);
-            cmd.arg("daemon")
-                .arg("--config")
-                .arg(&config)
-                .arg("--control-socket")
-                .arg(&socket)
-                .arg("-p")
-                .arg(format!("{GW}:{port}:{CTR}:{port}/{}", proto.name()))
-                .env("RPROXY_LOG", "warn")
-                .env_remove("RPROXY_LOG_FILE");
+            let publish = format!("{GW}:{port}:{CTR}:{port}/{}", proto.name());
+            let cmd = daemon_command(ctx, pin, &name, &publish)?;
             let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
             wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
             Ok(Some(p))
@@ -158,4 +140,37 @@ pub(crate) fn json_f64(j: &Value, path: &[&str]) -> Result<f64, String> {
         .try_fold(j, |v, k| v.get(k))
         .and_then(Value::as_f64)
         .ok_or_else(|| format!("iperf3 JSON has no {}", path.join(".")))
+}
+
+/// Gives `cmd` a status pipe on fd 3, as dockerd does; returns the read end.
+pub(crate) fn status_pipe(cmd: &mut Command) -> Result<OwnedFd, String> {
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: write,
+        child_fd: 3,
+    }])
+    .map_err(|e| format!("fd mapping: {e:?}"))?;
+    Ok(read)
+}
+
+/// `rproxy daemon -p PUBLISH` with an empty config and its own control socket (`NAME.sock`).
+pub(crate) fn daemon_command(
+    ctx: &Ctx,
+    pin: bool,
+    name: &str,
+    publish: &str,
+) -> Result<Command, String> {
+    let config = ctx.dir.join("empty.toml");
+    fs::write(&config, "publish = []\n").map_err(|e| format!("{}: {e}", config.display()))?;
+    let mut cmd = command(None, pin, &ctx.o.rproxy);
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .arg("--control-socket")
+        .arg(ctx.dir.join(format!("{name}.sock")))
+        .args(["--drain-timeout", "0", "-p", publish])
+        .env("RPROXY_LOG", "warn")
+        .env_remove("RPROXY_LOG_FILE")
+        .env_remove("NOTIFY_SOCKET");
+    Ok(cmd)
 }
