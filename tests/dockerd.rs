@@ -106,17 +106,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         // [::1] has no NAT path at all: only the `::` proxy can serve it.
         targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, p2)));
     }
-    for addr in &targets {
-        let body = http_get(*addr, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("GET http://{addr}/ failed: {e}\n{}", h.diag()));
-        assert_eq!(
-            body,
-            h.page,
-            "GET http://{addr}/ returned the wrong body\n{}",
-            h.diag()
-        );
-        h.step(&format!("GET http://{addr}/ ok"));
-    }
+    h.get_pages(&targets, "");
 
     // ---- b. the proxies are rproxy, with the contract's flags; no docker-proxy ----------------
     let procs = proxy_processes();
@@ -248,37 +238,36 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     // ---- e. docker stop ends the proxies and frees the ports -----------------------------------
     h.docker_ok(&["stop", "-t", "1", web]);
     h.docker_ok(&["rm", web]);
-    let left = poll(Duration::from_secs(10), || {
-        let left: Vec<ProxyProc> = proxy_processes()
-            .into_iter()
-            .filter(|p| p.exe == h.rproxy_arg)
-            .filter(|p| p.host_port == p1.to_string() || p.host_port == p2.to_string())
-            .collect();
-        left.is_empty().then_some(()).ok_or(left)
-    });
-    if let Err(left) = left {
-        panic!(
-            "rproxy processes for {p1}/{p2} still alive 10 s after docker stop: {left:#?}\n{}",
-            h.diag()
-        );
-    }
-    let freed = poll(Duration::from_secs(10), || {
-        let mut busy = Vec::new();
-        let mut try_bind = |addr: SocketAddr| {
-            if let Err(e) = TcpListener::bind(addr) {
-                busy.push(format!("{addr}: {e}"));
+    h.wait_none(
+        Duration::from_secs(10),
+        &format!("rproxy processes for {p1}/{p2} still alive 10 s after docker stop"),
+        || {
+            let left: Vec<ProxyProc> = proxy_processes()
+                .into_iter()
+                .filter(|p| p.exe == h.rproxy_arg)
+                .filter(|p| p.host_port == p1.to_string() || p.host_port == p2.to_string())
+                .collect();
+            left
+        },
+    );
+    h.wait_none(
+        Duration::from_secs(10),
+        "ports still busy after docker stop",
+        || {
+            let mut busy = Vec::new();
+            let mut try_bind = |addr: SocketAddr| {
+                if let Err(e) = TcpListener::bind(addr) {
+                    busy.push(format!("{addr}: {e}"));
+                }
+            };
+            try_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, p1)));
+            try_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p2)));
+            if h.ipv6 {
+                try_bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, p2)));
             }
-        };
-        try_bind(SocketAddr::from((Ipv4Addr::LOCALHOST, p1)));
-        try_bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p2)));
-        if h.ipv6 {
-            try_bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, p2)));
-        }
-        busy.is_empty().then_some(()).ok_or(busy)
-    });
-    if let Err(busy) = freed {
-        panic!("ports still busy after docker stop: {busy:?}\n{}", h.diag());
-    }
+            busy
+        },
+    );
     // dockerd stops proxies with SIGINT; rproxy logs that it stopped on the signal.
     let log = h.rproxy_log();
     assert!(
@@ -316,16 +305,17 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "docker run stderr must carry rproxy's reason {reason:?}; docker stderr was:\n{}",
         out.stderr
     );
-    let stray = poll(Duration::from_secs(5), || {
-        let stray: Vec<ProxyProc> = proxy_processes()
-            .into_iter()
-            .filter(|p| p.exe == h.rproxy_arg && p.host_port == p4.to_string())
-            .collect();
-        stray.is_empty().then_some(()).ok_or(stray)
-    });
-    if let Err(stray) = stray {
-        panic!("rproxy processes left for the failed port {p4}: {stray:#?}");
-    }
+    h.wait_none(
+        Duration::from_secs(5),
+        &format!("rproxy processes left for the failed port {p4}"),
+        || {
+            let stray: Vec<ProxyProc> = proxy_processes()
+                .into_iter()
+                .filter(|p| p.exe == h.rproxy_arg && p.host_port == p4.to_string())
+                .collect();
+            stray
+        },
+    );
     drop(blocker);
     h.docker_ok(&["rm", "-f", taken]);
     h.step("taken port: docker run failed with rproxy's reason");
@@ -439,17 +429,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, r0)));
         targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, r5)));
     }
-    for addr in &targets {
-        let body = http_get(*addr, Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("GET http://{addr}/ failed: {e}\n{}", h.diag()));
-        assert_eq!(
-            body,
-            h.page,
-            "GET http://{addr}/ returned the wrong body\n{}",
-            h.diag()
-        );
-        h.step(&format!("GET http://{addr}/ ok (daemon)"));
-    }
+    h.get_pages(&targets, " (daemon)");
     let mut udp_targets = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, pu))];
     if h.ipv6 {
         udp_targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, pu)));
@@ -580,50 +560,38 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     // docker rm -f: dockerd SIGINTs the shims, the daemon drops every mapping, ports come free.
     let removing = Instant::now();
     h.docker_ok(&["rm", "-f", many]);
-    let emptied = poll(Duration::from_secs(10), || {
-        let rows = h.rproxy_ls();
-        rows.is_empty().then_some(()).ok_or(rows)
-    });
-    if let Err(rows) = emptied {
-        panic!(
-            "rproxy ls still lists mappings 10 s after docker rm -f: {rows:#?}\n{}",
-            h.diag()
-        );
-    }
-    let gone = poll(Duration::from_secs(10), || {
-        let left = ours_now();
-        left.is_empty().then_some(()).ok_or(left)
-    });
-    if let Err(left) = gone {
-        panic!(
-            "shims still alive 10 s after docker rm -f: {left:#?}\n{}",
-            h.diag()
-        );
-    }
-    let freed = poll(Duration::from_secs(10), || {
-        let mut busy = Vec::new();
-        let mut unspecified = vec![IpAddr::from(Ipv4Addr::UNSPECIFIED)];
-        if h.ipv6 {
-            unspecified.push(IpAddr::from(Ipv6Addr::UNSPECIFIED));
-        }
-        for ip in &unspecified {
-            for &p in &range {
-                if let Err(e) = TcpListener::bind(SocketAddr::new(*ip, p)) {
-                    busy.push(format!("tcp {ip} {p}: {e}"));
+    h.wait_none(
+        Duration::from_secs(10),
+        "rproxy ls still lists mappings 10 s after docker rm -f",
+        || h.rproxy_ls(),
+    );
+    h.wait_none(
+        Duration::from_secs(10),
+        "shims still alive 10 s after docker rm -f",
+        &ours_now,
+    );
+    h.wait_none(
+        Duration::from_secs(10),
+        "ports still busy after docker rm -f",
+        || {
+            let mut busy = Vec::new();
+            let mut unspecified = vec![IpAddr::from(Ipv4Addr::UNSPECIFIED)];
+            if h.ipv6 {
+                unspecified.push(IpAddr::from(Ipv6Addr::UNSPECIFIED));
+            }
+            for ip in &unspecified {
+                for &p in &range {
+                    if let Err(e) = TcpListener::bind(SocketAddr::new(*ip, p)) {
+                        busy.push(format!("tcp {ip} {p}: {e}"));
+                    }
+                }
+                if let Err(e) = UdpSocket::bind(SocketAddr::new(*ip, pu)) {
+                    busy.push(format!("udp {ip} {pu}: {e}"));
                 }
             }
-            if let Err(e) = UdpSocket::bind(SocketAddr::new(*ip, pu)) {
-                busy.push(format!("udp {ip} {pu}: {e}"));
-            }
-        }
-        busy.is_empty().then_some(()).ok_or(busy)
-    });
-    if let Err(busy) = freed {
-        panic!(
-            "ports still busy after docker rm -f: {busy:?}\n{}",
-            h.diag()
-        );
-    }
+            busy
+        },
+    );
     let dlog = h.daemon_log();
     assert!(
         log_has(
@@ -659,18 +627,19 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "dockerd did not shut down within 20 s of SIGTERM (killed)\n{}",
         h.diag()
     );
-    let rest = poll(Duration::from_secs(5), || {
-        let rest: Vec<ProxyProc> = proxy_processes()
-            .into_iter()
-            .filter(|p| {
-                p.exe == h.rproxy_arg && h.ports.iter().any(|q| p.host_port == q.to_string())
-            })
-            .collect();
-        rest.is_empty().then_some(()).ok_or(rest)
-    });
-    if let Err(rest) = rest {
-        panic!("rproxy processes outlived dockerd: {rest:#?}");
-    }
+    h.wait_none(
+        Duration::from_secs(5),
+        "rproxy processes outlived dockerd",
+        || {
+            let rest: Vec<ProxyProc> = proxy_processes()
+                .into_iter()
+                .filter(|p| {
+                    p.exe == h.rproxy_arg && h.ports.iter().any(|q| p.host_port == q.to_string())
+                })
+                .collect();
+            rest
+        },
+    );
     h.step("daemon shutdown: no rproxy left");
 }
 
@@ -895,6 +864,38 @@ impl Harness {
         h.start_containerd();
         h.start_dockerd(&rproxy);
         h
+    }
+
+    /// GET / from every address: each must answer with the container's page.
+    fn get_pages(&self, targets: &[SocketAddr], tag: &str) {
+        for addr in targets {
+            let body = http_get(*addr, Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("GET http://{addr}/ failed: {e}\n{}", self.diag()));
+            assert_eq!(
+                body,
+                self.page,
+                "GET http://{addr}/ returned the wrong body\n{}",
+                self.diag()
+            );
+            self.step(&format!("GET http://{addr}/ ok{tag}"));
+        }
+    }
+
+    /// Polls `find` for up to `timeout` until it finds nothing left; else panics with `what`,
+    /// what is left, and the diagnostics.
+    fn wait_none<T: std::fmt::Debug>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut find: impl FnMut() -> Vec<T>,
+    ) {
+        let result = poll(timeout, || {
+            let left = find();
+            left.is_empty().then_some(()).ok_or(left)
+        });
+        if let Err(left) = result {
+            panic!("{what}: {left:#?}\n{}", self.diag());
+        }
     }
 
     fn step(&self, what: &str) {
