@@ -572,7 +572,7 @@ const UDP_SEGMENT: libc::c_int = 103;
 /// Segments one GSO send may carry (UDP_MAX_SEGMENTS before Linux 6.9; 128 since).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Payload of one GSO send: what fits an IPv4 datagram (65,535 less IP and UDP headers).
-const GSO_MAX_BYTES: usize = 65_507;
+pub const GSO_MAX_BYTES: usize = 65_507;
 
 /// Where the GSO group starting at `start` ends: following datagrams of the same size, and
 /// at most one shorter one to close it, within the kernel's segment and size limits. Only
@@ -694,7 +694,7 @@ mod tests {
         let slices: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
         let (mut start, mut out) = (0, Vec::new());
         while start < slices.len() {
-            let end = gso_group_end(&slices, start, 65_507);
+            let end = gso_group_end(&slices, start, GSO_MAX_BYTES);
             out.push(end - start);
             start = end;
         }

@@ -81,21 +81,40 @@ impl Drop for Flow {
 }
 
 /// A flow's connected socket toward the target, and the largest datagram it may send as a
-/// GSO segment (its path's unfragmented payload; 0 once the kernel refused a segmented send).
+/// GSO segment: its path's unfragmented payload, asked of the kernel the first time a run of
+/// datagrams could use it ([`UNKNOWN`] until then), 0 once the kernel refused a segmented send.
 struct Upstream {
     socket: UdpSocket,
+    ipv6: bool,
     max_segment: AtomicUsize,
 }
 
+/// [`Upstream::max_segment`] before the path MTU has been asked: most flows (a DNS query, a
+/// handshake) never send two datagrams at once, and need not pay for the syscall.
+const UNKNOWN: usize = usize::MAX;
+
 impl Upstream {
     fn new(socket: UdpSocket, target: SocketAddr) -> Upstream {
-        let max_segment = match GSO.load(Relaxed) {
-            true => sys::max_unfragmented_payload(socket.as_fd(), target.is_ipv6()).unwrap_or(0),
-            false => 0,
-        };
         Upstream {
             socket,
-            max_segment: AtomicUsize::new(max_segment),
+            ipv6: target.is_ipv6(),
+            max_segment: AtomicUsize::new(if GSO.load(Relaxed) { UNKNOWN } else { 0 }),
+        }
+    }
+
+    /// The segment limit for sending `n` datagrams (0: no segmentation).
+    fn max_segment(&self, n: usize) -> usize {
+        if n < 2 {
+            return 0;
+        }
+        match self.max_segment.load(Relaxed) {
+            UNKNOWN => {
+                let known =
+                    sys::max_unfragmented_payload(self.socket.as_fd(), self.ipv6).unwrap_or(0);
+                self.max_segment.store(known, Relaxed);
+                known
+            }
+            max => max,
         }
     }
 }
@@ -276,7 +295,11 @@ impl Dispatch {
             client: key.0,
             local: key.1,
             stats: self.stats.clone(),
-            max_segment: AtomicUsize::new(if GSO.load(Relaxed) { 65_507 } else { 0 }),
+            max_segment: AtomicUsize::new(if GSO.load(Relaxed) {
+                sys::GSO_MAX_BYTES
+            } else {
+                0
+            }),
         };
         Stats::add(&self.stats.total, 1);
         Stats::add(&self.stats.active, 1);
@@ -298,7 +321,7 @@ impl Dispatch {
         let mut sent = 0;
         let mut retried = false;
         while sent < run.len() {
-            let max_segment = upstream.max_segment.load(Relaxed);
+            let max_segment = upstream.max_segment(run.len() - sent);
             match socket.try_io(Interest::WRITABLE, || {
                 sys::send_batch(socket.as_fd(), &run[sent..], max_segment)
             }) {
