@@ -1597,21 +1597,20 @@ fn processes_named(comm: &str) -> Vec<i32> {
 
 /// `Threads:` of /proc/PID/status.
 fn proc_threads(pid: i32) -> Option<u32> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))?
-        .trim()
-        .parse()
-        .ok()
+    proc_field(pid, "status", "Threads:").and_then(|n| n.try_into().ok())
 }
 
 /// Proportional set size in kB (`Pss:` of /proc/PID/smaps_rollup).
 fn proc_pss_kb(pid: i32) -> Option<u64> {
-    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+    proc_field(pid, "smaps_rollup", "Pss:")
+}
+
+/// The number after `key` in /proc/PID/FILE (a unit of kB dropped).
+fn proc_field(pid: i32, file: &str, key: &str) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/{file}"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))?
+        .find_map(|l| l.strip_prefix(key))?
         .trim()
         .trim_end_matches("kB")
         .trim()
