@@ -90,13 +90,17 @@ pub struct Row {
     pub origin: String,
     pub state: String,
     pub stats: Snapshot,
+    /// The NAT path: `-` (off), `kernel`, `dockerd` or `userland`.
+    pub nat: String,
+    /// Connections the kernel rules translated (the userland counters never see them).
+    pub kernel_connections: u64,
 }
 
 impl Row {
     pub fn encode(&self) -> String {
         let s = &self.stats;
         format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             self.spec,
             self.origin,
             self.state,
@@ -104,13 +108,17 @@ impl Row {
             s.total,
             s.failed,
             s.bytes_in,
-            s.bytes_out
+            s.bytes_out,
+            self.nat,
+            self.kernel_connections
         )
     }
 
     pub fn decode(line: &str) -> Option<Row> {
         let f: Vec<&str> = line.split('\t').collect();
-        let [spec, origin, state, active, total, failed, bytes_in, bytes_out] = f.as_slice() else {
+        let [spec, origin, state, active, total, failed, bytes_in, bytes_out, nat, kernel] =
+            f.as_slice()
+        else {
             return None;
         };
         Some(Row {
@@ -124,6 +132,8 @@ impl Row {
                 bytes_in: bytes_in.parse().ok()?,
                 bytes_out: bytes_out.parse().ok()?,
             },
+            nat: nat.to_string(),
+            kernel_connections: kernel.parse().ok()?,
         })
     }
 }
@@ -191,6 +201,8 @@ pub fn format_table(rows: &[Row]) -> String {
         "FAILED",
         "BYTES_IN",
         "BYTES_OUT",
+        "NAT",
+        "KERNEL_CONNS",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -208,6 +220,8 @@ pub fn format_table(rows: &[Row]) -> String {
             s.failed.to_string(),
             s.bytes_in.to_string(),
             s.bytes_out.to_string(),
+            r.nat.clone(),
+            r.kernel_connections.to_string(),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -264,6 +278,8 @@ mod tests {
                 bytes_in: 4,
                 bytes_out: 5,
             },
+            nat: "kernel".into(),
+            kernel_connections: 6,
         };
         assert_eq!(Row::decode(&row.encode()), Some(row.clone()));
         let table = format_table(&[row]);
@@ -281,7 +297,9 @@ mod tests {
                 "2",
                 "3",
                 "4",
-                "5"
+                "5",
+                "kernel",
+                "6"
             ]
         );
     }

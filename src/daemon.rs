@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::control::{self, Row};
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
+use crate::nat::{self, Mode};
 use crate::signals::{Event, Signals};
 use crate::supervisor::{Origin, Supervisor};
 
@@ -37,6 +38,11 @@ pub struct Args {
     /// stops.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     drain_timeout: f64,
+    /// Kernel fast path: install nftables DNAT rules for each mapping (loopback and hairpin
+    /// clients stay on the userland listener). `--nat` or `--nat=on` falls back to userland
+    /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+    nat: Option<Mode>,
 }
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
@@ -45,17 +51,36 @@ pub struct Args {
 struct ConfigFile {
     #[serde(default)]
     publish: Vec<toml::Spanned<String>>,
+    /// Mappings with their own options: `[[mapping]] publish = "…" nat = "require"`.
+    #[serde(default)]
+    mapping: Vec<MappingEntry>,
     control_socket: Option<PathBuf>,
     drain_timeout: Option<f64>,
+    /// The NAT mode of every mapping without its own (`--nat` wins).
+    nat: Option<toml::Spanned<String>>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingEntry {
+    publish: toml::Spanned<String>,
+    nat: Option<toml::Spanned<String>>,
+}
+
+/// A mapping and its NAT mode.
+type Wanted = (Mapping, Mode);
 
 /// What the daemon runs: the union of `--publish` and the config file.
 struct Settings {
-    publish: Vec<Mapping>,
-    config: Vec<Mapping>,
+    publish: Vec<Wanted>,
+    config: Vec<Wanted>,
     config_path: Option<PathBuf>,
     control_socket: PathBuf,
     drain: Duration,
+    /// The mode of mappings that name none (from `--nat`, else the config file).
+    nat: Mode,
+    /// `--nat` as given, which reloads keep over the file's default.
+    nat_flag: Option<Mode>,
 }
 
 impl Settings {
@@ -63,10 +88,10 @@ impl Settings {
     /// anything binds.
     fn load(args: &Args) -> Result<Settings, Vec<String>> {
         let mut errors = Vec::new();
-        let mut publish = Vec::new();
+        let mut specs = Vec::new();
         for spec in &args.publish {
             match parse_publish(spec) {
-                Ok(m) => publish.extend(m),
+                Ok(m) => specs.extend(m),
                 Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
             }
         }
@@ -75,22 +100,24 @@ impl Settings {
                 .exists()
                 .then(|| PathBuf::from(DEFAULT_CONFIG))
         });
-        let (file, config) = match &config_path {
-            Some(path) => match read_config(path) {
+        let (file, file_nat, config) = match &config_path {
+            Some(path) => match read_config(path, args.nat) {
                 Ok(c) => c,
                 Err(mut e) => {
                     errors.append(&mut e);
-                    (ConfigFile::default(), Vec::new())
+                    (ConfigFile::default(), Mode::Off, Vec::new())
                 }
             },
-            None => (ConfigFile::default(), Vec::new()),
+            None => (ConfigFile::default(), Mode::Off, Vec::new()),
         };
+        let nat = args.nat.unwrap_or(file_nat);
+        let publish: Vec<Wanted> = specs.into_iter().map(|m| (m, nat)).collect();
         let drain = file.drain_timeout.unwrap_or(args.drain_timeout);
         if !(drain.is_finite() && drain >= 0.0) {
             errors.push(format!("drain timeout {drain} is not a number of seconds"));
         }
         let mut seen = BTreeSet::new();
-        for m in publish.iter().chain(&config) {
+        for (m, _) in publish.iter().chain(&config) {
             if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
                 errors.push(format!("{} {} is mapped twice", m.proto, m.listen));
             }
@@ -106,12 +133,18 @@ impl Settings {
                 args.control_socket.clone().or(file.control_socket),
             ),
             drain: Duration::from_secs_f64(drain.max(0.0)),
+            nat,
+            nat_flag: args.nat,
         })
     }
 }
 
-/// Reads a config file into its settings and mappings; errors name the file and line.
-fn read_config(path: &Path) -> Result<(ConfigFile, Vec<Mapping>), Vec<String>> {
+/// Reads a config file into its settings, its default NAT mode and its mappings (each with
+/// its mode: its own, else `nat_flag`, else the file's); errors name the file and line.
+fn read_config(
+    path: &Path,
+    nat_flag: Option<Mode>,
+) -> Result<(ConfigFile, Mode, Vec<Wanted>), Vec<String>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
@@ -123,10 +156,32 @@ fn read_config(path: &Path) -> Result<(ConfigFile, Vec<Mapping>), Vec<String>> {
         vec![format!("{}{line}: {}", path.display(), e.message())]
     })?;
     let mut errors = Vec::new();
+    let mut mode = |value: &Option<toml::Spanned<String>>, default: Mode| match value {
+        None => default,
+        Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
+            errors.push(format!(
+                "{}:{}: {e}",
+                path.display(),
+                line_of(v.span().start)
+            ));
+            default
+        }),
+    };
+    let default = nat_flag.unwrap_or(mode(&file.nat, Mode::Off));
+    let entries: Vec<(&toml::Spanned<String>, Mode)> = file
+        .publish
+        .iter()
+        .map(|spec| (spec, default))
+        .chain(
+            file.mapping
+                .iter()
+                .map(|e| (&e.publish, mode(&e.nat, default))),
+        )
+        .collect();
     let mut mappings = Vec::new();
-    for spec in &file.publish {
+    for (spec, nat) in entries {
         match parse_publish(spec.get_ref()) {
-            Ok(m) => mappings.extend(m),
+            Ok(m) => mappings.extend(m.into_iter().map(|m| (m, nat))),
             Err(e) => errors.push(format!(
                 "{}:{}: publish {:?}: {e}",
                 path.display(),
@@ -136,7 +191,7 @@ fn read_config(path: &Path) -> Result<(ConfigFile, Vec<Mapping>), Vec<String>> {
         }
     }
     if errors.is_empty() {
-        Ok((file, mappings))
+        Ok((file, default, mappings))
     } else {
         Err(errors)
     }
@@ -177,14 +232,20 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
-    let sup = Supervisor::default();
+    let sup = Supervisor::new(nat::Manager::new(nat::Nat::DAEMON_TABLE));
     let mut failed = Vec::new();
+    if settings.nat != Mode::Off {
+        // Open (and sweep) now: an unusable kernel path is reported at start-up.
+        if let Err(e) = sup.nat().open(settings.nat) {
+            failed.push(e);
+        }
+    }
     for (mappings, origin) in [
         (&settings.publish, Origin::Publish),
         (&settings.config, Origin::Config),
     ] {
-        for m in mappings.iter() {
-            if let Err(e) = sup.start(*m, None, origin) {
+        for (m, mode) in mappings.iter() {
+            if let Err(e) = sup.start(*m, None, origin, *mode) {
                 failed.push(e);
             }
         }
@@ -210,7 +271,12 @@ async fn run(settings: Settings) -> i32 {
         settings.control_socket.display()
     );
     sd_notify("READY=1");
-    let control = tokio::spawn(serve_control(listener, sup.clone(), settings.drain));
+    let control = tokio::spawn(serve_control(
+        listener,
+        sup.clone(),
+        settings.drain,
+        settings.nat,
+    ));
     loop {
         match signals.next().await {
             Event::Reload => reload(&sup, &settings),
@@ -269,8 +335,8 @@ fn reload(sup: &Supervisor, settings: &Settings) {
         tracing::info!("SIGHUP: no config file to reload");
         return;
     };
-    let wanted = match read_config(path) {
-        Ok((_, m)) => m,
+    let wanted = match read_config(path, settings.nat_flag) {
+        Ok((_, _, m)) => m,
         Err(errors) => {
             for e in errors {
                 tracing::error!("reload refused, nothing changed: {e}");
@@ -278,27 +344,23 @@ fn reload(sup: &Supervisor, settings: &Settings) {
             return;
         }
     };
-    let wanted_keys: BTreeSet<_> = wanted
-        .iter()
-        .map(|m| (m.proto, m.listen, m.target))
-        .collect();
+    // A mapping whose target or NAT mode changed is stopped and started again.
+    let key = |(m, mode): &Wanted| (m.proto, m.listen, m.target, *mode);
+    let wanted_keys: BTreeSet<_> = wanted.iter().map(key).collect();
     let running = sup.mappings(Origin::Config);
     let (mut added, mut removed) = (0, 0);
-    for m in &running {
-        if !wanted_keys.contains(&(m.proto, m.listen, m.target)) {
-            sup.stop_if(&(m.proto, m.listen), settings.drain, |o| {
+    for w in &running {
+        if !wanted_keys.contains(&key(w)) {
+            sup.stop_if(&(w.0.proto, w.0.listen), settings.drain, |o| {
                 o == Origin::Config
             });
             removed += 1;
         }
     }
-    let running_keys: BTreeSet<_> = running
-        .iter()
-        .map(|m| (m.proto, m.listen, m.target))
-        .collect();
-    for m in wanted {
-        if !running_keys.contains(&(m.proto, m.listen, m.target)) {
-            match sup.start(m, None, Origin::Config) {
+    let running_keys: BTreeSet<_> = running.iter().map(key).collect();
+    for (m, mode) in wanted {
+        if !running_keys.contains(&key(&(m, mode))) {
+            match sup.start(m, None, Origin::Config, mode) {
                 Ok(_) => added += 1,
                 Err(e) => tracing::error!("reload: {e}"),
             }
@@ -311,7 +373,7 @@ fn reload(sup: &Supervisor, settings: &Settings) {
 }
 
 /// Accepts control connections; each is served on its own task.
-async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration) {
+async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration, nat: Mode) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let mut next_id = 0u64;
     loop {
@@ -326,7 +388,7 @@ async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration)
         next_id += 1;
         let (sup, id) = (sup.clone(), next_id);
         tokio::spawn(async move {
-            if let Err(e) = client(stream, sup, own_uid, id, drain).await {
+            if let Err(e) = client(stream, sup, own_uid, id, drain, nat).await {
                 tracing::debug!("control client: {}", describe(&e));
             }
         });
@@ -340,6 +402,7 @@ async fn client(
     own_uid: u32,
     id: u64,
     drain: Duration,
+    nat: Mode,
 ) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let mut buf = vec![0u8; control::MAX_REQUEST];
@@ -379,7 +442,7 @@ async fn client(
             stream.write_all(out.as_bytes()).await
         }
         "add" => {
-            let answer = match add(&sup, arg) {
+            let answer = match add(&sup, arg, nat) {
                 Ok(n) => format!("ok added {n}"),
                 Err(e) => format!("error {e}"),
             };
@@ -392,7 +455,7 @@ async fn client(
             };
             reply(&mut stream, &answer).await
         }
-        "register" => register(stream, &sup, arg, fds, id).await,
+        "register" => register(stream, &sup, arg, fds, id, nat).await,
         _ => reply(&mut stream, &format!("error unknown request {cmd:?}")).await,
     }
 }
@@ -401,12 +464,27 @@ async fn reply(stream: &mut UnixStream, line: &str) -> std::io::Result<()> {
     stream.write_all(format!("{line}\n").as_bytes()).await
 }
 
-/// `add SPEC`: all of the spec's mappings start, or none do.
-fn add(sup: &Supervisor, spec: &str) -> Result<usize, String> {
+/// `SPEC [nat=MODE]`: a request's spec and its NAT mode (`default` when not given).
+fn spec_and_mode(arg: &str, default: Mode) -> Result<(&str, Mode), String> {
+    let mut words = arg.split_whitespace();
+    let spec = words.next().unwrap_or("");
+    let mut mode = default;
+    for w in words {
+        match w.strip_prefix("nat=") {
+            Some(m) => mode = m.parse()?,
+            None => return Err(format!("unknown option {w:?}")),
+        }
+    }
+    Ok((spec, mode))
+}
+
+/// `add SPEC [nat=MODE]`: all of the spec's mappings start, or none do.
+fn add(sup: &Supervisor, arg: &str, nat: Mode) -> Result<usize, String> {
+    let (spec, mode) = spec_and_mode(arg, nat)?;
     let mappings = parse_publish(spec)?;
     let mut started = Vec::new();
     for m in &mappings {
-        match sup.start(*m, None, Origin::Control) {
+        match sup.start(*m, None, Origin::Control, mode) {
             Ok(real) => started.push(real),
             Err(e) => {
                 for s in started {
@@ -452,8 +530,10 @@ async fn register(
     spec: &str,
     mut fds: Vec<std::os::fd::OwnedFd>,
     id: u64,
+    nat: Mode,
 ) -> std::io::Result<()> {
     let started = (|| -> Result<Mapping, String> {
+        let (spec, mode) = spec_and_mode(spec, nat)?;
         let mapping = match parse_publish(spec)?.as_slice() {
             [m] => *m,
             _ => return Err("register takes exactly one port".into()),
@@ -463,7 +543,7 @@ async fn register(
             _ => return Err("register needs exactly one listening socket".into()),
         };
         let socket = frontend::check(&mapping, fd)?;
-        sup.start(mapping, Some(socket), Origin::Shim(id))
+        sup.start(mapping, Some(socket), Origin::Shim(id), mode)
     })();
     let mapping = match started {
         Ok(m) => m,

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::frontend::{self, Frontend, Stop};
 use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
+use crate::nat;
 use crate::shim::{self, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::stats::Stats;
@@ -127,6 +128,10 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
     let _ = sys::set_parent_death_signal(libc::SIGTERM);
 
+    let nat_mode = match nat::mode_from_env() {
+        Ok(mode) => mode,
+        Err(msg) => return status.fail(&msg),
+    };
     let socket = opts.mapping().and_then(|m| {
         let socket = match opts.use_listen_fd {
             true => listen
@@ -145,9 +150,9 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
         mapping.listen = local;
     }
-    match shim::register(&mapping, &socket) {
+    match shim::register(&mapping, &socket, nat_mode) {
         Err(refusal) => status.fail(&refusal),
-        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
+        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status), nat_mode),
         Ok(Handoff::Registered(conn)) => {
             status.ready(&mapping);
             match shim::wait(&conn) {
@@ -159,23 +164,24 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
                     tracing::warn!(
                         "the rproxy daemon went away; serving {mapping} in this process"
                     );
-                    serve(mapping, socket, None)
+                    serve(mapping, socket, None, nat_mode)
                 }
                 Err(e) => {
                     tracing::error!(
                         "waiting for the daemon failed ({}); serving {mapping} in this process",
                         describe(&e)
                     );
-                    serve(mapping, socket, None)
+                    serve(mapping, socket, None, nat_mode)
                 }
             }
         }
     }
 }
 
-/// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM.
-/// `status` is reported once the socket is registered with the runtime.
-fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
+/// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM, with
+/// kernel NAT in this process's own table when `nat_mode` asks. `status` is reported once
+/// the socket is registered with the runtime and the rules are in.
+fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>, nat_mode: nat::Mode) -> i32 {
     let fail = |status: Option<StatusPipe>, msg: &str| match status {
         Some(s) => s.fail(msg),
         None => {
@@ -207,6 +213,11 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
             Err(msg) => return fail(status, &msg),
         };
         let mapping = frontend.mapping();
+        // Dropped on return, which deletes this process's table.
+        let nat = nat::Manager::new(&format!("rproxy-{}", std::process::id()));
+        if let Err(msg) = nat.install(&mapping, nat_mode, true) {
+            return fail(status, &msg);
+        }
         match status {
             Some(s) => s.ready(&mapping),
             None => tracing::info!("serving {mapping}"),

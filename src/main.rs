@@ -10,6 +10,7 @@ mod frontend;
 mod goflags;
 mod log;
 mod mapping;
+mod nat;
 mod shim;
 mod signals;
 mod stats;
@@ -47,6 +48,10 @@ enum Command {
         spec: String,
         #[arg(long, value_name = "PATH")]
         control_socket: Option<PathBuf>,
+        /// Kernel NAT for this mapping: on (fall back to userland), require, or off (default:
+        /// the daemon's --nat).
+        #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+        nat: Option<nat::Mode>,
     },
     /// Remove a mapping from the running daemon (same spec as `add`).
     Rm {
@@ -75,7 +80,14 @@ fn main() {
             Command::Add {
                 spec,
                 control_socket,
-            } => daemon::client_main(&format!("add {spec}"), control_socket),
+                nat,
+            } => {
+                let request = match nat {
+                    Some(mode) => format!("add {spec} nat={mode}"),
+                    None => format!("add {spec}"),
+                };
+                daemon::client_main(&request, control_socket)
+            }
             Command::Rm {
                 spec,
                 control_socket,

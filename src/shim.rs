@@ -18,6 +18,7 @@ use socket2::Socket;
 
 use crate::control;
 use crate::mapping::{describe, Mapping};
+use crate::nat;
 
 pub enum Handoff {
     /// The daemon serves the mapping for as long as this connection stays open.
@@ -26,8 +27,9 @@ pub enum Handoff {
     NoDaemon,
 }
 
-/// Offers the mapping to the daemon. `Err` is the daemon's refusal, for fd 3.
-pub fn register(mapping: &Mapping, socket: &Socket) -> Result<Handoff, String> {
+/// Offers the mapping to the daemon, with this process's NAT mode when `RPROXY_NAT` set one.
+/// `Err` is the daemon's refusal, for fd 3.
+pub fn register(mapping: &Mapping, socket: &Socket, nat: nat::Mode) -> Result<Handoff, String> {
     if std::env::var("RPROXY_HANDOFF").is_ok_and(|v| v == "0") {
         return Ok(Handoff::NoDaemon);
     }
@@ -49,7 +51,10 @@ pub fn register(mapping: &Mapping, socket: &Socket) -> Result<Handoff, String> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         control::send_request(
             &stream,
-            &format!("register {}", mapping.spec()),
+            &match nat {
+                nat::Mode::Off => format!("register {}", mapping.spec()),
+                mode => format!("register {} nat={mode}", mapping.spec()),
+            },
             Some(socket.as_fd()),
         )?;
         let mut line = String::new();

@@ -1,6 +1,7 @@
-//! The running mappings of a daemon: start one (binding its socket or taking one handed over),
-//! stop one (with a drain time), list them with their counters. Shared by the control socket,
-//! reload and shutdown behind one mutex that is never held across an await.
+//! The running mappings of a daemon: start one (binding its socket or taking one handed over,
+//! and giving it kernel NAT when its mode asks), stop one (rules first, then the listener
+//! with a drain time), list them with their counters. Shared by the control socket, reload
+//! and shutdown behind one mutex that is never held across an await.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::control::Row;
 use crate::frontend::{self, Frontend, Stop, StopHandle};
 use crate::mapping::{Mapping, Proto};
+use crate::nat::{self, Path};
 use crate::stats::Stats;
 
 /// Where a mapping came from; decides who may remove it (reload only touches `Config`).
@@ -45,24 +47,40 @@ pub type Key = (Proto, SocketAddr);
 struct Running {
     mapping: Mapping,
     origin: Origin,
+    mode: nat::Mode,
+    /// The kernel path, when its NAT mode was not off.
+    path: Option<Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
     task: JoinHandle<()>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Supervisor {
     inner: Arc<Mutex<BTreeMap<Key, Running>>>,
+    nat: Arc<nat::Manager>,
 }
 
 impl Supervisor {
-    /// Starts serving `mapping` on `socket` (bound here when None). Returns the mapping with
-    /// its real listen address. Must run inside the runtime.
+    pub fn new(nat: nat::Manager) -> Supervisor {
+        Supervisor {
+            inner: Arc::default(),
+            nat: Arc::new(nat),
+        }
+    }
+
+    pub fn nat(&self) -> &nat::Manager {
+        &self.nat
+    }
+
+    /// Starts serving `mapping` on `socket` (bound here when None), with kernel NAT as `mode`
+    /// asks. Returns the mapping with its real listen address. Must run inside the runtime.
     pub fn start(
         &self,
         mapping: Mapping,
         socket: Option<Socket>,
         origin: Origin,
+        mode: nat::Mode,
     ) -> Result<Mapping, String> {
         let key = (mapping.proto, mapping.listen);
         let mut map = self.inner.lock().unwrap();
@@ -80,6 +98,10 @@ impl Supervisor {
         };
         let frontend = Frontend::new(mapping, socket)?;
         let mapping = frontend.mapping();
+        // Rules only once the listener is up: it serves what DNAT leaves to it.
+        let path = self
+            .nat
+            .install(&mapping, mode, matches!(origin, Origin::Shim(_)))?;
         let stats = Arc::new(Stats::default());
         let (stop, stopped) = Stop::new();
         let task = tokio::spawn(frontend.serve(stats.clone(), stopped));
@@ -89,6 +111,8 @@ impl Supervisor {
             Running {
                 mapping,
                 origin,
+                mode,
+                path,
                 stats,
                 stop,
                 task,
@@ -110,6 +134,8 @@ impl Supervisor {
             return None;
         }
         let r = map.remove(key)?;
+        // New connections stop being translated now; translated ones keep their conntrack.
+        self.nat.remove(&r.mapping, r.path.as_ref());
         r.stop.stop(drain);
         tracing::info!("stopped {} ({})", r.mapping, r.origin);
         // The task finishes by itself once drained; nothing waits on it.
@@ -120,6 +146,7 @@ impl Supervisor {
     /// Stops everything from `origin`-matching mappings; returns the tasks to await for drain.
     pub fn stop_all(&self, drain: Duration) -> Vec<JoinHandle<()>> {
         let mut map = self.inner.lock().unwrap();
+        self.nat.close();
         std::mem::take(&mut *map)
             .into_values()
             .map(|r| {
@@ -129,12 +156,12 @@ impl Supervisor {
             .collect()
     }
 
-    /// The mappings from one origin.
-    pub fn mappings(&self, origin: Origin) -> Vec<Mapping> {
+    /// The mappings from one origin, with their NAT modes.
+    pub fn mappings(&self, origin: Origin) -> Vec<(Mapping, nat::Mode)> {
         let map = self.inner.lock().unwrap();
         map.values()
             .filter(|r| r.origin == origin)
-            .map(|r| r.mapping)
+            .map(|r| (r.mapping, r.mode))
             .collect()
     }
 
@@ -147,9 +174,12 @@ impl Supervisor {
     }
 
     pub fn rows(&self) -> Vec<Row> {
+        let kernel = self.nat.connections();
         let map = self.inner.lock().unwrap();
         map.values()
             .map(|r| Row {
+                nat: r.path.as_ref().map_or("-", Path::label).into(),
+                kernel_connections: kernel.get(&r.mapping.spec()).copied().unwrap_or(0),
                 spec: r.mapping.spec(),
                 origin: r.origin.to_string(),
                 state: if r.task.is_finished() {

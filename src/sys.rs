@@ -685,6 +685,19 @@ fn send_groups(
     Ok(groups[..sent].iter().map(|g| g.1).sum())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Netlink
+// ---------------------------------------------------------------------------------------------
+
+/// An int option at SOL_NETLINK (NETLINK_CAP_ACK, NETLINK_EXT_ACK).
+pub fn set_netlink_option(
+    fd: BorrowedFd<'_>,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_NETLINK, name, value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

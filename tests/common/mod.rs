@@ -52,6 +52,8 @@ pub struct Spawn {
     pub shell_prefix: Vec<String>,
     /// stderr to /dev/null, as dockerd does (the log then goes to syslog).
     pub stderr_null: bool,
+    /// Commands rproxy runs under (`ip netns exec NS`, `setpriv …`), outermost first.
+    pub wrappers: Vec<String>,
 }
 
 impl Spawn {
@@ -70,7 +72,15 @@ impl Spawn {
             listen_fd: None,
             shell_prefix: Vec::new(),
             stderr_null: false,
+            wrappers: Vec::new(),
         }
+    }
+
+    /// Runs rproxy under `command` (e.g. `["ip", "netns", "exec", "ns1"]`); fds 3 and 4 pass
+    /// through.
+    pub fn wrap(mut self, command: &[&str]) -> Spawn {
+        self.wrappers.extend(command.iter().map(|s| s.to_string()));
+        self
     }
 
     /// Starts with this soft RLIMIT_NOFILE, as children of dockerd do.
@@ -119,7 +129,7 @@ impl Spawn {
     pub fn spawn(self) -> Proxy {
         let mut cmd = match self.shell_prefix.is_empty() {
             false => {
-                let mut c = Command::new("sh");
+                let mut c = self.command("sh");
                 c.arg("-c")
                     .arg(format!(
                         "{} && exec \"$0\" \"$@\"",
@@ -130,7 +140,7 @@ impl Spawn {
                 c
             }
             true => {
-                let mut c = Command::new(rproxy());
+                let mut c = self.command(rproxy());
                 c.args(&self.args);
                 c
             }
@@ -181,6 +191,19 @@ impl Spawn {
             status,
             stderr_lines: rx,
             listen: None,
+        }
+    }
+}
+
+impl Spawn {
+    fn command(&self, program: &str) -> Command {
+        match self.wrappers.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
         }
     }
 }

@@ -1,0 +1,512 @@
+//! The kernel fast path: DNAT rules for mappings in rproxy's own nftables table, installed
+//! over netlink. The userland listener keeps running beside them and serves what DNAT must
+//! not or cannot: loopback clients, hairpin traffic from the target's own network, IPv6
+//! clients of an IPv4 target.
+//!
+//! Ownership: the table is created with NFT_TABLE_F_OWNER, so it belongs to this process's
+//! netlink socket and the kernel deletes it when the process exits, even by SIGKILL. Tables
+//! that kernels without the owner flag (before 5.12) leave behind are swept at start-up: only
+//! tables named like ours, not owned, whose process is gone. Nothing else is ever touched.
+
+mod netlink;
+mod route;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use netlink::{Attrs, Error, Message, Netlink};
+use rules::Chain;
+
+use crate::mapping::Mapping;
+
+/// Whether a mapping should use the kernel path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Mode {
+    /// Userland only.
+    #[default]
+    Off,
+    /// Kernel NAT where possible; without it, userland and one warning.
+    On,
+    /// Kernel NAT or fail.
+    Require,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "off" | "0" | "false" | "no" => Ok(Mode::Off),
+            "" | "on" | "1" | "true" | "yes" => Ok(Mode::On),
+            "require" => Ok(Mode::Require),
+            other => Err(format!("invalid NAT mode {other:?} (off, on or require)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Off => "off",
+            Mode::On => "on",
+            Mode::Require => "require",
+        })
+    }
+}
+
+/// `RPROXY_NAT` (off|on|require): how docker-mode processes learn the mode, since dockerd's
+/// argv cannot carry a flag.
+pub fn mode_from_env() -> Result<Mode, String> {
+    match std::env::var("RPROXY_NAT") {
+        Ok(v) => v.parse().map_err(|e| format!("RPROXY_NAT: {e}")),
+        Err(_) => Ok(Mode::Off),
+    }
+}
+
+/// How a mapping's traffic is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// DNAT rules in the kernel (plus the listener, for loopback and hairpin clients).
+    Kernel,
+    /// dockerd's own iptables rules DNAT it; rproxy adds none (the listener still runs).
+    Dockerd,
+    /// The userland listener only, and why.
+    Userland(String),
+}
+
+impl Path {
+    /// The word `rproxy ls` shows.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Path::Kernel => "kernel",
+            Path::Dockerd => "dockerd",
+            Path::Userland(_) => "userland",
+        }
+    }
+}
+
+/// Decides each mapping's path by its mode, opening rproxy's table on first use.
+pub struct Manager {
+    table: String,
+    state: Mutex<State>,
+}
+
+enum State {
+    Closed,
+    Open(Nat),
+    Unavailable(String),
+}
+
+impl Manager {
+    pub fn new(table: &str) -> Manager {
+        Manager {
+            table: table.to_string(),
+            state: Mutex::new(State::Closed),
+        }
+    }
+
+    /// Opens the table now (the daemon with `--nat`: report at start-up, not at the first
+    /// mapping). Err only for `Require`; `On` falls back with one warning.
+    pub fn open(&self, mode: Mode) -> Result<(), String> {
+        let mut state = self.state.lock().unwrap();
+        Self::ensure_open(&mut state, &self.table);
+        match (&*state, mode) {
+            (State::Unavailable(why), Mode::Require) => Err(format!("kernel NAT required: {why}")),
+            _ => Ok(()),
+        }
+    }
+
+    fn ensure_open(state: &mut State, table: &str) {
+        if let State::Closed = state {
+            *state = match Nat::open(table) {
+                Ok(nat) => State::Open(nat),
+                Err(why) => {
+                    tracing::warn!(
+                        "kernel NAT unavailable ({why}); serving every port in userland"
+                    );
+                    State::Unavailable(why)
+                }
+            };
+        }
+    }
+
+    /// Gives `m` the path its mode asks for. `from_dockerd`: the mapping is one dockerd
+    /// publishes, whose own iptables rules may already translate it. None when `Off`.
+    pub fn install(
+        &self,
+        m: &Mapping,
+        mode: Mode,
+        from_dockerd: bool,
+    ) -> Result<Option<Path>, String> {
+        if mode == Mode::Off {
+            return Ok(None);
+        }
+        let mut state = self.state.lock().unwrap();
+        Self::ensure_open(&mut state, &self.table);
+        let nat = match &*state {
+            State::Open(nat) => nat,
+            State::Unavailable(why) if mode == Mode::Require => {
+                return Err(format!("kernel NAT required for {m}: {why}"))
+            }
+            State::Unavailable(why) => return Ok(Some(Path::Userland(why.clone()))),
+            State::Closed => unreachable!("opened above"),
+        };
+        if from_dockerd && nat.docker_nat_present(m.target.is_ipv6()) {
+            tracing::info!("{m}: dockerd's iptables rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
+            return Ok(Some(Path::Dockerd));
+        }
+        let path = match nat.install(m) {
+            Ok(path) => path,
+            Err(why) if mode == Mode::Require => return Err(why),
+            Err(why) => {
+                tracing::warn!("{why}; serving {m} in userland");
+                Path::Userland(why)
+            }
+        };
+        match &path {
+            Path::Kernel => {
+                tracing::info!("{m}: kernel NAT installed in table inet {}", nat.table())
+            }
+            Path::Userland(why) => tracing::info!("{m}: userland only, {why}"),
+            Path::Dockerd => {}
+        }
+        Ok(Some(path))
+    }
+
+    /// Removes `m`'s rules if it had any.
+    pub fn remove(&self, m: &Mapping, path: Option<&Path>) {
+        if path != Some(&Path::Kernel) {
+            return;
+        }
+        if let State::Open(nat) = &*self.state.lock().unwrap() {
+            if let Err(e) = nat.remove(m) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Connections the kernel translated, by mapping spec.
+    pub fn connections(&self) -> HashMap<String, u64> {
+        match &*self.state.lock().unwrap() {
+            State::Open(nat) => nat.connections(),
+            _ => HashMap::new(),
+        }
+    }
+
+    /// Deletes the table (all rules at once); a later install opens it again.
+    pub fn close(&self) {
+        *self.state.lock().unwrap() = State::Closed;
+    }
+}
+
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+const NFT_TABLE_F_OWNER: u32 = 2;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NF_ACCEPT: u32 = 1;
+
+/// rproxy's table, for as long as this value lives.
+pub struct Nat {
+    nl: Mutex<Netlink>,
+    table: String,
+}
+
+impl Nat {
+    /// The daemon's table name; docker-mode processes serving alone use `rproxy-<pid>`.
+    pub const DAEMON_TABLE: &'static str = "rproxy";
+
+    /// Sweeps what crashed rproxy processes left, then creates `table` with its chains.
+    pub fn open(table: &str) -> Result<Nat, String> {
+        let mut nl = Netlink::open().map_err(|e| explain(&e))?;
+        sweep(&mut nl, table).map_err(|e| explain(&e))?;
+        let create = |flags: u32| {
+            let mut msgs = vec![Message::new(
+                netlink::NFT_MSG_NEWTABLE,
+                netlink::NFPROTO_INET,
+                netlink::NLM_F_CREATE | netlink::NLM_F_EXCL,
+                {
+                    let mut a = Attrs::default();
+                    a.str(NFTA_TABLE_NAME, table).u32(NFTA_TABLE_FLAGS, flags);
+                    a
+                },
+            )];
+            for chain in Chain::ALL {
+                let mut a = Attrs::default();
+                a.str(NFTA_CHAIN_TABLE, table)
+                    .str(NFTA_CHAIN_NAME, chain.name())
+                    .nest(NFTA_CHAIN_HOOK, |h| {
+                        h.u32(1, chain.hook()).u32(2, rules::PRIORITY as u32);
+                    })
+                    .u32(NFTA_CHAIN_POLICY, NF_ACCEPT)
+                    .str(NFTA_CHAIN_TYPE, "nat");
+                msgs.push(Message::new(
+                    netlink::NFT_MSG_NEWCHAIN,
+                    netlink::NFPROTO_INET,
+                    netlink::NLM_F_CREATE,
+                    a,
+                ));
+            }
+            msgs
+        };
+        match nl.batch(&create(NFT_TABLE_F_OWNER)) {
+            Ok(()) => {}
+            // Before Linux 5.12: no owner flag; start-up sweeps stand in for it.
+            Err(e) if e.errno == libc::EOPNOTSUPP => {
+                tracing::info!("nftables has no table owner flag here; relying on sweeps");
+                nl.batch(&create(0)).map_err(|e| explain(&e))?;
+            }
+            Err(e) if e.errno == libc::EEXIST => {
+                return Err(format!(
+                    "nftables table inet {table} belongs to another running rproxy"
+                ))
+            }
+            Err(e) => return Err(explain(&e)),
+        }
+        tracing::info!("kernel NAT: nftables table inet {table} ready");
+        Ok(Nat {
+            nl: Mutex::new(nl),
+            table: table.to_string(),
+        })
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Installs `m`'s DNAT rules in one batch, or says why it stays in userland.
+    pub fn install(&self, m: &Mapping) -> Result<Path, String> {
+        if let Some(why) = rules::userland_only(m) {
+            return Ok(Path::Userland(why.into()));
+        }
+        if let Some(why) = forwarding_off(m) {
+            return Err(format!(
+                "{why}, so translated packets from other hosts would be dropped"
+            ));
+        }
+        let hairpin = route::interface_toward(m.target).map_err(|e| {
+            format!(
+                "no route to {} for kernel NAT: {}",
+                m.target,
+                crate::mapping::describe(&e)
+            )
+        })?;
+        let msgs: Vec<Message> = rules::for_mapping(m, hairpin.as_deref())
+            .iter()
+            .map(|r| {
+                tracing::debug!("nat rule {r}");
+                Message::new(
+                    netlink::NFT_MSG_NEWRULE,
+                    netlink::NFPROTO_INET,
+                    netlink::NLM_F_CREATE | netlink::NLM_F_APPEND,
+                    r.encode(&self.table),
+                )
+            })
+            .collect();
+        self.nl
+            .lock()
+            .unwrap()
+            .batch(&msgs)
+            .map_err(|e| format!("cannot install kernel NAT for {m}: {}", explain(&e)))?;
+        Ok(Path::Kernel)
+    }
+
+    /// Removes `m`'s rules (connections already translated keep their conntrack entries).
+    pub fn remove(&self, m: &Mapping) -> Result<(), String> {
+        let comment = rules::comment(m);
+        let mut nl = self.nl.lock().unwrap();
+        let msgs: Vec<Message> = self
+            .rules(&mut nl)
+            .map_err(|e| explain(&e))?
+            .into_iter()
+            .filter(|r| r.comment.as_deref() == Some(&comment))
+            .map(|r| {
+                let mut a = Attrs::default();
+                a.str(1, &self.table) // NFTA_RULE_TABLE
+                    .str(2, &r.chain) // NFTA_RULE_CHAIN
+                    .u64(rules::NFTA_RULE_HANDLE, r.handle);
+                Message::new(netlink::NFT_MSG_DELRULE, netlink::NFPROTO_INET, 0, a)
+            })
+            .collect();
+        nl.batch(&msgs)
+            .map_err(|e| format!("cannot remove kernel NAT for {m}: {}", explain(&e)))
+    }
+
+    /// Connections (first packets) each mapping's rules translated, by mapping spec.
+    pub fn connections(&self) -> HashMap<String, u64> {
+        let mut nl = self.nl.lock().unwrap();
+        let mut out = HashMap::new();
+        for r in self.rules(&mut nl).unwrap_or_default() {
+            if let Some(spec) = r.comment.as_deref().and_then(|c| c.strip_prefix("rproxy ")) {
+                *out.entry(spec.to_string()).or_insert(0) += r.packets;
+            }
+        }
+        out
+    }
+
+    /// Whether dockerd's own NAT chain (`DOCKER` in iptables' nat table, as iptables-nft
+    /// keeps it in nftables) exists for the target's family: then dockerd already DNATs
+    /// the ports it publishes and rproxy must not add a second set of rules.
+    pub fn docker_nat_present(&self, v6: bool) -> bool {
+        let family = if v6 {
+            netlink::NFPROTO_IPV6
+        } else {
+            netlink::NFPROTO_IPV4
+        };
+        let mut filter = Attrs::default();
+        filter.str(NFTA_CHAIN_TABLE, "nat");
+        let mut nl = self.nl.lock().unwrap();
+        nl.dump(netlink::NFT_MSG_GETCHAIN, family, filter)
+            .map(|chains| {
+                chains.iter().any(|c| {
+                    netlink::find(&c.attrs, NFTA_CHAIN_TABLE)
+                        .map(netlink::string)
+                        .as_deref()
+                        == Some("nat")
+                        && netlink::find(&c.attrs, NFTA_CHAIN_NAME)
+                            .map(netlink::string)
+                            .as_deref()
+                            == Some("DOCKER")
+                })
+            })
+            .unwrap_or(false)
+    }
+
+    fn rules(&self, nl: &mut Netlink) -> Result<Vec<RuleInfo>, Error> {
+        let mut filter = Attrs::default();
+        filter.str(1, &self.table);
+        let dumped = nl.dump(netlink::NFT_MSG_GETRULE, netlink::NFPROTO_INET, filter)?;
+        Ok(dumped
+            .iter()
+            .filter_map(|r| RuleInfo::parse(&r.attrs))
+            .collect())
+    }
+}
+
+impl Drop for Nat {
+    /// Deletes the table now rather than when the socket closes, so a stopping daemon leaves
+    /// nothing behind even while it drains.
+    fn drop(&mut self) {
+        let mut a = Attrs::default();
+        a.str(NFTA_TABLE_NAME, &self.table);
+        let nl = self.nl.get_mut().unwrap_or_else(|e| e.into_inner());
+        match nl.batch(&[Message::new(
+            netlink::NFT_MSG_DELTABLE,
+            netlink::NFPROTO_INET,
+            0,
+            a,
+        )]) {
+            Ok(()) => tracing::info!("kernel NAT: removed nftables table inet {}", self.table),
+            Err(e) => tracing::warn!("cannot remove nftables table inet {}: {e}", self.table),
+        }
+    }
+}
+
+/// One of our rules as read back.
+struct RuleInfo {
+    chain: String,
+    handle: u64,
+    comment: Option<String>,
+    packets: u64,
+}
+
+impl RuleInfo {
+    fn parse(attrs: &[u8]) -> Option<RuleInfo> {
+        let chain = netlink::string(netlink::find(attrs, 2)?);
+        let handle = netlink::be_u64(netlink::find(attrs, rules::NFTA_RULE_HANDLE)?)?;
+        let comment = netlink::find(attrs, rules::NFTA_RULE_USERDATA).and_then(rules::comment_of);
+        let packets = netlink::find(attrs, rules::NFTA_RULE_EXPRESSIONS)
+            .into_iter()
+            .flat_map(netlink::attrs)
+            .filter(|(kind, _)| *kind == rules::NFTA_LIST_ELEM)
+            .find(|(_, e)| {
+                netlink::find(e, rules::NFTA_EXPR_NAME)
+                    .map(netlink::string)
+                    .as_deref()
+                    == Some("counter")
+            })
+            .and_then(|(_, e)| netlink::find(e, rules::NFTA_EXPR_DATA))
+            .and_then(|d| netlink::find(d, rules::NFTA_COUNTER_PACKETS))
+            .and_then(netlink::be_u64)
+            .unwrap_or(0);
+        Some(RuleInfo {
+            chain,
+            handle,
+            comment,
+            packets,
+        })
+    }
+}
+
+/// Deletes tables a crashed rproxy left: named `table` (which we are about to create) or
+/// `rproxy-<pid>` with that process gone, and not owned by a live socket.
+fn sweep(nl: &mut Netlink, table: &str) -> Result<(), Error> {
+    let tables = nl.dump(
+        netlink::NFT_MSG_GETTABLE,
+        netlink::NFPROTO_INET,
+        Attrs::default(),
+    )?;
+    let mut msgs = Vec::new();
+    for t in &tables {
+        let Some(name) = netlink::find(&t.attrs, NFTA_TABLE_NAME).map(netlink::string) else {
+            continue;
+        };
+        let flags = netlink::find(&t.attrs, NFTA_TABLE_FLAGS)
+            .and_then(netlink::be_u32)
+            .unwrap_or(0);
+        if flags & NFT_TABLE_F_OWNER != 0 {
+            // Its owner is alive (the kernel deletes owned tables with their socket).
+            continue;
+        }
+        let stale = name == table
+            || name
+                .strip_prefix("rproxy-")
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !is_rproxy(pid));
+        if stale {
+            tracing::warn!(
+                "kernel NAT: removing nftables table inet {name} left by an rproxy that is gone"
+            );
+            let mut a = Attrs::default();
+            a.str(NFTA_TABLE_NAME, &name);
+            msgs.push(Message::new(
+                netlink::NFT_MSG_DELTABLE,
+                netlink::NFPROTO_INET,
+                0,
+                a,
+            ));
+        }
+    }
+    nl.batch(&msgs)
+}
+
+/// Whether `pid` is a running rproxy (not just any process that reused the number).
+fn is_rproxy(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "rproxy")
+}
+
+/// Forwarded DNAT traffic needs forwarding on; without it remote clients would be translated
+/// and then dropped, while the userland listener would have served them.
+fn forwarding_off(m: &Mapping) -> Option<String> {
+    let key = match m.target.is_ipv6() {
+        false => "net/ipv4/ip_forward",
+        true => "net/ipv6/conf/all/forwarding",
+    };
+    let value = std::fs::read_to_string(format!("/proc/sys/{key}")).ok()?;
+    (value.trim() == "0").then(|| format!("{} is 0", key.replace('/', ".")))
+}
+
+/// The kernel's refusal in words an operator can act on.
+fn explain(e: &Error) -> String {
+    match e.errno {
+        libc::EPERM | libc::EACCES => format!("{e}: kernel NAT needs CAP_NET_ADMIN"),
+        libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT | libc::EOPNOTSUPP | libc::ENOENT => {
+            format!("{e}: this kernel has no usable nf_tables NAT")
+        }
+        _ => e.to_string(),
+    }
+}

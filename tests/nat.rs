@@ -1,0 +1,470 @@
+//! Kernel NAT (`--nat`): rproxy's nftables DNAT rules against real network namespaces — a
+//! "host" running rproxy, a "container" and a "peer" on the host's bridge, and a "remote"
+//! client on an uplink. Each client asks the container who it is talking to, so the tests see
+//! which path served it: DNAT keeps the client's address, the userland proxy replaces it with
+//! the host's.
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{need_root, rproxy, sh, Netns, Proxy, Spawn};
+use nix::sys::signal::Signal;
+
+const CTR: &str = "10.70.1.2";
+const CTR6: &str = "fd70:1::2";
+const BRIDGE_IP: &str = "10.70.1.1";
+const HOST_IP: &str = "10.70.2.1";
+const HOST_IP6: &str = "fd70:2::1";
+const REMOTE_IP: &str = "10.70.2.2";
+const REMOTE_IP6: &str = "fd70:2::2";
+
+/// host (bridge br0 10.70.1.1, uplink 10.70.2.1) ── ctr 10.70.1.2, peer 10.70.1.3 on br0;
+/// remote 10.70.2.2 on the uplink. IPv6 alongside: fd70:1::/64 and fd70:2::/64.
+struct Topo {
+    host: Netns,
+    ctr: Netns,
+    peer: Netns,
+    remote: Netns,
+    dir: PathBuf,
+}
+
+impl Topo {
+    fn new(tag: &str) -> Topo {
+        let t = Topo {
+            host: Netns::new(&format!("{tag}h")),
+            ctr: Netns::new(&format!("{tag}c")),
+            peer: Netns::new(&format!("{tag}p")),
+            remote: Netns::new(&format!("{tag}r")),
+            dir: std::env::temp_dir().join(format!("rproxy-nat-{tag}-{}", std::process::id())),
+        };
+        let (h, c, p, r) = (&t.host.name, &t.ctr.name, &t.peer.name, &t.remote.name);
+        let mut script = format!(
+            "ip -n {h} link add br0 type bridge && ip -n {h} link set br0 up && \
+             ip -n {h} addr add {BRIDGE_IP}/24 dev br0 && ip -n {h} addr add fd70:1::1/64 dev br0 nodad && \
+             ip -n {h} link add up0 type veth peer name eth0 netns {r} && ip -n {h} link set up0 up && \
+             ip -n {h} addr add {HOST_IP}/24 dev up0 && ip -n {h} addr add {HOST_IP6}/64 dev up0 nodad && \
+             ip -n {r} link set eth0 up && ip -n {r} addr add {REMOTE_IP}/24 dev eth0 && \
+             ip -n {r} addr add {REMOTE_IP6}/64 dev eth0 nodad && \
+             ip -n {r} route add default via {HOST_IP} && ip -n {r} -6 route add default via {HOST_IP6} && \
+             ip netns exec {h} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1"
+        );
+        for (ns, n) in [(c, 2), (p, 3)] {
+            script.push_str(&format!(
+                " && ip -n {h} link add v{n} type veth peer name eth0 netns {ns} && \
+                 ip -n {h} link set v{n} master br0 up && ip -n {ns} link set eth0 up && \
+                 ip -n {ns} addr add 10.70.1.{n}/24 dev eth0 && ip -n {ns} addr add fd70:1::{n}/64 dev eth0 nodad && \
+                 ip -n {ns} route add default via {BRIDGE_IP} && ip -n {ns} -6 route add default via fd70:1::1"
+            ));
+        }
+        sh(&script);
+        let _ = std::fs::remove_dir_all(&t.dir);
+        std::fs::create_dir_all(&t.dir).unwrap();
+        t
+    }
+
+    fn sock(&self) -> String {
+        self.dir.join("ctl.sock").to_str().unwrap().to_string()
+    }
+
+    /// `rproxy daemon` in the host namespace with `args`, once ready.
+    fn daemon(&self, args: &[&str]) -> Proxy {
+        let sock = self.sock();
+        let mut argv = vec!["daemon", "--control-socket", &sock, "--drain-timeout", "0"];
+        argv.extend_from_slice(args);
+        let p = Spawn::new(&argv)
+            .wrap(&["ip", "netns", "exec", &self.host.name])
+            .no_status_pipe()
+            .spawn();
+        p.wait_log("daemon ready", Duration::from_secs(10));
+        p
+    }
+
+    /// `rproxy ARGS…` against the daemon; panics unless it succeeds.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(rproxy())
+            .args(args)
+            .args(["--control-socket", &self.sock()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// (userland connections, kernel connections) of the mapping listening on `listen`.
+    fn counts(&self, proto: &str, listen: &str) -> (u64, u64) {
+        let table = self.cli(&["ls"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        for line in table.lines().skip(1) {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            if cells[col("PROTO")] == proto && cells[col("LISTEN")] == listen {
+                return (
+                    cells[col("TOTAL")].parse().unwrap(),
+                    cells[col("KERNEL_CONNS")].parse().unwrap(),
+                );
+            }
+        }
+        panic!("no {proto} {listen} in\n{table}");
+    }
+
+    /// `nft list ruleset` in the host namespace.
+    fn ruleset(&self) -> String {
+        nft(&self.host, "list ruleset")
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn nft(ns: &Netns, args: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip netns exec {} nft {args}", ns.name))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TCP server in `ns` on port 80 (both families) that tells each client its address.
+fn whoami_tcp(ns: &Netns) {
+    let listener = ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        s.set_only_v6(false).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&"[::]:80".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        s.listen(64).unwrap();
+        TcpListener::from(s)
+    });
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().map_while(Result::ok) {
+            let peer = conn.peer_addr().unwrap().ip().to_canonical();
+            let _ = conn.write_all(peer.to_string().as_bytes());
+        }
+    });
+}
+
+/// A UDP server in `ns` on port 53 (both families) that answers with the sender's address.
+fn whoami_udp(ns: &Netns) {
+    let socket = ns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+        s.set_only_v6(false).unwrap();
+        s.bind(&"[::]:53".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        UdpSocket::from(s)
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(from.ip().to_canonical().to_string().as_bytes(), from);
+        }
+    });
+}
+
+/// Connects from `ns` to `addr` and returns the address the container saw.
+fn ask_tcp(ns: &Netns, addr: &str) -> String {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut seen = String::new();
+        s.read_to_string(&mut seen).unwrap();
+        seen
+    })
+}
+
+/// Sends a datagram from `ns` to `addr`; returns (who answered, the address the container saw).
+fn ask_udp(ns: &Netns, addr: &str) -> (SocketAddr, String) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let s = UdpSocket::bind(bind).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..6 {
+            s.send_to(b"who", addr).unwrap();
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                return (from, String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        panic!("no UDP answer through {addr}");
+    })
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn remote_and_host_clients_go_through_dnat_loopback_and_hairpin_through_userland() {
+    if !need_root("remote_and_host_clients_go_through_dnat_loopback_and_hairpin_through_userland") {
+        return;
+    }
+    let t = Topo::new("natpaths");
+    whoami_tcp(&t.ctr);
+    let _d = t.daemon(&[
+        "--nat",
+        "-p",
+        &format!("8080:{CTR}:80"),
+        "-p",
+        &format!("[::]:8080:[{CTR6}]:80"),
+    ]);
+    let v4 = "0.0.0.0:8080";
+
+    // A remote client reaches the container through DNAT: its own address arrives, and the
+    // userland listener never sees the connection.
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    assert_eq!(t.counts("tcp", v4), (0, 1));
+
+    // A host process on a non-loopback address: DNAT in the output chain.
+    assert_eq!(ask_tcp(&t.host, &format!("{HOST_IP}:8080")), HOST_IP);
+    assert_eq!(t.counts("tcp", v4), (0, 2));
+
+    // Loopback stays in userland: the container sees the host's bridge address.
+    assert_eq!(ask_tcp(&t.host, "127.0.0.1:8080"), BRIDGE_IP);
+    assert_eq!(t.counts("tcp", v4), (1, 2));
+
+    // Hairpin: a neighbour on the container's bridge, and the container itself, reach the
+    // published port through the userland listener (no DNAT for traffic from br0).
+    assert_eq!(ask_tcp(&t.peer, &format!("{BRIDGE_IP}:8080")), BRIDGE_IP);
+    assert_eq!(ask_tcp(&t.peer, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+    assert_eq!(ask_tcp(&t.ctr, &format!("{BRIDGE_IP}:8080")), BRIDGE_IP);
+    assert_eq!(t.counts("tcp", v4), (4, 2));
+
+    // IPv6: the same paths.
+    let v6 = "[::]:8080";
+    assert_eq!(
+        ask_tcp(&t.remote, &format!("[{HOST_IP6}]:8080")),
+        REMOTE_IP6
+    );
+    assert_eq!(t.counts("tcp", v6), (0, 1));
+    assert_eq!(ask_tcp(&t.host, "[::1]:8080"), "fd70:1::1");
+    assert_eq!(t.counts("tcp", v6), (1, 1));
+    assert!(t.cli(&["ls"]).lines().skip(1).all(|l| l.contains("kernel")));
+}
+
+#[test]
+fn udp_goes_through_dnat_and_replies_come_from_the_published_address() {
+    if !need_root("udp_goes_through_dnat_and_replies_come_from_the_published_address") {
+        return;
+    }
+    let t = Topo::new("natudp");
+    whoami_udp(&t.ctr);
+    let _d = t.daemon(&["--nat", "-p", &format!("5300:{CTR}:53/udp")]);
+    let published: SocketAddr = format!("{HOST_IP}:5300").parse().unwrap();
+    let (from, seen) = ask_udp(&t.remote, &published.to_string());
+    assert_eq!((from, seen.as_str()), (published, REMOTE_IP));
+    assert_eq!(t.counts("udp", "0.0.0.0:5300"), (0, 1));
+    // Loopback: the userland flow table, which replies from the address the client used.
+    let (from, seen) = ask_udp(&t.host, "127.0.0.1:5300");
+    assert_eq!(from, "127.0.0.1:5300".parse().unwrap());
+    assert_eq!(seen, BRIDGE_IP);
+    assert_eq!(t.counts("udp", "0.0.0.0:5300"), (1, 1));
+}
+
+#[test]
+fn rules_follow_mappings_and_die_with_the_process() {
+    if !need_root("rules_follow_mappings_and_die_with_the_process") {
+        return;
+    }
+    let t = Topo::new("natlife");
+    whoami_tcp(&t.ctr);
+    let ours = |t: &Topo| t.ruleset().matches("comment \"rproxy ").count();
+
+    // Left behind by a crash on a kernel without owner tables: swept. Not ours: kept.
+    let dead_pid = (100_000..4_000_000)
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    nft(&t.host, "add table inet rproxy");
+    nft(
+        &t.host,
+        "add chain inet rproxy prerouting '{ type nat hook prerouting priority -100; }'",
+    );
+    nft(
+        &t.host,
+        "add rule inet rproxy prerouting tcp dport 8080 dnat ip to 10.70.1.9:80",
+    );
+    nft(&t.host, &format!("add table inet rproxy-{dead_pid}"));
+    nft(&t.host, "add table inet someone-else");
+    let mut d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
+    let tables = nft(&t.host, "list tables");
+    assert!(!tables.contains(&format!("rproxy-{dead_pid}")), "{tables}");
+    assert!(tables.contains("someone-else"), "{tables}");
+    assert!(!t.ruleset().contains("10.70.1.9"), "stale rule survived");
+    assert!(t.ruleset().contains("flags owner"));
+    assert_eq!(ours(&t), 2);
+
+    // Added and removed with the mapping, atomically per mapping.
+    t.cli(&["add", "--nat", &format!("8081:{CTR}:80")]);
+    assert_eq!(ours(&t), 4);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), REMOTE_IP);
+    t.cli(&["rm", &format!("8080:{CTR}:80")]);
+    assert_eq!(ours(&t), 2);
+    assert!(!t.ruleset().contains("0.0.0.0:8080"));
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), REMOTE_IP);
+    let refused = t.remote.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{HOST_IP}:8080").parse().unwrap(),
+            Duration::from_secs(2),
+        )
+    });
+    assert!(refused.is_err(), "port 8080 still reachable after rm");
+
+    // SIGTERM: the table goes with the process.
+    d.signal(Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(!nft(&t.host, "list tables").contains("rproxy"));
+
+    // SIGKILL: the kernel deletes an owner table when its socket closes.
+    let mut d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
+    assert_eq!(ours(&t), 2);
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    wait_until("the owner table to go", || {
+        !nft(&t.host, "list tables").contains("rproxy")
+    });
+    // And a restart installs exactly one set again.
+    let _d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
+    assert_eq!(ours(&t), 2);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+}
+
+#[test]
+fn without_cap_net_admin_nat_falls_back_or_fails_as_asked() {
+    if !need_root("without_cap_net_admin_nat_falls_back_or_fails_as_asked") {
+        return;
+    }
+    let t = Topo::new("natcap");
+    whoami_tcp(&t.ctr);
+    std::fs::set_permissions(&t.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let spawn = |args: &[&str]| {
+        let sock = t.sock();
+        let mut argv = vec!["daemon", "--control-socket", &sock];
+        argv.extend_from_slice(args);
+        Spawn::new(&argv)
+            .wrap(&["ip", "netns", "exec", &t.host.name])
+            .wrap(&nobody)
+            .no_status_pipe()
+            .spawn()
+    };
+
+    // --nat: one warning, then userland serves (the container sees the host, not the client).
+    let d = spawn(&["--nat", "-p", &format!("8080:{CTR}:80")]);
+    let warning = d.wait_log("kernel NAT unavailable", Duration::from_secs(10));
+    assert!(warning.contains("CAP_NET_ADMIN"), "{warning}");
+    d.wait_log("daemon ready", Duration::from_secs(10));
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+    assert!(t.cli(&["ls"]).contains("userland"));
+    drop(d);
+
+    // --nat=require: refuses to start, saying why.
+    let mut d = spawn(&["--nat=require", "-p", &format!("8080:{CTR}:80")]);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(1));
+    let err = d.stderr_text(Duration::from_millis(200));
+    assert!(
+        err.contains("kernel NAT required") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+
+    // Docker mode: RPROXY_NAT=require fails on the status pipe, which `docker run` shows.
+    let mut p = Spawn::forward("tcp", "0.0.0.0", format!("{CTR}:80").parse().unwrap())
+        .wrap(&["ip", "netns", "exec", &t.host.name])
+        .wrap(&nobody)
+        .env("RPROXY_NAT", "require")
+        .env("RPROXY_HANDOFF", "0")
+        .spawn();
+    let status = String::from_utf8_lossy(&p.status()).into_owned();
+    assert!(
+        status.starts_with("1\n") && status.contains("CAP_NET_ADMIN"),
+        "{status:?}"
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(1));
+}
+
+#[test]
+fn docker_mode_installs_its_own_table_unless_dockerd_nats() {
+    if !need_root("docker_mode_installs_its_own_table_unless_dockerd_nats") {
+        return;
+    }
+    let t = Topo::new("natdock");
+    whoami_tcp(&t.ctr);
+    let spawn = || {
+        Spawn::new(&[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            "0.0.0.0",
+            "-host-port",
+            "8080",
+            "-container-ip",
+            CTR,
+            "-container-port",
+            "80",
+        ])
+        .wrap(&["ip", "netns", "exec", &t.host.name])
+        .env("RPROXY_NAT", "on")
+        .env("RPROXY_HANDOFF", "0")
+        .spawn()
+    };
+
+    // Alone (dockerd --iptables=false): its own table, named for its pid, gone on SIGTERM.
+    let mut p = spawn().ready();
+    let table = format!("rproxy-{}", p.child.id());
+    assert!(nft(&t.host, "list tables").contains(&table));
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    assert_eq!(ask_tcp(&t.host, "127.0.0.1:8080"), BRIDGE_IP);
+    p.signal(Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(!nft(&t.host, "list tables").contains("rproxy"));
+
+    // Beside dockerd's own iptables NAT (its DOCKER chain exists): no second set of rules.
+    sh(&format!(
+        "ip netns exec {} iptables -t nat -N DOCKER",
+        t.host.name
+    ));
+    let mut p = spawn();
+    p.wait_log(
+        "dockerd's iptables rules already DNAT it",
+        Duration::from_secs(5),
+    );
+    assert_eq!(p.status(), b"0\n");
+    assert!(
+        !t.ruleset().contains("comment \"rproxy "),
+        "{}",
+        t.ruleset()
+    );
+    // Without dockerd's DNAT rule itself, the port is served by the listener.
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+}
