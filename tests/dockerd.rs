@@ -177,6 +177,26 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     }
     h.step("rproxy processes and log ok");
 
+    // Default pairing: dockerd's iptables rules DNAT published IPv4 ports; with RPROXY_NAT=on
+    // the proxies find dockerd's rule for their port and add none of their own. (dockerd 20.10
+    // writes no ip6tables NAT, so `::` proxies with IPv6 containers do install theirs.)
+    assert!(
+        log_has(
+            &log,
+            &[
+                "dockerd's iptables rules already DNAT it",
+                &format!("0.0.0.0:{p2}")
+            ]
+        ),
+        "rproxy.log does not show NAT left to dockerd:\n{log}"
+    );
+    let ours = rproxy_rulesets();
+    assert!(
+        !ours.contains("dnat ip to"),
+        "rproxy IPv4 rules beside dockerd's NAT:\n{ours}"
+    );
+    h.step("RPROXY_NAT=on beside dockerd's iptables NAT: no rproxy IPv4 rules");
+
     // ---- d. hairpin: another container on the bridge fetches via the gateway address -----------
     // The proxy terminates the connection on the host, so no FORWARD rule is involved (no
     // DOCKER-USER ACCEPT needed): container → host is INPUT, host → container is OUTPUT.
@@ -461,6 +481,13 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
             r.total >= 1 && r.bytes_in > 0 && r.bytes_out > 0,
             "the daemon's counters show no traffic for {r:#?}"
         );
+        // The shims passed RPROXY_NAT=on; dockerd's iptables NAT was there first for IPv4.
+        let want = if r.target.starts_with('[') {
+            "kernel"
+        } else {
+            "dockerd"
+        };
+        assert_eq!(r.nat, want, "{r:#?}");
     }
     let big = carried.iter().filter(|r| r.proto == "udp");
     for r in big {
@@ -641,6 +668,100 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         },
     );
     h.step("daemon shutdown: no rproxy left");
+
+    // ---- i. dockerd --iptables=false: rproxy owns NAT (RPROXY_NAT=on) ------------------------
+    h.start_containerd();
+    let rproxy = PathBuf::from(&h.rproxy_arg);
+    h.start_dockerd(&rproxy, &["--iptables=false"]);
+    let pn = free_run(1, h.ipv6, &h.ports);
+    h.ports.push(pn);
+    let natweb = "rproxy-test-natweb";
+    h.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        natweb,
+        "-p",
+        &format!("{pn}:80"),
+        IMAGE,
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    let net = h.container_net(natweb);
+    let owner = proxy_processes()
+        .into_iter()
+        .find(|p| p.exe == h.rproxy_arg && p.host_port == pn.to_string() && p.host_ip == "0.0.0.0")
+        .unwrap_or_else(|| panic!("no rproxy for 0.0.0.0:{pn}\n{}", h.diag()));
+    let table = format!("rproxy-{}", owner.pid);
+    let rules = || nft(&format!("list table inet {table}"));
+    let listed = rules();
+    assert!(
+        listed.contains(&format!("dnat ip to {}:80", net.ip)),
+        "no DNAT to the container in {table}:\n{listed}\n{}",
+        h.diag()
+    );
+    // The host reaching its bridge address: the output chain translates it (the counter
+    // moves), while loopback is served by the listener.
+    h.get_pages(&[SocketAddr::new(net.gateway, pn)], " (kernel NAT)");
+    let after = rules();
+    assert!(
+        after.contains("counter packets 1 "),
+        "the output rule did not count the connection:\n{after}"
+    );
+    h.get_pages(
+        &[SocketAddr::from((Ipv4Addr::LOCALHOST, pn))],
+        " (userland, loopback)",
+    );
+    h.docker_ok(&["rm", "-f", natweb]);
+    h.wait_none(
+        Duration::from_secs(10),
+        "rproxy tables left after docker rm -f",
+        || {
+            nft_tables()
+                .lines()
+                .filter(|l| l.contains("rproxy"))
+                .map(str::to_string)
+                .collect()
+        },
+    );
+    h.step("dockerd --iptables=false: rproxy installed and removed its DNAT rules");
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s\n{}",
+        h.diag()
+    );
+}
+
+/// `nft list tables` on this host.
+fn nft_tables() -> String {
+    nft("list tables")
+}
+
+/// The rproxy tables of this host's ruleset, as `nft` prints them.
+fn rproxy_rulesets() -> String {
+    nft("list ruleset")
+        .split("\ntable ")
+        .filter(|t| t.trim_start_matches("table ").starts_with("inet rproxy"))
+        .collect::<Vec<_>>()
+        .join("\ntable ")
+}
+
+fn nft(args: &str) -> String {
+    let out = Command::new("nft")
+        .args(args.split(' '))
+        .output()
+        .expect("run nft");
+    assert!(
+        out.status.success(),
+        "nft {args}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // ================================================================================================
@@ -804,6 +925,8 @@ struct LsRow {
     failed: u64,
     bytes_in: u64,
     bytes_out: u64,
+    nat: String,
+    kernel: u64,
 }
 
 #[derive(Debug)]
@@ -862,7 +985,7 @@ impl Harness {
         };
         h.step(&format!("work dir {}", h.dir.display()));
         h.start_containerd();
-        h.start_dockerd(&rproxy);
+        h.start_dockerd(&rproxy, &[]);
         h
     }
 
@@ -959,7 +1082,9 @@ impl Harness {
         }
     }
 
-    fn start_dockerd(&mut self, rproxy: &Path) {
+    /// dockerd with `extra` flags; its proxies get `RPROXY_NAT=on`, so each scenario also shows
+    /// how kernel NAT pairs with dockerd's own iptables rules.
+    fn start_dockerd(&mut self, rproxy: &Path, extra: &[&str]) {
         let d = &self.dir;
         // An empty config file: the host's /etc/docker/daemon.json must not clash with our flags.
         fs::write(d.join("daemon.json"), "{}\n").unwrap();
@@ -977,7 +1102,8 @@ impl Harness {
             .arg(format!("unix://{}", self.sock.display()))
             .arg(format!("--containerd={}", d.join("ctd.sock").display()))
             .arg(format!("--userland-proxy-path={}", rproxy.display()))
-            .arg("--shutdown-timeout=2");
+            .arg("--shutdown-timeout=2")
+            .args(extra);
         if self.ipv6 {
             cmd.args(["--ipv6", "--fixed-cidr-v6", "fd00:dead:beef::/64"]);
         }
@@ -987,6 +1113,7 @@ impl Harness {
             // Never the machine's daemon (/run/rproxy/rproxy.sock or the inherited variable):
             // only ours, and only once (h) starts it.
             .env("RPROXY_SOCKET", &self.rproxy_sock)
+            .env("RPROXY_NAT", "on")
             .env_remove("RPROXY_HANDOFF")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("DOCKER_HOST")
@@ -1246,14 +1373,16 @@ impl Harness {
                 "TOTAL",
                 "FAILED",
                 "BYTES_IN",
-                "BYTES_OUT"
+                "BYTES_OUT",
+                "NAT",
+                "KERNEL_CONNS"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 10, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 12, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))
@@ -1269,6 +1398,8 @@ impl Harness {
                     failed: num(7),
                     bytes_in: num(8),
                     bytes_out: num(9),
+                    nat: c[10].into(),
+                    kernel: num(11),
                 }
             })
             .collect()

@@ -449,10 +449,24 @@ fn docker_mode_installs_its_own_table_unless_dockerd_nats() {
     assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(!nft(&t.host, "list tables").contains("rproxy"));
 
-    // Beside dockerd's own iptables NAT (its DOCKER chain exists): no second set of rules.
+    // A DOCKER chain an earlier dockerd left, with no rule for this port: rproxy's own rules.
+    let host = &t.host.name;
     sh(&format!(
-        "ip netns exec {} iptables -t nat -N DOCKER",
-        t.host.name
+        "ip netns exec {host} iptables -t nat -N DOCKER && \
+         ip netns exec {host} iptables -t nat -A DOCKER -i br0 -j RETURN"
+    ));
+    let mut p = spawn().ready();
+    assert!(nft(&t.host, "list tables").contains(&format!("rproxy-{}", p.child.id())));
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    p.signal(Signal::SIGINT);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+
+    // dockerd's own DNAT rule for the port (iptables-nft; dockerd adds it before it starts the
+    // proxy): no second set of rules, not even an empty table; dockerd's rule translates.
+    sh(&format!(
+        "ip netns exec {host} iptables -t nat -A DOCKER ! -i br0 -p tcp -m tcp --dport 8080 \
+           -j DNAT --to-destination {CTR}:80 && \
+         ip netns exec {host} iptables -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"
     ));
     let mut p = spawn();
     p.wait_log(
@@ -460,11 +474,6 @@ fn docker_mode_installs_its_own_table_unless_dockerd_nats() {
         Duration::from_secs(5),
     );
     assert_eq!(p.status(), b"0\n");
-    assert!(
-        !t.ruleset().contains("comment \"rproxy "),
-        "{}",
-        t.ruleset()
-    );
-    // Without dockerd's DNAT rule itself, the port is served by the listener.
-    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+    assert!(!t.ruleset().contains("rproxy"), "{}", t.ruleset());
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
 }

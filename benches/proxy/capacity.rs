@@ -191,7 +191,7 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
                 procs.push(Proc::spawn(cmd, &format!("socat-{port}"), &ctx.dir)?);
             }
         }
-        Kind::Direct => return Err("ports needs a proxy".into()),
+        Kind::Direct | Kind::RproxyNat => return Err("ports measures userland proxies".into()),
     }
     let deadline = t0 + Duration::from_secs(30);
     loop {

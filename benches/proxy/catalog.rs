@@ -11,15 +11,18 @@ pub enum Kind {
     Socat,
     /// `rproxy daemon -p …`: the one-process mode (multi-thread runtime).
     RproxyDaemon,
+    /// `rproxy daemon --nat=require -p …`: kernel DNAT, for clients that are not on the bridge.
+    RproxyNat,
 }
 
-/// Columns in this order; rproxy-daemon last so the others keep their places.
-pub const KINDS: [Kind; 5] = [
+/// Columns in this order; later additions last so the others keep their places.
+pub const KINDS: [Kind; 6] = [
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
     Kind::Socat,
     Kind::RproxyDaemon,
+    Kind::RproxyNat,
 ];
 
 impl Kind {
@@ -30,6 +33,7 @@ impl Kind {
             Kind::DockerProxy => "docker-proxy",
             Kind::Socat => "socat",
             Kind::RproxyDaemon => "rproxy-daemon",
+            Kind::RproxyNat => "rproxy-nat",
         }
     }
 
@@ -82,7 +86,21 @@ pub(crate) struct Workload {
     pub(crate) run: RunFn,
 }
 
-pub(crate) const ALL: &[Kind] = &KINDS;
+/// Every kind that serves a client on the bridge (kernel NAT leaves those to userland).
+pub(crate) const ALL: &[Kind] = &[
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::DockerProxy,
+    Kind::Socat,
+    Kind::RproxyDaemon,
+];
+/// A client on another network, routed through the host.
+pub(crate) const REMOTE: &[Kind] = &[
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::DockerProxy,
+    Kind::RproxyNat,
+];
 pub(crate) const PROXIES: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
 /// socat forks a process per connection: 10,000 of them are no "memory per connection" figure.
 pub(crate) const ONE_PROCESS: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::RproxyDaemon];
@@ -126,6 +144,10 @@ pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
     vec![
         w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, ALL,
             |c, k, p| tcp_bulk(c, k, p, 1, false)),
+        w("remote-bulk-1", format!("TCP bulk, 1 stream, from a client on another network routed through the host ({NS_REMOTE}) → container, {s} s (iperf3); direct is routed too"), BULK, REMOTE,
+            |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 1, false)),
+        w("remote-bulk-4", format!("as remote-bulk-1 with 4 streams, {s} s (iperf3 -P 4)"), BULK, REMOTE,
+            |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 4, false)),
         w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, ALL,
             |c, k, p| tcp_bulk(c, k, p, 1, true)),
         w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, ALL,

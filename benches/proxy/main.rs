@@ -47,22 +47,33 @@ use serde_json::{json, Value};
 const BRIDGE: &str = "rpxb0";
 const NS_CTR: &str = "rpxb-ctr";
 const NS_CLI: &str = "rpxb-cli";
+/// A client on another network, routed through the host to the bridge: what kernel NAT serves
+/// (clients on the bridge itself are hairpin traffic, which stays in userland).
+const NS_REMOTE: &str = "rpxb-rem";
 /// Host-side veth, namespace, address inside it.
 const VETHS: [(&str, &str, &str); 2] = [
     ("rpxb-ctr0", NS_CTR, "10.231.0.2/24"),
     ("rpxb-cli0", NS_CLI, "10.231.0.3/24"),
 ];
+/// The remote client's link: host-side veth and address, namespace, address inside it.
+const UPLINK: (&str, &str, &str, &str) = ("rpxb-up0", "10.232.0.1/24", NS_REMOTE, "10.232.0.2/24");
+const UPLINK_GW: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 1);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 1);
 const CTR: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
-/// (table, chain, direction, target) for the bridge. FORWARD: once dockerd has run, its policy
-/// is DROP, and bridged traffic (direct) passes through it. raw: our traffic skips connection
-/// tracking, whose table is shared by the whole machine: tens of thousands of short
-/// connections fill it ("nf_conntrack: table full, dropping packet") for every user of it.
-const IPTABLES_RULES: [(&str, &str, &str, &str); 4] = [
-    ("filter", "FORWARD", "-i", "ACCEPT"),
-    ("filter", "FORWARD", "-o", "ACCEPT"),
-    ("raw", "PREROUTING", "-i", "CT --notrack"),
-    ("raw", "OUTPUT", "-o", "CT --notrack"),
+/// (table, chain, rule) for the bridge. FORWARD: once dockerd has run, its policy is DROP, and
+/// bridged traffic (direct) passes through it. raw: our traffic skips connection tracking,
+/// whose table is shared by the whole machine: tens of thousands of short connections fill it
+/// ("nf_conntrack: table full, dropping packet") for every user of it — except what goes to
+/// the remote client's network, which kernel NAT translates.
+const IPTABLES_RULES: [(&str, &str, &str); 4] = [
+    ("filter", "FORWARD", "-i rpxb0 -j ACCEPT"),
+    ("filter", "FORWARD", "-o rpxb0 -j ACCEPT"),
+    (
+        "raw",
+        "PREROUTING",
+        "-i rpxb0 ! -d 10.232.0.0/24 -j CT --notrack",
+    ),
+    ("raw", "OUTPUT", "-o rpxb0 -j CT --notrack"),
 ];
 const LOCK_PATH: &str = "/run/rproxy-bench.lock";
 /// Each workload gets 100 ports from here (23000–24299): a fresh port per measurement keeps one
@@ -330,12 +341,13 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 5] = [
+pub(crate) const RATIOS: [(Kind, Kind); 6] = [
     (Kind::Rproxy, Kind::DockerProxy),
     (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
     (Kind::DockerProxy, Kind::Direct),
     (Kind::Socat, Kind::DockerProxy),
+    (Kind::RproxyNat, Kind::Direct),
 ];
 
 pub(crate) fn report(
@@ -446,7 +458,11 @@ pub(crate) fn report(
          (`-proto P -host-ip {GW} -host-port N -container-ip {CTR} -container-port N`, status pipe on fd 3); \
          socat as `socat TCP4-LISTEN:N,bind={GW},fork,reuseaddr TCP4:{CTR}:N` (UDP4 likewise); \
          direct sends to {CTR} over the bridge. The bridge's traffic is exempt from connection \
-         tracking (iptables raw `CT --notrack`), whose table the whole machine shares.\n"
+         tracking (iptables raw `CT --notrack`), whose table the whole machine shares. \
+         remote-* clients run in netns {NS_REMOTE} on their own link ({UPLINK_GW}), which the host \
+         routes to the bridge (forwarding on for those two interfaces only), and are tracked; \
+         rproxy-nat is `rproxy daemon --nat=require -p {GW}:N:{CTR}:N` and each of its runs is \
+         checked to have been served by its kernel rules (`rproxy ls`).\n"
     );
     if !errors.is_empty() {
         t += "\nErrors:\n";

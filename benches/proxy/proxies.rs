@@ -66,9 +66,12 @@ pub(crate) fn start_proxy(
             wait_status(&mut p, read)?;
             Ok(Some(p))
         }
-        Kind::RproxyDaemon => {
+        Kind::RproxyDaemon | Kind::RproxyNat => {
             let publish = format!("{GW}:{port}:{CTR}:{port}/{}", proto.name());
-            let cmd = daemon_command(ctx, pin, &name, &publish)?;
+            let mut cmd = daemon_command(ctx, pin, &name, &publish)?;
+            if kind == Kind::RproxyNat {
+                cmd.arg("--nat=require");
+            }
             let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
             wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
             Ok(Some(p))
@@ -90,6 +93,37 @@ pub(crate) fn start_proxy(
             wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
             Ok(Some(p))
         }
+    }
+}
+
+/// Checks that an `rproxy-nat` run was served by its kernel rules (the `ls` row shows kernel
+/// connections and no userland ones), so the figure is what its column claims.
+pub(crate) fn check_kernel_path(ctx: &Ctx, proto: Proto, port: u16) -> Result<(), String> {
+    let name = format!("{}-{}-{port}", Kind::RproxyNat.name(), proto.name());
+    let out = Command::new(&ctx.o.rproxy)
+        .arg("ls")
+        .arg("--control-socket")
+        .arg(ctx.dir.join(format!("{name}.sock")))
+        .output()
+        .map_err(|e| format!("rproxy ls: {e}"))?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let row: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    let cell = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .and_then(|i| row.get(i))
+            .copied()
+            .unwrap_or("?")
+    };
+    match (cell("NAT"), cell("TOTAL"), cell("KERNEL_CONNS")) {
+        ("kernel", "0", k) if k != "0" && k != "?" => Ok(()),
+        (nat, total, kernel) => Err(format!(
+            "rproxy-nat was not served by the kernel: NAT {nat}, userland connections {total}, \
+             kernel connections {kernel}"
+        )),
     }
 }
 

@@ -10,10 +10,22 @@ pub(crate) fn tcp_bulk(
     streams: u32,
     reverse: bool,
 ) -> Result<Vec<f64>, String> {
+    tcp_bulk_from(ctx, NS_CLI, kind, port, streams, reverse)
+}
+
+/// iperf3 from a client in namespace `client`.
+pub(crate) fn tcp_bulk_from(
+    ctx: &Ctx,
+    client: &'static str,
+    kind: Kind,
+    port: u16,
+    streams: u32,
+    reverse: bool,
+) -> Result<Vec<f64>, String> {
     let _server = iperf3_server(ctx, port)?;
     let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
     let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), false, tool("iperf3"));
+    let mut cmd = command(Some(client), false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string()])
         .args(["-t", &ctx.o.seconds.to_string(), "-J"]);
     if streams > 1 {
@@ -26,6 +38,9 @@ pub(crate) fn tcp_bulk(
         .and_then(|out| iperf3_json(&out))
         .and_then(|j| json_f64(&j, &["end", "sum_received", "bits_per_second"]));
     let bps = explain(result, &[&proxy])?;
+    if kind == Kind::RproxyNat {
+        check_kernel_path(ctx, Proto::Tcp, port)?;
+    }
     Ok(vec![bps / 1e9])
 }
 

@@ -19,7 +19,7 @@ impl Topology {
             format!("another benchmark run holds {LOCK_PATH} (it owns {BRIDGE}); wait for it")
         })?;
         let leftover = Path::new("/sys/class/net").join(BRIDGE).exists()
-            || VETHS.iter().any(|(veth, ns, _)| {
+            || links().any(|(veth, ns)| {
                 Path::new("/sys/class/net").join(veth).exists()
                     || Path::new("/run/netns").join(ns).exists()
             });
@@ -52,6 +52,45 @@ impl Topology {
                 &GW.to_string(),
             ])?;
         }
+        // The remote client: its own link to the host, which routes it to the bridge. Only
+        // these two interfaces forward (the host's ip_forward stays as it is).
+        let (up, up_addr, remote, remote_addr) = UPLINK;
+        sh(&["ip", "netns", "add", remote])?;
+        sh(&[
+            "ip", "link", "add", up, "type", "veth", "peer", "name", "eth0", "netns", remote,
+        ])?;
+        sh(&["ip", "addr", "add", up_addr, "dev", up])?;
+        sh(&["ip", "link", "set", up, "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            remote,
+            "addr",
+            "add",
+            remote_addr,
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", remote, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", remote, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            remote,
+            "route",
+            "add",
+            "default",
+            "via",
+            &UPLINK_GW.to_string(),
+        ])?;
+        for dev in [up, BRIDGE] {
+            sh(&[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv4.conf.{dev}.forwarding=1"),
+            ])?;
+        }
         // The client namespace makes tens of thousands of short connections: a wide port range
         // and reuse of TIME_WAIT ports there (per-namespace settings; the host's are untouched).
         for setting in [
@@ -60,11 +99,9 @@ impl Topology {
         ] {
             sh(&["ip", "netns", "exec", NS_CLI, "sysctl", "-q", "-w", setting])?;
         }
-        for (table, chain, dir, target) in IPTABLES_RULES {
-            let mut args = vec![
-                "iptables", "-w", "-t", table, "-I", chain, dir, BRIDGE, "-j",
-            ];
-            args.extend(target.split(' '));
+        for (table, chain, rule) in IPTABLES_RULES {
+            let mut args = vec!["iptables", "-w", "-t", table, "-I", chain];
+            args.extend(rule.split(' '));
             sh(&args)?;
         }
         Ok(Topology { _lock: lock })
@@ -73,18 +110,16 @@ impl Topology {
 
 /// Removes the iptables rules, whatever runs in our namespaces, the namespaces and the bridge.
 pub(crate) fn teardown() {
-    for (table, chain, dir, target) in IPTABLES_RULES {
-        let mut args = vec![
-            "iptables", "-w", "-t", table, "-D", chain, dir, BRIDGE, "-j",
-        ];
-        args.extend(target.split(' '));
+    for (table, chain, rule) in IPTABLES_RULES {
+        let mut args = vec!["iptables", "-w", "-t", table, "-D", chain];
+        args.extend(rule.split(' '));
         for _ in 0..8 {
             if sh(&args).is_err() {
                 break;
             }
         }
     }
-    for (veth, ns, _) in VETHS {
+    for (veth, ns) in links() {
         if Path::new("/run/netns").join(ns).exists() {
             if let Ok(pids) = sh(&["ip", "netns", "pids", ns]) {
                 for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
@@ -106,6 +141,14 @@ pub(crate) fn teardown() {
             eprintln!("bench: cleanup: {e}");
         }
     }
+}
+
+/// Every (host-side veth, namespace) the topology makes.
+fn links() -> impl Iterator<Item = (&'static str, &'static str)> {
+    VETHS
+        .iter()
+        .map(|(veth, ns, _)| (*veth, *ns))
+        .chain([(UPLINK.0, UPLINK.2)])
 }
 
 pub(crate) fn enter_netns(ns: &str) -> Result<(), String> {

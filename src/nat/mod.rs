@@ -142,6 +142,16 @@ impl Manager {
         if mode == Mode::Off {
             return Ok(None);
         }
+        // Before opening our table: a mapping that stays in userland, or whose port dockerd
+        // translates, needs none.
+        if let Some(why) = rules::userland_only(m) {
+            tracing::info!("{m}: userland only, {why}");
+            return Ok(Some(Path::Userland(why.into())));
+        }
+        if from_dockerd && docker_dnats(m) {
+            tracing::info!("{m}: dockerd's iptables rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
+            return Ok(Some(Path::Dockerd));
+        }
         let mut state = self.state.lock().unwrap();
         Self::ensure_open(&mut state, &self.table);
         let nat = match &*state {
@@ -152,10 +162,6 @@ impl Manager {
             State::Unavailable(why) => return Ok(Some(Path::Userland(why.clone()))),
             State::Closed => unreachable!("opened above"),
         };
-        if from_dockerd && nat.docker_nat_present(m.target.is_ipv6()) {
-            tracing::info!("{m}: dockerd's iptables rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
-            return Ok(Some(Path::Dockerd));
-        }
         let path = match nat.install(m) {
             Ok(path) => path,
             Err(why) if mode == Mode::Require => return Err(why),
@@ -283,11 +289,6 @@ impl Nat {
         if let Some(why) = rules::userland_only(m) {
             return Ok(Path::Userland(why.into()));
         }
-        if let Some(why) = forwarding_off(m) {
-            return Err(format!(
-                "{why}, so translated packets from other hosts would be dropped"
-            ));
-        }
         let hairpin = route::interface_toward(m.target).map_err(|e| {
             format!(
                 "no route to {} for kernel NAT: {}",
@@ -295,6 +296,15 @@ impl Nat {
                 crate::mapping::describe(&e)
             )
         })?;
+        if let Some(why) = hairpin
+            .as_deref()
+            .and_then(|i| forwarding_off(i, m.target.is_ipv6()))
+        {
+            return Err(format!(
+                "{why}, so translated packets would not be forwarded to {}",
+                m.target
+            ));
+        }
         let msgs: Vec<Message> = rules::for_mapping(m, hairpin.as_deref())
             .iter()
             .map(|r| {
@@ -346,34 +356,6 @@ impl Nat {
             }
         }
         out
-    }
-
-    /// Whether dockerd's own NAT chain (`DOCKER` in iptables' nat table, as iptables-nft
-    /// keeps it in nftables) exists for the target's family: then dockerd already DNATs
-    /// the ports it publishes and rproxy must not add a second set of rules.
-    pub fn docker_nat_present(&self, v6: bool) -> bool {
-        let family = if v6 {
-            netlink::NFPROTO_IPV6
-        } else {
-            netlink::NFPROTO_IPV4
-        };
-        let mut filter = Attrs::default();
-        filter.str(NFTA_CHAIN_TABLE, "nat");
-        let mut nl = self.nl.lock().unwrap();
-        nl.dump(netlink::NFT_MSG_GETCHAIN, family, filter)
-            .map(|chains| {
-                chains.iter().any(|c| {
-                    netlink::find(&c.attrs, NFTA_CHAIN_TABLE)
-                        .map(netlink::string)
-                        .as_deref()
-                        == Some("nat")
-                        && netlink::find(&c.attrs, NFTA_CHAIN_NAME)
-                            .map(netlink::string)
-                            .as_deref()
-                            == Some("DOCKER")
-                })
-            })
-            .unwrap_or(false)
     }
 
     fn rules(&self, nl: &mut Netlink) -> Result<Vec<RuleInfo>, Error> {
@@ -442,6 +424,33 @@ impl RuleInfo {
     }
 }
 
+/// Whether dockerd's own iptables rules already DNAT `m`'s port: a rule in the `DOCKER`
+/// chain of iptables' nat table (iptables-nft keeps it in nftables) that matches the protocol
+/// and destination port and translates. dockerd adds it before it starts the proxy. Then
+/// rproxy must not add a second set. Not visible: iptables-legacy rules, and everything
+/// without CAP_NET_ADMIN.
+fn docker_dnats(m: &Mapping) -> bool {
+    let family = match m.target.is_ipv6() {
+        false => netlink::NFPROTO_IPV4,
+        true => netlink::NFPROTO_IPV6,
+    };
+    let mut filter = Attrs::default();
+    filter.str(1, "nat").str(2, "DOCKER"); // NFTA_RULE_TABLE, NFTA_RULE_CHAIN
+    let Ok(mut nl) = Netlink::open() else {
+        return false;
+    };
+    let Ok(docker_rules) = nl.dump(netlink::NFT_MSG_GETRULE, family, filter) else {
+        return false;
+    };
+    let proto = match m.proto {
+        crate::mapping::Proto::Tcp => libc::IPPROTO_TCP as u8,
+        crate::mapping::Proto::Udp => libc::IPPROTO_UDP as u8,
+    };
+    docker_rules
+        .iter()
+        .any(|r| rules::translates(&r.attrs, proto, m.listen.port()))
+}
+
 /// Deletes tables a crashed rproxy left: named `table` (which we are about to create) or
 /// `rproxy-<pid>` with that process gone, and not owned by a live socket.
 fn sweep(nl: &mut Netlink, table: &str) -> Result<(), Error> {
@@ -489,13 +498,12 @@ fn is_rproxy(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "rproxy")
 }
 
-/// Forwarded DNAT traffic needs forwarding on; without it remote clients would be translated
-/// and then dropped, while the userland listener would have served them.
-fn forwarding_off(m: &Mapping) -> Option<String> {
-    let key = match m.target.is_ipv6() {
-        false => "net/ipv4/ip_forward",
-        true => "net/ipv6/conf/all/forwarding",
-    };
+/// Forwarded DNAT traffic needs forwarding on the interfaces it crosses; without it on the
+/// target's interface (which `ip_forward=1` or Docker's bridge set-up turns on), clients
+/// would be translated and then dropped, while the userland listener would have served them.
+fn forwarding_off(iface: &str, v6: bool) -> Option<String> {
+    let family = if v6 { "ipv6" } else { "ipv4" };
+    let key = format!("net/{family}/conf/{iface}/forwarding");
     let value = std::fs::read_to_string(format!("/proc/sys/{key}")).ok()?;
     (value.trim() == "0").then(|| format!("{} is 0", key.replace('/', ".")))
 }

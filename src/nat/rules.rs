@@ -212,6 +212,50 @@ pub fn comment_of(userdata: &[u8]) -> Option<String> {
     None
 }
 
+/// Whether a rule read back (its NFT_MSG_NEWRULE attributes) matches `meta l4proto PROTO`
+/// and `th dport PORT` and translates (a `nat` expression, or iptables-nft's `DNAT` target).
+pub fn translates(rule: &[u8], proto: u8, port: u16) -> bool {
+    use super::netlink::{attrs, be_u32, find, string};
+    #[derive(PartialEq)]
+    enum Loaded {
+        L4proto,
+        Dport,
+        Other,
+    }
+    let (mut loaded, mut proto_ok, mut port_ok, mut nat) = (Loaded::Other, false, false, false);
+    let exprs = find(rule, NFTA_RULE_EXPRESSIONS).unwrap_or_default();
+    for (_, e) in attrs(exprs).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+        let name = find(e, NFTA_EXPR_NAME).map(string).unwrap_or_default();
+        let data = find(e, NFTA_EXPR_DATA).unwrap_or_default();
+        let u32_at = |kind| find(data, kind).and_then(be_u32);
+        match name.as_str() {
+            "meta" => {
+                loaded = match u32_at(2) {
+                    Some(16) => Loaded::L4proto, // NFT_META_L4PROTO
+                    _ => Loaded::Other,
+                }
+            }
+            "payload" => {
+                loaded = match (u32_at(2), u32_at(3), u32_at(4)) {
+                    (Some(2), Some(2), Some(2)) => Loaded::Dport, // transport header + 2, 2 bytes
+                    _ => Loaded::Other,
+                }
+            }
+            "cmp" if u32_at(2) == Some(0) => {
+                let value = find(data, 3).and_then(|v| find(v, NFTA_DATA_VALUE));
+                match loaded {
+                    Loaded::L4proto => proto_ok |= value == Some(&[proto][..]),
+                    Loaded::Dport => port_ok |= value == Some(&port.to_be_bytes()[..]),
+                    Loaded::Other => {}
+                }
+            }
+            "nat" | "target" => nat = true,
+            _ => {}
+        }
+    }
+    proto_ok && port_ok && nat
+}
+
 fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
     list.nest(NFTA_LIST_ELEM, |e| {
         e.str(NFTA_EXPR_NAME, name).nest(NFTA_EXPR_DATA, data);
@@ -379,6 +423,16 @@ mod tests {
         ] {
             assert!(rules(spec, None).is_empty(), "{spec}");
         }
+    }
+
+    #[test]
+    fn recognises_a_dnat_rule_for_a_port() {
+        let m = parse_publish("8080:172.17.0.2:80/tcp").unwrap()[0];
+        let rule = &for_mapping(&m, Some("docker0"))[0];
+        let bytes = rule.encode("nat").bytes().to_vec();
+        assert!(translates(&bytes, 6, 8080));
+        assert!(!translates(&bytes, 6, 8081), "another port");
+        assert!(!translates(&bytes, 17, 8080), "another protocol");
     }
 
     #[test]
