@@ -477,3 +477,78 @@ fn docker_mode_installs_its_own_table_unless_dockerd_nats() {
     assert!(!t.ruleset().contains("rproxy"), "{}", t.ruleset());
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
 }
+
+#[test]
+fn config_sets_nat_per_mapping_and_forwarding_off_keeps_userland() {
+    if !need_root("config_sets_nat_per_mapping_and_forwarding_off_keeps_userland") {
+        return;
+    }
+    let t = Topo::new("natconf");
+    whoami_tcp(&t.ctr);
+    let config = t.dir.join("rproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "nat = \"on\"\npublish = [\"8080:{CTR}:80\"]\n\n\
+             [[mapping]]\npublish = \"8081:{CTR}:80\"\nnat = \"off\"\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let d = t.daemon(&["--config", &cfg]);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), BRIDGE_IP);
+    let ls = t.cli(&["ls"]);
+    let nat_of = |port: &str| {
+        ls.lines()
+            .find(|l| l.contains(&format!("0.0.0.0:{port} ")))
+            .and_then(|l| l.split_whitespace().nth(10))
+            .unwrap_or_else(|| panic!("no :{port} in\n{ls}"))
+            .to_string()
+    };
+    assert_eq!(
+        (nat_of("8080"), nat_of("8081")),
+        ("kernel".into(), "-".into())
+    );
+    drop(d);
+
+    // A bad mode names the file and line.
+    std::fs::write(
+        &config,
+        format!("[[mapping]]\npublish = \"8080:{CTR}:80\"\nnat = \"maybe\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(rproxy())
+        .args(["daemon", "--control-socket", &t.sock(), "--config", &cfg])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rproxy.toml:3") && err.contains("invalid NAT mode"),
+        "{err}"
+    );
+
+    // Forwarding off toward the target: translated packets would be dropped, so `on` keeps
+    // the mapping in userland (which still serves it) and `require` refuses.
+    sh(&format!(
+        "ip netns exec {} sysctl -qw net.ipv4.conf.br0.forwarding=0",
+        t.host.name
+    ));
+    let _d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+    assert!(t.cli(&["ls"]).contains("userland"));
+    let out = Command::new(rproxy())
+        .args([
+            "add",
+            "--nat=require",
+            &format!("8082:{CTR}:80"),
+            "--control-socket",
+            &t.sock(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("net.ipv4.conf.br0.forwarding is 0"), "{err}");
+}
