@@ -177,6 +177,17 @@ fn whoami_udp(ns: &Netns) {
     });
 }
 
+/// A UDP server in `ns` on port 53 that answers every datagram with `tag`.
+fn tagged_udp(ns: &Netns, tag: &'static str) {
+    let socket = ns.run(|| UdpSocket::bind("0.0.0.0:53").unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(tag.as_bytes(), from);
+        }
+    });
+}
+
 /// Connects from `ns` to `addr` and returns the address the container saw.
 fn ask_tcp(ns: &Netns, addr: &str) -> String {
     let addr: SocketAddr = addr.parse().unwrap();
@@ -286,6 +297,42 @@ fn udp_goes_through_dnat_and_replies_come_from_the_published_address() {
     assert_eq!(from, "127.0.0.1:5300".parse().unwrap());
     assert_eq!(seen, BRIDGE_IP);
     assert_eq!(t.counts("udp", "0.0.0.0:5300"), (1, 1));
+}
+
+#[test]
+fn a_udp_client_follows_its_mapping_to_a_new_target() {
+    if !need_root("a_udp_client_follows_its_mapping_to_a_new_target") {
+        return;
+    }
+    let t = Topo::new("natflow");
+    tagged_udp(&t.ctr, "ctr");
+    tagged_udp(&t.peer, "peer");
+    let _d = t.daemon(&["--nat", "-p", &format!("5300:{CTR}:53/udp")]);
+    // One client socket throughout: the same 5-tuple, whose conntrack entry keeps the DNAT.
+    let client = t.remote.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let published = format!("{HOST_IP}:5300");
+    let ask = |client: &UdpSocket| -> Option<String> {
+        let mut buf = [0u8; 16];
+        for _ in 0..10 {
+            client.send_to(b"who", &published).unwrap();
+            if let Ok(n) = client.recv(&mut buf) {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        None
+    };
+    assert_eq!(ask(&client).as_deref(), Some("ctr"));
+    // The container is replaced: the mapping now goes to the peer's address.
+    t.cli(&["rm", &format!("5300:{CTR}:53/udp")]);
+    t.cli(&["add", "--nat", "5300:10.70.1.3:53/udp"]);
+    assert_eq!(
+        ask(&client).as_deref(),
+        Some("peer"),
+        "the old flow's conntrack entry still steers the client to the removed target"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! that kernels without the owner flag (before 5.12) leave behind are swept at start-up: only
 //! tables named like ours, not owned, whose process is gone. Nothing else is ever touched.
 
+mod conntrack;
 mod netlink;
 mod route;
 pub mod rules;
@@ -220,6 +221,8 @@ const NF_ACCEPT: u32 = 1;
 pub struct Nat {
     nl: Mutex<Netlink>,
     table: String,
+    /// UDP mappings with rules, whose flows must be forgotten with them.
+    udp: Mutex<Vec<Mapping>>,
 }
 
 impl Nat {
@@ -277,6 +280,7 @@ impl Nat {
         Ok(Nat {
             nl: Mutex::new(nl),
             table: table.to_string(),
+            udp: Mutex::default(),
         })
     }
 
@@ -322,6 +326,9 @@ impl Nat {
             .unwrap()
             .batch(&msgs)
             .map_err(|e| format!("cannot install kernel NAT for {m}: {}", explain(&e)))?;
+        if m.proto == crate::mapping::Proto::Udp {
+            self.udp.lock().unwrap().push(*m);
+        }
         Ok(Path::Kernel)
     }
 
@@ -343,7 +350,10 @@ impl Nat {
             })
             .collect();
         nl.batch(&msgs)
-            .map_err(|e| format!("cannot remove kernel NAT for {m}: {}", explain(&e)))
+            .map_err(|e| format!("cannot remove kernel NAT for {m}: {}", explain(&e)))?;
+        self.udp.lock().unwrap().retain(|u| u != m);
+        forget_flows(&mut nl, m);
+        Ok(())
     }
 
     /// Connections (first packets) each mapping's rules translated, by mapping spec.
@@ -385,6 +395,18 @@ impl Drop for Nat {
             Ok(()) => tracing::info!("kernel NAT: removed nftables table inet {}", self.table),
             Err(e) => tracing::warn!("cannot remove nftables table inet {}: {e}", self.table),
         }
+        for m in self.udp.get_mut().unwrap_or_else(|e| e.into_inner()).iter() {
+            forget_flows(nl, m);
+        }
+    }
+}
+
+/// Deletes the conntrack entries of `m`'s translated UDP flows, saying what happened.
+fn forget_flows(nl: &mut Netlink, m: &Mapping) {
+    match conntrack::forget(nl, m) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("{m}: forgot {n} translated UDP flow(s)"),
+        Err(e) => tracing::warn!("{m}: cannot forget translated UDP flows: {e}"),
     }
 }
 

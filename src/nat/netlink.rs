@@ -37,7 +37,8 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NLM_F_ACK_TLVS: u16 = 0x200;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+pub const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -73,6 +74,11 @@ impl Attrs {
         let mut bytes = value.as_bytes().to_vec();
         bytes.push(0);
         self.put(kind, &bytes)
+    }
+
+    /// A nested attribute whose contents are already encoded (as read back in a dump).
+    pub fn nested_raw(&mut self, kind: u16, contents: &[u8]) -> &mut Attrs {
+        self.put(kind | NLA_F_NESTED, contents)
     }
 
     pub fn nest(&mut self, kind: u16, fill: impl FnOnce(&mut Attrs)) -> &mut Attrs {
@@ -314,10 +320,51 @@ impl Netlink {
         }
     }
 
-    /// A dump: every object of `kind` in `family` matching `filter` (e.g. a table name).
+    /// An nf_tables dump: every object of `kind` in `family` matching `filter` (e.g. a
+    /// table name).
     pub fn dump(&mut self, kind: u8, family: u8, filter: Attrs) -> Result<Vec<Reply>, Error> {
+        self.dump_in(NFNL_SUBSYS_NFTABLES, kind, family, filter)
+    }
+
+    /// One request outside a batch (ctnetlink has none), answered by an ack or an error.
+    pub fn request(
+        &mut self,
+        subsys: u16,
+        kind: u8,
+        family: u8,
+        attrs: Attrs,
+    ) -> Result<(), Error> {
         let mut out = Vec::new();
-        let kind = (NFNL_SUBSYS_NFTABLES << 8) | kind as u16;
+        let kind = (subsys << 8) | kind as u16;
+        let seq = self.push(&mut out, kind, NLM_F_ACK, family, 0, &attrs.0);
+        send(self.socket.as_raw_fd(), &out, MsgFlags::empty())?;
+        let mut result = Ok(());
+        self.receive(|s, reply| {
+            if s != seq {
+                return false;
+            }
+            match reply {
+                Ok(Some(_)) => false,
+                Ok(None) => true,
+                Err(e) => {
+                    result = Err(e);
+                    true
+                }
+            }
+        })?;
+        result
+    }
+
+    /// A dump from any nfnetlink subsystem.
+    pub fn dump_in(
+        &mut self,
+        subsys: u16,
+        kind: u8,
+        family: u8,
+        filter: Attrs,
+    ) -> Result<Vec<Reply>, Error> {
+        let mut out = Vec::new();
+        let kind = (subsys << 8) | kind as u16;
         let seq = self.push(&mut out, kind, NLM_F_DUMP, family, 0, &filter.0);
         send(self.socket.as_raw_fd(), &out, MsgFlags::empty())?;
         let mut objects = Vec::new();
