@@ -38,6 +38,8 @@ fn bench_smoke() {
         "tcp-bulk-1-rev",
         "tcp-bulk-4",
         "tcp-bulk-4-rev",
+        "remote-bulk-1",
+        "remote-bulk-4",
         "rr",
         "rr-pinned",
         "conn-rate",
@@ -63,6 +65,14 @@ fn bench_smoke() {
             let rproxy = cells[4];
             assert!(rproxy.parse::<f64>().is_ok(), "no rproxy figure in {row:?}");
             assert!(!row.contains("ERR"), "failed measurement in {row:?}");
+            if w.starts_with("remote-") {
+                // | … | socat | rproxy-daemon | rproxy-nat |: checked to be kernel-served.
+                let nat = cells[8];
+                assert!(
+                    nat.parse::<f64>().is_ok(),
+                    "no rproxy-nat figure in {row:?}"
+                );
+            }
         }
     }
     eprintln!("bench_smoke: {:.0?}", started.elapsed());
