@@ -277,6 +277,8 @@ fn remote_and_host_clients_go_through_dnat_loopback_and_hairpin_through_userland
     assert_eq!(t.counts("tcp", v6), (0, 1));
     assert_eq!(ask_tcp(&t.host, "[::1]:8080"), "fd70:1::1");
     assert_eq!(t.counts("tcp", v6), (1, 1));
+    assert_eq!(ask_tcp(&t.peer, "[fd70:1::1]:8080"), "fd70:1::1");
+    assert_eq!(t.counts("tcp", v6), (2, 1));
     assert!(t.cli(&["ls"]).lines().skip(1).all(|l| l.contains("kernel")));
 }
 
