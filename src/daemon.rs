@@ -43,6 +43,10 @@ pub struct Args {
     /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
     nat: Option<Mode>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
+    /// else none).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
@@ -58,6 +62,8 @@ struct ConfigFile {
     drain_timeout: Option<f64>,
     /// The NAT mode of every mapping without its own (`--nat` wins).
     nat: Option<toml::Spanned<String>>,
+    /// Where to serve Prometheus metrics (`--metrics-addr` wins).
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +87,7 @@ struct Settings {
     nat: Mode,
     /// `--nat` as given, which reloads keep over the file's default.
     nat_flag: Option<Mode>,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Settings {
@@ -111,6 +118,13 @@ impl Settings {
             None => (ConfigFile::default(), Mode::Off, Vec::new()),
         };
         let nat = args.nat.unwrap_or(file_nat);
+        let metrics_addr = match crate::prometheus::addr_from_env() {
+            Ok(env) => args.metrics_addr.or(file.metrics_addr).or(env),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        };
         let publish: Vec<Wanted> = specs.into_iter().map(|m| (m, nat)).collect();
         let drain = file.drain_timeout.unwrap_or(args.drain_timeout);
         if !(drain.is_finite() && drain >= 0.0) {
@@ -135,6 +149,7 @@ impl Settings {
             drain: Duration::from_secs_f64(drain.max(0.0)),
             nat,
             nat_flag: args.nat,
+            metrics_addr,
         })
     }
 }
@@ -232,6 +247,14 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
+    // The recorder first, so every mapping's histograms are real.
+    let metrics = match settings.metrics_addr.map(metrics_endpoint).transpose() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("rproxy: {e}");
+            return 1;
+        }
+    };
     let sup = Supervisor::new(nat::Manager::new(nat::Nat::DAEMON_TABLE));
     let mut failed = Vec::new();
     if settings.nat != Mode::Off {
@@ -265,6 +288,12 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
+    let metrics = metrics.map(|(listener, handle)| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics at http://{addr}/metrics");
+        }
+        tokio::spawn(crate::prometheus::serve(listener, handle, sup.clone()))
+    });
     tracing::info!(
         "daemon ready: {} mappings, control socket {}",
         sup.rows().len(),
@@ -291,6 +320,9 @@ async fn run(settings: Settings) -> i32 {
         }
     }
     control.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&settings.control_socket);
     let tasks = sup.stop_all(settings.drain);
     // A second signal cuts the drain short.
@@ -304,6 +336,24 @@ async fn run(settings: Settings) -> i32 {
         _ = signals.next() => tracing::info!("second signal: exiting without waiting"),
     }
     0
+}
+
+/// Installs the metrics recorder and binds its endpoint.
+fn metrics_endpoint(
+    addr: std::net::SocketAddr,
+) -> Result<
+    (
+        tokio::net::TcpListener,
+        metrics_exporter_prometheus::PrometheusHandle,
+    ),
+    String,
+> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| format!("metrics: cannot listen on {addr}: {}", describe(&e)))?;
+    let handle = crate::prometheus::install()?;
+    Ok((listener, handle))
 }
 
 /// Binds the control socket: mode 0600, its directory created; a stale socket file left by a

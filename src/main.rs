@@ -11,6 +11,7 @@ mod goflags;
 mod log;
 mod mapping;
 mod nat;
+mod prometheus;
 mod shim;
 mod signals;
 mod stats;

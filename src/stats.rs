@@ -1,7 +1,63 @@
-//! Per-mapping counters, shared by the data path and whoever reports (`rproxy ls`). Relaxed
-//! atomics, bumped per connection, per chunk or per datagram: never a lock on the hot path.
+//! Per-mapping counters, shared by the data path and whoever reports (`rproxy ls`, the
+//! Prometheus endpoint). Relaxed atomics, bumped per connection, per chunk or per batch: never
+//! a lock on the hot path. The two histograms are recorded once per connection.
 
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Why a connection could not be made, or a datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The target refused (RST / ICMP port unreachable).
+    Refused,
+    /// The target never answered within the connect timeout.
+    Timeout,
+    /// No route to the target's host or network.
+    Unreachable,
+    /// Out of descriptors, buffers or memory, or the flow table's bound.
+    Limit,
+    /// A datagram larger than the proxy relays.
+    TooLarge,
+    Other,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 6] = [
+        Failure::Refused,
+        Failure::Timeout,
+        Failure::Unreachable,
+        Failure::Limit,
+        Failure::TooLarge,
+        Failure::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::Timeout => "timeout",
+            Failure::Unreachable => "unreachable",
+            Failure::Limit => "limit",
+            Failure::TooLarge => "too_large",
+            Failure::Other => "other",
+        }
+    }
+
+    pub fn of(e: &io::Error) -> Failure {
+        if e.kind() == io::ErrorKind::TimedOut {
+            return Failure::Timeout;
+        }
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Failure::Refused,
+            Some(libc::ETIMEDOUT) => Failure::Timeout,
+            Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
+                Failure::Unreachable
+            }
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Failure::Limit,
+            Some(libc::EMSGSIZE) => Failure::TooLarge,
+            _ => Failure::Other,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -11,13 +67,40 @@ pub struct Stats {
     pub total: AtomicU64,
     /// Connections the target refused or never answered; datagrams dropped.
     pub failed: AtomicU64,
+    /// `failed` by reason, indexed like `Failure::ALL`.
+    pub failures: [AtomicU64; Failure::ALL.len()],
     /// Bytes from clients to the target.
     pub bytes_in: AtomicU64,
     /// Bytes from the target back to clients.
     pub bytes_out: AtomicU64,
+    /// UDP datagrams relayed to the target, and back to clients.
+    pub datagrams_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    /// UDP flows ended by their idle timeout, and by the flow table's bound.
+    pub expired: AtomicU64,
+    pub evicted: AtomicU64,
+    /// Per-connection timings, when a metrics recorder is installed (no-ops otherwise).
+    pub timings: Timings,
 }
 
-/// A point-in-time copy of [`Stats`].
+#[derive(Debug)]
+pub struct Timings {
+    /// Seconds from accepting a TCP client to the target answering the connect.
+    pub connect: metrics::Histogram,
+    /// Seconds a TCP connection lived, from accept to close.
+    pub lifetime: metrics::Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Timings {
+        Timings {
+            connect: metrics::Histogram::noop(),
+            lifetime: metrics::Histogram::noop(),
+        }
+    }
+}
+
+/// A point-in-time copy of the counters `rproxy ls` shows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub active: u64,
@@ -28,6 +111,13 @@ pub struct Snapshot {
 }
 
 impl Stats {
+    pub fn with_timings(timings: Timings) -> Stats {
+        Stats {
+            timings,
+            ..Stats::default()
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             active: self.active.load(Relaxed),
@@ -36,6 +126,13 @@ impl Stats {
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
         }
+    }
+
+    /// Counts one failed connection or dropped datagram, and why.
+    pub fn fail(&self, why: Failure) {
+        self.failed.fetch_add(1, Relaxed);
+        let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
+        self.failures[i].fetch_add(1, Relaxed);
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

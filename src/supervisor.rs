@@ -102,7 +102,7 @@ impl Supervisor {
         let path = self
             .nat
             .install(&mapping, mode, matches!(origin, Origin::Shim(_)))?;
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::with_timings(crate::prometheus::timings(&mapping)));
         let (stop, stopped) = Stop::new();
         let task = tokio::spawn(frontend.serve(stats.clone(), stopped));
         tracing::info!("serving {mapping} ({origin})");
@@ -171,6 +171,21 @@ impl Supervisor {
             .unwrap()
             .get(key)
             .map(|r| (r.mapping, r.origin))
+    }
+
+    /// Every mapping with its counters, its NAT path and whether it still serves.
+    pub fn entries(&self) -> Vec<(Mapping, Arc<Stats>, Option<Path>, bool)> {
+        let map = self.inner.lock().unwrap();
+        map.values()
+            .map(|r| {
+                (
+                    r.mapping,
+                    r.stats.clone(),
+                    r.path.clone(),
+                    !r.task.is_finished(),
+                )
+            })
+            .collect()
     }
 
     pub fn rows(&self) -> Vec<Row> {

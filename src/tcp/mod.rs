@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::frontend::Stop;
 use crate::mapping::describe;
-use crate::stats::Stats;
+use crate::stats::{Failure, Stats};
 
 /// Knobs for one TCP mapping. dockerd's argv cannot carry options, so they come from the
 /// environment (`RPROXY_CONNECT_TIMEOUT` seconds, `RPROXY_SPLICE=0` to force copying).
@@ -97,18 +97,20 @@ async fn handle(
 ) {
     Stats::add(&stats.total, 1);
     Stats::add(&stats.active, 1);
-    let _active = Guard(&stats);
+    let accepted = std::time::Instant::now();
+    let _active = Guard(&stats, accepted);
     // The client socket inherited its options from the listener (see `tune`).
     let mut backend = match connect(target, config.connect_timeout).await {
         Ok(b) => b,
         Err(e) => {
-            Stats::add(&stats.failed, 1);
+            stats.fail(Failure::of(&e));
             // Reset rather than accept-then-FIN: the client learns at once that nothing is there.
             tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e));
             let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
         }
     };
+    stats.timings.connect.record(accepted.elapsed());
     tracing::debug!("{peer}: connected to {target}");
     match relay::relay(
         &mut client,
@@ -156,12 +158,14 @@ pub fn tune(socket: SockRef<'_>) {
     let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
-/// Counts a connection as closed however its task ends (finished, failed or aborted).
-struct Guard<'a>(&'a Stats);
+/// Counts a connection as closed however its task ends (finished, failed or aborted), and
+/// records how long it lived.
+struct Guard<'a>(&'a Stats, std::time::Instant);
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         Stats::sub(&self.0.active, 1);
+        self.0.timings.lifetime.record(self.1.elapsed());
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::frontend::Stop;
 use crate::mapping::describe;
-use crate::stats::Stats;
+use crate::stats::{Failure, Stats};
 use crate::sys;
 use flows::{now_ms, Activity, FlowKey, FlowTable};
 
@@ -180,6 +180,7 @@ pub async fn serve(
             Some((key, id)) = expired_rx.recv() => {
                 if ctx.table.remove(&key, id).is_some() {
                     Stats::sub(&ctx.stats.active, 1);
+                    Stats::add(&ctx.stats.expired, 1);
                     tracing::debug!("udp flow {} expired ({} left)", key.0, ctx.table.len());
                 }
                 continue;
@@ -201,8 +202,11 @@ pub async fn serve(
                 Ok(Some(leftovers)) => {
                     for (upstream, data) in leftovers {
                         match upstream.socket.send(&data).await {
-                            Ok(n) => Stats::add(&ctx.stats.bytes_in, n as u64),
-                            Err(_) => Stats::add(&ctx.stats.failed, 1),
+                            Ok(n) => {
+                                Stats::add(&ctx.stats.bytes_in, n as u64);
+                                Stats::add(&ctx.stats.datagrams_in, 1);
+                            }
+                            Err(e) => ctx.stats.fail(Failure::of(&e)),
                         }
                     }
                 }
@@ -244,7 +248,7 @@ impl Dispatch {
                     "udp datagram from {} larger than {MAX_DATAGRAM} bytes dropped",
                     received.source
                 );
-                Stats::add(&self.stats.failed, 1);
+                self.stats.fail(Failure::TooLarge);
                 continue;
             }
             let Some(socket) = self.flow((received.source, received.destination)) else {
@@ -275,12 +279,13 @@ impl Dispatch {
             Ok(s) => Arc::new(Upstream::new(s, self.target)),
             Err(e) => {
                 tracing::warn!("udp flow to {} not opened: {}", self.target, describe(&e));
-                Stats::add(&self.stats.failed, 1);
+                self.stats.fail(Failure::of(&e));
                 return None;
             }
         };
         if let Some((old, _flow)) = self.table.make_room() {
             Stats::sub(&self.stats.active, 1);
+            Stats::add(&self.stats.evicted, 1);
             tracing::debug!(
                 "udp flow {} evicted: {} flows is the limit",
                 old.0,
@@ -328,6 +333,7 @@ impl Dispatch {
                 Ok(n) => {
                     let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
                     Stats::add(&self.stats.bytes_in, bytes as u64);
+                    Stats::add(&self.stats.datagrams_in, n as u64);
                     sent += n;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -343,7 +349,7 @@ impl Dispatch {
                 }
                 Err(e) => {
                     tracing::debug!("udp datagram to {} dropped: {}", self.target, describe(&e));
-                    Stats::add(&self.stats.failed, 1);
+                    self.stats.fail(Failure::of(&e));
                     sent += 1;
                 }
             }
@@ -476,6 +482,7 @@ impl ReplyPath {
                 Ok(k) => {
                     let bytes: usize = datagrams[sent..sent + k].iter().map(|d| d.len()).sum();
                     Stats::add(&self.stats.bytes_out, bytes as u64);
+                    Stats::add(&self.stats.datagrams_out, k as u64);
                     sent += k;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -486,6 +493,7 @@ impl ReplyPath {
                 }
                 Err(e) => {
                     tracing::debug!("udp reply to {} dropped: {}", self.client, describe(&e));
+                    self.stats.fail(Failure::of(&e));
                     sent += 1;
                 }
             }
@@ -502,6 +510,7 @@ impl ReplyPath {
             self.frontend_v6,
         )?;
         Stats::add(&self.stats.bytes_out, n as u64);
+        Stats::add(&self.stats.datagrams_out, 1);
         Ok(n)
     }
 }

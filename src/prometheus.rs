@@ -1,0 +1,322 @@
+//! Prometheus metrics (`--metrics-addr`): their names and labels, and the `/metrics` endpoint,
+//! served on rproxy's own runtime by a small HTTP responder (the exporter's http-listener
+//! feature would bring hyper for one GET).
+//!
+//! The counters `rproxy ls` shows live in each mapping's `Stats`, atomics the data path bumps
+//! per connection, chunk or batch. Each scrape copies them into the recorder (`absolute`,
+//! `set`), so the data path pays nothing for metrics; only the two duration histograms are
+//! recorded as connections happen, once per connection.
+//!
+//! Labels: `proto`, `frontend` (listen address), `backend` (target address), and `reason` or
+//! `direction` where a metric needs one; never a client address.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Label};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::mapping::{describe, Mapping, Proto};
+use crate::nat::Path;
+use crate::stats::{Failure, Stats, Timings};
+use crate::supervisor::Supervisor;
+
+/// `RPROXY_METRICS_ADDR`: the daemon's endpoint when `--metrics-addr` is not given (for
+/// service managers that set the environment, like the one dockerd's proxies inherit).
+pub fn addr_from_env() -> Result<Option<SocketAddr>, String> {
+    match std::env::var("RPROXY_METRICS_ADDR") {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("RPROXY_METRICS_ADDR: {v:?} is not HOST:PORT")),
+        _ => Ok(None),
+    }
+}
+
+/// Installs the Prometheus recorder for the whole process. Call before mappings start, so
+/// their histograms are real.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let seconds = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0, 1800.0, 3600.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .map_err(|e| format!("metrics: {e}"))?
+        // Series of removed mappings go: counters and gauges are refreshed at every scrape
+        // while their mapping lives; histograms only when connections happen.
+        .idle_timeout(
+            MetricKindMask::COUNTER | MetricKindMask::GAUGE,
+            Some(Duration::from_secs(300)),
+        )
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|_| "metrics: a recorder is already installed".to_string())?;
+    describe_all();
+    Ok(handle)
+}
+
+/// The histograms one mapping records into (no-ops without a recorder).
+pub fn timings(m: &Mapping) -> Timings {
+    match m.proto {
+        Proto::Tcp => Timings {
+            connect: histogram!("rproxy_tcp_connect_duration_seconds", labels(m)),
+            lifetime: histogram!("rproxy_tcp_relay_duration_seconds", labels(m)),
+        },
+        Proto::Udp => Timings::default(),
+    }
+}
+
+fn labels(m: &Mapping) -> Vec<Label> {
+    vec![
+        Label::new("proto", m.proto.to_string()),
+        Label::new("frontend", m.listen.to_string()),
+        Label::new("backend", m.target.to_string()),
+    ]
+}
+
+fn with(m: &Mapping, key: &'static str, value: &'static str) -> Vec<Label> {
+    let mut l = labels(m);
+    l.push(Label::new(key, value));
+    l
+}
+
+fn describe_all() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("rproxy_tcp_connections_total", "TCP connections accepted.");
+    describe_gauge!("rproxy_tcp_connections_active", "TCP connections open.");
+    describe_counter!(
+        "rproxy_tcp_connect_failures_total",
+        "TCP connections whose backend could not be reached, by reason."
+    );
+    describe_histogram!(
+        "rproxy_tcp_connect_duration_seconds",
+        Unit::Seconds,
+        "Time from accepting a client to the backend accepting the connection."
+    );
+    describe_histogram!(
+        "rproxy_tcp_relay_duration_seconds",
+        Unit::Seconds,
+        "Lifetime of proxied TCP connections, from accept to close."
+    );
+    describe_counter!(
+        "rproxy_bytes_total",
+        Unit::Bytes,
+        "Bytes relayed in userland: in = client to backend, out = backend to client."
+    );
+    describe_counter!(
+        "rproxy_udp_datagrams_total",
+        "UDP datagrams relayed, by direction."
+    );
+    describe_gauge!(
+        "rproxy_udp_flows_active",
+        "UDP flows (client address and port) live."
+    );
+    describe_counter!("rproxy_udp_flows_created_total", "UDP flows created.");
+    describe_counter!(
+        "rproxy_udp_flows_expired_total",
+        "UDP flows ended by their idle timeout."
+    );
+    describe_counter!(
+        "rproxy_udp_flows_evicted_total",
+        "UDP flows ended to make room (RPROXY_UDP_MAX_FLOWS)."
+    );
+    describe_counter!(
+        "rproxy_udp_drops_total",
+        "UDP datagrams dropped, by reason."
+    );
+    describe_gauge!(
+        "rproxy_nat_rules",
+        "Kernel DNAT rules installed for the mapping."
+    );
+    describe_counter!(
+        "rproxy_nat_connections_total",
+        "Connections (UDP: flows) the kernel DNAT rules translated."
+    );
+    describe_gauge!("rproxy_mappings", "Mappings, by state.");
+    describe_gauge!(
+        "rproxy_process_open_fds",
+        "Open file descriptors of the rproxy process."
+    );
+    describe_gauge!(
+        "rproxy_process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the rproxy process."
+    );
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervisor) {
+    // Histograms buffer samples until upkeep drains them: keep that bounded between scrapes.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics accept failed: {}", describe(&e));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (handle, sup) = (handle.clone(), sup.clone());
+        tokio::spawn(async move {
+            let answered =
+                tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle, &sup)).await;
+            if let Ok(Err(e)) = answered {
+                tracing::debug!("metrics client: {}", describe(&e));
+            }
+        });
+    }
+}
+
+/// One HTTP/1.x exchange: the request head, then the exposition (or 404/405), then close.
+async fn answer(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    sup: &Supervisor,
+) -> io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > 16 * 1024 {
+            return respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "",
+                false,
+            )
+            .await;
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut words = line.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    match (method, path) {
+        ("GET" | "HEAD", "/metrics") => {
+            sync(sup);
+            handle.run_upkeep();
+            respond(&mut stream, "200 OK", &handle.render(), method == "HEAD").await
+        }
+        ("GET" | "HEAD", "/") => {
+            respond(
+                &mut stream,
+                "200 OK",
+                "rproxy: metrics at /metrics\n",
+                method == "HEAD",
+            )
+            .await
+        }
+        ("GET" | "HEAD", _) => respond(&mut stream, "404 Not Found", "not found\n", false).await,
+        _ => respond(&mut stream, "405 Method Not Allowed", "", false).await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+/// Copies every mapping's counters, the kernel rules' counters and the process's own figures
+/// into the recorder.
+fn sync(sup: &Supervisor) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let kernel = sup.nat().connections();
+    let (mut serving, mut stopped) = (0u64, 0u64);
+    for (m, stats, path, live) in sup.entries() {
+        if live {
+            serving += 1;
+        } else {
+            stopped += 1;
+        }
+        let s: &Stats = &stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+        counter!("rproxy_bytes_total", with(&m, "direction", "in")).absolute(get(&s.bytes_in));
+        counter!("rproxy_bytes_total", with(&m, "direction", "out")).absolute(get(&s.bytes_out));
+        let failures = |name: &'static str, reasons: &[Failure]| {
+            for &why in reasons {
+                let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
+                counter!(name, with(&m, "reason", why.label())).absolute(get(&s.failures[i]));
+            }
+        };
+        match m.proto {
+            Proto::Tcp => {
+                counter!("rproxy_tcp_connections_total", labels(&m)).absolute(get(&s.total));
+                gauge!("rproxy_tcp_connections_active", labels(&m)).set(get(&s.active) as f64);
+                failures(
+                    "rproxy_tcp_connect_failures_total",
+                    &[
+                        Failure::Refused,
+                        Failure::Timeout,
+                        Failure::Unreachable,
+                        Failure::Limit,
+                        Failure::Other,
+                    ],
+                );
+            }
+            Proto::Udp => {
+                counter!("rproxy_udp_datagrams_total", with(&m, "direction", "in"))
+                    .absolute(get(&s.datagrams_in));
+                counter!("rproxy_udp_datagrams_total", with(&m, "direction", "out"))
+                    .absolute(get(&s.datagrams_out));
+                gauge!("rproxy_udp_flows_active", labels(&m)).set(get(&s.active) as f64);
+                counter!("rproxy_udp_flows_created_total", labels(&m)).absolute(get(&s.total));
+                counter!("rproxy_udp_flows_expired_total", labels(&m)).absolute(get(&s.expired));
+                counter!("rproxy_udp_flows_evicted_total", labels(&m)).absolute(get(&s.evicted));
+                failures("rproxy_udp_drops_total", &Failure::ALL);
+            }
+        }
+        let rules = if path == Some(Path::Kernel) { 2.0 } else { 0.0 };
+        gauge!("rproxy_nat_rules", labels(&m)).set(rules);
+        if path == Some(Path::Kernel) {
+            let n = kernel.get(&m.spec()).copied().unwrap_or(0);
+            counter!("rproxy_nat_connections_total", labels(&m)).absolute(n);
+        }
+    }
+    gauge!("rproxy_mappings", "state" => "serving").set(serving as f64);
+    gauge!("rproxy_mappings", "state" => "stopped").set(stopped as f64);
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        gauge!("rproxy_process_open_fds").set(fds.count() as f64);
+    }
+    if let Some(rss) = resident_bytes() {
+        gauge!("rproxy_process_resident_memory_bytes").set(rss as f64);
+    }
+}
+
+/// VmRSS from /proc/self/status, in bytes.
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
