@@ -396,3 +396,24 @@ fn a_bad_or_taken_metrics_address_is_refused_clearly() {
         "{err}"
     );
 }
+
+#[test]
+fn ports_dockerd_publishes_show_up_through_the_daemon() {
+    let dir = Dir::new("shim");
+    let echo = tcp_echo("127.0.0.1:0");
+    let (_d, metrics, _) = daemon(&dir, &[]);
+    // A docker-mode process, as dockerd starts it, hands its port to the daemon.
+    let shim = Spawn::forward("tcp", "127.0.0.1", echo)
+        .env("RPROXY_SOCKET", dir.0.join("ctl.sock").to_str().unwrap())
+        .spawn()
+        .ready();
+    let front = shim.addr().to_string();
+    tcp_roundtrip(shim.addr(), b"through the daemon");
+    wait_for("the shim's mapping in the metrics", || {
+        value(
+            &scrape(metrics),
+            "rproxy_tcp_connections_total",
+            &[("frontend", &front), ("backend", &echo.to_string())],
+        ) == Some(1.0)
+    });
+}
