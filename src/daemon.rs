@@ -43,6 +43,9 @@ pub struct Args {
     /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
     nat: Option<Mode>,
+    /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
     /// else none).
     #[arg(long, value_name = "HOST:PORT")]

@@ -45,9 +45,38 @@ struct Inner {
 #[derive(Clone)]
 struct Sink(Arc<Mutex<Inner>>);
 
+/// How lines look: text for people, JSON (one object per line: timestamp, level, message and
+/// the event's fields) for log pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl Format {
+    /// `--log-format` from the daemon's argv (read before clap runs: logging starts first),
+    /// else `RPROXY_LOG_FORMAT`, else text.
+    pub fn choose(argv: &[String]) -> Format {
+        let flag = argv.iter().enumerate().find_map(|(i, a)| {
+            a.strip_prefix("--log-format=")
+                .map(str::to_string)
+                .or_else(|| {
+                    (a == "--log-format")
+                        .then(|| argv.get(i + 1).cloned())
+                        .flatten()
+                })
+        });
+        let value = flag.or_else(|| std::env::var("RPROXY_LOG_FORMAT").ok());
+        match value.as_deref() {
+            Some("json") => Format::Json,
+            _ => Format::Text,
+        }
+    }
+}
+
 /// Installs the global subscriber. Safe to call once; later calls are ignored. `light` picks
 /// the registry-free subscriber for docker-proxy mode (see [`Light`]).
-pub fn init(light: bool) {
+pub fn init(light: bool, format: Format) {
     // Default: warnings; someone watching a terminal also sees lifecycle events ("serving …").
     let default = if io::stderr().is_terminal() {
         "info"
@@ -77,6 +106,7 @@ pub fn init(light: bool) {
             max,
             sink,
             time: !syslog,
+            json: format == Format::Json,
         });
         return;
     }
@@ -87,10 +117,10 @@ pub fn init(light: bool) {
         .with_ansi(ansi)
         .with_target(false);
     // syslog stamps lines itself.
-    let _ = if syslog {
-        builder.without_time().try_init()
-    } else {
-        builder.try_init()
+    let _ = match (format, syslog) {
+        (Format::Json, _) => builder.json().flatten_event(true).try_init(),
+        (Format::Text, true) => builder.without_time().try_init(),
+        (Format::Text, false) => builder.try_init(),
     };
 }
 
@@ -225,6 +255,7 @@ struct Light {
     max: LevelFilter,
     sink: Sink,
     time: bool,
+    json: bool,
 }
 
 impl Subscriber for Light {
@@ -245,6 +276,19 @@ impl Subscriber for Light {
 
     fn event(&self, event: &Event<'_>) {
         let level = *event.metadata().level();
+        if self.json {
+            // The daemon's JSON shape (tracing-subscriber's, flattened), written by hand.
+            let mut fields = serde_json::Map::new();
+            fields.insert("timestamp".into(), utc_now().into());
+            fields.insert("level".into(), level.as_str().into());
+            event.record(&mut JsonVisitor(&mut fields));
+            let mut line = serde_json::Value::Object(fields).to_string();
+            line.push('\n');
+            if let Ok(mut inner) = self.sink.0.lock() {
+                inner.emit(level, line.as_bytes());
+            }
+            return;
+        }
         let mut line = String::with_capacity(128);
         if self.time {
             line.push_str(&utc_now());
@@ -268,6 +312,18 @@ impl Visit for LineVisitor<'_> {
         } else {
             let _ = write!(self.0, " {}={value:?}", field.name());
         }
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
     }
 }
 

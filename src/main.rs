@@ -72,7 +72,7 @@ fn main() {
         .get(1)
         .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()));
     // docker-proxy mode runs once per published port: the light logger keeps each one small.
-    log::init(!subcommand);
+    log::init(!subcommand, log::Format::choose(&argv));
     let code = if subcommand {
         drop(inherited);
         match Cli::parse_from(&argv).command {

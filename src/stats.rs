@@ -81,7 +81,14 @@ pub struct Stats {
     pub evicted: AtomicU64,
     /// Per-connection timings, when a metrics recorder is installed (no-ops otherwise).
     pub timings: Timings,
+    /// When the last "backend keeps failing" warning went out (ms since the Unix epoch), and
+    /// the failures since.
+    warned_at: AtomicU64,
+    unwarned: AtomicU64,
 }
+
+/// At most one backend-failure warning per mapping this often; the rest go to debug.
+const WARN_EVERY_MS: u64 = 10_000;
 
 #[derive(Debug)]
 pub struct Timings {
@@ -133,6 +140,24 @@ impl Stats {
         self.failed.fetch_add(1, Relaxed);
         let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
         self.failures[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a backend failure for the rate-limited warning: Some(failures since the last
+    /// warning, this one included) when a warning is due now, else None (log it at debug).
+    pub fn warning_due(&self) -> Option<u64> {
+        self.unwarned.fetch_add(1, Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self.warned_at.load(Relaxed);
+        if last != 0 && now.saturating_sub(last) < WARN_EVERY_MS {
+            return None;
+        }
+        // One task wins the slot; the others keep counting.
+        self.warned_at
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .ok()
+            .map(|_| self.unwarned.swap(0, Relaxed))
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -63,21 +63,25 @@ fn syslog_when_stderr_goes_nowhere_with_rate_limit() {
         }
         lines
     });
-    let (p, addr) = proxy_to_nowhere(&[("RPROXY_SYSLOG_SOCKET", path.to_str().unwrap())]);
-    // A flood of failing connections: each logs a warning.
+    let (p, addr) = proxy_to_nowhere(&[
+        ("RPROXY_SYSLOG_SOCKET", path.to_str().unwrap()),
+        ("RPROXY_LOG", "debug"),
+    ]);
+    // A flood of failing connections: each logs a line at debug (the warning itself comes
+    // once per 10 s).
     refused_connections(addr, 400);
     std::thread::sleep(Duration::from_millis(300));
     refused_connections(addr, 1);
     let lines = collector.join().unwrap();
-    let prefix = format!("<28>rproxy[{}]: ", p.child.id());
+    let tag = format!(">rproxy[{}]: ", p.child.id());
     let warnings = lines
         .iter()
         .filter(|l| l.contains("connection refused"))
         .count();
     assert!(
-        lines
+        lines.iter().all(|l| ["<28>", "<30>", "<31>"]
             .iter()
-            .all(|l| l.starts_with(&prefix) || l.starts_with("<30>")),
+            .any(|pri| l.starts_with(pri) && l.contains(&tag))),
         "syslog lines not in `<PRI>rproxy[pid]: msg` form: {:?}",
         &lines[..lines.len().min(3)]
     );
@@ -117,4 +121,64 @@ fn log_file_and_filter_from_environment() {
         "{text}"
     );
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn a_failing_backend_warns_once_per_interval_not_per_connection() {
+    let file = std::env::temp_dir().join(format!("rproxy-warn-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (_p, addr) = proxy_to_nowhere(&[
+        ("RPROXY_LOG_FILE", file.to_str().unwrap()),
+        ("RPROXY_LOG", "warn"),
+    ]);
+    refused_connections(addr, 20);
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let warnings = text.lines().filter(|l| l.contains("cannot reach")).count();
+    assert_eq!(warnings, 1, "{text}");
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn json_lines_in_both_modes() {
+    let file = std::env::temp_dir().join(format!("rproxy-json-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    // Docker mode: RPROXY_LOG_FORMAT (dockerd's argv cannot carry a flag).
+    let (_p, addr) = proxy_to_nowhere(&[
+        ("RPROXY_LOG_FILE", file.to_str().unwrap()),
+        ("RPROXY_LOG", "info"),
+        ("RPROXY_LOG_FORMAT", "json"),
+    ]);
+    refused_connections(addr, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events.iter().any(|e| e["level"] == "WARN"
+        && e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("connection refused"))));
+    assert!(events.iter().all(|e| e["timestamp"].is_string()), "{text}");
+
+    // The daemon: --log-format json.
+    let sock = std::env::temp_dir().join(format!("rproxy-json-{}.sock", std::process::id()));
+    let mut d = Spawn::new(&[
+        "daemon",
+        "--log-format",
+        "json",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "-p",
+        "127.0.0.1:0:127.0.0.1:9",
+    ])
+    .no_status_pipe()
+    .spawn();
+    let line = d.wait_log("daemon ready", Duration::from_secs(10));
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["level"], "INFO", "{line}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
 }

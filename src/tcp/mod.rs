@@ -105,7 +105,14 @@ async fn handle(
         Err(e) => {
             stats.fail(Failure::of(&e));
             // Reset rather than accept-then-FIN: the client learns at once that nothing is there.
-            tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e));
+            match stats.warning_due() {
+                Some(1) => tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e)),
+                Some(n) => tracing::warn!(
+                    "{peer}: cannot reach {target}: {} ({n} connections failed since the last warning)",
+                    describe(&e)
+                ),
+                None => tracing::debug!("{peer}: cannot reach {target}: {}", describe(&e)),
+            }
             let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
         }

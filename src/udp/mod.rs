@@ -278,8 +278,17 @@ impl Dispatch {
         let socket = match connect(self.target) {
             Ok(s) => Arc::new(Upstream::new(s, self.target)),
             Err(e) => {
-                tracing::warn!("udp flow to {} not opened: {}", self.target, describe(&e));
                 self.stats.fail(Failure::of(&e));
+                match self.stats.warning_due() {
+                    Some(n) => tracing::warn!(
+                        "udp flow to {} not opened: {} ({n} since the last warning)",
+                        self.target,
+                        describe(&e)
+                    ),
+                    None => {
+                        tracing::debug!("udp flow to {} not opened: {}", self.target, describe(&e))
+                    }
+                }
                 return None;
             }
         };
