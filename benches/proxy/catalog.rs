@@ -13,16 +13,20 @@ pub enum Kind {
     RproxyDaemon,
     /// `rproxy daemon --nat=require -p …`: kernel DNAT, for clients that are not on the bridge.
     RproxyNat,
+    /// `rproxy daemon --metrics-addr … -p …`: the daemon with its Prometheus recorder on, to
+    /// show what metrics cost.
+    RproxyMetrics,
 }
 
 /// Columns in this order; later additions last so the others keep their places.
-pub const KINDS: [Kind; 6] = [
+pub const KINDS: [Kind; 7] = [
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
     Kind::Socat,
     Kind::RproxyDaemon,
     Kind::RproxyNat,
+    Kind::RproxyMetrics,
 ];
 
 impl Kind {
@@ -34,6 +38,7 @@ impl Kind {
             Kind::Socat => "socat",
             Kind::RproxyDaemon => "rproxy-daemon",
             Kind::RproxyNat => "rproxy-nat",
+            Kind::RproxyMetrics => "rproxy-daemon+metrics",
         }
     }
 
@@ -93,6 +98,7 @@ pub(crate) const ALL: &[Kind] = &[
     Kind::DockerProxy,
     Kind::Socat,
     Kind::RproxyDaemon,
+    Kind::RproxyMetrics,
 ];
 /// A client on another network, routed through the host.
 pub(crate) const REMOTE: &[Kind] = &[

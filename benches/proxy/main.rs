@@ -341,13 +341,14 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 6] = [
+pub(crate) const RATIOS: [(Kind, Kind); 7] = [
     (Kind::Rproxy, Kind::DockerProxy),
     (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
     (Kind::DockerProxy, Kind::Direct),
     (Kind::Socat, Kind::DockerProxy),
     (Kind::RproxyNat, Kind::Direct),
+    (Kind::RproxyMetrics, Kind::RproxyDaemon),
 ];
 
 pub(crate) fn report(

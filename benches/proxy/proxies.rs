@@ -66,11 +66,24 @@ pub(crate) fn start_proxy(
             wait_status(&mut p, read)?;
             Ok(Some(p))
         }
-        Kind::RproxyDaemon | Kind::RproxyNat => {
+        Kind::RproxyDaemon | Kind::RproxyNat | Kind::RproxyMetrics => {
             let publish = format!("{GW}:{port}:{CTR}:{port}/{}", proto.name());
             let mut cmd = daemon_command(ctx, pin, &name, &publish)?;
-            if kind == Kind::RproxyNat {
-                cmd.arg("--nat=require");
+            match kind {
+                Kind::RproxyNat => {
+                    cmd.arg("--nat=require");
+                }
+                // Below the ephemeral range, one per workload port and protocol (UDP workloads
+                // run a TCP mapping beside: iperf3's control connection): 23000-24299 →
+                // 20000-21299 (TCP), 18700-19999 (UDP).
+                Kind::RproxyMetrics => {
+                    let metrics_port = match proto {
+                        Proto::Tcp => port - 3000,
+                        Proto::Udp => port - 4300,
+                    };
+                    cmd.arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"));
+                }
+                _ => {}
             }
             let mut p = Proc::spawn(cmd, &name, &ctx.dir)?;
             wait_bound(&mut p, proto, SocketAddrV4::new(GW, port))?;
