@@ -317,6 +317,7 @@ impl Dispatch {
         };
         Stats::add(&self.stats.total, 1);
         Stats::add(&self.stats.active, 1);
+        tracing::debug!("udp flow {} opened to {}", key.0, self.target);
         let expired = self.expired_tx.clone();
         let (s, a, timeout) = (socket.clone(), activity.clone(), self.config.idle_timeout);
         self.table.insert(key, activity, |id| Flow {
