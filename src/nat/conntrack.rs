@@ -17,6 +17,11 @@ const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_FILTER: u16 = 25;
+const CTA_FILTER_REPLY_FLAGS: u16 = 2;
+const CTA_FILTER_FLAG_IP_SRC: u32 = 1 << 0;
+const CTA_FILTER_FLAG_PROTO_NUM: u32 = 1 << 3;
+const CTA_FILTER_FLAG_PROTO_SRC_PORT: u32 = 1 << 4;
 
 /// Deletes the conntrack entries of UDP flows `m`'s rules translated: to its host port, with
 /// replies from its target. Returns how many went.
@@ -28,12 +33,17 @@ pub fn forget(nl: &mut Netlink, m: &Mapping) -> Result<usize, netlink::Error> {
         IpAddr::V4(_) => netlink::NFPROTO_IPV4,
         IpAddr::V6(_) => netlink::NFPROTO_IPV6,
     };
-    let entries = nl.dump_in(
-        NFNL_SUBSYS_CTNETLINK,
-        IPCTNL_MSG_CT_GET,
-        family,
-        Attrs::default(),
-    )?;
+    // Let the kernel pick the flows whose replies come from the target (Linux 5.8+); an
+    // older kernel refuses the filter, and the whole table is read instead.
+    let dump = |nl: &mut Netlink, filter| {
+        nl.dump_in(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, family, filter)
+    };
+    let entries = match dump(nl, reply_filter(m)) {
+        Ok(e) => e,
+        Err(e) if matches!(e.errno, libc::EINVAL | libc::EOPNOTSUPP) => dump(nl, Attrs::default())?,
+        Err(e) => return Err(e),
+    };
+    tracing::debug!("{m}: {} conntrack entries to look at", entries.len());
     let mut deleted = 0;
     for e in &entries {
         let (Some(orig), Some(reply)) = (
@@ -59,6 +69,30 @@ pub fn forget(nl: &mut Netlink, m: &Mapping) -> Result<usize, netlink::Error> {
         }
     }
     Ok(deleted)
+}
+
+/// A dump filter: UDP flows whose reply tuple's source is `m`'s target.
+fn reply_filter(m: &Mapping) -> Attrs {
+    let mut a = Attrs::default();
+    a.nest(CTA_TUPLE_REPLY, |t| {
+        t.nest(CTA_TUPLE_IP, |ip| {
+            match m.target.ip() {
+                IpAddr::V4(v4) => ip.put(1, &v4.octets()), // CTA_IP_V4_SRC
+                IpAddr::V6(v6) => ip.put(3, &v6.octets()), // CTA_IP_V6_SRC
+            };
+        })
+        .nest(CTA_TUPLE_PROTO, |p| {
+            p.put(CTA_PROTO_NUM, &[libc::IPPROTO_UDP as u8])
+                .put(CTA_PROTO_SRC_PORT, &m.target.port().to_be_bytes());
+        });
+    })
+    .nest(CTA_FILTER, |f| {
+        // A host-order u32, unlike most netfilter attributes.
+        let flags =
+            CTA_FILTER_FLAG_IP_SRC | CTA_FILTER_FLAG_PROTO_NUM | CTA_FILTER_FLAG_PROTO_SRC_PORT;
+        f.put(CTA_FILTER_REPLY_FLAGS, &flags.to_ne_bytes());
+    });
+    a
 }
 
 fn proto_field(tuple: &[u8], kind: u16) -> Option<Vec<u8>> {
