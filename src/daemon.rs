@@ -425,18 +425,26 @@ fn reload(sup: &Supervisor, settings: &Settings) {
     );
 }
 
+/// An accept loop's client, or None after a failed accept: logged, with a pause so that a
+/// lasting error (EMFILE) cannot spin the loop.
+pub(crate) async fn accepted<T>(what: &str, result: std::io::Result<T>) -> Option<T> {
+    match result {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!("{what} accept failed: {}", describe(&e));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            None
+        }
+    }
+}
+
 /// Accepts control connections; each is served on its own task.
 async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration, nat: Mode) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let mut next_id = 0u64;
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("control accept failed: {}", describe(&e));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, _)) = accepted("control", listener.accept().await).await else {
+            continue;
         };
         next_id += 1;
         let (sup, id) = (sup.clone(), next_id);

@@ -20,6 +20,7 @@ use metrics_util::MetricKindMask;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::daemon::accepted;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
 use crate::stats::{Failure, Stats, Timings};
@@ -162,13 +163,8 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervi
         }
     });
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("metrics accept failed: {}", describe(&e));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, _)) = accepted("metrics", listener.accept().await).await else {
+            continue;
         };
         let (handle, sup) = (handle.clone(), sup.clone());
         tokio::spawn(async move {

@@ -163,22 +163,17 @@ impl Manager {
             State::Unavailable(why) => return Ok(Some(Path::Userland(why.clone()))),
             State::Closed => unreachable!("opened above"),
         };
-        let path = match nat.install(m) {
-            Ok(path) => path,
-            Err(why) if mode == Mode::Require => return Err(why),
+        match nat.install(m) {
+            Ok(()) => {
+                tracing::info!("{m}: kernel NAT installed in table inet {}", nat.table());
+                Ok(Some(Path::Kernel))
+            }
+            Err(why) if mode == Mode::Require => Err(why),
             Err(why) => {
                 tracing::warn!("{why}; serving {m} in userland");
-                Path::Userland(why)
+                Ok(Some(Path::Userland(why)))
             }
-        };
-        match &path {
-            Path::Kernel => {
-                tracing::info!("{m}: kernel NAT installed in table inet {}", nat.table())
-            }
-            Path::Userland(why) => tracing::info!("{m}: userland only, {why}"),
-            Path::Dockerd => {}
         }
-        Ok(Some(path))
     }
 
     /// Removes `m`'s rules if it had any.
@@ -230,7 +225,7 @@ impl Nat {
     pub const DAEMON_TABLE: &'static str = "rproxy";
 
     /// Sweeps what crashed rproxy processes left, then creates `table` with its chains.
-    pub fn open(table: &str) -> Result<Nat, String> {
+    fn open(table: &str) -> Result<Nat, String> {
         let mut nl = Netlink::open().map_err(|e| explain(&e))?;
         sweep(&mut nl, table).map_err(|e| explain(&e))?;
         let create = |flags: u32| {
@@ -284,15 +279,13 @@ impl Nat {
         })
     }
 
-    pub fn table(&self) -> &str {
+    fn table(&self) -> &str {
         &self.table
     }
 
-    /// Installs `m`'s DNAT rules in one batch, or says why it stays in userland.
-    pub fn install(&self, m: &Mapping) -> Result<Path, String> {
-        if let Some(why) = rules::userland_only(m) {
-            return Ok(Path::Userland(why.into()));
-        }
+    /// Installs `m`'s DNAT rules in one batch. `Manager::install` has ruled out mappings
+    /// that stay in userland (`rules::userland_only`).
+    fn install(&self, m: &Mapping) -> Result<(), String> {
         let hairpin = route::interface_toward(m.target).map_err(|e| {
             format!(
                 "no route to {} for kernel NAT: {}",
@@ -329,11 +322,11 @@ impl Nat {
         if m.proto == crate::mapping::Proto::Udp {
             self.udp.lock().unwrap().push(*m);
         }
-        Ok(Path::Kernel)
+        Ok(())
     }
 
     /// Removes `m`'s rules (connections already translated keep their conntrack entries).
-    pub fn remove(&self, m: &Mapping) -> Result<(), String> {
+    fn remove(&self, m: &Mapping) -> Result<(), String> {
         let comment = rules::comment(m);
         let mut nl = self.nl.lock().unwrap();
         let msgs: Vec<Message> = self
@@ -357,7 +350,7 @@ impl Nat {
     }
 
     /// Connections (first packets) each mapping's rules translated, by mapping spec.
-    pub fn connections(&self) -> HashMap<String, u64> {
+    fn connections(&self) -> HashMap<String, u64> {
         let mut nl = self.nl.lock().unwrap();
         let mut out = HashMap::new();
         for r in self.rules(&mut nl).unwrap_or_default() {
