@@ -33,56 +33,15 @@ impl Topology {
         sh(&["ip", "addr", "add", &gw, "dev", BRIDGE])?;
         sh(&["ip", "link", "set", BRIDGE, "up"])?;
         for (veth, ns, addr) in VETHS {
-            sh(&["ip", "netns", "add", ns])?;
-            sh(&[
-                "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ])?;
+            namespace_link(veth, ns, addr, GW)?;
             sh(&["ip", "link", "set", veth, "master", BRIDGE, "up"])?;
-            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])?;
-            sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-            sh(&[
-                "ip",
-                "-n",
-                ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &GW.to_string(),
-            ])?;
         }
         // The remote client: its own link to the host, which routes it to the bridge. Only
         // these two interfaces forward (the host's ip_forward stays as it is).
         let (up, up_addr, remote, remote_addr) = UPLINK;
-        sh(&["ip", "netns", "add", remote])?;
-        sh(&[
-            "ip", "link", "add", up, "type", "veth", "peer", "name", "eth0", "netns", remote,
-        ])?;
+        namespace_link(up, remote, remote_addr, UPLINK_GW)?;
         sh(&["ip", "addr", "add", up_addr, "dev", up])?;
         sh(&["ip", "link", "set", up, "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            remote,
-            "addr",
-            "add",
-            remote_addr,
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", remote, "link", "set", "eth0", "up"])?;
-        sh(&["ip", "-n", remote, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            remote,
-            "route",
-            "add",
-            "default",
-            "via",
-            &UPLINK_GW.to_string(),
-        ])?;
         for dev in [up, BRIDGE] {
             sh(&[
                 "sysctl",
@@ -106,6 +65,21 @@ impl Topology {
         }
         Ok(Topology { _lock: lock })
     }
+}
+
+/// Namespace `ns` with `eth0` at `addr` (its default route via `gw`), the peer of host-side
+/// veth `veth`, which the caller attaches.
+fn namespace_link(veth: &str, ns: &str, addr: &str, gw: Ipv4Addr) -> Result<(), String> {
+    sh(&["ip", "netns", "add", ns])?;
+    sh(&[
+        "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    sh(&["ip", "-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+    sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+    let gw = gw.to_string();
+    sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
+    Ok(())
 }
 
 /// Removes the iptables rules, whatever runs in our namespaces, the namespaces and the bridge.
