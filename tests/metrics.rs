@@ -5,29 +5,12 @@ mod common;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{rproxy, tcp_echo, tcp_roundtrip, udp_echo, udp_roundtrip, Proxy, Spawn};
-
-/// A scratch directory, removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("rproxy-metrics-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{
+    rproxy, tcp_echo, tcp_roundtrip, udp_echo, udp_roundtrip, wait_until, Dir, Proxy, Spawn,
+};
 
 /// A daemon serving `publish` with metrics on a free loopback port; returns it, the metrics
 /// address and the mappings' listen addresses (in `ls` order).
@@ -92,14 +75,6 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn counters_move_by_what_tcp_and_udp_traffic_did() {
     let dir = Dir::new("traffic");
@@ -159,13 +134,17 @@ fn counters_move_by_what_tcp_and_udp_traffic_did() {
         assert_eq!(reply.len(), 100);
     }
 
-    wait_for("the relay histogram to count 5 closed connections", || {
-        value(
-            &scrape(metrics),
-            "rproxy_tcp_relay_duration_seconds_count",
-            &ours,
-        ) == Some(5.0)
-    });
+    wait_until(
+        "the relay histogram to count 5 closed connections",
+        Duration::from_secs(10),
+        || {
+            value(
+                &scrape(metrics),
+                "rproxy_tcp_relay_duration_seconds_count",
+                &ours,
+            ) == Some(5.0)
+        },
+    );
     let after = scrape(metrics);
     let v = |name: &str, extra: &[(&str, &str)], front: &str| {
         let mut l = vec![("frontend", front)];
@@ -409,11 +388,15 @@ fn ports_dockerd_publishes_show_up_through_the_daemon() {
         .ready();
     let front = shim.addr().to_string();
     tcp_roundtrip(shim.addr(), b"through the daemon");
-    wait_for("the shim's mapping in the metrics", || {
-        value(
-            &scrape(metrics),
-            "rproxy_tcp_connections_total",
-            &[("frontend", &front), ("backend", &echo.to_string())],
-        ) == Some(1.0)
-    });
+    wait_until(
+        "the shim's mapping in the metrics",
+        Duration::from_secs(10),
+        || {
+            value(
+                &scrape(metrics),
+                "rproxy_tcp_connections_total",
+                &[("frontend", &front), ("backend", &echo.to_string())],
+            ) == Some(1.0)
+        },
+    );
 }

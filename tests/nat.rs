@@ -7,11 +7,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{need_root, rproxy, sh, Netns, Proxy, Spawn};
+use common::{need_root, rproxy, sh, wait_until, Dir, Netns, Proxy, Spawn};
 use nix::sys::signal::Signal;
 
 const CTR: &str = "10.70.1.2";
@@ -29,7 +28,7 @@ struct Topo {
     ctr: Netns,
     peer: Netns,
     remote: Netns,
-    dir: PathBuf,
+    dir: Dir,
 }
 
 impl Topo {
@@ -39,7 +38,7 @@ impl Topo {
             ctr: Netns::new(&format!("{tag}c")),
             peer: Netns::new(&format!("{tag}p")),
             remote: Netns::new(&format!("{tag}r")),
-            dir: std::env::temp_dir().join(format!("rproxy-nat-{tag}-{}", std::process::id())),
+            dir: Dir::new(&format!("nat-{tag}")),
         };
         let (h, c, p, r) = (&t.host.name, &t.ctr.name, &t.peer.name, &t.remote.name);
         let mut script = format!(
@@ -61,13 +60,11 @@ impl Topo {
             ));
         }
         sh(&script);
-        let _ = std::fs::remove_dir_all(&t.dir);
-        std::fs::create_dir_all(&t.dir).unwrap();
         t
     }
 
     fn sock(&self) -> String {
-        self.dir.join("ctl.sock").to_str().unwrap().to_string()
+        self.dir.sock().to_str().unwrap().to_string()
     }
 
     /// `rproxy daemon` in the host namespace with `args`, once ready.
@@ -118,12 +115,6 @@ impl Topo {
     /// `nft list ruleset` in the host namespace.
     fn ruleset(&self) -> String {
         nft(&self.host, "list ruleset")
-    }
-}
-
-impl Drop for Topo {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -222,14 +213,6 @@ fn ask_udp(ns: &Netns, addr: &str) -> (SocketAddr, String) {
         }
         panic!("no UDP answer through {addr}");
     })
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -395,7 +378,7 @@ fn rules_follow_mappings_and_die_with_the_process() {
     assert_eq!(ours(&t), 2);
     d.signal(Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
-    wait_until("the owner table to go", || {
+    wait_until("the owner table to go", Duration::from_secs(5), || {
         !nft(&t.host, "list tables").contains("rproxy")
     });
     // And a restart installs exactly one set again.
@@ -411,7 +394,11 @@ fn without_cap_net_admin_nat_falls_back_or_fails_as_asked() {
     }
     let t = Topo::new("natcap");
     whoami_tcp(&t.ctr);
-    std::fs::set_permissions(&t.dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        &t.dir.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     let nobody = [
         "setpriv",
         "--reuid=65534",
@@ -534,7 +521,7 @@ fn config_sets_nat_per_mapping_and_forwarding_off_keeps_userland() {
     }
     let t = Topo::new("natconf");
     whoami_tcp(&t.ctr);
-    let config = t.dir.join("rproxy.toml");
+    let config = t.dir.0.join("rproxy.toml");
     std::fs::write(
         &config,
         format!(
