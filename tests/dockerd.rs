@@ -76,23 +76,10 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
 
     // ---- a. TCP through loopback, [::1] and the bridge gateway --------------------------------
     let web = "rproxy-test-web";
-    h.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
+    h.docker_ok(&web_run(
         web,
-        "-p",
-        &format!("127.0.0.1:{p1}:80"),
-        "-p",
-        &format!("{p2}:80"),
-        IMAGE,
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+        &[&format!("127.0.0.1:{p1}:80"), &format!("{p2}:80")],
+    ));
     let net = h.container_net(web);
     h.step(&format!("web container: {net:?}"));
     let gw: IpAddr = net.gateway;
@@ -300,21 +287,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     let blocker = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p4)))
         .unwrap_or_else(|e| panic!("cannot take port {p4} for the conflict test: {e}"));
     let taken = "rproxy-test-taken";
-    let out = h.docker(&[
-        "run",
-        "-d",
-        "--name",
-        taken,
-        "-p",
-        &format!("{p4}:80"),
-        IMAGE,
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+    let out = h.docker(&web_run(taken, &[&format!("{p4}:80")]));
     assert!(
         !out.status.success(),
         "docker run on taken port {p4} must fail: {out}"
@@ -676,21 +649,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     let pn = free_run(1, h.ipv6, &h.ports);
     h.ports.push(pn);
     let natweb = "rproxy-test-natweb";
-    h.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        natweb,
-        "-p",
-        &format!("{pn}:80"),
-        IMAGE,
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+    h.docker_ok(&web_run(natweb, &[&format!("{pn}:80")]));
     let net = h.container_net(natweb);
     let owner = proxy_processes()
         .into_iter()
@@ -735,6 +694,17 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "dockerd did not shut down within 20 s\n{}",
         h.diag()
     );
+}
+
+/// `docker run -d --name NAME -p P… IMAGE httpd -f -p 80 -h /www`: the test page on port 80,
+/// published as `publish` says.
+fn web_run<'a>(name: &'a str, publish: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "-d", "--name", name];
+    for p in publish {
+        args.extend(["-p", p]);
+    }
+    args.extend([IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"]);
+    args
 }
 
 /// `nft list tables` on this host.
