@@ -261,8 +261,7 @@ fn sync(sup: &Supervisor) {
         counter!("rproxy_bytes_total", with(&m, "direction", "out")).absolute(get(&s.bytes_out));
         let failures = |name: &'static str, reasons: &[Failure]| {
             for &why in reasons {
-                let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
-                counter!(name, with(&m, "reason", why.label())).absolute(get(&s.failures[i]));
+                counter!(name, with(&m, "reason", why.label())).absolute(s.failures_of(why));
             }
         };
         match m.proto {

@@ -31,6 +31,11 @@ impl Failure {
         Failure::Other,
     ];
 
+    /// Its place in `ALL`, and in `Stats::failures`.
+    fn index(self) -> usize {
+        Failure::ALL.iter().position(|f| *f == self).unwrap_or(0)
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Failure::Refused => "refused",
@@ -67,8 +72,8 @@ pub struct Stats {
     pub total: AtomicU64,
     /// Connections the target refused or never answered; datagrams dropped.
     pub failed: AtomicU64,
-    /// `failed` by reason, indexed like `Failure::ALL`.
-    pub failures: [AtomicU64; Failure::ALL.len()],
+    /// `failed` by reason, indexed like `Failure::ALL` (read with `failures_of`).
+    failures: [AtomicU64; Failure::ALL.len()],
     /// Bytes from clients to the target.
     pub bytes_in: AtomicU64,
     /// Bytes from the target back to clients.
@@ -138,8 +143,12 @@ impl Stats {
     /// Counts one failed connection or dropped datagram, and why.
     pub fn fail(&self, why: Failure) {
         self.failed.fetch_add(1, Relaxed);
-        let i = Failure::ALL.iter().position(|f| *f == why).unwrap_or(0);
-        self.failures[i].fetch_add(1, Relaxed);
+        self.failures[why.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Failures so far for one reason.
+    pub fn failures_of(&self, why: Failure) -> u64 {
+        self.failures[why.index()].load(Relaxed)
     }
 
     /// Counts a backend failure for the rate-limited warning: Some(failures since the last
