@@ -334,25 +334,8 @@ impl Netlink {
         family: u8,
         attrs: Attrs,
     ) -> Result<(), Error> {
-        let mut out = Vec::new();
-        let kind = (subsys << 8) | kind as u16;
-        let seq = self.push(&mut out, kind, NLM_F_ACK, family, 0, &attrs.0);
-        send(self.socket.as_raw_fd(), &out, MsgFlags::empty())?;
-        let mut result = Ok(());
-        self.receive(|s, reply| {
-            if s != seq {
-                return false;
-            }
-            match reply {
-                Ok(Some(_)) => false,
-                Ok(None) => true,
-                Err(e) => {
-                    result = Err(e);
-                    true
-                }
-            }
-        })?;
-        result
+        self.exchange(subsys, kind, NLM_F_ACK, family, attrs)
+            .map(drop)
     }
 
     /// A dump from any nfnetlink subsystem.
@@ -363,9 +346,22 @@ impl Netlink {
         family: u8,
         filter: Attrs,
     ) -> Result<Vec<Reply>, Error> {
+        self.exchange(subsys, kind, NLM_F_DUMP, family, filter)
+    }
+
+    /// Sends one message and collects the objects answering it, until its ack, the end of
+    /// the dump, or an error.
+    fn exchange(
+        &mut self,
+        subsys: u16,
+        kind: u8,
+        flags: u16,
+        family: u8,
+        attrs: Attrs,
+    ) -> Result<Vec<Reply>, Error> {
         let mut out = Vec::new();
         let kind = (subsys << 8) | kind as u16;
-        let seq = self.push(&mut out, kind, NLM_F_DUMP, family, 0, &filter.0);
+        let seq = self.push(&mut out, kind, flags, family, 0, &attrs.0);
         send(self.socket.as_raw_fd(), &out, MsgFlags::empty())?;
         let mut objects = Vec::new();
         let mut failure = None;
