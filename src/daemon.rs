@@ -110,17 +110,24 @@ impl Settings {
                 .exists()
                 .then(|| PathBuf::from(DEFAULT_CONFIG))
         });
-        let (file, file_nat, config) = match &config_path {
+        // `nat`: --nat, else the file's default, else off (read_config applies the same rule).
+        let no_file = || {
+            (
+                ConfigFile::default(),
+                args.nat.unwrap_or_default(),
+                Vec::new(),
+            )
+        };
+        let (file, nat, config) = match &config_path {
             Some(path) => match read_config(path, args.nat) {
                 Ok(c) => c,
                 Err(mut e) => {
                     errors.append(&mut e);
-                    (ConfigFile::default(), Mode::Off, Vec::new())
+                    no_file()
                 }
             },
-            None => (ConfigFile::default(), Mode::Off, Vec::new()),
+            None => no_file(),
         };
-        let nat = args.nat.unwrap_or(file_nat);
         let metrics_addr = match crate::prometheus::addr_from_env() {
             Ok(env) => args.metrics_addr.or(file.metrics_addr).or(env),
             Err(e) => {
