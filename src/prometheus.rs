@@ -4,18 +4,21 @@
 //!
 //! The counters `rproxy ls` shows live in each mapping's `Stats`, atomics the data path bumps
 //! per connection, chunk or batch. Each scrape copies them into the recorder (`absolute`,
-//! `set`), so the data path pays nothing for metrics; only the two duration histograms are
-//! recorded as connections happen, once per connection.
+//! `set`), so the data path pays nothing for metrics. The two duration histograms live in
+//! `Stats` too (two atomic additions per connection) and are rendered here, so their series
+//! go with their mapping.
 //!
 //! Labels: `proto`, `frontend` (listen address), `backend` (target address), and `reason` or
 //! `direction` where a metric needs one; never a client address.
 
+use std::fmt::Write;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Label};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, gauge, Label};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::daemon::accepted;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
-use crate::stats::{Failure, Stats, Timings};
+use crate::stats::{Failure, Histogram, Stats, Timings, BUCKETS};
 use crate::supervisor::Supervisor;
 
 /// `RPROXY_METRICS_ADDR`: the daemon's endpoint when `--metrics-addr` is not given (for
@@ -38,18 +41,15 @@ pub fn addr_from_env() -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// Whether [`install`] ran: mappings then record their duration histograms.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
 /// Installs the Prometheus recorder for the whole process. Call before mappings start, so
-/// their histograms are real.
+/// their histograms record.
 pub fn install() -> Result<PrometheusHandle, String> {
-    let seconds = [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        60.0, 300.0, 1800.0, 3600.0,
-    ];
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
-        .map_err(|e| format!("metrics: {e}"))?
         // Series of removed mappings go: counters and gauges are refreshed at every scrape
-        // while their mapping lives; histograms only when connections happen.
+        // while their mapping lives.
         .idle_timeout(
             MetricKindMask::COUNTER | MetricKindMask::GAUGE,
             Some(Duration::from_secs(300)),
@@ -58,19 +58,60 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|_| "metrics: a recorder is already installed".to_string())?;
+    INSTALLED.store(true, Relaxed);
     describe_all();
     Ok(handle)
 }
 
-/// The histograms one mapping records into (no-ops without a recorder).
+/// The histograms one mapping records into: off without metrics, and for UDP.
 pub fn timings(m: &Mapping) -> Timings {
     match m.proto {
-        Proto::Tcp => Timings {
-            connect: histogram!("rproxy_tcp_connect_duration_seconds", labels(m)),
-            lifetime: histogram!("rproxy_tcp_relay_duration_seconds", labels(m)),
-        },
-        Proto::Udp => Timings::default(),
+        Proto::Tcp if INSTALLED.load(Relaxed) => Timings::enabled(),
+        _ => Timings::default(),
     }
+}
+
+/// The TCP duration histograms of every mapping, in the text format.
+fn histograms(sup: &Supervisor) -> String {
+    type Pick = fn(&Timings) -> &Histogram;
+    let families: [(&str, &str, Pick); 2] = [
+        (
+            "rproxy_tcp_connect_duration_seconds",
+            "Time from accepting a client to the backend accepting the connection.",
+            |t| &t.connect,
+        ),
+        (
+            "rproxy_tcp_relay_duration_seconds",
+            "Lifetime of proxied TCP connections, from accept to close.",
+            |t| &t.lifetime,
+        ),
+    ];
+    let tcp: Vec<_> = sup
+        .entries()
+        .into_iter()
+        .filter(|(m, ..)| m.proto == Proto::Tcp)
+        .collect();
+    let mut out = String::new();
+    if tcp.is_empty() {
+        return out;
+    }
+    for (name, help, pick) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (m, stats, ..) in &tcp {
+            let (cumulative, count, sum) = pick(&stats.timings).snapshot();
+            let l = format!(
+                "proto=\"{}\",frontend=\"{}\",backend=\"{}\"",
+                m.proto, m.listen, m.target
+            );
+            for (bound, n) in BUCKETS.iter().zip(cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{l}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{l}}} {count}");
+        }
+    }
+    out
 }
 
 fn labels(m: &Mapping) -> Vec<Label> {
@@ -88,22 +129,12 @@ fn with(m: &Mapping, key: &'static str, value: &'static str) -> Vec<Label> {
 }
 
 fn describe_all() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, Unit};
     describe_counter!("rproxy_tcp_connections_total", "TCP connections accepted.");
     describe_gauge!("rproxy_tcp_connections_active", "TCP connections open.");
     describe_counter!(
         "rproxy_tcp_connect_failures_total",
         "TCP connections whose backend could not be reached, by reason."
-    );
-    describe_histogram!(
-        "rproxy_tcp_connect_duration_seconds",
-        Unit::Seconds,
-        "Time from accepting a client to the backend accepting the connection."
-    );
-    describe_histogram!(
-        "rproxy_tcp_relay_duration_seconds",
-        Unit::Seconds,
-        "Lifetime of proxied TCP connections, from accept to close."
     );
     describe_counter!(
         "rproxy_bytes_total",
@@ -153,15 +184,6 @@ fn describe_all() {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervisor) {
-    // Histograms buffer samples until upkeep drains them: keep that bounded between scrapes.
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
     loop {
         let Some((stream, _)) = accepted("metrics", listener.accept().await).await else {
             continue;
@@ -209,7 +231,8 @@ async fn answer(
         ("GET" | "HEAD", "/metrics") => {
             sync(sup);
             handle.run_upkeep();
-            respond(&mut stream, "200 OK", &handle.render(), method == "HEAD").await
+            let body = handle.render() + &histograms(sup);
+            respond(&mut stream, "200 OK", &body, method == "HEAD").await
         }
         ("GET" | "HEAD", "/") => {
             respond(
@@ -246,7 +269,6 @@ async fn respond(
 /// Copies every mapping's counters, the kernel rules' counters and the process's own figures
 /// into the recorder.
 fn sync(sup: &Supervisor) {
-    use std::sync::atomic::Ordering::Relaxed;
     let kernel = sup.nat().connections();
     let (mut serving, mut stopped) = (0u64, 0u64);
     for (m, stats, path, live) in sup.entries() {

@@ -221,6 +221,41 @@ fn counters_move_by_what_tcp_and_udp_traffic_did() {
             .any(|l| l.contains(&format!(":{client_port}\""))),
         "a client address leaked into a label"
     );
+
+    // Buckets add up to +Inf = count; a removed mapping's histograms go with it at once.
+    let bucket = |le: &str| {
+        value(
+            &after,
+            "rproxy_tcp_relay_duration_seconds_bucket",
+            &[("frontend", tcp.as_str()), ("le", le)],
+        )
+    };
+    assert_eq!(bucket("+Inf"), Some(5.0));
+    assert!(bucket("3600").is_some_and(|n| n <= 5.0));
+    let sock = dir.0.join("ctl.sock");
+    let rm = Command::new(rproxy())
+        .args(["rm", "--control-socket", sock.to_str().unwrap()])
+        .arg(format!("{tcp}:{echo}/tcp"))
+        .output()
+        .unwrap();
+    assert!(rm.status.success(), "{rm:?}");
+    let gone = scrape(metrics);
+    for name in [
+        "rproxy_tcp_relay_duration_seconds_count",
+        "rproxy_tcp_connect_duration_seconds_bucket",
+    ] {
+        assert_eq!(
+            value(&gone, name, &ours),
+            None,
+            "{name} of a removed mapping"
+        );
+    }
+    let theirs = [("frontend", dead.as_str())];
+    assert_eq!(
+        value(&gone, "rproxy_tcp_relay_duration_seconds_count", &theirs),
+        Some(2.0),
+        "the other mapping's histogram"
+    );
 }
 
 #[test]

@@ -117,7 +117,7 @@ async fn handle(
             return;
         }
     };
-    stats.timings.connect.record(accepted.elapsed());
+    stats.timings.connected(accepted.elapsed());
     tracing::debug!("{peer}: connected to {target}");
     match relay::relay(
         &mut client,
@@ -172,7 +172,7 @@ struct Guard<'a>(&'a Stats, std::time::Instant);
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
         Stats::sub(&self.0.active, 1);
-        self.0.timings.lifetime.record(self.1.elapsed());
+        self.0.timings.closed(self.1.elapsed());
     }
 }
 
