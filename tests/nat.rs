@@ -387,6 +387,74 @@ fn rules_follow_mappings_and_die_with_the_process() {
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
 }
 
+/// A container's ports go one removal at a time (its shims deregister one by one): each takes
+/// exactly its own rules, found from one read of the table.
+#[test]
+fn mappings_removed_one_by_one_take_exactly_their_rules() {
+    if !need_root("mappings_removed_one_by_one_take_exactly_their_rules") {
+        return;
+    }
+    let t = Topo::new("natrm");
+    whoami_tcp(&t.ctr);
+    let ours = |t: &Topo| t.ruleset().matches("comment \"rproxy ").count();
+    let _d = t.daemon(&[
+        "--nat",
+        "-p",
+        &format!("9000-9019:{CTR}:9000-9019"),
+        "-p",
+        &format!("8080:{CTR}:80"),
+    ]);
+    assert_eq!(ours(&t), 42);
+    let rm = |port: u16| t.cli(&["rm", &format!("{port}:{CTR}:{port}")]);
+    for port in 9000..9010 {
+        rm(port);
+    }
+    assert_eq!(ours(&t), 22);
+    // Nobody else can change the rules under rproxy (an owner table refuses other sockets),
+    // so handles read once stay good.
+    let listing = nft(&t.host, "-a list table inet rproxy");
+    let (chain, handle) = {
+        let mut chain = "";
+        listing
+            .lines()
+            .find_map(|l| {
+                if let Some(c) = l.trim().strip_prefix("chain ") {
+                    chain = c.split_whitespace().next().unwrap();
+                }
+                let h = l
+                    .split("rproxy 0.0.0.0:9010:")
+                    .nth(1)?
+                    .rsplit("handle ")
+                    .next()?;
+                Some((chain.to_string(), h.trim().to_string()))
+            })
+            .unwrap_or_else(|| panic!("no rule for 9010 in\n{listing}"))
+    };
+    let tamper = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.host.name,
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "rproxy",
+        ])
+        .args([&chain, "handle", &handle])
+        .output()
+        .unwrap();
+    assert!(!tamper.status.success(), "nft changed rproxy's owner table");
+    rm(9010);
+    assert_eq!(ours(&t), 20);
+    assert!(!t.ruleset().contains("0.0.0.0:9010:"));
+    for port in 9011..9020 {
+        rm(port);
+    }
+    assert_eq!(ours(&t), 2);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+}
+
 #[test]
 fn without_cap_net_admin_nat_falls_back_or_fails_as_asked() {
     if !need_root("without_cap_net_admin_nat_falls_back_or_fails_as_asked") {
