@@ -15,7 +15,7 @@ pub enum Failure {
     Timeout,
     /// No route to the target's host or network.
     Unreachable,
-    /// Out of descriptors, buffers or memory, or the flow table's bound.
+    /// Out of descriptors, buffers, memory or local ports, or the flow table's bound.
     Limit,
     /// A datagram larger than the proxy relays.
     TooLarge,
@@ -58,7 +58,9 @@ impl Failure {
             Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN) => {
                 Failure::Unreachable
             }
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => Failure::Limit,
+            Some(
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL,
+            ) => Failure::Limit,
             Some(libc::EMSGSIZE) => Failure::TooLarge,
             _ => Failure::Other,
         }

@@ -433,3 +433,60 @@ fn fd_exhaustion_backs_off_and_recovers() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Out of local ports toward the target (the proxy's end of every connection its client
+/// closed first waits in TIME_WAIT): the client is reset at once and the log names the cause.
+#[test]
+fn out_of_local_ports_resets_the_client_and_says_why() {
+    if !need_root("out_of_local_ports_resets_the_client_and_says_why") {
+        return;
+    }
+    let ns = Netns::new("ports");
+    sh(&format!(
+        "ip -n {n} link set lo up && ip netns exec {n} sysctl -qw net.ipv4.tcp_tw_reuse=0 \
+         'net.ipv4.ip_local_port_range=40000 40003'",
+        n = ns.name
+    ));
+    // Fixed ports below the range, so the four ports in it are left for backend connections.
+    let echo = ns.run(|| tcp_echo("127.0.0.1:20001"));
+    let p = Spawn::new(&[
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "20002",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo.port().to_string(),
+    ])
+    .wrap(&["ip", "netns", "exec", &ns.name])
+    .spawn()
+    .ready();
+    let addr = p.addr();
+    // Clients on fixed ports outside the range, each closing first.
+    let served: Vec<bool> = ns.run(move || {
+        (0..6u16)
+            .map(|i| {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                s.bind(&SocketAddr::from(([127, 0, 0, 1], 30_000 + i)).into())
+                    .unwrap();
+                s.connect(&addr.into()).unwrap();
+                let mut c: TcpStream = s.into();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 4];
+                let ok = c.write_all(b"ping").is_ok() && c.read_exact(&mut buf).is_ok();
+                if ok {
+                    c.shutdown(Shutdown::Write).unwrap();
+                    // The echo's FIN back: the proxy's backend end is in TIME_WAIT now.
+                    assert_eq!(c.read(&mut buf).unwrap(), 0);
+                }
+                ok
+            })
+            .collect()
+    });
+    assert_eq!(served, [true, true, true, true, false, false]);
+    p.wait_log("no local port left toward it", Duration::from_secs(5));
+}

@@ -105,13 +105,13 @@ async fn handle(
         Err(e) => {
             stats.fail(Failure::of(&e));
             // Reset rather than accept-then-FIN: the client learns at once that nothing is there.
+            let why = connect_error(&e);
             match stats.warning_due() {
-                Some(1) => tracing::warn!("{peer}: cannot reach {target}: {}", describe(&e)),
+                Some(1) => tracing::warn!("{peer}: cannot reach {target}: {why}"),
                 Some(n) => tracing::warn!(
-                    "{peer}: cannot reach {target}: {} ({n} connections failed since the last warning)",
-                    describe(&e)
+                    "{peer}: cannot reach {target}: {why} ({n} connections failed since the last warning)"
                 ),
-                None => tracing::debug!("{peer}: cannot reach {target}: {}", describe(&e)),
+                None => tracing::debug!("{peer}: cannot reach {target}: {why}"),
             }
             let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
             return;
@@ -149,6 +149,20 @@ async fn connect(target: SocketAddr, timeout: Duration) -> io::Result<TcpStream>
             io::ErrorKind::TimedOut,
             "connection timed out",
         )),
+    }
+}
+
+/// A failed connect for the log. Out of local ports (EADDRNOTAVAIL) gets its usual cause:
+/// every backend connection goes from the same address to the same target, so about 28,000
+/// ports serve them, and one the proxy closed first stays taken for 60 s (moby#30400).
+fn connect_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => format!(
+            "{}: no local port left toward it (connections closed by their client first hold \
+             theirs in TIME_WAIT for 60 s; see net.ipv4.ip_local_port_range and tcp_tw_reuse)",
+            describe(e)
+        ),
+        _ => describe(e),
     }
 }
 
