@@ -99,10 +99,11 @@ fn histograms(sup: &Supervisor) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (m, stats, ..) in &tcp {
             let (cumulative, count, sum) = pick(&stats.timings).snapshot();
-            let l = format!(
-                "proto=\"{}\",frontend=\"{}\",backend=\"{}\"",
-                m.proto, m.listen, m.target
-            );
+            let l = labels(m)
+                .iter()
+                .map(|l| format!("{}=\"{}\"", l.key(), l.value()))
+                .collect::<Vec<_>>()
+                .join(",");
             for (bound, n) in BUCKETS.iter().zip(cumulative) {
                 let _ = writeln!(out, "{name}_bucket{{{l},le=\"{bound}\"}} {n}");
             }
