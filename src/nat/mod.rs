@@ -367,8 +367,8 @@ impl Nat {
             .iter()
             .map(|(chain, handle)| {
                 let mut a = Attrs::default();
-                a.str(1, &self.table) // NFTA_RULE_TABLE
-                    .str(2, chain) // NFTA_RULE_CHAIN
+                a.str(rules::NFTA_RULE_TABLE, &self.table)
+                    .str(rules::NFTA_RULE_CHAIN, chain)
                     .u64(rules::NFTA_RULE_HANDLE, *handle);
                 Message::new(netlink::NFT_MSG_DELRULE, netlink::NFPROTO_INET, 0, a)
             })
@@ -401,7 +401,7 @@ impl Nat {
 
     fn rules(&self, nl: &mut Netlink) -> Result<Vec<RuleInfo>, Error> {
         let mut filter = Attrs::default();
-        filter.str(1, &self.table);
+        filter.str(rules::NFTA_RULE_TABLE, &self.table);
         let dumped = nl.dump(netlink::NFT_MSG_GETRULE, netlink::NFPROTO_INET, filter)?;
         Ok(dumped
             .iter()
@@ -451,7 +451,7 @@ struct RuleInfo {
 
 impl RuleInfo {
     fn parse(attrs: &[u8]) -> Option<RuleInfo> {
-        let chain = netlink::string(netlink::find(attrs, 2)?);
+        let chain = netlink::string(netlink::find(attrs, rules::NFTA_RULE_CHAIN)?);
         let handle = netlink::be_u64(netlink::find(attrs, rules::NFTA_RULE_HANDLE)?)?;
         let comment = netlink::find(attrs, rules::NFTA_RULE_USERDATA).and_then(rules::comment_of);
         let packets = netlink::find(attrs, rules::NFTA_RULE_EXPRESSIONS)
@@ -488,7 +488,9 @@ fn docker_dnats(m: &Mapping) -> bool {
         true => netlink::NFPROTO_IPV6,
     };
     let mut filter = Attrs::default();
-    filter.str(1, "nat").str(2, "DOCKER"); // NFTA_RULE_TABLE, NFTA_RULE_CHAIN
+    filter
+        .str(rules::NFTA_RULE_TABLE, "nat")
+        .str(rules::NFTA_RULE_CHAIN, "DOCKER");
     let Ok(mut nl) = Netlink::open() else {
         return false;
     };
