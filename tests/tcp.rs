@@ -449,21 +449,10 @@ fn out_of_local_ports_resets_the_client_and_says_why() {
     ));
     // Fixed ports below the range, so the four ports in it are left for backend connections.
     let echo = ns.run(|| tcp_echo("127.0.0.1:20001"));
-    let p = Spawn::new(&[
-        "-proto",
-        "tcp",
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        "20002",
-        "-container-ip",
-        "127.0.0.1",
-        "-container-port",
-        &echo.port().to_string(),
-    ])
-    .wrap(&["ip", "netns", "exec", &ns.name])
-    .spawn()
-    .ready();
+    let p = Spawn::forward_at("tcp", "127.0.0.1", 20002, echo)
+        .wrap(&["ip", "netns", "exec", &ns.name])
+        .spawn()
+        .ready();
     let addr = p.addr();
     // Clients on fixed ports outside the range, each closing first.
     let served: Vec<bool> = ns.run(move || {

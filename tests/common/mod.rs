@@ -96,15 +96,20 @@ impl Spawn {
         self
     }
 
-    /// The docker-proxy flags dockerd passes: `proto` from `listen` (port 0 = any) to `target`.
+    /// The docker-proxy flags dockerd passes: `proto` from `listen` (any port) to `target`.
     pub fn forward(proto: &str, listen: &str, target: SocketAddr) -> Spawn {
+        Spawn::forward_at(proto, listen, 0, target)
+    }
+
+    /// As [`Spawn::forward`], from `listen`:`port`.
+    pub fn forward_at(proto: &str, listen: &str, port: u16, target: SocketAddr) -> Spawn {
         Spawn::new(&[
             "-proto",
             proto,
             "-host-ip",
             listen,
             "-host-port",
-            "0",
+            &port.to_string(),
             "-container-ip",
             &target.ip().to_string(),
             "-container-port",
