@@ -116,6 +116,11 @@ impl Topo {
     fn ruleset(&self) -> String {
         nft(&self.host, "list ruleset")
     }
+
+    /// How many rules rproxy has in the host namespace (each carries an "rproxy …" comment).
+    fn our_rules(&self) -> usize {
+        self.ruleset().matches("comment \"rproxy ").count()
+    }
 }
 
 fn nft(ns: &Netns, args: &str) -> String {
@@ -327,7 +332,6 @@ fn rules_follow_mappings_and_die_with_the_process() {
     }
     let t = Topo::new("natlife");
     whoami_tcp(&t.ctr);
-    let ours = |t: &Topo| t.ruleset().matches("comment \"rproxy ").count();
 
     // Left behind by a crash on a kernel without owner tables: swept. Not ours: kept.
     let dead_pid = (100_000..4_000_000)
@@ -350,14 +354,14 @@ fn rules_follow_mappings_and_die_with_the_process() {
     assert!(tables.contains("someone-else"), "{tables}");
     assert!(!t.ruleset().contains("10.70.1.9"), "stale rule survived");
     assert!(t.ruleset().contains("flags owner"));
-    assert_eq!(ours(&t), 2);
+    assert_eq!(t.our_rules(), 2);
 
     // Added and removed with the mapping, atomically per mapping.
     t.cli(&["add", "--nat", &format!("8081:{CTR}:80")]);
-    assert_eq!(ours(&t), 4);
+    assert_eq!(t.our_rules(), 4);
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), REMOTE_IP);
     t.cli(&["rm", &format!("8080:{CTR}:80")]);
-    assert_eq!(ours(&t), 2);
+    assert_eq!(t.our_rules(), 2);
     assert!(!t.ruleset().contains("0.0.0.0:8080"));
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), REMOTE_IP);
     let refused = t.remote.run(|| {
@@ -375,7 +379,7 @@ fn rules_follow_mappings_and_die_with_the_process() {
 
     // SIGKILL: the kernel deletes an owner table when its socket closes.
     let mut d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
-    assert_eq!(ours(&t), 2);
+    assert_eq!(t.our_rules(), 2);
     d.signal(Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
     wait_until("the owner table to go", Duration::from_secs(5), || {
@@ -383,7 +387,7 @@ fn rules_follow_mappings_and_die_with_the_process() {
     });
     // And a restart installs exactly one set again.
     let _d = t.daemon(&["--nat", "-p", &format!("8080:{CTR}:80")]);
-    assert_eq!(ours(&t), 2);
+    assert_eq!(t.our_rules(), 2);
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
 }
 
@@ -396,7 +400,6 @@ fn mappings_removed_one_by_one_take_exactly_their_rules() {
     }
     let t = Topo::new("natrm");
     whoami_tcp(&t.ctr);
-    let ours = |t: &Topo| t.ruleset().matches("comment \"rproxy ").count();
     let _d = t.daemon(&[
         "--nat",
         "-p",
@@ -404,12 +407,12 @@ fn mappings_removed_one_by_one_take_exactly_their_rules() {
         "-p",
         &format!("8080:{CTR}:80"),
     ]);
-    assert_eq!(ours(&t), 42);
+    assert_eq!(t.our_rules(), 42);
     let rm = |port: u16| t.cli(&["rm", &format!("{port}:{CTR}:{port}")]);
     for port in 9000..9010 {
         rm(port);
     }
-    assert_eq!(ours(&t), 22);
+    assert_eq!(t.our_rules(), 22);
     // Nobody else can change the rules under rproxy (an owner table refuses other sockets),
     // so handles read once stay good.
     let listing = nft(&t.host, "-a list table inet rproxy");
@@ -446,12 +449,12 @@ fn mappings_removed_one_by_one_take_exactly_their_rules() {
         .unwrap();
     assert!(!tamper.status.success(), "nft changed rproxy's owner table");
     rm(9010);
-    assert_eq!(ours(&t), 20);
+    assert_eq!(t.our_rules(), 20);
     assert!(!t.ruleset().contains("0.0.0.0:9010:"));
     for port in 9011..9020 {
         rm(port);
     }
-    assert_eq!(ours(&t), 2);
+    assert_eq!(t.our_rules(), 2);
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
 }
 
