@@ -339,23 +339,18 @@ impl Nat {
         let mut nl = self.nl.lock().unwrap();
         let mut handles = self.handles.lock().unwrap();
         let fail = |e: &Error| format!("cannot remove kernel NAT for {m}: {}", explain(e));
-        let mut fresh = false;
-        loop {
-            if !fresh && !handles.contains_key(&comment) {
-                *handles = self.handles(&mut nl).map_err(|e| fail(&e))?;
-                fresh = true;
-            }
-            let ours = handles.remove(&comment).unwrap_or_default();
-            match self.delete(&mut nl, &ours) {
-                Ok(()) => break,
-                // Someone changed the table behind our back (nft), which only a kernel without
-                // owner tables (before 5.12) lets them do: read it again, once.
-                Err(e) if e.errno == libc::ENOENT && !fresh => {
-                    handles.clear();
-                }
-                Err(e) => return Err(fail(&e)),
-            }
+        let cached = handles.contains_key(&comment);
+        if !cached {
+            *handles = self.handles(&mut nl).map_err(|e| fail(&e))?;
         }
+        let mut deleted = self.delete(&mut nl, &handles.remove(&comment).unwrap_or_default());
+        // Someone changed the table behind our back (nft), which only a kernel without owner
+        // tables (before 5.12) lets them do: read it again, once.
+        if cached && deleted.as_ref().is_err_and(|e| e.errno == libc::ENOENT) {
+            *handles = self.handles(&mut nl).map_err(|e| fail(&e))?;
+            deleted = self.delete(&mut nl, &handles.remove(&comment).unwrap_or_default());
+        }
+        deleted.map_err(|e| fail(&e))?;
         self.udp.lock().unwrap().retain(|u| u != m);
         forget_flows(&mut nl, m);
         Ok(())
