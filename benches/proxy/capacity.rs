@@ -191,7 +191,7 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
                 procs.push(Proc::spawn(cmd, &format!("socat-{port}"), &ctx.dir)?);
             }
         }
-        Kind::Direct | Kind::RproxyNat | Kind::RproxyMetrics => {
+        Kind::Direct | Kind::RproxyNat | Kind::RproxyMetrics | Kind::Haproxy => {
             return Err("ports compares one process with a process per port".into())
         }
     }

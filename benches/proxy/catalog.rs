@@ -16,10 +16,13 @@ pub enum Kind {
     /// `rproxy daemon --metrics-addr … -p …`: the daemon with its Prometheus recorder on, to
     /// show what metrics cost.
     RproxyMetrics,
+    /// HAProxy in TCP mode, tuned as a throughput-minded operator would (see `haproxy_config`):
+    /// the event-driven C proxy people hold up as the fast one, for the TCP workloads.
+    Haproxy,
 }
 
 /// Columns in this order; later additions last so the others keep their places.
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 8] = [
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
@@ -27,6 +30,7 @@ pub const KINDS: [Kind; 7] = [
     Kind::RproxyDaemon,
     Kind::RproxyNat,
     Kind::RproxyMetrics,
+    Kind::Haproxy,
 ];
 
 impl Kind {
@@ -39,6 +43,7 @@ impl Kind {
             Kind::RproxyDaemon => "rproxy-daemon",
             Kind::RproxyNat => "rproxy-nat",
             Kind::RproxyMetrics => "rproxy-daemon+metrics",
+            Kind::Haproxy => "haproxy",
         }
     }
 
@@ -91,7 +96,8 @@ pub(crate) struct Workload {
     pub(crate) run: RunFn,
 }
 
-/// Every kind that serves a client on the bridge (kernel NAT leaves those to userland).
+/// Every kind that serves a client on the bridge over UDP (kernel NAT leaves those to
+/// userland).
 pub(crate) const ALL: &[Kind] = &[
     Kind::Direct,
     Kind::Rproxy,
@@ -99,6 +105,16 @@ pub(crate) const ALL: &[Kind] = &[
     Kind::Socat,
     Kind::RproxyDaemon,
     Kind::RproxyMetrics,
+];
+/// The bridge-client TCP workloads: every kind above, and HAProxy (which relays no UDP).
+pub(crate) const TCP: &[Kind] = &[
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::DockerProxy,
+    Kind::Socat,
+    Kind::RproxyDaemon,
+    Kind::RproxyMetrics,
+    Kind::Haproxy,
 ];
 /// A client on another network, routed through the host.
 pub(crate) const REMOTE: &[Kind] = &[
@@ -148,25 +164,25 @@ pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
         run,
     };
     vec![
-        w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, ALL,
+        w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, TCP,
             |c, k, p| tcp_bulk(c, k, p, 1, false)),
-        w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, ALL,
+        w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, TCP,
             |c, k, p| tcp_bulk(c, k, p, 1, true)),
-        w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, ALL,
+        w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, TCP,
             |c, k, p| tcp_bulk(c, k, p, 4, false)),
-        w("tcp-bulk-4-rev", format!("TCP bulk, 4 streams, container → client, {s} s (iperf3 -P 4 -R)"), BULK, ALL,
+        w("tcp-bulk-4-rev", format!("TCP bulk, 4 streams, container → client, {s} s (iperf3 -P 4 -R)"), BULK, TCP,
             |c, k, p| tcp_bulk(c, k, p, 4, true)),
         w("remote-bulk-1", format!("TCP bulk, 1 stream, from a client on another network routed through the host ({NS_REMOTE}) → container, {s} s (iperf3); direct is routed too"), BULK, REMOTE,
             |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 1, false)),
         w("remote-bulk-4", format!("as remote-bulk-1 with 4 streams, {s} s (iperf3 -P 4)"), BULK, REMOTE,
             |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 4, false)),
-        w("rr", format!("TCP request/response, 64 B, one connection, unpinned, {s} s (sockperf ping-pong, full round trip)"), RR, ALL,
+        w("rr", format!("TCP request/response, 64 B, one connection, unpinned, {s} s (sockperf ping-pong, full round trip)"), RR, TCP,
             |c, k, p| request_response(c, k, p, false)),
-        w("rr-pinned", format!("as rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, ALL,
+        w("rr-pinned", format!("as rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, TCP,
             |c, k, p| request_response(c, k, p, true)),
-        w("conn-rate", format!("TCP connections/s, 16 clients, closed loop, one request per connection, {s} s (wrk -t2 -c16, Connection: close)"), WRK, ALL,
+        w("conn-rate", format!("TCP connections/s, 16 clients, closed loop, one request per connection, {s} s (wrk -t2 -c16, Connection: close)"), WRK, TCP,
             conn_rate),
-        w("conn-fixed", format!("TCP connections at {} /s offered for {s} s, 16 client threads, open loop (own generator; errors: connections that failed; not started: still queued behind busy clients when the run ended, {s} s + 5 s; p99 from the scheduled start)", o.rate), FIXED, ALL,
+        w("conn-fixed", format!("TCP connections at {} /s offered for {s} s, 16 client threads, open loop (own generator; errors: connections that failed; not started: still queued behind busy clients when the run ended, {s} s + 5 s; p99 from the scheduled start)", o.rate), FIXED, TCP,
             conn_fixed),
         w("udp-bulk", format!("UDP 1,400 B datagrams, unlimited rate, client → container, {s} s (iperf3 -u -b 0)"), UDP, ALL,
             |c, k, p| udp_bulk(c, k, p, "0", false)),

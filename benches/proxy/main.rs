@@ -86,8 +86,8 @@ const PIN_CPU: &str = "0";
 const NO_DAEMON: &str = "/nonexistent/rproxy-bench.sock";
 const DOCKER_PROXY: &str = "/usr/sbin/docker-proxy";
 /// Tools the harness drives (docker-proxy is optional: its column says "not installed").
-const TOOLS: [&str; 8] = [
-    "ip", "iptables", "sysctl", "taskset", "iperf3", "sockperf", "wrk", "socat",
+const TOOLS: [&str; 9] = [
+    "ip", "iptables", "sysctl", "taskset", "iperf3", "sockperf", "wrk", "socat", "haproxy",
 ];
 const HTTP_REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n";
 const HTTP_RESPONSE: &[u8] =
@@ -341,7 +341,7 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 7] = [
+pub(crate) const RATIOS: [(Kind, Kind); 8] = [
     (Kind::Rproxy, Kind::DockerProxy),
     (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
@@ -349,6 +349,7 @@ pub(crate) const RATIOS: [(Kind, Kind); 7] = [
     (Kind::Socat, Kind::DockerProxy),
     (Kind::RproxyNat, Kind::Direct),
     (Kind::RproxyMetrics, Kind::RproxyDaemon),
+    (Kind::Haproxy, Kind::DockerProxy),
 ];
 
 pub(crate) fn report(
@@ -368,7 +369,7 @@ pub(crate) fn report(
         sh(&["dpkg-query", "-W", "-f", "${Version}", pkg]).unwrap_or_else(|_| "?".into())
     };
     t += &format!(
-        "{cpus} CPUs, Linux {}; docker-proxy: {}; iperf3 {}, sockperf {}, wrk {}, socat {}. \
+        "{cpus} CPUs, Linux {}; docker-proxy: {}; iperf3 {}, sockperf {}, wrk {}, socat {}, haproxy {}. \
          Each cell: median (min–max) of {} round(s) of {} s, the proxies interleaved round-robin; \
          ratios divide medians (for latency, time and memory lower is better).\n\n",
         uname.trim(),
@@ -384,6 +385,7 @@ pub(crate) fn report(
         version("sockperf"),
         version("wrk"),
         version("socat"),
+        version("haproxy"),
         o.rounds,
         o.seconds
     );
@@ -458,6 +460,10 @@ pub(crate) fn report(
          clients run in netns {NS_CLI}. rproxy and docker-proxy run as dockerd runs them \
          (`-proto P -host-ip {GW} -host-port N -container-ip {CTR} -container-port N`, status pipe on fd 3); \
          socat as `socat TCP4-LISTEN:N,bind={GW},fork,reuseaddr TCP4:{CTR}:N` (UDP4 likewise); \
+         haproxy (TCP only) as `haproxy -db -f CONFIG`: mode tcp, `bind {GW}:N`, `server {CTR}:N`, \
+         `option splice-request` and `splice-response` with `tune.pipesize 1048576` (splicing both \
+         ways through 1 MiB pipes, as rproxy and docker-proxy do), its default of one thread per \
+         CPU it may run on; \
          direct sends to {CTR} over the bridge. The bridge's traffic is exempt from connection \
          tracking (iptables raw `CT --notrack`), whose table the whole machine shares. \
          remote-* clients run in netns {NS_REMOTE} on their own link ({UPLINK_GW}), which the host \
