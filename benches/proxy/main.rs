@@ -1,12 +1,13 @@
-//! Benchmark harness: the same workloads through no proxy (`direct`), rproxy, docker-proxy (when
-//! installed) and socat, interleaved round-robin and repeated, reported as one Markdown table of
+//! Benchmark harness: the same workloads through no proxy (`direct`), rproxy (per port, and as
+//! the daemon with and without metrics or kernel NAT), docker-proxy (when installed), socat and
+//! HAProxy (TCP), interleaved round-robin and repeated, reported as one Markdown table of
 //! medians (min–max) with ratios to docker-proxy and to direct.
 //!
 //! As root (it makes network namespaces, a bridge and iptables rules for the bridge):
 //!
 //! ```text
-//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~15 min on 2 cores)
-//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (< 2 min)
+//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~28 min on 2 cores)
+//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~2.5 min)
 //! cargo bench --bench proxy -- --only tcp-bulk,rr --rounds 5 --seconds 10 --out /tmp/t.md
 //! ```
 //!
@@ -98,7 +99,8 @@ const USAGE: &str = "usage: cargo bench --bench proxy -- [options]   (as root)
   --rounds N         rounds; each round runs every proxy once, round-robin (default 3)
   --seconds S        seconds per timed run (default 5)
   --only LIST        comma-separated workloads or prefixes (e.g. tcp-bulk,rr-pinned)
-  --proxies LIST     subset of direct,rproxy,docker-proxy,socat
+  --proxies LIST     subset of direct,rproxy,docker-proxy,socat,rproxy-daemon,rproxy-nat,
+                     rproxy-daemon+metrics,haproxy (default: all)
   --flows N          udp-flows: concurrent flows (default 1000)
   --flow-msgs N      udp-flows: datagrams per flow (default 5, at most 64)
   --idle N           idle-conns: connections (default 10000)
