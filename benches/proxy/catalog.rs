@@ -96,18 +96,9 @@ pub(crate) struct Workload {
     pub(crate) run: RunFn,
 }
 
-/// Every kind that serves a client on the bridge over UDP (kernel NAT leaves those to
-/// userland).
-pub(crate) const ALL: &[Kind] = &[
-    Kind::Direct,
-    Kind::Rproxy,
-    Kind::DockerProxy,
-    Kind::Socat,
-    Kind::RproxyDaemon,
-    Kind::RproxyMetrics,
-];
-/// The bridge-client TCP workloads: every kind above, and HAProxy (which relays no UDP).
-pub(crate) const TCP: &[Kind] = &[
+/// Every kind that serves a client on the bridge over TCP (kernel NAT leaves those to
+/// userland), HAProxy last.
+pub(crate) const BRIDGE_TCP: &[Kind] = &[
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
@@ -116,6 +107,11 @@ pub(crate) const TCP: &[Kind] = &[
     Kind::RproxyMetrics,
     Kind::Haproxy,
 ];
+/// The same over UDP: all but HAProxy, which relays no UDP.
+pub(crate) const BRIDGE_UDP: &[Kind] = match BRIDGE_TCP.split_last() {
+    Some((Kind::Haproxy, rest)) => rest,
+    _ => panic!("BRIDGE_TCP ends with HAProxy"),
+};
 /// A client on another network, routed through the host.
 pub(crate) const REMOTE: &[Kind] = &[
     Kind::Direct,
@@ -164,33 +160,33 @@ pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
         run,
     };
     vec![
-        w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, TCP,
+        w("tcp-bulk-1", format!("TCP bulk, 1 stream, client → container, {s} s (iperf3)"), BULK, BRIDGE_TCP,
             |c, k, p| tcp_bulk(c, k, p, 1, false)),
-        w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, TCP,
+        w("tcp-bulk-1-rev", format!("TCP bulk, 1 stream, container → client, {s} s (iperf3 -R)"), BULK, BRIDGE_TCP,
             |c, k, p| tcp_bulk(c, k, p, 1, true)),
-        w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, TCP,
+        w("tcp-bulk-4", format!("TCP bulk, 4 streams, client → container, {s} s (iperf3 -P 4)"), BULK, BRIDGE_TCP,
             |c, k, p| tcp_bulk(c, k, p, 4, false)),
-        w("tcp-bulk-4-rev", format!("TCP bulk, 4 streams, container → client, {s} s (iperf3 -P 4 -R)"), BULK, TCP,
+        w("tcp-bulk-4-rev", format!("TCP bulk, 4 streams, container → client, {s} s (iperf3 -P 4 -R)"), BULK, BRIDGE_TCP,
             |c, k, p| tcp_bulk(c, k, p, 4, true)),
         w("remote-bulk-1", format!("TCP bulk, 1 stream, from a client on another network routed through the host ({NS_REMOTE}) → container, {s} s (iperf3); direct is routed too"), BULK, REMOTE,
             |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 1, false)),
         w("remote-bulk-4", format!("as remote-bulk-1 with 4 streams, {s} s (iperf3 -P 4)"), BULK, REMOTE,
             |c, k, p| tcp_bulk_from(c, NS_REMOTE, k, p, 4, false)),
-        w("rr", format!("TCP request/response, 64 B, one connection, unpinned, {s} s (sockperf ping-pong, full round trip)"), RR, TCP,
+        w("rr", format!("TCP request/response, 64 B, one connection, unpinned, {s} s (sockperf ping-pong, full round trip)"), RR, BRIDGE_TCP,
             |c, k, p| request_response(c, k, p, false)),
-        w("rr-pinned", format!("as rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, TCP,
+        w("rr-pinned", format!("as rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, BRIDGE_TCP,
             |c, k, p| request_response(c, k, p, true)),
-        w("conn-rate", format!("TCP connections/s, 16 clients, closed loop, one request per connection, {s} s (wrk -t2 -c16, Connection: close)"), WRK, TCP,
+        w("conn-rate", format!("TCP connections/s, 16 clients, closed loop, one request per connection, {s} s (wrk -t2 -c16, Connection: close)"), WRK, BRIDGE_TCP,
             conn_rate),
-        w("conn-fixed", format!("TCP connections at {} /s offered for {s} s, 16 client threads, open loop (own generator; errors: connections that failed; not started: still queued behind busy clients when the run ended, {s} s + 5 s; p99 from the scheduled start)", o.rate), FIXED, TCP,
+        w("conn-fixed", format!("TCP connections at {} /s offered for {s} s, 16 client threads, open loop (own generator; errors: connections that failed; not started: still queued behind busy clients when the run ended, {s} s + 5 s; p99 from the scheduled start)", o.rate), FIXED, BRIDGE_TCP,
             conn_fixed),
-        w("udp-bulk", format!("UDP 1,400 B datagrams, unlimited rate, client → container, {s} s (iperf3 -u -b 0)"), UDP, ALL,
+        w("udp-bulk", format!("UDP 1,400 B datagrams, unlimited rate, client → container, {s} s (iperf3 -u -b 0)"), UDP, BRIDGE_UDP,
             |c, k, p| udp_bulk(c, k, p, "0", false)),
-        w("udp-bulk-rev", format!("UDP 1,400 B datagrams, unlimited rate, container → client (the proxy's reply path), {s} s (iperf3 -u -b 0 -R)"), UDP, ALL,
+        w("udp-bulk-rev", format!("UDP 1,400 B datagrams, unlimited rate, container → client (the proxy's reply path), {s} s (iperf3 -u -b 0 -R)"), UDP, BRIDGE_UDP,
             |c, k, p| udp_bulk(c, k, p, "0", true)),
-        w("udp-500m", format!("UDP 1,400 B datagrams at 500 Mb/s, client → container, {s} s (iperf3 -u -b 500M)"), UDP, ALL,
+        w("udp-500m", format!("UDP 1,400 B datagrams at 500 Mb/s, client → container, {s} s (iperf3 -u -b 500M)"), UDP, BRIDGE_UDP,
             |c, k, p| udp_bulk(c, k, p, "500M", false)),
-        w("udp-flows", format!("{} concurrent UDP flows (one client socket each) × {} datagrams to an echo server, sent at ≤10,000 datagrams/s (own code; misrouted: a reply from another address or with another flow's payload)", o.flows, o.flow_msgs), FLOWS, ALL,
+        w("udp-flows", format!("{} concurrent UDP flows (one client socket each) × {} datagrams to an echo server, sent at ≤10,000 datagrams/s (own code; misrouted: a reply from another address or with another flow's payload)", o.flows, o.flow_msgs), FLOWS, BRIDGE_UDP,
             udp_flows),
         w("idle-conns", format!("{} idle proxied TCP connections (fewer where RLIMIT_NOFILE, {}, cannot hold them: docker-proxy keeps 6 fds per idle connection, rproxy 2) that have carried nothing yet: the proxy's user-space memory per connection (PSS and private, /proc/PID/smaps_rollup after minus before, ÷ N); then 100 of them echo a byte to prove they work", o.idle, o.nofile), IDLE, ONE_PROCESS,
             idle_conns),
