@@ -6,6 +6,7 @@
 //! The harness is compiled into this test rather than run through `cargo bench`, which would
 //! wait for the build directory lock that `cargo test` holds while tests run.
 
+mod common;
 #[path = "../benches/proxy/main.rs"]
 mod harness;
 
@@ -14,14 +15,17 @@ use std::time::Instant;
 #[test]
 fn bench_smoke() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: bench_smoke: needs root (network namespaces, a bridge, iptables)");
+        common::skip(
+            "bench_smoke",
+            "needs root (network namespaces, a bridge, iptables)",
+        );
         return;
     }
     let missing = harness::missing_tools();
     if !missing.is_empty() {
-        eprintln!(
-            "SKIP: bench_smoke: missing {} (run .ci/install-deps)",
-            missing.join(", ")
+        common::skip(
+            "bench_smoke",
+            &format!("missing {} (run .ci/install-deps)", missing.join(", ")),
         );
         return;
     }

@@ -365,7 +365,7 @@ fn fd_4_tcp_v4_v6_and_dual_stack() {
     assert_fd4_cloexec(&p);
     assert_eq!(tcp_roundtrip(addr, b"v4 over fd 4"), b"v4 over fd 4");
     if !has_ipv6() {
-        eprintln!("SKIP IPv6 part: no IPv6 loopback here");
+        skip("IPv6 part", "no IPv6 loopback here");
         return;
     }
     // 6→4, as dockerd's `::` proxy does for an IPv4-only container.
@@ -396,7 +396,7 @@ fn fd_4_udp_v4_v6_and_dual_stack() {
         "reply must come from the address the client used"
     );
     if !has_ipv6() {
-        eprintln!("SKIP IPv6 part: no IPv6 loopback here");
+        skip("IPv6 part", "no IPv6 loopback here");
         return;
     }
     let (fd, addr) = docker_socket("udp", "[::1]:0", true);

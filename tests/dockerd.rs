@@ -33,6 +33,8 @@
 //! hairpin included, never crosses FORWARD. `RPROXY_KEEP_DOCKERD_DIR=1` keeps the work directory
 //! with dockerd.log, containerd.log, rproxy.log and daemon.log.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -746,7 +748,7 @@ struct Tools {
 }
 
 fn skip(why: &str) -> Option<Tools> {
-    eprintln!("SKIP: real-dockerd test: {why}");
+    common::skip("real-dockerd test", why);
     None
 }
 

@@ -261,7 +261,10 @@ fn counters_move_by_what_tcp_and_udp_traffic_did() {
 #[test]
 fn promtool_accepts_the_exposition() {
     if Command::new("promtool").arg("--version").output().is_err() {
-        eprintln!("SKIP promtool_accepts_the_exposition: promtool not installed (Debian's prometheus package; .ci/install-deps installs it)");
+        common::skip(
+            "promtool_accepts_the_exposition",
+            "promtool not installed (Debian's prometheus package; .ci/install-deps installs it)",
+        );
         return;
     }
     let dir = Dir::new("promtool");
@@ -307,7 +310,10 @@ fn a_real_prometheus_scrapes_and_answers_a_query() {
         .output()
         .is_err()
     {
-        eprintln!("SKIP a_real_prometheus_scrapes_and_answers_a_query: prometheus not installed (Debian's prometheus package; .ci/install-deps installs it)");
+        common::skip(
+            "a_real_prometheus_scrapes_and_answers_a_query",
+            "prometheus not installed (Debian's prometheus package; .ci/install-deps installs it)",
+        );
         return;
     }
     let dir = Dir::new("server");

@@ -270,7 +270,10 @@ fn thousand_concurrent_connections_from_a_1024_fd_limit() {
     let (_, hard) =
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     if hard < 8192 {
-        eprintln!("SKIP: hard RLIMIT_NOFILE is {hard}; this test needs 8192");
+        skip(
+            "thousand_concurrent_connections_from_a_1024_fd_limit",
+            &format!("hard RLIMIT_NOFILE is {hard}; this test needs 8192"),
+        );
         return;
     }
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();

@@ -57,7 +57,7 @@ fn largest_datagrams_pass_intact() {
         assert_eq!(from, p.addr());
     }
     if !has_ipv6() {
-        eprintln!("SKIP IPv6 part: no IPv6 loopback here");
+        skip("IPv6 part", "no IPv6 loopback here");
         return;
     }
     // docker-proxy truncates IPv6 datagrams above 65,507 bytes; the IPv6 maximum is 65,527.

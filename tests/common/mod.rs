@@ -22,12 +22,25 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Returns false (after saying why) when the test needs root and we are not root.
+/// Says why `test` (or a part of it) cannot run here. Run by hand, that is a skip; under
+/// `.ci/run`, which sets `RPROXY_TEST_STRICT=1`, it is a failure: a green CI run means every
+/// test really ran.
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("RPROXY_TEST_STRICT").is_some_and(|v| v == "1") {
+        panic!("{test} cannot run: {why} (RPROXY_TEST_STRICT=1: every test must run)");
+    }
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// Returns false (after saying why, see [`skip`]) when the test needs root and we are not root.
 pub fn need_root(test: &str) -> bool {
     if is_root() {
         return true;
     }
-    eprintln!("SKIP {test}: needs root (network namespaces / addresses); run the suite as root");
+    skip(
+        test,
+        "needs root (network namespaces / addresses); run the suite as root",
+    );
     false
 }
 
