@@ -23,15 +23,9 @@ use crate::sys;
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rproxy/rproxy.sock";
 
-/// `--control-socket`, else `RPROXY_SOCKET`, else the default.
-pub fn socket_path(explicit: Option<PathBuf>) -> PathBuf {
-    explicit
-        .or_else(|| {
-            std::env::var_os("RPROXY_SOCKET")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+/// The socket given (`--control-socket`, else `RPROXY_SOCKET`), else the default.
+pub fn socket_path(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 /// Longest request line the daemon reads.

@@ -7,224 +7,22 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::config::{Args, Settings};
 use crate::control::{self, Row};
+use crate::env::Env;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::nat::{self, Mode};
+use crate::options::Options;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{Origin, Supervisor};
 
-/// The config file read when `--config` is not given, if it exists.
-pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
-
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable;
-    /// IPv6 addresses in brackets; ranges map one to one).
-    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
-    publish: Vec<String>,
-    /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
-    /// re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock).
-    #[arg(long, value_name = "PATH")]
-    control_socket: Option<PathBuf>,
-    /// Seconds open connections may take to finish when their mapping is removed or the daemon
-    /// stops.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    drain_timeout: f64,
-    /// Kernel fast path: install nftables DNAT rules for each mapping (loopback and hairpin
-    /// clients stay on the userland listener). `--nat` or `--nat=on` falls back to userland
-    /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
-    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-    nat: Option<Mode>,
-    /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
-    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
-    log_format: Option<String>,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
-    /// else none).
-    #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<std::net::SocketAddr>,
-}
-
-/// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default)]
-    publish: Vec<toml::Spanned<String>>,
-    /// Mappings with their own options: `[[mapping]] publish = "…" nat = "require"`.
-    #[serde(default)]
-    mapping: Vec<MappingEntry>,
-    control_socket: Option<PathBuf>,
-    drain_timeout: Option<f64>,
-    /// The NAT mode of every mapping without its own (`--nat` wins).
-    nat: Option<toml::Spanned<String>>,
-    /// Where to serve Prometheus metrics (`--metrics-addr` wins).
-    metrics_addr: Option<std::net::SocketAddr>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MappingEntry {
-    publish: toml::Spanned<String>,
-    nat: Option<toml::Spanned<String>>,
-}
-
-/// A mapping and its NAT mode.
-type Wanted = (Mapping, Mode);
-
-/// What the daemon runs: the union of `--publish` and the config file.
-struct Settings {
-    publish: Vec<Wanted>,
-    config: Vec<Wanted>,
-    config_path: Option<PathBuf>,
-    control_socket: PathBuf,
-    drain: Duration,
-    /// The mode of mappings that name none (from `--nat`, else the config file).
-    nat: Mode,
-    /// `--nat` as given, which reloads keep over the file's default.
-    nat_flag: Option<Mode>,
-    metrics_addr: Option<std::net::SocketAddr>,
-}
-
-impl Settings {
-    /// Parses everything up front; every bad spec is reported (with its line) before
-    /// anything binds.
-    fn load(args: &Args) -> Result<Settings, Vec<String>> {
-        let mut errors = Vec::new();
-        let mut specs = Vec::new();
-        for spec in &args.publish {
-            match parse_publish(spec) {
-                Ok(m) => specs.extend(m),
-                Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
-            }
-        }
-        let config_path = args.config.clone().or_else(|| {
-            Path::new(DEFAULT_CONFIG)
-                .exists()
-                .then(|| PathBuf::from(DEFAULT_CONFIG))
-        });
-        // `nat`: --nat, else the file's default, else off (read_config applies the same rule).
-        let no_file = || {
-            (
-                ConfigFile::default(),
-                args.nat.unwrap_or_default(),
-                Vec::new(),
-            )
-        };
-        let (file, nat, config) = match &config_path {
-            Some(path) => match read_config(path, args.nat) {
-                Ok(c) => c,
-                Err(mut e) => {
-                    errors.append(&mut e);
-                    no_file()
-                }
-            },
-            None => no_file(),
-        };
-        let metrics_addr = match crate::prometheus::addr_from_env() {
-            Ok(env) => args.metrics_addr.or(file.metrics_addr).or(env),
-            Err(e) => {
-                errors.push(e);
-                None
-            }
-        };
-        let publish: Vec<Wanted> = specs.into_iter().map(|m| (m, nat)).collect();
-        let drain = file.drain_timeout.unwrap_or(args.drain_timeout);
-        if !(drain.is_finite() && drain >= 0.0) {
-            errors.push(format!("drain timeout {drain} is not a number of seconds"));
-        }
-        let mut seen = BTreeSet::new();
-        for (m, _) in publish.iter().chain(&config) {
-            if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
-                errors.push(format!("{} {} is mapped twice", m.proto, m.listen));
-            }
-        }
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Settings {
-            publish,
-            config,
-            config_path,
-            control_socket: control::socket_path(
-                args.control_socket.clone().or(file.control_socket),
-            ),
-            drain: Duration::from_secs_f64(drain.max(0.0)),
-            nat,
-            nat_flag: args.nat,
-            metrics_addr,
-        })
-    }
-}
-
-/// Reads a config file into its settings, its default NAT mode and its mappings (each with
-/// its mode: its own, else `nat_flag`, else the file's); errors name the file and line.
-fn read_config(
-    path: &Path,
-    nat_flag: Option<Mode>,
-) -> Result<(ConfigFile, Mode, Vec<Wanted>), Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
-    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| format!(":{}", line_of(s.start)))
-            .unwrap_or_default();
-        vec![format!("{}{line}: {}", path.display(), e.message())]
-    })?;
-    let mut errors = Vec::new();
-    let mut mode = |value: &Option<toml::Spanned<String>>, default: Mode| match value {
-        None => default,
-        Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
-            errors.push(format!(
-                "{}:{}: {e}",
-                path.display(),
-                line_of(v.span().start)
-            ));
-            default
-        }),
-    };
-    let default = nat_flag.unwrap_or(mode(&file.nat, Mode::Off));
-    let entries: Vec<(&toml::Spanned<String>, Mode)> = file
-        .publish
-        .iter()
-        .map(|spec| (spec, default))
-        .chain(
-            file.mapping
-                .iter()
-                .map(|e| (&e.publish, mode(&e.nat, default))),
-        )
-        .collect();
-    let mut mappings = Vec::new();
-    for (spec, nat) in entries {
-        match parse_publish(spec.get_ref()) {
-            Ok(m) => mappings.extend(m.into_iter().map(|m| (m, nat))),
-            Err(e) => errors.push(format!(
-                "{}:{}: publish {:?}: {e}",
-                path.display(),
-                line_of(spec.span().start),
-                spec.get_ref()
-            )),
-        }
-    }
-    if errors.is_empty() {
-        Ok((file, default, mappings))
-    } else {
-        Err(errors)
-    }
-}
-
 /// Runs the daemon; returns the exit code.
-pub fn main(args: Args) -> i32 {
-    let settings = match Settings::load(&args) {
+pub fn main(args: Args, env: Env) -> i32 {
+    let settings = match Settings::load(&args, &env) {
         Ok(s) => s,
         Err(errors) => {
             for e in errors {
@@ -267,9 +65,9 @@ async fn run(settings: Settings) -> i32 {
     };
     let sup = Supervisor::new(nat::Manager::new(nat::Nat::DAEMON_TABLE));
     let mut failed = Vec::new();
-    if settings.nat != Mode::Off {
+    if settings.defaults.nat != Mode::Off {
         // Open (and sweep) now: an unusable kernel path is reported at start-up.
-        if let Err(e) = sup.nat().open(settings.nat) {
+        if let Err(e) = sup.nat().open(settings.defaults.nat) {
             failed.push(e);
         }
     }
@@ -277,8 +75,8 @@ async fn run(settings: Settings) -> i32 {
         (&settings.publish, Origin::Publish),
         (&settings.config, Origin::Config),
     ] {
-        for (m, mode) in mappings.iter() {
-            if let Err(e) = sup.start(*m, None, origin, *mode) {
+        for m in mappings.iter() {
+            if let Err(e) = sup.start(*m, None, origin) {
                 failed.push(e);
             }
         }
@@ -314,7 +112,7 @@ async fn run(settings: Settings) -> i32 {
         listener,
         sup.clone(),
         settings.drain,
-        settings.nat,
+        settings.defaults,
     ));
     loop {
         match signals.next().await {
@@ -395,8 +193,8 @@ fn reload(sup: &Supervisor, settings: &Settings) {
         tracing::info!("SIGHUP: no config file to reload");
         return;
     };
-    let wanted = match read_config(path, settings.nat_flag) {
-        Ok((_, _, m)) => m,
+    let wanted = match settings.reread() {
+        Ok(m) => m,
         Err(errors) => {
             for e in errors {
                 tracing::error!("reload refused, nothing changed: {e}");
@@ -404,23 +202,22 @@ fn reload(sup: &Supervisor, settings: &Settings) {
             return;
         }
     };
-    // A mapping whose target or NAT mode changed is stopped and started again.
-    let key = |(m, mode): &Wanted| (m.proto, m.listen, m.target, *mode);
-    let wanted_keys: BTreeSet<_> = wanted.iter().map(key).collect();
+    // A mapping whose target or options changed is stopped and started again.
+    let wanted_set: BTreeSet<_> = wanted.iter().map(identity).collect();
     let running = sup.mappings(Origin::Config);
     let (mut added, mut removed) = (0, 0);
-    for w in &running {
-        if !wanted_keys.contains(&key(w)) {
-            sup.stop_if(&(w.0.proto, w.0.listen), settings.drain, |o| {
+    for m in &running {
+        if !wanted_set.contains(&identity(m)) {
+            sup.stop_if(&(m.proto, m.listen), settings.drain, |o| {
                 o == Origin::Config
             });
             removed += 1;
         }
     }
-    let running_keys: BTreeSet<_> = running.iter().map(key).collect();
-    for (m, mode) in wanted {
-        if !running_keys.contains(&key(&(m, mode))) {
-            match sup.start(m, None, Origin::Config, mode) {
+    let running_set: BTreeSet<_> = running.iter().map(identity).collect();
+    for m in wanted {
+        if !running_set.contains(&identity(&m)) {
+            match sup.start(m, None, Origin::Config) {
                 Ok(_) => added += 1,
                 Err(e) => tracing::error!("reload: {e}"),
             }
@@ -430,6 +227,11 @@ fn reload(sup: &Supervisor, settings: &Settings) {
         "reloaded {}: {added} added, {removed} removed",
         path.display()
     );
+}
+
+/// What makes a mapping the same across a reload.
+fn identity(m: &Mapping) -> impl Ord {
+    (m.proto, m.listen, m.target, m.options)
 }
 
 /// An accept loop's client, or None after a failed accept: logged, with a pause so that a
@@ -446,7 +248,12 @@ pub(crate) async fn accepted<T>(what: &str, result: std::io::Result<T>) -> Optio
 }
 
 /// Accepts control connections; each is served on its own task.
-async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration, nat: Mode) {
+async fn serve_control(
+    listener: UnixListener,
+    sup: Supervisor,
+    drain: Duration,
+    defaults: Options,
+) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let mut next_id = 0u64;
     loop {
@@ -456,7 +263,7 @@ async fn serve_control(listener: UnixListener, sup: Supervisor, drain: Duration,
         next_id += 1;
         let (sup, id) = (sup.clone(), next_id);
         tokio::spawn(async move {
-            if let Err(e) = client(stream, sup, own_uid, id, drain, nat).await {
+            if let Err(e) = client(stream, sup, own_uid, id, drain, defaults).await {
                 tracing::debug!("control client: {}", describe(&e));
             }
         });
@@ -470,7 +277,7 @@ async fn client(
     own_uid: u32,
     id: u64,
     drain: Duration,
-    nat: Mode,
+    defaults: Options,
 ) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let mut buf = vec![0u8; control::MAX_REQUEST];
@@ -510,7 +317,7 @@ async fn client(
             stream.write_all(out.as_bytes()).await
         }
         "add" => {
-            let answer = match add(&sup, arg, nat) {
+            let answer = match add(&sup, arg, defaults) {
                 Ok(n) => format!("ok added {n}"),
                 Err(e) => format!("error {e}"),
             };
@@ -523,7 +330,7 @@ async fn client(
             };
             reply(&mut stream, &answer).await
         }
-        "register" => register(stream, &sup, arg, fds, id, nat).await,
+        "register" => register(stream, &sup, arg, fds, id, defaults).await,
         _ => reply(&mut stream, &format!("error unknown request {cmd:?}")).await,
     }
 }
@@ -532,27 +339,27 @@ async fn reply(stream: &mut UnixStream, line: &str) -> std::io::Result<()> {
     stream.write_all(format!("{line}\n").as_bytes()).await
 }
 
-/// `SPEC [nat=MODE]`: a request's spec and its NAT mode (`default` when not given).
-fn spec_and_mode(arg: &str, default: Mode) -> Result<(&str, Mode), String> {
+/// `SPEC [nat=MODE]`: a request's spec and its options (`defaults`, and the mode if given).
+fn spec_and_options(arg: &str, defaults: Options) -> Result<(&str, Options), String> {
     let mut words = arg.split_whitespace();
     let spec = words.next().unwrap_or("");
-    let mut mode = default;
+    let mut options = defaults;
     for w in words {
         match w.strip_prefix("nat=") {
-            Some(m) => mode = m.parse()?,
+            Some(m) => options.nat = m.parse()?,
             None => return Err(format!("unknown option {w:?}")),
         }
     }
-    Ok((spec, mode))
+    Ok((spec, options))
 }
 
 /// `add SPEC [nat=MODE]`: all of the spec's mappings start, or none do.
-fn add(sup: &Supervisor, arg: &str, nat: Mode) -> Result<usize, String> {
-    let (spec, mode) = spec_and_mode(arg, nat)?;
-    let mappings = parse_publish(spec)?;
+fn add(sup: &Supervisor, arg: &str, defaults: Options) -> Result<usize, String> {
+    let (spec, options) = spec_and_options(arg, defaults)?;
+    let mappings = parse_publish(spec, options)?;
     let mut started = Vec::new();
     for m in &mappings {
-        match sup.start(*m, None, Origin::Control, mode) {
+        match sup.start(*m, None, Origin::Control) {
             Ok(real) => started.push(real),
             Err(e) => {
                 for s in started {
@@ -567,7 +374,7 @@ fn add(sup: &Supervisor, arg: &str, nat: Mode) -> Result<usize, String> {
 
 /// `rm SPEC`: stops the spec's mappings (matched by protocol and listen address).
 fn remove(sup: &Supervisor, spec: &str, drain: Duration) -> Result<usize, String> {
-    let mappings = parse_publish(spec)?;
+    let mappings = parse_publish(spec, Options::default())?;
     let mut removed = 0;
     for m in &mappings {
         let key = (m.proto, m.listen);
@@ -598,11 +405,11 @@ async fn register(
     spec: &str,
     mut fds: Vec<std::os::fd::OwnedFd>,
     id: u64,
-    nat: Mode,
+    defaults: Options,
 ) -> std::io::Result<()> {
     let started = (|| -> Result<Mapping, String> {
-        let (spec, mode) = spec_and_mode(spec, nat)?;
-        let mapping = match parse_publish(spec)?.as_slice() {
+        let (spec, options) = spec_and_options(spec, defaults)?;
+        let mapping = match parse_publish(spec, options)?.as_slice() {
             [m] => *m,
             _ => return Err("register takes exactly one port".into()),
         };
@@ -611,7 +418,7 @@ async fn register(
             _ => return Err("register needs exactly one listening socket".into()),
         };
         let socket = frontend::check(&mapping, fd)?;
-        sup.start(mapping, Some(socket), Origin::Shim(id), mode)
+        sup.start(mapping, Some(socket), Origin::Shim(id))
     })();
     let mapping = match started {
         Ok(m) => m,

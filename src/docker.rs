@@ -10,10 +10,12 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::env::Env;
 use crate::frontend::{self, Frontend, Stop};
 use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat;
+use crate::options::Options;
 use crate::shim::{self, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::stats::Stats;
@@ -96,12 +98,19 @@ impl Inherited {
     }
 }
 
-/// Runs docker-proxy mode with `args` (argv without argv[0]); returns the exit code.
-pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
+/// Runs docker-proxy mode with `args` (argv without argv[0]) and the environment (with the
+/// problems found reading it); returns the exit code.
+pub fn main(
+    prog: &str,
+    args: &[String],
+    inherited: Inherited,
+    env: Env,
+    problems: Vec<String>,
+) -> i32 {
     let Inherited { status, listen } = inherited;
     // Until a handler exists (signalfd in a shim, tokio's when serving), hold stop signals.
     signals::block();
-    let opts = match Options::parse(args) {
+    let flags = match Flags::parse(args) {
         Ok(opts) => opts,
         Err(ParseError::Help) => {
             eprint!("{}", goflags::usage(prog, FLAGS));
@@ -113,7 +122,7 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
             return 2;
         }
     };
-    if opts.version {
+    if flags.version {
         println!(
             "rproxy (commit {}) version {}",
             commit(),
@@ -121,6 +130,14 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
         );
         return 0;
     }
+    // Bad environment: refused on fd 3, so `docker run` names the variable.
+    if !problems.is_empty() {
+        return status.fail(&problems.join("; "));
+    }
+    let options = match env.overrides.apply(Options::default()) {
+        Ok(o) => o,
+        Err(e) => return status.fail(&e),
+    };
 
     if let Err(e) = sys::raise_nofile_limit() {
         tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
@@ -128,12 +145,8 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
     let _ = sys::set_parent_death_signal(libc::SIGTERM);
 
-    let nat_mode = match nat::mode_from_env() {
-        Ok(mode) => mode,
-        Err(msg) => return status.fail(&msg),
-    };
-    let socket = opts.mapping().and_then(|m| {
-        let socket = match opts.use_listen_fd {
+    let socket = flags.mapping(options).and_then(|m| {
+        let socket = match flags.use_listen_fd {
             true => listen
                 .map_err(str::to_string)
                 .and_then(|fd| frontend::check(&m, fd))
@@ -150,9 +163,13 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
     if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
         mapping.listen = local;
     }
-    match shim::register(&mapping, &socket, nat_mode) {
+    let handoff = match env.no_handoff {
+        true => Ok(Handoff::NoDaemon),
+        false => shim::register(&mapping, &socket, env.socket, env.overrides.nat),
+    };
+    match handoff {
         Err(refusal) => status.fail(&refusal),
-        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status), nat_mode),
+        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
         Ok(Handoff::Registered(conn)) => {
             status.ready(&mapping);
             match shim::wait(&conn) {
@@ -164,14 +181,14 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
                     tracing::warn!(
                         "the rproxy daemon went away; serving {mapping} in this process"
                     );
-                    serve(mapping, socket, None, nat_mode)
+                    serve(mapping, socket, None)
                 }
                 Err(e) => {
                     tracing::error!(
                         "waiting for the daemon failed ({}); serving {mapping} in this process",
                         describe(&e)
                     );
-                    serve(mapping, socket, None, nat_mode)
+                    serve(mapping, socket, None)
                 }
             }
         }
@@ -179,9 +196,9 @@ pub fn main(prog: &str, args: &[String], inherited: Inherited) -> i32 {
 }
 
 /// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM, with
-/// kernel NAT in this process's own table when `nat_mode` asks. `status` is reported once
+/// kernel NAT in this process's own table when its options ask. `status` is reported once
 /// the socket is registered with the runtime and the rules are in.
-fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>, nat_mode: nat::Mode) -> i32 {
+fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
     let fail = |status: Option<StatusPipe>, msg: &str| match status {
         Some(s) => s.fail(msg),
         None => {
@@ -215,7 +232,7 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>, nat_mode:
         let mapping = frontend.mapping();
         // Dropped on return, which deletes this process's table.
         let nat = nat::Manager::new(&format!("rproxy-{}", std::process::id()));
-        if let Err(msg) = nat.install(&mapping, nat_mode, true) {
+        if let Err(msg) = nat.install(&mapping, mapping.options.nat, true) {
             return fail(status, &msg);
         }
         match status {
@@ -238,7 +255,7 @@ fn commit() -> &'static str {
 
 /// The flags of one docker-proxy invocation.
 #[derive(Debug)]
-struct Options {
+struct Flags {
     proto: String,
     host_ip: IpAddr,
     host_port: i64,
@@ -248,8 +265,8 @@ struct Options {
     version: bool,
 }
 
-impl Options {
-    fn parse(args: &[String]) -> Result<Options, ParseError> {
+impl Flags {
+    fn parse(args: &[String]) -> Result<Flags, ParseError> {
         let p = goflags::parse(FLAGS, args)?;
         // Go 28+ parses the addresses as flag values, so a bad one is a usage error (exit 2).
         let ip = |name: &str| -> Result<IpAddr, ParseError> {
@@ -262,7 +279,7 @@ impl Options {
             // dockerd 28+ unmaps IPv4-mapped host addresses; do the same for hand-written ones.
             Ok(ip.to_canonical())
         };
-        Ok(Options {
+        Ok(Flags {
             proto: p.str("proto").unwrap_or("tcp").to_string(),
             host_ip: ip("host-ip")?,
             host_port: p.int("host-port").unwrap_or(-1),
@@ -273,8 +290,8 @@ impl Options {
         })
     }
 
-    /// Checks the flags make a mapping; every failure here goes to fd 3.
-    fn mapping(&self) -> Result<Mapping, String> {
+    /// Checks the flags make a mapping (with `options`); every failure here goes to fd 3.
+    fn mapping(&self, options: Options) -> Result<Mapping, String> {
         let proto = match self.proto.as_str() {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
@@ -314,6 +331,7 @@ impl Options {
             proto,
             listen: SocketAddr::new(self.host_ip, host_port),
             target: SocketAddr::new(self.container_ip, container_port),
+            options,
         })
     }
 }

@@ -120,10 +120,10 @@ impl Frontend {
     pub async fn serve(self, stats: Arc<Stats>, stop: Stop) {
         match self {
             Frontend::Tcp(listener, m) => {
-                tcp::serve(listener, m.target, tcp::Config::from_env(), stats, stop).await
+                tcp::serve(listener, m.target, (&m.options).into(), stats, stop).await
             }
             Frontend::Udp(socket, m) => {
-                udp::serve(socket, m.target, udp::Config::from_env(), stats, stop).await
+                udp::serve(socket, m.target, (&m.options).into(), stats, stop).await
             }
         }
     }

@@ -185,7 +185,9 @@ fn parse_int(s: &str) -> Option<i64> {
         }
     }
     let clean: String = digits.chars().filter(|&c| c != '_').collect();
-    if clean.is_empty() {
+    // One sign, before any prefix: Rust's from_str_radix would take a second one ("++80",
+    // "0x+50"), Go does not.
+    if clean.is_empty() || !clean.starts_with(|c: char| c.is_ascii_alphanumeric()) {
         return None;
     }
     let magnitude = u64::from_str_radix(&clean, radix).ok()?;
@@ -265,6 +267,13 @@ mod tests {
             "0x50_",
             "0x5__0",
             "9223372036854775808",
+            "++80",
+            "+-80",
+            "--80",
+            "0x+50",
+            "0x-50",
+            "0+5",
+            "0b+1",
         ] {
             assert_eq!(parse_int(s), None, "{s:?} must be rejected");
         }

@@ -49,15 +49,28 @@ struct Sink(Arc<Mutex<Inner>>);
 /// the event's fields) for log pipelines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// `LEVEL message`, with a timestamp unless syslog adds its own.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            _ => Err("must be text or json".into()),
+        }
+    }
+}
+
 impl Format {
-    /// `--log-format` from the daemon's argv (read before clap runs: logging starts first),
-    /// else `RPROXY_LOG_FORMAT`, else text.
-    pub fn choose(argv: &[String]) -> Format {
-        let flag = argv.iter().enumerate().find_map(|(i, a)| {
+    /// `--log-format` from the daemon's argv, read before clap runs (logging starts first;
+    /// clap checks the value again).
+    pub fn from_argv(argv: &[String]) -> Option<Format> {
+        let value = argv.iter().enumerate().find_map(|(i, a)| {
             a.strip_prefix("--log-format=")
                 .map(str::to_string)
                 .or_else(|| {
@@ -65,27 +78,58 @@ impl Format {
                         .then(|| argv.get(i + 1).cloned())
                         .flatten()
                 })
-        });
-        let value = flag.or_else(|| std::env::var("RPROXY_LOG_FORMAT").ok());
-        match value.as_deref() {
-            Some("json") => Format::Json,
-            _ => Format::Text,
-        }
+        })?;
+        value.parse().ok()
     }
 }
 
+/// Where logs go and what passes, from the environment (see `env`).
+#[derive(Debug, Default)]
+pub struct Settings {
+    /// `RPROXY_LOG`, checked by [`check_filter`].
+    pub filter: Option<String>,
+    /// `RPROXY_LOG_FORMAT`.
+    pub format: Option<Format>,
+    /// `RPROXY_LOG_FILE`: append here instead of stderr or syslog.
+    pub file: Option<PathBuf>,
+    /// `RPROXY_SYSLOG_SOCKET`: syslog's socket, when stderr goes nowhere (default /dev/log).
+    pub syslog_socket: Option<PathBuf>,
+}
+
+/// Checks an `RPROXY_LOG` value: a level (`error` … `trace`, `off`) for docker mode's light
+/// subscriber (`light`), `tracing` filter directives for the daemon.
+pub fn check_filter(text: &str, light: bool) -> Result<String, String> {
+    if light {
+        light_level(text)
+            .map(|_| text.to_string())
+            .ok_or_else(|| "must be a level: error, warn, info, debug, trace or off".into())
+    } else {
+        EnvFilter::try_new(text)
+            .map(|_| text.to_string())
+            .map_err(|e| format!("not a log filter ({e}); e.g. info, or rproxy=debug"))
+    }
+}
+
+/// The level a light filter means: the last level of a directive list (`rproxy=debug` →
+/// debug).
+fn light_level(text: &str) -> Option<LevelFilter> {
+    text.rsplit(['=', ',']).next()?.trim().parse().ok()
+}
+
 /// Installs the global subscriber. Safe to call once; later calls are ignored. `light` picks
-/// the registry-free subscriber for docker-proxy mode (see [`Light`]).
-pub fn init(light: bool, format: Format) {
+/// the registry-free subscriber for docker-proxy mode (see [`Light`]); `format` is the
+/// daemon's `--log-format`, which wins over the environment. Returns what could not be set up
+/// as asked (an `RPROXY_LOG_FILE` that does not open), for the caller to refuse.
+pub fn init(light: bool, settings: &Settings, format: Option<Format>) -> Vec<String> {
+    let format = format.or(settings.format).unwrap_or(Format::Text);
     // Default: warnings; someone watching a terminal also sees lifecycle events ("serving …").
     let default = if io::stderr().is_terminal() {
         "info"
     } else {
         "warn"
     };
-    let filter = std::env::var("RPROXY_LOG").unwrap_or_default();
-    let filter = if filter.is_empty() { default } else { &filter };
-    let dest = choose_dest();
+    let filter = settings.filter.as_deref().unwrap_or(default);
+    let (dest, problems) = choose_dest(settings);
     let syslog = matches!(dest, Dest::Syslog { .. });
     let ansi = matches!(dest, Dest::Stderr) && io::stderr().is_terminal();
     let sink = Sink(Arc::new(Mutex::new(Inner {
@@ -97,18 +141,13 @@ pub fn init(light: bool, format: Format) {
         },
     })));
     if light {
-        let max = filter
-            .rsplit(['=', ','])
-            .next()
-            .and_then(|l| l.trim().parse::<LevelFilter>().ok())
-            .unwrap_or(LevelFilter::WARN);
         let _ = tracing::subscriber::set_global_default(Light {
-            max,
+            max: light_level(filter).unwrap_or(LevelFilter::WARN),
             sink,
             time: !syslog,
             json: format == Format::Json,
         });
-        return;
+        return problems;
     }
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
@@ -122,13 +161,18 @@ pub fn init(light: bool, format: Format) {
         (Format::Text, true) => builder.without_time().try_init(),
         (Format::Text, false) => builder.try_init(),
     };
+    problems
 }
 
-fn choose_dest() -> Dest {
-    if let Some(path) = std::env::var_os("RPROXY_LOG_FILE").filter(|p| !p.is_empty()) {
-        match OpenOptions::new().create(true).append(true).open(&path) {
-            Ok(f) => return Dest::File(f),
-            Err(e) => eprintln!("rproxy: cannot open RPROXY_LOG_FILE {path:?}: {e}"),
+fn choose_dest(settings: &Settings) -> (Dest, Vec<String>) {
+    let mut problems = Vec::new();
+    if let Some(path) = &settings.file {
+        match OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => return (Dest::File(f), problems),
+            Err(e) => problems.push(format!(
+                "RPROXY_LOG_FILE={path:?}: cannot open it: {}",
+                crate::mapping::describe(&e)
+            )),
         }
     }
     let stderr_useful = io::stderr().is_terminal()
@@ -137,16 +181,18 @@ fn choose_dest() -> Dest {
             FdKind::File | FdKind::Fifo | FdKind::Socket
         );
     if !stderr_useful {
-        let path =
-            PathBuf::from(std::env::var_os("RPROXY_SYSLOG_SOCKET").unwrap_or("/dev/log".into()));
+        let path = settings
+            .syslog_socket
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/log"));
         if let Ok(socket) = UnixDatagram::unbound() {
             // Never block the proxy on a slow reader: a full queue drops the line instead.
             if socket.connect(&path).is_ok() && socket.set_nonblocking(true).is_ok() {
-                return Dest::Syslog { socket, path };
+                return (Dest::Syslog { socket, path }, problems);
             }
         }
     }
-    Dest::Stderr
+    (Dest::Stderr, problems)
 }
 
 impl Inner {

@@ -3,14 +3,17 @@
 //! argv → mode → run: a subcommand (`daemon`, `ls`, `add`, `rm`) or, for anything else,
 //! docker-proxy's own command line (Go-style flags, as dockerd passes them).
 
+mod config;
 mod control;
 mod daemon;
 mod docker;
+mod env;
 mod frontend;
 mod goflags;
 mod log;
 mod mapping;
 mod nat;
+mod options;
 mod prometheus;
 mod shim;
 mod signals;
@@ -23,6 +26,8 @@ mod udp;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use env::{Env, Reader};
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
 /// docker-proxy's flags (-proto, -host-ip, -host-port, -container-ip, -container-port,
@@ -38,7 +43,7 @@ struct Cli {
 enum Command {
     /// Serve many mappings in one process, with a control socket for `ls`/`add`/`rm` and for
     /// docker-mode processes handing their ports over.
-    Daemon(daemon::Args),
+    Daemon(config::Args),
     /// List the daemon's mappings with their connections and bytes.
     Ls {
         #[arg(long, value_name = "PATH")]
@@ -67,17 +72,46 @@ const SUBCOMMANDS: &[&str] = &["daemon", "ls", "add", "rm", "help"];
 fn main() {
     // Before anything opens a descriptor.
     let inherited = docker::Inherited::take();
-    let argv: Vec<String> = std::env::args().collect();
-    let subcommand = argv
-        .get(1)
-        .is_some_and(|a| SUBCOMMANDS.contains(&a.as_str()));
+    // Lossy: a byte that is not UTF-8 makes its flag invalid (exit 2), never a panic.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let reader = match argv.get(1).map(String::as_str) {
+        Some("daemon") => Reader::Daemon,
+        Some(a) if SUBCOMMANDS.contains(&a) => Reader::Client,
+        _ => Reader::Docker,
+    };
+    let (env, mut problems) = Env::read(reader);
     // docker-proxy mode runs once per published port: the light logger keeps each one small.
-    log::init(!subcommand, log::Format::choose(&argv));
-    let code = if subcommand {
+    problems.extend(log::init(
+        reader == Reader::Docker,
+        &env.log,
+        log::Format::from_argv(&argv),
+    ));
+    if env.no_gso {
+        udp::disable_gso();
+    }
+    let code = if reader == Reader::Docker {
+        let prog = argv.first().map_or("rproxy", String::as_str);
+        docker::main(
+            prog,
+            argv.get(1..).unwrap_or_default(),
+            inherited,
+            env,
+            problems,
+        )
+    } else if !problems.is_empty() {
+        for p in problems {
+            eprintln!("rproxy: {p}");
+        }
+        2
+    } else {
         drop(inherited);
         match Cli::parse_from(&argv).command {
-            Command::Daemon(args) => daemon::main(args),
-            Command::Ls { control_socket } => daemon::client_main("ls", control_socket),
+            Command::Daemon(args) => daemon::main(args, env),
+            Command::Ls { control_socket } => {
+                daemon::client_main("ls", control_socket.or(env.socket))
+            }
             Command::Add {
                 spec,
                 control_socket,
@@ -87,16 +121,13 @@ fn main() {
                     Some(mode) => format!("add {spec} nat={mode}"),
                     None => format!("add {spec}"),
                 };
-                daemon::client_main(&request, control_socket)
+                daemon::client_main(&request, control_socket.or(env.socket))
             }
             Command::Rm {
                 spec,
                 control_socket,
-            } => daemon::client_main(&format!("rm {spec}"), control_socket),
+            } => daemon::client_main(&format!("rm {spec}"), control_socket.or(env.socket)),
         }
-    } else {
-        let prog = argv.first().map_or("rproxy", String::as_str);
-        docker::main(prog, argv.get(1..).unwrap_or_default(), inherited)
     };
     std::process::exit(code);
 }

@@ -1,13 +1,19 @@
-//! A Mapping — protocol, listen address, target address — is the unit every mode works on:
-//! docker-proxy flags produce one, and the data path never knows where it came from.
+//! A Mapping — protocol, listen address, target address and options — is the unit every mode
+//! works on: docker-proxy flags, `--publish`, the config file and control requests produce
+//! them, and the data path never knows where one came from.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
+use crate::options::Options;
+
+/// The transport a mapping forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
+    /// Connections, relayed byte for byte with half-close.
     Tcp,
+    /// Datagrams, relayed per flow.
     Udp,
 }
 
@@ -20,13 +26,17 @@ impl fmt::Display for Proto {
     }
 }
 
+/// One forwarded port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mapping {
+    /// TCP or UDP.
     pub proto: Proto,
     /// Where clients connect (port 0 = any free port, resolved at bind time).
     pub listen: SocketAddr,
     /// Where connections and datagrams are forwarded.
     pub target: SocketAddr,
+    /// How it dials, relays and expires, resolved where the mapping entered.
+    pub options: Options,
 }
 
 impl fmt::Display for Mapping {
@@ -56,9 +66,9 @@ impl Mapping {
 }
 
 /// Parses `[HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]` into one mapping
-/// per port. IPv6 addresses go in brackets; the host address defaults to 0.0.0.0; ranges map
-/// one to one and must have the same length.
-pub fn parse_publish(spec: &str) -> Result<Vec<Mapping>, String> {
+/// per port, each with `options`. IPv6 addresses go in brackets; the host address defaults to
+/// 0.0.0.0; ranges map one to one and must have the same length.
+pub fn parse_publish(spec: &str, options: Options) -> Result<Vec<Mapping>, String> {
     let (body, proto) = match spec.rsplit_once('/') {
         Some((body, proto)) => (body, proto.parse::<Proto>()?),
         None => (spec, Proto::Tcp),
@@ -84,23 +94,31 @@ pub fn parse_publish(spec: &str) -> Result<Vec<Mapping>, String> {
             "backend family mismatch: IPv4 host address {host_ip} cannot target IPv6 address {target_ip}"
         ));
     }
-    let (h0, h1) = parse_range(host_ports, "host", 0)?;
-    let (t0, t1) = parse_range(target_ports, "target", 1)?;
-    if h1 - h0 != t1 - t0 {
+    let hosts = parse_range(host_ports, "host", 0)?;
+    let targets = parse_range(target_ports, "target", 1)?;
+    // Counted in u32: 0-65535 has 65,536 ports, one more than u16 holds.
+    let len = |(a, b): (u16, u16)| u32::from(b) - u32::from(a) + 1;
+    if len(hosts) != len(targets) {
         return Err(format!(
-            "host range {h0}-{h1} has {} ports but target range {t0}-{t1} has {}",
-            h1 - h0 + 1,
-            t1 - t0 + 1
+            "host range {}-{} has {} ports but target range {}-{} has {}",
+            hosts.0,
+            hosts.1,
+            len(hosts),
+            targets.0,
+            targets.1,
+            len(targets)
         ));
     }
-    if h0 == 0 && h1 != h0 {
+    if hosts.0 == 0 && hosts.1 != 0 {
         return Err("host port 0 (any free port) cannot be part of a range".into());
     }
-    Ok((0..=(h1 - h0))
-        .map(|i| Mapping {
+    Ok((hosts.0..=hosts.1)
+        .zip(targets.0..=targets.1)
+        .map(|(host, target)| Mapping {
             proto,
-            listen: SocketAddr::new(host_ip, h0 + i),
-            target: SocketAddr::new(target_ip, t0 + i),
+            listen: SocketAddr::new(host_ip, host),
+            target: SocketAddr::new(target_ip, target),
+            options,
         })
         .collect())
 }
@@ -183,7 +201,7 @@ mod tests {
     use super::*;
 
     fn one(spec: &str) -> String {
-        let m = parse_publish(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let m = parse_publish(spec, Options::default()).unwrap_or_else(|e| panic!("{spec}: {e}"));
         assert_eq!(m.len(), 1);
         m[0].spec()
     }
@@ -204,7 +222,7 @@ mod tests {
             one("[::ffff:127.0.0.1]:1:10.0.0.2:2"),
             "127.0.0.1:1:10.0.0.2:2/tcp"
         );
-        let r = parse_publish("20000-20002:10.0.0.2:30000-30002/udp").unwrap();
+        let r = parse_publish("20000-20002:10.0.0.2:30000-30002/udp", Options::default()).unwrap();
         let specs: Vec<String> = r.iter().map(Mapping::spec).collect();
         assert_eq!(
             specs,
@@ -216,7 +234,10 @@ mod tests {
         );
         // Round trip: what ls prints parses back to the same mapping.
         for m in r {
-            assert_eq!(parse_publish(&m.spec()).unwrap(), vec![m]);
+            assert_eq!(
+                parse_publish(&m.spec(), Options::default()).unwrap(),
+                vec![m]
+            );
         }
     }
 
@@ -236,9 +257,13 @@ mod tests {
             ("8080:10.0.0:80", "invalid target address"),
             ("127.0.0.1:8080:[::1]:80", "family mismatch"),
             ("fd00::1:8080:10.0.0.2:80", "expected"),
+            (
+                "0-65535:10.0.0.2:1-65535",
+                "has 65536 ports but target range 1-65535 has 65535",
+            ),
             ("[fd00::1:8080:10.0.0.2:80", "unbalanced"),
         ] {
-            let err = parse_publish(spec).expect_err(spec);
+            let err = parse_publish(spec, Options::default()).expect_err(spec);
             assert!(err.contains(why), "{spec}: {err:?} lacks {why:?}");
         }
     }

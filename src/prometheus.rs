@@ -13,7 +13,6 @@
 
 use std::fmt::Write;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -28,18 +27,6 @@ use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
 use crate::stats::{Failure, Histogram, Stats, Timings, BUCKETS};
 use crate::supervisor::Supervisor;
-
-/// `RPROXY_METRICS_ADDR`: the daemon's endpoint when `--metrics-addr` is not given (for
-/// service managers that set the environment, like the one dockerd's proxies inherit).
-pub fn addr_from_env() -> Result<Option<SocketAddr>, String> {
-    match std::env::var("RPROXY_METRICS_ADDR") {
-        Ok(v) if !v.is_empty() => v
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("RPROXY_METRICS_ADDR: {v:?} is not HOST:PORT")),
-        _ => Ok(None),
-    }
-}
 
 /// Whether [`install`] ran: mappings then record their duration histograms.
 static INSTALLED: AtomicBool = AtomicBool::new(false);

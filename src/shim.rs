@@ -27,13 +27,15 @@ pub enum Handoff {
     NoDaemon,
 }
 
-/// Offers the mapping to the daemon, with this process's NAT mode when `RPROXY_NAT` set one.
-/// `Err` is the daemon's refusal, for fd 3.
-pub fn register(mapping: &Mapping, socket: &Socket, nat: nat::Mode) -> Result<Handoff, String> {
-    if std::env::var("RPROXY_HANDOFF").is_ok_and(|v| v == "0") {
-        return Ok(Handoff::NoDaemon);
-    }
-    let path = control::socket_path(None);
+/// Offers the mapping to the daemon at `socket_path` (default when None), with this process's
+/// NAT mode when `RPROXY_NAT` set one. `Err` is the daemon's refusal, for fd 3.
+pub fn register(
+    mapping: &Mapping,
+    socket: &Socket,
+    socket_path: Option<std::path::PathBuf>,
+    nat: Option<nat::Mode>,
+) -> Result<Handoff, String> {
+    let path = control::socket_path(socket_path);
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e) => {
@@ -52,8 +54,8 @@ pub fn register(mapping: &Mapping, socket: &Socket, nat: nat::Mode) -> Result<Ha
         control::send_request(
             &stream,
             &match nat {
-                nat::Mode::Off => format!("register {}", mapping.spec()),
-                mode => format!("register {} nat={mode}", mapping.spec()),
+                None => format!("register {}", mapping.spec()),
+                Some(mode) => format!("register {} nat={mode}", mapping.spec()),
             },
             Some(socket.as_fd()),
         )?;

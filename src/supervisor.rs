@@ -47,7 +47,6 @@ pub type Key = (Proto, SocketAddr);
 struct Running {
     mapping: Mapping,
     origin: Origin,
-    mode: nat::Mode,
     /// The kernel path, when its NAT mode was not off.
     path: Option<Path>,
     stats: Arc<Stats>,
@@ -73,14 +72,14 @@ impl Supervisor {
         &self.nat
     }
 
-    /// Starts serving `mapping` on `socket` (bound here when None), with kernel NAT as `mode`
-    /// asks. Returns the mapping with its real listen address. Must run inside the runtime.
+    /// Starts serving `mapping` on `socket` (bound here when None), with kernel NAT as its
+    /// options ask. Returns the mapping with its real listen address. Must run inside the
+    /// runtime.
     pub fn start(
         &self,
         mapping: Mapping,
         socket: Option<Socket>,
         origin: Origin,
-        mode: nat::Mode,
     ) -> Result<Mapping, String> {
         let key = (mapping.proto, mapping.listen);
         let mut map = self.inner.lock().unwrap();
@@ -99,9 +98,11 @@ impl Supervisor {
         let frontend = Frontend::new(mapping, socket)?;
         let mapping = frontend.mapping();
         // Rules only once the listener is up: it serves what DNAT leaves to it.
-        let path = self
-            .nat
-            .install(&mapping, mode, matches!(origin, Origin::Shim(_)))?;
+        let path = self.nat.install(
+            &mapping,
+            mapping.options.nat,
+            matches!(origin, Origin::Shim(_)),
+        )?;
         let stats = Arc::new(Stats::with_timings(crate::prometheus::timings(&mapping)));
         let (stop, stopped) = Stop::new();
         let task = tokio::spawn(frontend.serve(stats.clone(), stopped));
@@ -111,7 +112,6 @@ impl Supervisor {
             Running {
                 mapping,
                 origin,
-                mode,
                 path,
                 stats,
                 stop,
@@ -156,12 +156,12 @@ impl Supervisor {
             .collect()
     }
 
-    /// The mappings from one origin, with their NAT modes.
-    pub fn mappings(&self, origin: Origin) -> Vec<(Mapping, nat::Mode)> {
+    /// The mappings from one origin.
+    pub fn mappings(&self, origin: Origin) -> Vec<Mapping> {
         let map = self.inner.lock().unwrap();
         map.values()
             .filter(|r| r.origin == origin)
-            .map(|r| (r.mapping, r.mode))
+            .map(|r| r.mapping)
             .collect()
     }
 

@@ -23,7 +23,20 @@ use rules::Chain;
 use crate::mapping::Mapping;
 
 /// Whether a mapping should use the kernel path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Userland only.
     #[default]
@@ -39,7 +52,7 @@ impl FromStr for Mode {
     fn from_str(s: &str) -> Result<Mode, String> {
         match s {
             "off" | "0" | "false" | "no" => Ok(Mode::Off),
-            "" | "on" | "1" | "true" | "yes" => Ok(Mode::On),
+            "on" | "1" | "true" | "yes" => Ok(Mode::On),
             "require" => Ok(Mode::Require),
             other => Err(format!("invalid NAT mode {other:?} (off, on or require)")),
         }
@@ -53,15 +66,6 @@ impl std::fmt::Display for Mode {
             Mode::On => "on",
             Mode::Require => "require",
         })
-    }
-}
-
-/// `RPROXY_NAT` (off|on|require): how docker-mode processes learn the mode, since dockerd's
-/// argv cannot carry a flag.
-pub fn mode_from_env() -> Result<Mode, String> {
-    match std::env::var("RPROXY_NAT") {
-        Ok(v) => v.parse().map_err(|e| format!("RPROXY_NAT: {e}")),
-        Err(_) => Ok(Mode::Off),
     }
 }
 

@@ -375,7 +375,7 @@ mod tests {
     use crate::mapping::parse_publish;
 
     fn rules(spec: &str, hairpin: Option<&str>) -> Vec<String> {
-        let m = parse_publish(spec).unwrap()[0];
+        let m = parse_publish(spec, Default::default()).unwrap()[0];
         for_mapping(&m, hairpin)
             .iter()
             .map(ToString::to_string)
@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn recognises_a_dnat_rule_for_a_port() {
-        let m = parse_publish("8080:172.17.0.2:80/tcp").unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
         let rule = &for_mapping(&m, Some("docker0"))[0];
         let bytes = rule.encode("nat").bytes().to_vec();
         assert!(translates(&bytes, 6, 8080));
@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn comments_survive_the_userdata_encoding() {
-        let m = parse_publish("8080:172.17.0.2:80").unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80", Default::default()).unwrap()[0];
         let rule = &for_mapping(&m, None)[0];
         let attrs = rule.encode("rproxy");
         let bytes = attrs_bytes(&attrs);

@@ -14,28 +14,23 @@ use tokio::task::JoinSet;
 
 use crate::frontend::Stop;
 use crate::mapping::describe;
+use crate::options::Options;
 use crate::stats::{Failure, Stats};
 
-/// Knobs for one TCP mapping. dockerd's argv cannot carry options, so they come from the
-/// environment (`RPROXY_CONNECT_TIMEOUT` seconds, `RPROXY_SPLICE=0` to force copying).
+/// What the TCP path takes from a mapping's options.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
+    /// How long dialling the target may take before the client is reset.
     pub connect_timeout: Duration,
+    /// Relay with splice(2); false copies through user space.
     pub splice: bool,
 }
 
-impl Config {
-    pub fn from_env() -> Config {
-        let connect_timeout = std::env::var("RPROXY_CONNECT_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or(Duration::from_secs(10));
-        let splice = std::env::var("RPROXY_SPLICE").map_or(true, |v| v != "0");
+impl From<&Options> for Config {
+    fn from(o: &Options) -> Config {
         Config {
-            connect_timeout,
-            splice,
+            connect_timeout: o.connect_timeout,
+            splice: o.splice,
         }
     }
 }

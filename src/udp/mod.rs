@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::frontend::Stop;
 use crate::mapping::describe;
+use crate::options::Options;
 use crate::stats::{Failure, Stats};
 use crate::sys;
 use flows::{now_ms, Activity, FlowKey, FlowTable};
@@ -35,36 +36,27 @@ static GSO: AtomicBool = AtomicBool::new(true);
 /// Larger than any UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
 const MAX_DATAGRAM: usize = 1 << 16;
 
-/// Knobs for one UDP mapping, from the environment (dockerd's argv cannot carry them):
-/// `RPROXY_UDP_TIMEOUT` seconds of silence before a flow expires (default 90, as docker-proxy),
-/// `RPROXY_UDP_MAX_FLOWS` (default 65,536; the least recently used flow goes past it).
+/// What the UDP path takes from a mapping's options.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
+    /// Silence (both directions) after which a flow expires.
     pub idle_timeout: Duration,
+    /// Flows before the least recently used is evicted.
     pub max_flows: usize,
 }
 
-impl Config {
-    pub fn from_env() -> Config {
-        let idle_timeout = std::env::var("RPROXY_UDP_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .unwrap_or(Duration::from_secs(90));
-        let max_flows = std::env::var("RPROXY_UDP_MAX_FLOWS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(65_536);
-        if std::env::var("RPROXY_UDP_GSO").is_ok_and(|v| v == "0") {
-            GSO.store(false, Relaxed);
-        }
+impl From<&Options> for Config {
+    fn from(o: &Options) -> Config {
         Config {
-            idle_timeout,
-            max_flows,
+            idle_timeout: o.udp_timeout,
+            max_flows: o.udp_max_flows,
         }
     }
+}
+
+/// `RPROXY_UDP_GSO=0`: send datagram by datagram, never as one segmented message.
+pub fn disable_gso() {
+    GSO.store(false, Relaxed);
 }
 
 /// A live flow: its socket toward the target and the task relaying replies. Dropping it stops

@@ -59,6 +59,8 @@ pub struct Proxy {
 pub struct Spawn {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// Variables whose values need not be UTF-8.
+    pub env_os: Vec<(String, std::ffi::OsString)>,
     pub status_pipe: bool,
     pub listen_fd: Option<OwnedFd>,
     /// Shell commands run before exec'ing rproxy (`sh -c '…; exec rproxy …'`): rlimits, closing
@@ -82,6 +84,7 @@ impl Spawn {
                     "/nonexistent/rproxy-test.sock".into(),
                 ),
             ],
+            env_os: Vec::new(),
             status_pipe: true,
             listen_fd: None,
             shell_prefix: Vec::new(),
@@ -135,6 +138,13 @@ impl Spawn {
         self
     }
 
+    /// Sets `key` to `value` (replacing any earlier setting), which need not be UTF-8.
+    pub fn env_os(mut self, key: &str, value: &std::ffi::OsStr) -> Spawn {
+        self.env.retain(|(k, _)| k != key);
+        self.env_os.push((key.into(), value.into()));
+        self
+    }
+
     pub fn listen_fd(mut self, fd: impl Into<OwnedFd>) -> Spawn {
         self.listen_fd = Some(fd.into());
         self
@@ -172,6 +182,9 @@ impl Spawn {
         });
         cmd.env_remove("RPROXY_LOG_FILE");
         for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in &self.env_os {
             cmd.env(k, v);
         }
         let mut mappings = Vec::new();

@@ -1,0 +1,259 @@
+//! The daemon's settings: its flags, its config file (TOML) and its environment, resolved
+//! once into the mappings it runs and the defaults later mappings get. Every bad spec or value
+//! is reported — with its file and line — before anything binds.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::control;
+use crate::env::Env;
+use crate::mapping::{describe, parse_publish, Mapping};
+use crate::nat::Mode;
+use crate::options::{self, Options};
+
+/// The config file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
+
+/// `rproxy daemon`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable;
+    /// IPv6 addresses in brackets; ranges map one to one).
+    #[arg(long = "publish", short = 'p', value_name = "SPEC")]
+    publish: Vec<String>,
+    /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
+    /// re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Seconds (0 to 86400) open connections may take to finish when their mapping is removed
+    /// or the daemon stops [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = |s: &str| options::DRAIN_TIMEOUT.parse(s))]
+    drain_timeout: Option<Duration>,
+    /// Kernel fast path: install nftables DNAT rules for each mapping (loopback and hairpin
+    /// clients stay on the userland listener). `--nat` or `--nat=on` falls back to userland
+    /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+    nat: Option<Mode>,
+    /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
+    #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
+    /// else none).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    publish: Vec<toml::Spanned<String>>,
+    /// Mappings with their own options: `[[mapping]] publish = "…" nat = "require"`.
+    #[serde(default)]
+    mapping: Vec<MappingEntry>,
+    control_socket: Option<PathBuf>,
+    drain_timeout: Option<toml::Spanned<f64>>,
+    /// The NAT mode of every mapping without its own (`--nat` wins).
+    nat: Option<toml::Spanned<String>>,
+    /// Where to serve Prometheus metrics (`--metrics-addr` wins).
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MappingEntry {
+    publish: toml::Spanned<String>,
+    nat: Option<toml::Spanned<String>>,
+}
+
+/// What the daemon runs: the union of `--publish` and the config file, and how.
+pub struct Settings {
+    /// `--publish` mappings (kept across reloads).
+    pub publish: Vec<Mapping>,
+    /// The config file's mappings (replaced by each reload).
+    pub config: Vec<Mapping>,
+    /// The file reloads read, if any.
+    pub config_path: Option<PathBuf>,
+    /// Where the control socket listens.
+    pub control_socket: PathBuf,
+    /// How long connections of a stopped mapping may take to finish.
+    pub drain: Duration,
+    /// The options of mappings that name none (`rproxy add`, shims): the environment's, with
+    /// `--nat`, else the file's `nat`.
+    pub defaults: Options,
+    /// The environment's options and `--nat`: what a reload lays the file over.
+    base: Options,
+    nat_flag: Option<Mode>,
+    /// Where to serve /metrics.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Resolves flags, config file and environment; every problem is reported at once.
+    pub fn load(args: &Args, env: &Env) -> Result<Settings, Vec<String>> {
+        let mut errors = Vec::new();
+        let base = match env.overrides.apply(Options::default()) {
+            Ok(o) => o,
+            Err(e) => {
+                errors.push(e);
+                Options::default()
+            }
+        };
+        let config_path = args.config.clone().or_else(|| {
+            Path::new(DEFAULT_CONFIG)
+                .exists()
+                .then(|| PathBuf::from(DEFAULT_CONFIG))
+        });
+        let file = match &config_path {
+            Some(path) => read(path, base, args.nat).unwrap_or_else(|mut e| {
+                errors.append(&mut e);
+                Loaded::default()
+            }),
+            None => Loaded::default(),
+        };
+        let config = file.mappings;
+        let defaults = file.defaults.unwrap_or(Options {
+            nat: args.nat.unwrap_or(base.nat),
+            ..base
+        });
+        let mut publish = Vec::new();
+        for spec in &args.publish {
+            match parse_publish(spec, defaults) {
+                Ok(m) => publish.extend(m),
+                Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
+            }
+        }
+        let drain = args
+            .drain_timeout
+            .or(file.drain)
+            .unwrap_or(Duration::from_secs(10));
+        let mut seen = BTreeSet::new();
+        for m in publish.iter().chain(&config) {
+            if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
+                errors.push(format!("{} {} is mapped twice", m.proto, m.listen));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Settings {
+            publish,
+            config,
+            config_path,
+            control_socket: control::socket_path(
+                args.control_socket
+                    .clone()
+                    .or(file.control_socket)
+                    .or(env.socket.clone()),
+            ),
+            drain,
+            defaults,
+            base,
+            nat_flag: args.nat,
+            metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
+        })
+    }
+
+    /// Reads the config file again (SIGHUP): its mappings, resolved as at start-up.
+    pub fn reread(&self) -> Result<Vec<Mapping>, Vec<String>> {
+        match &self.config_path {
+            Some(path) => read(path, self.base, self.nat_flag).map(|l| l.mappings),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A config file, resolved.
+#[derive(Default)]
+struct Loaded {
+    /// Its mappings, each with its options: its own NAT mode, else `--nat`, else the file's.
+    mappings: Vec<Mapping>,
+    /// The defaults it sets; None when it sets no `nat` and `--nat` was not given.
+    defaults: Option<Options>,
+    drain: Option<Duration>,
+    control_socket: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// Reads a config file over `base` (the environment's options); errors name the file and line.
+fn read(path: &Path, base: Options, nat_flag: Option<Mode>) -> Result<Loaded, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
+    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!(":{}", line_of(s.start)))
+            .unwrap_or_default();
+        vec![format!("{}{line}: {}", path.display(), e.message())]
+    })?;
+    let mut errors = Vec::new();
+    let mut mode = |value: &Option<toml::Spanned<String>>, default: Mode| match value {
+        None => default,
+        Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
+            errors.push(format!(
+                "{}:{}: {e}",
+                path.display(),
+                line_of(v.span().start)
+            ));
+            default
+        }),
+    };
+    let default = nat_flag.unwrap_or(mode(&file.nat, base.nat));
+    let defaults = Options {
+        nat: default,
+        ..base
+    };
+    let entries: Vec<(&toml::Spanned<String>, Mode)> = file
+        .publish
+        .iter()
+        .map(|spec| (spec, default))
+        .chain(
+            file.mapping
+                .iter()
+                .map(|e| (&e.publish, mode(&e.nat, default))),
+        )
+        .collect();
+    let mut mappings = Vec::new();
+    for (spec, nat) in entries {
+        match parse_publish(spec.get_ref(), Options { nat, ..defaults }) {
+            Ok(m) => mappings.extend(m),
+            Err(e) => errors.push(format!(
+                "{}:{}: publish {:?}: {e}",
+                path.display(),
+                line_of(spec.span().start),
+                spec.get_ref()
+            )),
+        }
+    }
+    let drain = file.drain_timeout.as_ref().and_then(|d| {
+        options::DRAIN_TIMEOUT
+            .check(*d.get_ref())
+            .map_err(|e| {
+                errors.push(format!(
+                    "{}:{}: drain_timeout: {e}",
+                    path.display(),
+                    line_of(d.span().start)
+                ))
+            })
+            .ok()
+    });
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Loaded {
+        mappings,
+        defaults: (file.nat.is_some() || nat_flag.is_some()).then_some(defaults),
+        drain,
+        control_socket: file.control_socket,
+        metrics_addr: file.metrics_addr,
+    })
+}
