@@ -12,8 +12,7 @@ use serde::Deserialize;
 use crate::control;
 use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping};
-use crate::nat::Mode;
-use crate::options::{self, Options};
+use crate::options::{self, NatMode as Mode, Options};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";

@@ -10,13 +10,14 @@ use std::time::Duration;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::backoff::Backoff;
 use crate::config::{Args, Settings};
 use crate::control::{self, Row};
 use crate::env::Env;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
-use crate::nat::{self, Mode};
-use crate::options::Options;
+use crate::nat;
+use crate::options::{NatMode, Options};
 use crate::signals::{Event, Signals};
 use crate::supervisor::{Origin, Supervisor};
 
@@ -63,9 +64,9 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
-    let sup = Supervisor::new(nat::Manager::new(nat::Nat::DAEMON_TABLE));
+    let sup = Supervisor::new(nat::Manager::new(nat::Nat::DAEMON_TABLE), metrics.is_some());
     let mut failed = Vec::new();
-    if settings.defaults.nat != Mode::Off {
+    if settings.defaults.nat != NatMode::Off {
         // Open (and sweep) now: an unusable kernel path is reported at start-up.
         if let Err(e) = sup.nat().open(settings.defaults.nat) {
             failed.push(e);
@@ -234,19 +235,6 @@ fn identity(m: &Mapping) -> impl Ord {
     (m.proto, m.listen, m.target, m.options)
 }
 
-/// An accept loop's client, or None after a failed accept: logged, with a pause so that a
-/// lasting error (EMFILE) cannot spin the loop.
-pub(crate) async fn accepted<T>(what: &str, result: std::io::Result<T>) -> Option<T> {
-    match result {
-        Ok(client) => Some(client),
-        Err(e) => {
-            tracing::warn!("{what} accept failed: {}", describe(&e));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            None
-        }
-    }
-}
-
 /// Accepts control connections; each is served on its own task.
 async fn serve_control(
     listener: UnixListener,
@@ -256,10 +244,16 @@ async fn serve_control(
 ) {
     let own_uid = nix::unistd::geteuid().as_raw();
     let mut next_id = 0u64;
+    let mut backoff = Backoff::default();
     loop {
-        let Some((stream, _)) = accepted("control", listener.accept().await).await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed("control", &e).await;
+                continue;
+            }
         };
+        backoff.reset();
         next_id += 1;
         let (sup, id) = (sup.clone(), next_id);
         tokio::spawn(async move {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::env::Env;
-use crate::frontend::{self, Frontend, Stop};
+use crate::frontend::{self, Frontend};
 use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat;
@@ -19,6 +19,7 @@ use crate::options::Options;
 use crate::shim::{self, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::stats::Stats;
+use crate::stop::Stop;
 use crate::sys::{self, FdKind};
 
 const STATUS_FD: i32 = 3;

@@ -11,8 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::log;
-use crate::nat;
-use crate::options::{self, Overrides};
+use crate::options::{self, NatMode, Overrides};
 
 /// Which mode is reading: each validates only the variables it uses, so a daemon-only
 /// setting never breaks a docker-mode port.
@@ -80,7 +79,7 @@ impl Env {
         }
         let o = &mut env.overrides;
         get("RPROXY_NAT", &mut |v| {
-            o.nat = Some(v.parse::<nat::Mode>()?);
+            o.nat = Some(v.parse::<NatMode>()?);
             Ok(())
         });
         get("RPROXY_CONNECT_TIMEOUT", &mut |v| {

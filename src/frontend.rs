@@ -2,17 +2,15 @@
 //! shim), and serve it until told to stop. Every mode ends here; the data path below only
 //! sees a socket and a target.
 
-use std::future::pending;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::sync::watch;
 
 use crate::mapping::{describe, Mapping, Proto};
 use crate::stats::Stats;
+use crate::stop::Stop;
 use crate::{sys, tcp, udp};
 
 /// Binds as docker-proxy does: SO_REUSEADDR for TCP, V6ONLY for IPv6 (the v4 proxy is separate).
@@ -126,42 +124,5 @@ impl Frontend {
                 udp::serve(socket, m.target, (&m.options).into(), stats, stop).await
             }
         }
-    }
-}
-
-/// Tells a serving mapping to stop, and how long its open connections may take to finish.
-#[derive(Clone)]
-pub struct Stop(watch::Receiver<Option<Duration>>);
-
-/// The sending side of [`Stop`].
-pub struct StopHandle(watch::Sender<Option<Duration>>);
-
-impl Stop {
-    pub fn new() -> (StopHandle, Stop) {
-        let (tx, rx) = watch::channel(None);
-        (StopHandle(tx), Stop(rx))
-    }
-
-    /// A stop that never fires (docker-proxy mode: the process just exits).
-    pub fn never() -> Stop {
-        Stop::new().1
-    }
-
-    /// Resolves with the drain time once stopped; never resolves if the handle is gone.
-    pub async fn wait(&mut self) -> Duration {
-        loop {
-            if let Some(drain) = *self.0.borrow_and_update() {
-                return drain;
-            }
-            if self.0.changed().await.is_err() {
-                return pending().await;
-            }
-        }
-    }
-}
-
-impl StopHandle {
-    pub fn stop(&self, drain: Duration) {
-        let _ = self.0.send(Some(drain));
     }
 }

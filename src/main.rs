@@ -3,6 +3,7 @@
 //! argv → mode → run: a subcommand (`daemon`, `ls`, `add`, `rm`) or, for anything else,
 //! docker-proxy's own command line (Go-style flags, as dockerd passes them).
 
+mod backoff;
 mod config;
 mod control;
 mod daemon;
@@ -18,6 +19,7 @@ mod prometheus;
 mod shim;
 mod signals;
 mod stats;
+mod stop;
 mod supervisor;
 mod sys;
 mod tcp;
@@ -28,6 +30,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use env::{Env, Reader};
+use options::NatMode;
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
 /// docker-proxy's flags (-proto, -host-ip, -host-port, -container-ip, -container-port,
@@ -57,7 +60,7 @@ enum Command {
         /// Kernel NAT for this mapping: on (fall back to userland), require, or off (default:
         /// the daemon's --nat).
         #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-        nat: Option<nat::Mode>,
+        nat: Option<NatMode>,
     },
     /// Remove a mapping from the running daemon (same spec as `add`).
     Rm {

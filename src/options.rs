@@ -9,17 +9,16 @@
 //!
 //! [`Mapping`]: crate::mapping::Mapping
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::nat;
 
 /// How one mapping behaves. Defaults are docker-proxy's where it has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Options {
     /// Kernel DNAT beside the listener.
-    pub nat: nat::Mode,
+    pub nat: NatMode,
     /// How long dialling the target may take before the client is reset.
     pub connect_timeout: Duration,
     /// Relay TCP streams with splice(2) (false: copy through user space).
@@ -34,7 +33,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Options {
         Options {
-            nat: nat::Mode::Off,
+            nat: NatMode::Off,
             connect_timeout: Duration::from_secs(10),
             splice: true,
             udp_timeout: Duration::from_secs(90),
@@ -50,7 +49,7 @@ impl Default for Options {
 pub struct Overrides {
     /// See [`Options::nat`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nat: Option<nat::Mode>,
+    pub nat: Option<NatMode>,
     /// See [`Options::connect_timeout`] (milliseconds on the wire).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
@@ -86,6 +85,53 @@ impl Overrides {
                 None => base.udp_max_flows,
                 Some(n) => UDP_MAX_FLOWS.check(n)?,
             },
+        })
+    }
+}
+
+/// Whether a mapping uses the kernel path (nftables DNAT beside its listener).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum NatMode {
+    /// Userland only.
+    #[default]
+    Off,
+    /// Kernel NAT where possible; without it, userland and one warning.
+    On,
+    /// Kernel NAT or fail.
+    Require,
+}
+
+impl FromStr for NatMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NatMode, String> {
+        match s {
+            "off" | "0" | "false" | "no" => Ok(NatMode::Off),
+            "on" | "1" | "true" | "yes" => Ok(NatMode::On),
+            "require" => Ok(NatMode::Require),
+            other => Err(format!("invalid NAT mode {other:?} (off, on or require)")),
+        }
+    }
+}
+
+impl std::fmt::Display for NatMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NatMode::Off => "off",
+            NatMode::On => "on",
+            NatMode::Require => "require",
         })
     }
 }

@@ -13,7 +13,7 @@
 
 use std::fmt::Write;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use metrics::{counter, gauge, Label};
@@ -22,14 +22,11 @@ use metrics_util::MetricKindMask;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::daemon::accepted;
+use crate::backoff::Backoff;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
 use crate::stats::{Failure, Histogram, Stats, Timings, BUCKETS};
 use crate::supervisor::Supervisor;
-
-/// Whether [`install`] ran: mappings then record their duration histograms.
-static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Installs the Prometheus recorder for the whole process. Call before mappings start, so
 /// their histograms record.
@@ -45,17 +42,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|_| "metrics: a recorder is already installed".to_string())?;
-    INSTALLED.store(true, Relaxed);
     describe_all();
     Ok(handle)
-}
-
-/// The histograms one mapping records into: off without metrics, and for UDP.
-pub fn timings(m: &Mapping) -> Timings {
-    match m.proto {
-        Proto::Tcp if INSTALLED.load(Relaxed) => Timings::enabled(),
-        _ => Timings::default(),
-    }
 }
 
 /// The TCP duration histograms of every mapping, in the text format.
@@ -172,10 +160,16 @@ fn describe_all() {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervisor) {
+    let mut backoff = Backoff::default();
     loop {
-        let Some((stream, _)) = accepted("metrics", listener.accept().await).await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed("metrics", &e).await;
+                continue;
+            }
         };
+        backoff.reset();
         let (handle, sup) = (handle.clone(), sup.clone());
         tokio::spawn(async move {
             let answered =

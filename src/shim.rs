@@ -18,7 +18,7 @@ use socket2::Socket;
 
 use crate::control;
 use crate::mapping::{describe, Mapping};
-use crate::nat;
+use crate::options::NatMode;
 
 pub enum Handoff {
     /// The daemon serves the mapping for as long as this connection stays open.
@@ -33,7 +33,7 @@ pub fn register(
     mapping: &Mapping,
     socket: &Socket,
     socket_path: Option<std::path::PathBuf>,
-    nat: Option<nat::Mode>,
+    nat: Option<NatMode>,
 ) -> Result<Handoff, String> {
     let path = control::socket_path(socket_path);
     let stream = match UnixStream::connect(&path) {

@@ -13,10 +13,11 @@ use socket2::Socket;
 use tokio::task::JoinHandle;
 
 use crate::control::Row;
-use crate::frontend::{self, Frontend, Stop, StopHandle};
+use crate::frontend::{self, Frontend};
 use crate::mapping::{Mapping, Proto};
 use crate::nat::{self, Path};
-use crate::stats::Stats;
+use crate::stats::{Stats, Timings};
+use crate::stop::{Stop, StopHandle};
 
 /// Where a mapping came from; decides who may remove it (reload only touches `Config`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,13 +59,18 @@ struct Running {
 pub struct Supervisor {
     inner: Arc<Mutex<BTreeMap<Key, Running>>>,
     nat: Arc<nat::Manager>,
+    /// Whether TCP mappings record their duration histograms (when metrics are served).
+    histograms: bool,
 }
 
 impl Supervisor {
-    pub fn new(nat: nat::Manager) -> Supervisor {
+    /// A supervisor with nothing running, whose mappings get kernel NAT from `nat` and record
+    /// duration histograms when `histograms` (metrics are served).
+    pub fn new(nat: nat::Manager, histograms: bool) -> Supervisor {
         Supervisor {
             inner: Arc::default(),
             nat: Arc::new(nat),
+            histograms,
         }
     }
 
@@ -103,7 +109,11 @@ impl Supervisor {
             mapping.options.nat,
             matches!(origin, Origin::Shim(_)),
         )?;
-        let stats = Arc::new(Stats::with_timings(crate::prometheus::timings(&mapping)));
+        let timings = match mapping.proto {
+            Proto::Tcp if self.histograms => Timings::enabled(),
+            _ => Timings::default(),
+        };
+        let stats = Arc::new(Stats::with_timings(timings));
         let (stop, stopped) = Stop::new();
         let task = tokio::spawn(frontend.serve(stats.clone(), stopped));
         tracing::info!("serving {mapping} ({origin})");

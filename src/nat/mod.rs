@@ -14,60 +14,13 @@ mod route;
 pub mod rules;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Mutex;
 
 use netlink::{Attrs, Error, Message, Netlink};
 use rules::Chain;
 
 use crate::mapping::Mapping;
-
-/// Whether a mapping should use the kernel path.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Userland only.
-    #[default]
-    Off,
-    /// Kernel NAT where possible; without it, userland and one warning.
-    On,
-    /// Kernel NAT or fail.
-    Require,
-}
-
-impl FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Mode, String> {
-        match s {
-            "off" | "0" | "false" | "no" => Ok(Mode::Off),
-            "on" | "1" | "true" | "yes" => Ok(Mode::On),
-            "require" => Ok(Mode::Require),
-            other => Err(format!("invalid NAT mode {other:?} (off, on or require)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Off => "off",
-            Mode::On => "on",
-            Mode::Require => "require",
-        })
-    }
-}
+use crate::options::NatMode as Mode;
 
 /// How a mapping's traffic is served.
 #[derive(Debug, Clone, PartialEq, Eq)]

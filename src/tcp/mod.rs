@@ -12,10 +12,11 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
-use crate::frontend::Stop;
+use crate::backoff::Backoff;
 use crate::mapping::describe;
 use crate::options::Options;
 use crate::stats::{Failure, Stats};
+use crate::stop::Stop;
 
 /// What the TCP path takes from a mapping's options.
 #[derive(Debug, Clone, Copy)]
@@ -46,20 +47,15 @@ pub async fn serve(
     mut stop: Stop,
 ) {
     let mut conns = JoinSet::new();
-    let mut backoff = Duration::ZERO;
+    let mut backoff = Backoff::default();
     let drain = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
-                    backoff = Duration::ZERO;
+                    backoff.reset();
                     conns.spawn(handle(client, peer, target, config, stats.clone()));
                 }
-                Err(e) if is_transient(&e) => {}
-                Err(e) => {
-                    backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                    tracing::warn!("accept failed: {}; retrying in {:?}", describe(&e), backoff);
-                    tokio::time::sleep(backoff).await;
-                }
+                Err(e) => backoff.failed("tcp", &e).await,
             },
             // Reap finished connections so the set stays the size of what is open.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -73,14 +69,6 @@ pub async fn serve(
             tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     }
     // Dropping the set aborts what is left.
-}
-
-/// Errors that concern one half-open connection, not the listener.
-fn is_transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
-    )
 }
 
 async fn handle(

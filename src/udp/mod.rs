@@ -22,10 +22,10 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::frontend::Stop;
 use crate::mapping::describe;
 use crate::options::Options;
 use crate::stats::{Failure, Stats};
+use crate::stop::Stop;
 use crate::sys;
 use flows::{now_ms, Activity, FlowKey, FlowTable};
 
