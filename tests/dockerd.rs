@@ -24,8 +24,12 @@
 //! each spawn) and stops it by PID afterwards.
 //!
 //! There is exactly one #[test]: two dockerds would fight over docker0 and the DOCKER chains.
-//! It skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or a
-//! static busybox is missing, or when another dockerd is already running.
+//! For the same reason a run holds an exclusive flock on /run/lock/rproxy-dockerd-test.lock
+//! (MACHINE_LOCK) from before it looks for another dockerd until its cleanup is done, so runs
+//! from other checkouts of this repository on the same machine wait for each other (up to
+//! 10 minutes) instead of fighting. It skips (and passes) when not root or when dockerd,
+//! containerd, docker, iptables, tar or a static busybox is missing, or when another dockerd
+//! (not one of this test's) is already running.
 //!
 //! Host state: dockerd enables IPv4/IPv6 forwarding and sets the FORWARD policy to DROP; both are
 //! put back as found. dockerd's iptables chains and the docker0 bridge stay (as after any
@@ -44,6 +48,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -58,6 +64,12 @@ const PORT_BASE: u16 = 20080;
 const PORT_LIMIT: u16 = 20980;
 /// No docker CLI call may take longer than this.
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// Held (flock, exclusive) from before the check for another dockerd until the harness is
+/// cleaned up: other checkouts of this repository on this machine may run this test at the same
+/// time, and two dockerds fight over docker0 and the DOCKER chains.
+const MACHINE_LOCK: &str = "/run/lock/rproxy-dockerd-test.lock";
+/// How long a run waits for that lock (a whole run takes about 12 s).
+const LOCK_PATIENCE: Duration = Duration::from_secs(600);
 
 #[test]
 fn real_dockerd_uses_rproxy_for_published_ports() {
@@ -743,6 +755,10 @@ struct Tools {
     docker: PathBuf,
     busybox: PathBuf,
     rustc: PathBuf,
+    /// The machine-wide lock, taken by preflight and held by the Harness (which owns these
+    /// Tools) for its whole lifetime: fields drop after Drop::drop, so it is released only
+    /// once dockerd and containerd are stopped and the host state is put back.
+    machine_lock: Flock<File>,
 }
 
 fn skip(why: &str) -> Option<Tools> {
@@ -783,6 +799,9 @@ fn preflight() -> Option<Tools> {
             busybox.display()
         ));
     }
+    // Before looking for another dockerd: a concurrent run of this test waits here for the
+    // holder to finish (and stop its dockerd) instead of finding that dockerd and skipping.
+    let machine_lock = machine_lock();
     if let Some(pid) = processes_named("dockerd").first() {
         return skip(&format!(
             "another dockerd (pid {pid}) is running; two dockerds fight over docker0 and iptables"
@@ -805,7 +824,69 @@ fn preflight() -> Option<Tools> {
         docker,
         busybox,
         rustc,
+        machine_lock,
     })
+}
+
+/// Takes the machine-wide lock (see MACHINE_LOCK), waiting up to LOCK_PATIENCE for another run
+/// of this test (another worktree or checkout of this repository) to release it.
+fn machine_lock() -> Flock<File> {
+    let path = Path::new(MACHINE_LOCK);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    }
+    // std opens it close-on-exec: containerd, dockerd and the proxies never inherit the lock.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open the machine-wide lock {MACHINE_LOCK}: {e}"));
+    let asked = Instant::now();
+    let mut told = false;
+    let mut lock = loop {
+        // Non-blocking and polled, so a run that never ends fails this one instead of hanging it.
+        file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((file, Errno::EWOULDBLOCK | Errno::EINTR)) => file,
+            Err((_, e)) => panic!("flock {MACHINE_LOCK}: {e}"),
+        };
+        let holder = || {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            text.trim().replace('\n', ", ")
+        };
+        if !told {
+            eprintln!(
+                "waiting for {MACHINE_LOCK}: another run of this test holds it ({})",
+                holder()
+            );
+            told = true;
+        }
+        if asked.elapsed() > LOCK_PATIENCE {
+            panic!(
+                "{MACHINE_LOCK} still held after {LOCK_PATIENCE:?} ({})",
+                holder()
+            );
+        }
+        sleep(Duration::from_millis(200));
+    };
+    if told {
+        eprintln!(
+            "took {MACHINE_LOCK} after {:.1}s",
+            asked.elapsed().as_secs_f64()
+        );
+    }
+    // Who holds it, for the message of whoever waits next.
+    let me = format!(
+        "pid {}, {}\n",
+        std::process::id(),
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    let _ = lock.set_len(0).and_then(|()| lock.write_all(me.as_bytes()));
+    lock
 }
 
 fn find_exe(name: &str, preferred: &[&str]) -> Option<PathBuf> {
@@ -954,6 +1035,8 @@ impl Harness {
             sysctls,
         };
         h.step(&format!("work dir {}", h.dir.display()));
+        // For the message of a run that waits for the lock meanwhile: where our logs are.
+        let _ = writeln!(&*h.tools.machine_lock, "work dir {}", h.dir.display());
         h.start_containerd();
         h.start_dockerd(&rproxy, &[]);
         h
