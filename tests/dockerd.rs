@@ -9,7 +9,7 @@
 //! compiled here with rustc, because busybox's nc has no UDP mode).
 //!
 //! Scenarios, one function each (named for what a user of dockerd sees) and called in sequence
-//! by the test, with what they share passed in and out: (a) TCP through 127.0.0.1, [::1] (the
+//! by a test, with what they share passed in and out: (a) TCP through 127.0.0.1, [::1] (the
 //! `::` proxy) and the bridge gateway; (b) the proxies are rproxy processes with the right flags
 //! and no docker-proxy runs; with RPROXY_NAT=on they leave IPv4 NAT to dockerd's iptables rules;
 //! (d) hairpin from another container through the gateway address; (c) UDP echo including a
@@ -18,19 +18,21 @@
 //! daemon` listening on dockerd's RPROXY_SOCKET, a published 10-port range plus a UDP port are
 //! handed over: the daemon serves them, dockerd's processes are one-thread shims, and
 //! `docker rm -f` removes every mapping; (g) daemon shutdown with a running container leaves no
-//! rproxy behind; (i) with dockerd --iptables=false, rproxy installs and removes DNAT rules of
-//! its own (containerd and dockerd started again).
+//! rproxy behind. A second test, with dockerd --iptables=false: (i) rproxy installs and removes
+//! DNAT rules of its own.
 
 //! Isolation from an rproxy daemon running on this machine: dockerd's environment always carries
 //! RPROXY_SOCKET=<work dir>/rproxy.sock. Nothing listens there during (a)-(f), so every proxy
 //! serves its port itself; (h) starts our own daemon on exactly that path (shims look for it at
 //! each spawn) and stops it by PID afterwards.
 //!
-//! There is exactly one #[test]: two dockerds would fight over docker0 and the DOCKER chains.
-//! For the same reason a run holds an exclusive flock on /run/lock/rproxy-dockerd-test.lock
-//! (MACHINE_LOCK) from before it looks for another dockerd until its cleanup is done, so runs
-//! from other checkouts of this repository on the same machine wait for each other (up to
-//! 10 minutes) instead of fighting. It skips (and passes) when not root or when dockerd,
+//! There are two #[test]s, one per dockerd configuration, each with a harness (containerd and
+//! dockerd) of its own; starting dockerd is expensive, so the scenarios of a configuration share
+//! one. Two dockerds would fight over docker0 and the DOCKER chains, so a test holds an exclusive
+//! flock on /run/lock/rproxy-dockerd-test.lock (MACHINE_LOCK) from before it looks for another
+//! dockerd until its cleanup is done: the two tests, and runs from other checkouts of this
+//! repository on the same machine, wait for each other (up to 10 minutes) instead of fighting.
+//! A test skips (and passes) when not root or when dockerd,
 //! containerd, docker, iptables, tar or a static busybox is missing, or when another dockerd
 //! (not one of this test's) is already running.
 //!
@@ -77,8 +79,7 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(600);
 #[test]
 fn real_dockerd_uses_rproxy_for_published_ports() {
     let Some(tools) = preflight() else { return };
-    let started = Instant::now();
-    let mut h = Harness::start(tools, started);
+    let mut h = Harness::start(tools, &[]);
 
     h.build_image();
     h.step("image built");
@@ -116,11 +117,30 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     the_daemon_exits_0_on_sigterm_with_nothing_to_drain(&mut h);
 
     dockerd_shutdown_with_a_running_container_leaves_no_rproxy(&mut h, udp);
-    with_dockerd_iptables_false_rproxy_owns_the_nat(&mut h, "rproxy-test-natweb");
+}
+
+/// A dockerd configuration of its own, so a harness of its own; the machine-wide lock taken in
+/// preflight runs it before or after the test above, never beside it.
+#[test]
+fn dockerd_without_iptables_leaves_nat_to_rproxy() {
+    let Some(tools) = preflight() else { return };
+    let mut h = Harness::start(tools, &["--iptables=false"]);
+
+    h.build_image();
+    h.step("image built");
+
+    let pn = h.reserve_ports(1)[0];
+    rproxy_installs_and_removes_its_own_dnat_rules(&h, "rproxy-test-natweb", pn);
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s\n{}",
+        h.diag()
+    );
 }
 
 // ================================================================================================
-// The scenarios, in the order the test runs them. Each takes what it needs (the harness, ports,
+// The scenarios, in the order the tests run them. Each takes what it needs (the harness, ports,
 // container names, containers an earlier scenario started) and returns what a later one needs.
 
 /// The web container: httpd on port 80, published on 127.0.0.1:`p1` and on `p2` (all
@@ -736,7 +756,8 @@ fn the_daemon_exits_0_on_sigterm_with_nothing_to_drain(h: &mut Harness) {
 
 /// (g) dockerd shutdown with a running container (`udp`) leaves no rproxy behind: dockerd
 /// stops the container and SIGINTs its proxies on the way out, waiting for them without a
-/// timeout (a proxy that ignored SIGINT would hang the shutdown). Stops containerd too.
+/// timeout (a proxy that ignored SIGINT would hang the shutdown). Stops containerd too: the
+/// harness is done.
 fn dockerd_shutdown_with_a_running_container_leaves_no_rproxy(h: &mut Harness, udp: UdpEcho) {
     let graceful = h.stop_daemons();
     assert!(
@@ -755,16 +776,11 @@ fn dockerd_shutdown_with_a_running_container_leaves_no_rproxy(h: &mut Harness, u
     ));
 }
 
-/// (i) dockerd --iptables=false: rproxy owns NAT (RPROXY_NAT=on). The proxy for a published
-/// port installs a DNAT to the container in a table of its own, the host reaching its bridge
-/// address goes through it (the rule counts the connection) while loopback is served by the
-/// listener, and `docker rm -f` removes the table. Starts containerd and dockerd again (after
-/// (g) stopped them) and stops them at the end.
-fn with_dockerd_iptables_false_rproxy_owns_the_nat(h: &mut Harness, name: &str) {
-    h.start_containerd();
-    let rproxy = PathBuf::from(&h.rproxy_arg);
-    h.start_dockerd(&rproxy, &["--iptables=false"]);
-    let pn = h.reserve_ports(1)[0];
+/// (i) With dockerd --iptables=false, rproxy owns NAT (RPROXY_NAT=on): the proxy for `pn`
+/// installs a DNAT to the container in a table of its own, the host reaching its bridge address
+/// goes through it (the rule counts the connection) while loopback is served by the listener,
+/// and `docker rm -f` removes the table.
+fn rproxy_installs_and_removes_its_own_dnat_rules(h: &Harness, name: &str, pn: u16) {
     h.docker_ok(&web_run(name, &[&format!("{pn}:80")]));
     let net = h.container_net(name);
     let owner = h
@@ -805,12 +821,6 @@ fn with_dockerd_iptables_false_rproxy_owns_the_nat(h: &mut Harness, name: &str) 
         },
     );
     h.step("dockerd --iptables=false: rproxy installed and removed its DNAT rules");
-    let graceful = h.stop_daemons();
-    assert!(
-        graceful,
-        "dockerd did not shut down within 20 s\n{}",
-        h.diag()
-    );
 }
 
 impl HandedOver {
@@ -913,8 +923,9 @@ fn preflight() -> Option<Tools> {
             busybox.display()
         ));
     }
-    // Before looking for another dockerd: a concurrent run of this test waits here for the
-    // holder to finish (and stop its dockerd) instead of finding that dockerd and skipping.
+    // Before looking for another dockerd: a concurrent real-dockerd test (the other one in this
+    // file, or a run from another checkout) waits here for the holder to finish (and stop its
+    // dockerd) instead of finding that dockerd and skipping.
     let machine_lock = machine_lock();
     if let Some(pid) = processes_named("dockerd").first() {
         return skip(&format!(
@@ -942,8 +953,9 @@ fn preflight() -> Option<Tools> {
     })
 }
 
-/// Takes the machine-wide lock (see MACHINE_LOCK), waiting up to LOCK_PATIENCE for another run
-/// of this test (another worktree or checkout of this repository) to release it.
+/// Takes the machine-wide lock (see MACHINE_LOCK), waiting up to LOCK_PATIENCE for another
+/// real-dockerd test (this file's other test, or one run from another worktree or checkout of
+/// this repository) to release it.
 fn machine_lock() -> Flock<File> {
     let path = Path::new(MACHINE_LOCK);
     if let Some(dir) = path.parent() {
@@ -972,7 +984,7 @@ fn machine_lock() -> Flock<File> {
         };
         if !told {
             eprintln!(
-                "waiting for {MACHINE_LOCK}: another run of this test holds it ({})",
+                "waiting for {MACHINE_LOCK}: another real-dockerd test holds it ({})",
                 holder()
             );
             told = true;
@@ -1103,7 +1115,9 @@ struct ContainerNet {
 }
 
 impl Harness {
-    fn start(tools: Tools, started: Instant) -> Harness {
+    /// containerd and a dockerd with `dockerd_flags` (beside the fixed ones, see start_dockerd).
+    fn start(tools: Tools, dockerd_flags: &[&str]) -> Harness {
+        let started = Instant::now();
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -1152,7 +1166,7 @@ impl Harness {
         // For the message of a run that waits for the lock meanwhile: where our logs are.
         let _ = writeln!(&*h.tools.machine_lock, "work dir {}", h.dir.display());
         h.start_containerd();
-        h.start_dockerd(&rproxy, &[]);
+        h.start_dockerd(&rproxy, dockerd_flags);
         h
     }
 
