@@ -20,7 +20,7 @@
 //! `docker rm -f` removes every mapping; (g) daemon shutdown with a running container leaves no
 //! rproxy behind. A second test, with dockerd --iptables=false: (i) rproxy installs and removes
 //! DNAT rules of its own.
-
+//!
 //! Isolation from an rproxy daemon running on this machine: dockerd's environment always carries
 //! RPROXY_SOCKET=<work dir>/rproxy.sock. Nothing listens there during (a)-(f), so every proxy
 //! serves its port itself; (h) starts our own daemon on exactly that path (shims look for it at
@@ -32,9 +32,8 @@
 //! flock on /run/lock/rproxy-dockerd-test.lock (MACHINE_LOCK) from before it looks for another
 //! dockerd until its cleanup is done: the two tests, and runs from other checkouts of this
 //! repository on the same machine, wait for each other (up to 10 minutes) instead of fighting.
-//! A test skips (and passes) when not root or when dockerd,
-//! containerd, docker, iptables, tar or a static busybox is missing, or when another dockerd
-//! (not one of this test's) is already running.
+//! A test skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or
+//! a static busybox is missing, or when another dockerd (not one of these tests') is running.
 //!
 //! Host state: dockerd enables IPv4/IPv6 forwarding and sets the FORWARD policy to DROP; both are
 //! put back as found. dockerd's iptables chains and the docker0 bridge stay (as after any
@@ -70,10 +69,11 @@ const PORT_LIMIT: u16 = 20980;
 /// No docker CLI call may take longer than this.
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
 /// Held (flock, exclusive) from before the check for another dockerd until the harness is
-/// cleaned up: other checkouts of this repository on this machine may run this test at the same
-/// time, and two dockerds fight over docker0 and the DOCKER chains.
+/// cleaned up: the other test of this file, and these tests run from other checkouts of this
+/// repository on this machine, may run at the same time, and two dockerds fight over docker0 and
+/// the DOCKER chains.
 const MACHINE_LOCK: &str = "/run/lock/rproxy-dockerd-test.lock";
-/// How long a run waits for that lock (a whole run takes about 12 s).
+/// How long a test waits for that lock (a whole run of this file takes about 12 s).
 const LOCK_PATIENCE: Duration = Duration::from_secs(600);
 
 #[test]
@@ -980,7 +980,11 @@ fn machine_lock() -> Flock<File> {
         };
         let holder = || {
             let text = fs::read_to_string(path).unwrap_or_default();
-            text.trim().replace('\n', ", ")
+            match text.trim() {
+                // It has just taken the lock and not yet written who it is.
+                "" => "not named yet".to_string(),
+                named => named.replace('\n', ", "),
+            }
         };
         if !told {
             eprintln!(
