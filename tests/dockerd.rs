@@ -168,6 +168,15 @@ struct HandedOver {
     want: BTreeSet<(String, String, String)>,
 }
 
+impl HandedOver {
+    /// Every host port of the container: the range and the UDP port.
+    fn ports(&self) -> Vec<u16> {
+        let mut ports = self.range.clone();
+        ports.push(self.udp_port);
+        ports
+    }
+}
+
 /// (a) The web container answers through 127.0.0.1 (P1 and P2), the bridge gateway (P2) and,
 /// with IPv6, [::1] (P2).
 fn loopback_and_gateway_clients_reach_the_container(
@@ -821,15 +830,6 @@ fn rproxy_installs_and_removes_its_own_dnat_rules(h: &Harness, name: &str, pn: u
         },
     );
     h.step("dockerd --iptables=false: rproxy installed and removed its DNAT rules");
-}
-
-impl HandedOver {
-    /// Every host port of the container: the range and the UDP port.
-    fn ports(&self) -> Vec<u16> {
-        let mut ports = self.range.clone();
-        ports.push(self.udp_port);
-        ports
-    }
 }
 
 /// `docker run -d --name NAME -p P… IMAGE httpd -f -p 80 -h /www`: the test page on port 80,
