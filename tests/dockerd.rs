@@ -8,24 +8,32 @@
 //! busybox-static with applet symlinks, /www/index.html, and /udpecho (tests/support/udp_echo.rs,
 //! compiled here with rustc, because busybox's nc has no UDP mode).
 //!
-//! Scenarios: (a) TCP through 127.0.0.1, [::1] (the `::` proxy) and the bridge gateway;
-//! (b) the proxies are rproxy processes with the right flags and no docker-proxy runs;
-//! (c) UDP echo including a 60,000-byte datagram; (d) hairpin from another container through
-//! the gateway address; (e) `docker stop` ends the proxies and frees the ports; (f) a host port
+//! Scenarios, one function each (named for what a user of dockerd sees) and called in sequence
+//! by a test, with what they share passed in and out: (a) TCP through 127.0.0.1, [::1] (the
+//! `::` proxy) and the bridge gateway; (b) the proxies are rproxy processes with the right flags
+//! and no docker-proxy runs; with RPROXY_NAT=on they leave IPv4 NAT to dockerd's iptables rules;
+//! (d) hairpin from another container through the gateway address; (c) UDP echo including a
+//! 60,000-byte datagram; (e) `docker stop` ends the proxies and frees the ports; (f) a host port
 //! that is already taken makes `docker run` fail with rproxy's reason; (h) with an `rproxy
 //! daemon` listening on dockerd's RPROXY_SOCKET, a published 10-port range plus a UDP port are
 //! handed over: the daemon serves them, dockerd's processes are one-thread shims, and
 //! `docker rm -f` removes every mapping; (g) daemon shutdown with a running container leaves no
-//! rproxy behind.
+//! rproxy behind. A second test, with dockerd --iptables=false: (i) rproxy installs and removes
+//! DNAT rules of its own.
 //!
 //! Isolation from an rproxy daemon running on this machine: dockerd's environment always carries
 //! RPROXY_SOCKET=<work dir>/rproxy.sock. Nothing listens there during (a)-(f), so every proxy
 //! serves its port itself; (h) starts our own daemon on exactly that path (shims look for it at
 //! each spawn) and stops it by PID afterwards.
 //!
-//! There is exactly one #[test]: two dockerds would fight over docker0 and the DOCKER chains.
-//! It skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or a
-//! static busybox is missing, or when another dockerd is already running.
+//! There are two #[test]s, one per dockerd configuration, each with a harness (containerd and
+//! dockerd) of its own; starting dockerd is expensive, so the scenarios of a configuration share
+//! one. Two dockerds would fight over docker0 and the DOCKER chains, so a test holds an exclusive
+//! flock on /run/lock/rproxy-dockerd-test.lock (MACHINE_LOCK) from before it looks for another
+//! dockerd until its cleanup is done: the two tests, and runs from other checkouts of this
+//! repository on the same machine, wait for each other (up to 10 minutes) instead of fighting.
+//! A test skips (and passes) when not root or when dockerd, containerd, docker, iptables, tar or
+//! a static busybox is missing, or when another dockerd (not one of these tests') is running.
 //!
 //! Host state: dockerd enables IPv4/IPv6 forwarding and sets the FORWARD policy to DROP; both are
 //! put back as found. dockerd's iptables chains and the docker0 bridge stay (as after any
@@ -46,6 +54,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -60,12 +70,18 @@ const PORT_BASE: u16 = 20080;
 const PORT_LIMIT: u16 = 20980;
 /// No docker CLI call may take longer than this.
 const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// Held (flock, exclusive) from before the check for another dockerd until the harness is
+/// cleaned up: the other test of this file, and these tests run from other checkouts of this
+/// repository on this machine, may run at the same time, and two dockerds fight over docker0 and
+/// the DOCKER chains.
+const MACHINE_LOCK: &str = "/run/lock/rproxy-dockerd-test.lock";
+/// How long a test waits for that lock (a whole run of this file takes about 12 s).
+const LOCK_PATIENCE: Duration = Duration::from_secs(600);
 
 #[test]
 fn real_dockerd_uses_rproxy_for_published_ports() {
     let Some(tools) = preflight() else { return };
-    let started = Instant::now();
-    let mut h = Harness::start(tools, started);
+    let mut h = Harness::start(tools, &[]);
 
     h.build_image();
     h.step("image built");
@@ -76,13 +92,106 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     h.ports = ports.clone();
     h.step(&format!("ports: P1={p1} P2={p2} P3={p3} P4={p4}"));
 
-    // ---- a. TCP through loopback, [::1] and the bridge gateway --------------------------------
-    let web = "rproxy-test-web";
+    // Every proxy serves its port itself: nothing listens on dockerd's RPROXY_SOCKET yet.
+    let web = loopback_and_gateway_clients_reach_the_container(&h, "rproxy-test-web", p1, p2);
+    the_proxies_are_rproxy_with_the_contracts_flags(&h, &web);
+    rproxy_leaves_ipv4_nat_to_dockerds_iptables_rules(&h, &web);
+    another_container_reaches_the_port_through_the_gateway(&h, &web);
+    let udp = udp_datagrams_are_echoed_through_the_proxy(&h, "rproxy-test-udp", p3);
+    docker_stop_ends_the_proxies_and_frees_the_ports(&h, web);
+    a_taken_host_port_fails_docker_run_with_the_reason(&h, "rproxy-test-taken", p4);
+    with_no_daemon_every_proxy_serves_its_port_itself(&h);
+
+    // From here on our `rproxy daemon` listens on dockerd's RPROXY_SOCKET. Shims look for it at
+    // each spawn, so no dockerd restart is needed.
+    let range = h.reserve_ports(10);
+    let pu = h.reserve_ports(1)[0];
+    h.step(&format!(
+        "daemon phase ports: TCP {}-{}, UDP {pu}",
+        range[0], range[9]
+    ));
+    h.start_rproxy_daemon();
+    let handed =
+        the_daemon_lists_every_mapping_the_shims_hand_over(&h, "rproxy-test-daemon", range, pu);
+    the_daemon_carries_the_traffic_of_handed_over_ports(&h, &handed);
+    dockerds_processes_for_handed_over_ports_are_one_thread_shims(&h, &handed, &udp);
+    docker_rm_f_drops_every_handed_over_mapping(&h, handed);
+    the_daemon_exits_0_on_sigterm_with_nothing_to_drain(&mut h);
+
+    dockerd_shutdown_with_a_running_container_leaves_no_rproxy(&mut h, udp);
+}
+
+/// A dockerd configuration of its own, so a harness of its own; the machine-wide lock taken in
+/// preflight runs it before or after the test above, never beside it.
+#[test]
+fn dockerd_without_iptables_leaves_nat_to_rproxy() {
+    let Some(tools) = preflight() else { return };
+    let mut h = Harness::start(tools, &["--iptables=false"]);
+
+    h.build_image();
+    h.step("image built");
+
+    let pn = h.reserve_ports(1)[0];
+    rproxy_installs_and_removes_its_own_dnat_rules(&h, "rproxy-test-natweb", pn);
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s\n{}",
+        h.diag()
+    );
+}
+
+// ================================================================================================
+// The scenarios, in the order the tests run them. Each takes what it needs (the harness, ports,
+// container names, containers an earlier scenario started) and returns what a later one needs.
+
+/// The web container: httpd on port 80, published on 127.0.0.1:`p1` and on `p2` (all
+/// addresses).
+struct Web {
+    name: &'static str,
+    net: ContainerNet,
+    p1: u16,
+    p2: u16,
+}
+
+/// The UDP echo container, published on `port`/udp. It stays up until dockerd shuts down.
+struct UdpEcho {
+    name: &'static str,
+    port: u16,
+}
+
+/// The container whose ports dockerd's shims handed to our rproxy daemon: TCP `range` (each
+/// port to the same port) and `udp_port` (to 7/udp).
+struct HandedOver {
+    name: &'static str,
+    range: Vec<u16>,
+    udp_port: u16,
+    /// Every mapping `rproxy ls` must list: (proto, listen, target).
+    want: BTreeSet<(String, String, String)>,
+}
+
+impl HandedOver {
+    /// Every host port of the container: the range and the UDP port.
+    fn ports(&self) -> Vec<u16> {
+        let mut ports = self.range.clone();
+        ports.push(self.udp_port);
+        ports
+    }
+}
+
+/// (a) The web container answers through 127.0.0.1 (P1 and P2), the bridge gateway (P2) and,
+/// with IPv6, [::1] (P2).
+fn loopback_and_gateway_clients_reach_the_container(
+    h: &Harness,
+    name: &'static str,
+    p1: u16,
+    p2: u16,
+) -> Web {
     h.docker_ok(&web_run(
-        web,
+        name,
         &[&format!("127.0.0.1:{p1}:80"), &format!("{p2}:80")],
     ));
-    let net = h.container_net(web);
+    let net = h.container_net(name);
     h.step(&format!("web container: {net:?}"));
     let gw: IpAddr = net.gateway;
 
@@ -96,8 +205,14 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, p2)));
     }
     h.get_pages(&targets, "");
+    Web { name, net, p1, p2 }
+}
 
-    // ---- b. the proxies are rproxy, with the contract's flags; no docker-proxy ----------------
+/// (b) The web container's ports are served by rproxy processes with the contract's flags, one
+/// per address; no docker-proxy serves them; RPROXY_LOG_FILE reached the proxies through
+/// dockerd's environment.
+fn the_proxies_are_rproxy_with_the_contracts_flags(h: &Harness, web: &Web) {
+    let (net, p1, p2) = (&web.net, web.p1, web.p2);
     let procs = proxy_processes();
     let ours = |port: u16| -> Vec<&ProxyProc> {
         procs
@@ -165,10 +280,14 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         );
     }
     h.step("rproxy processes and log ok");
+}
 
-    // Default pairing: dockerd's iptables rules DNAT published IPv4 ports; with RPROXY_NAT=on
-    // the proxies find dockerd's rule for their port and add none of their own. (dockerd 20.10
-    // writes no ip6tables NAT, so `::` proxies with IPv6 containers do install theirs.)
+/// Default pairing: dockerd's iptables rules DNAT published IPv4 ports; with RPROXY_NAT=on the
+/// proxies find dockerd's rule for their port and add none of their own. (dockerd 20.10 writes
+/// no ip6tables NAT, so `::` proxies with IPv6 containers do install theirs.)
+fn rproxy_leaves_ipv4_nat_to_dockerds_iptables_rules(h: &Harness, web: &Web) {
+    let p2 = web.p2;
+    let log = h.rproxy_log();
     assert!(
         log_has(
             &log,
@@ -185,11 +304,17 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "rproxy IPv4 rules beside dockerd's NAT:\n{ours}"
     );
     h.step("RPROXY_NAT=on beside dockerd's iptables NAT: no rproxy IPv4 rules");
+}
 
-    // ---- d. hairpin: another container on the bridge fetches via the gateway address -----------
-    // The proxy terminates the connection on the host, so no FORWARD rule is involved (no
-    // DOCKER-USER ACCEPT needed): container → host is INPUT, host → container is OUTPUT.
-    let hosts: Vec<IpAddr> = std::iter::once(gw).chain(net.ipv6_gateway).collect();
+/// (d) Hairpin: another container on the bridge fetches the web page via the gateway address
+/// (each family's) and P2. The proxy terminates the connection on the host, so no FORWARD rule
+/// is involved (no DOCKER-USER ACCEPT needed): container → host is INPUT, host → container is
+/// OUTPUT.
+fn another_container_reaches_the_port_through_the_gateway(h: &Harness, web: &Web) {
+    let p2 = web.p2;
+    let hosts: Vec<IpAddr> = std::iter::once(web.net.gateway)
+        .chain(web.net.ipv6_gateway)
+        .collect();
     for host in hosts {
         let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {p2}");
         let mut last = None;
@@ -210,14 +335,17 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         }
         h.step(&format!("hairpin via {host}:{p2} ok"));
     }
+}
 
-    // ---- c. UDP echo through the proxy, small and 60,000-byte datagrams -------------------------
-    let udp = "rproxy-test-udp";
+/// (c) UDP echo through the proxy on P3, small and 60,000-byte datagrams, via 127.0.0.1 and
+/// (with IPv6) [::1]; only `rproxy -proto udp` serves P3. The container stays up: later
+/// scenarios compare footprints with its proxies and shut dockerd down with it running.
+fn udp_datagrams_are_echoed_through_the_proxy(h: &Harness, name: &'static str, p3: u16) -> UdpEcho {
     h.docker_ok(&[
         "run",
         "-d",
         "--name",
-        udp,
+        name,
         // udpecho is PID 1 without a SIGTERM handler: don't make the daemon shutdown wait 10 s.
         "--stop-timeout",
         "1",
@@ -232,32 +360,27 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         udp_targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, p3)));
     }
     for addr in udp_targets {
-        udp_check(addr, &h);
+        udp_check(addr, h);
         h.step(&format!("UDP echo via {addr} ok (3 small + 60,000 bytes)"));
     }
-    let on_p3 = proxy_processes()
-        .into_iter()
-        .filter(|p| p.exe == h.rproxy_arg && p.host_port == p3.to_string())
-        .collect::<Vec<_>>();
+    let on_p3 = h.rproxies_on(&[p3]);
     assert!(
         !on_p3.is_empty() && on_p3.iter().all(|p| p.proto == "udp"),
         "UDP port {p3} must be served by rproxy -proto udp: {on_p3:#?}"
     );
+    UdpEcho { name, port: p3 }
+}
 
-    // ---- e. docker stop ends the proxies and frees the ports -----------------------------------
-    h.docker_ok(&["stop", "-t", "1", web]);
-    h.docker_ok(&["rm", web]);
+/// (e) `docker stop` (then `docker rm`) of the web container ends its proxies, on SIGINT, and
+/// frees P1 and P2.
+fn docker_stop_ends_the_proxies_and_frees_the_ports(h: &Harness, web: Web) {
+    let Web { name, p1, p2, .. } = web;
+    h.docker_ok(&["stop", "-t", "1", name]);
+    h.docker_ok(&["rm", name]);
     h.wait_none(
         Duration::from_secs(10),
         &format!("rproxy processes for {p1}/{p2} still alive 10 s after docker stop"),
-        || {
-            let left: Vec<ProxyProc> = proxy_processes()
-                .into_iter()
-                .filter(|p| p.exe == h.rproxy_arg)
-                .filter(|p| p.host_port == p1.to_string() || p.host_port == p2.to_string())
-                .collect();
-            left
-        },
+        || h.rproxies_on(&[p1, p2]),
     );
     h.wait_none(
         Duration::from_secs(10),
@@ -284,12 +407,14 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "rproxy.log does not show the SIGINT stop of 0.0.0.0:{p2}:\n{log}"
     );
     h.step("docker stop: proxies gone, ports free");
+}
 
-    // ---- f. a taken host port fails the container start with rproxy's reason -------------------
+/// (f) With P4 already bound on the host, `docker run -p P4:80` fails and its error carries
+/// rproxy's reason; no rproxy stays behind for P4.
+fn a_taken_host_port_fails_docker_run_with_the_reason(h: &Harness, name: &str, p4: u16) {
     let blocker = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, p4)))
         .unwrap_or_else(|e| panic!("cannot take port {p4} for the conflict test: {e}"));
-    let taken = "rproxy-test-taken";
-    let out = h.docker(&web_run(taken, &[&format!("{p4}:80")]));
+    let out = h.docker(&web_run(name, &[&format!("{p4}:80")]));
     assert!(
         !out.status.success(),
         "docker run on taken port {p4} must fail: {out}"
@@ -303,20 +428,16 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     h.wait_none(
         Duration::from_secs(5),
         &format!("rproxy processes left for the failed port {p4}"),
-        || {
-            let stray: Vec<ProxyProc> = proxy_processes()
-                .into_iter()
-                .filter(|p| p.exe == h.rproxy_arg && p.host_port == p4.to_string())
-                .collect();
-            stray
-        },
+        || h.rproxies_on(&[p4]),
     );
     drop(blocker);
-    h.docker_ok(&["rm", "-f", taken]);
+    h.docker_ok(&["rm", "-f", name]);
     h.step("taken port: docker run failed with rproxy's reason");
+}
 
-    // ---- h. an rproxy daemon: dockerd's processes hand their ports over and wait as shims -------
-    // Until now nothing listened on dockerd's RPROXY_SOCKET: every proxy served its port itself.
+/// (h, before the daemon starts) Until now nothing listened on dockerd's RPROXY_SOCKET: every
+/// proxy served its port itself, and none tried to talk to a daemon.
+fn with_no_daemon_every_proxy_serves_its_port_itself(h: &Harness) {
     let log = h.rproxy_log();
     for word in [
         "handed to the daemon",
@@ -328,22 +449,24 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
             "with no daemon on RPROXY_SOCKET, no proxy may talk to one ({word:?}):\n{log}"
         );
     }
-    let base = free_run(10, h.ipv6, &h.ports);
-    let range: Vec<u16> = (base..base + 10).collect();
-    h.ports.extend(&range);
-    let pu = free_run(1, h.ipv6, &h.ports);
-    h.ports.push(pu);
+}
+
+/// (h) With our rproxy daemon on dockerd's RPROXY_SOCKET, a container publishing the TCP
+/// `range` and `udp_port`: `rproxy ls` lists exactly those mappings, each registered by a shim
+/// and serving.
+fn the_daemon_lists_every_mapping_the_shims_hand_over(
+    h: &Harness,
+    name: &'static str,
+    range: Vec<u16>,
+    udp_port: u16,
+) -> HandedOver {
+    let pu = udp_port;
     let (r0, r5, r9) = (range[0], range[5], range[9]);
-    h.step(&format!("daemon phase ports: TCP {r0}-{r9}, UDP {pu}"));
-    // Started after (a)-(f), at the path dockerd already gave its proxies: shims look at each
-    // spawn, so no dockerd restart is needed.
-    h.start_rproxy_daemon();
-    let many = "rproxy-test-daemon";
     h.docker_ok(&[
         "run",
         "-d",
         "--name",
-        many,
+        name,
         "--stop-timeout",
         "1",
         "-p",
@@ -356,7 +479,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         // Two httpds in the background (busybox httpd forks without -f), udpecho as PID 1.
         &format!("httpd -p {r0} -h /www && httpd -p {r5} -h /www && exec /udpecho 7"),
     ]);
-    let net = h.container_net(many);
+    let net = h.container_net(name);
     h.step(&format!("daemon-phase container: {net:?}"));
 
     // The daemon lists every published port, all registered by shims.
@@ -414,8 +537,19 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "rproxy ls: {} mappings ({tcp_rows} TCP), all ORIGIN shim",
         rows.len()
     ));
+    HandedOver {
+        name,
+        range,
+        udp_port,
+        want,
+    }
+}
 
-    // Traffic: httpd on R0 and R5 answer through the daemon, on IPv4 and IPv6 loopback.
+/// (h) httpd on the range's first and sixth port and the UDP echo answer through the daemon, on
+/// IPv4 and IPv6 loopback, and the daemon's own counters show that traffic (a shim relays
+/// nothing), with the NAT owner the shims' RPROXY_NAT=on leads to.
+fn the_daemon_carries_the_traffic_of_handed_over_ports(h: &Harness, handed: &HandedOver) {
+    let (r0, r5, pu) = (handed.range[0], handed.range[5], handed.udp_port);
     let mut targets = vec![
         SocketAddr::from((Ipv4Addr::LOCALHOST, r0)),
         SocketAddr::from((Ipv4Addr::LOCALHOST, r5)),
@@ -430,7 +564,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         udp_targets.push(SocketAddr::from((Ipv6Addr::LOCALHOST, pu)));
     }
     for addr in &udp_targets {
-        udp_check(*addr, &h);
+        udp_check(*addr, h);
         h.step(&format!("UDP echo via {addr} ok (daemon)"));
     }
     // The daemon's own counters prove it carried that traffic (a shim relays nothing).
@@ -472,20 +606,19 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         );
     }
     h.step("daemon counters show the traffic");
+}
 
-    // The processes dockerd spawned for these ports are shims: one thread each, registered.
-    let ours_now = || -> Vec<ProxyProc> {
-        proxy_processes()
-            .into_iter()
-            .filter(|p| {
-                p.exe == h.rproxy_arg
-                    && (range.iter().any(|q| p.host_port == q.to_string())
-                        || p.host_port == pu.to_string())
-            })
-            .collect()
-    };
-    let shims = ours_now();
-    let want_procs: BTreeSet<(String, String, String)> = want
+/// (h) The processes dockerd spawned for the handed-over ports are shims: one per mapping, each
+/// logged its hand-over and runs one thread. Prints their memory footprint, and for comparison
+/// that of the self-serving proxies of `udp` (still up).
+fn dockerds_processes_for_handed_over_ports_are_one_thread_shims(
+    h: &Harness,
+    handed: &HandedOver,
+    udp: &UdpEcho,
+) {
+    let shims = h.rproxies_on(&handed.ports());
+    let want_procs: BTreeSet<(String, String, String)> = handed
+        .want
         .iter()
         .map(|(proto, listen, _)| {
             let (ip, port) = listen.rsplit_once(':').unwrap();
@@ -528,6 +661,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         );
         shim_pss += proc_pss_kb(p.pid).unwrap_or(0);
     }
+    let rows = h.rproxy_ls();
     let dpid = h.rproxy_daemon_pid().expect("the rproxy daemon runs");
     let daemon_pss = proc_pss_kb(dpid).unwrap_or(0);
     let daemon_threads = proc_threads(dpid).unwrap_or(0);
@@ -542,10 +676,11 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         shim_pss / n.max(1) as u64,
         (shim_pss + daemon_pss) as f64 / rows.len().max(1) as f64,
     );
-    // For comparison, the self-serving proxies of (c), still up for the UDP container.
-    let solo: Vec<(u64, u32)> = proxy_processes()
+    // For comparison, the self-serving proxies of the UDP container.
+    let p3 = udp.port;
+    let solo: Vec<(u64, u32)> = h
+        .rproxies_on(&[p3])
         .into_iter()
-        .filter(|p| p.exe == h.rproxy_arg && p.host_port == p3.to_string())
         .filter_map(|p| Some((proc_pss_kb(p.pid)?, proc_threads(p.pid)?)))
         .collect();
     if !solo.is_empty() {
@@ -558,10 +693,15 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         );
     }
     h.step(&format!("{n} shims, 1 thread each"));
+}
 
-    // docker rm -f: dockerd SIGINTs the shims, the daemon drops every mapping, ports come free.
+/// (h) `docker rm -f`: dockerd SIGINTs the shims, the daemon drops every mapping (and logs it),
+/// the ports come free.
+fn docker_rm_f_drops_every_handed_over_mapping(h: &Harness, handed: HandedOver) {
+    let ports = handed.ports();
+    let (range, pu) = (&handed.range, handed.udp_port);
     let removing = Instant::now();
-    h.docker_ok(&["rm", "-f", many]);
+    h.docker_ok(&["rm", "-f", handed.name]);
     h.wait_none(
         Duration::from_secs(10),
         "rproxy ls still lists mappings 10 s after docker rm -f",
@@ -570,7 +710,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     h.wait_none(
         Duration::from_secs(10),
         "shims still alive 10 s after docker rm -f",
-        &ours_now,
+        || h.rproxies_on(&ports),
     );
     h.wait_none(
         Duration::from_secs(10),
@@ -582,7 +722,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
                 unspecified.push(IpAddr::from(Ipv6Addr::UNSPECIFIED));
             }
             for ip in &unspecified {
-                for &p in &range {
+                for &p in range {
                     if let Err(e) = TcpListener::bind(SocketAddr::new(*ip, p)) {
                         busy.push(format!("tcp {ip} {p}: {e}"));
                     }
@@ -594,6 +734,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
             busy
         },
     );
+    let r0 = range[0];
     let dlog = h.daemon_log();
     assert!(
         log_has(
@@ -606,8 +747,11 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "docker rm -f: mappings, shims and ports gone after {:.1}s",
         removing.elapsed().as_secs_f64()
     ));
+}
 
-    // The daemon outlives its shims; SIGTERM (by PID) stops it at once with nothing to drain.
+/// (h) The daemon outlives its shims; SIGTERM (by PID) stops it at once with nothing to drain:
+/// exit status 0, control socket removed.
+fn the_daemon_exits_0_on_sigterm_with_nothing_to_drain(h: &mut Harness) {
     let status = h.stop_rproxy_daemon();
     assert!(
         matches!(status, Some(s) if s.success()),
@@ -619,10 +763,13 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "the daemon left its control socket behind"
     );
     h.step("rproxy daemon stopped");
+}
 
-    // ---- g. daemon shutdown with a running container leaves no rproxy behind ------------------
-    // (the UDP container is still up; dockerd stops it and SIGINTs its proxies on the way out,
-    // waiting for them without a timeout: a proxy that ignored SIGINT would hang the shutdown)
+/// (g) dockerd shutdown with a running container (`udp`) leaves no rproxy behind: dockerd
+/// stops the container and SIGINTs its proxies on the way out, waiting for them without a
+/// timeout (a proxy that ignored SIGINT would hang the shutdown). Stops containerd too: the
+/// harness is done.
+fn dockerd_shutdown_with_a_running_container_leaves_no_rproxy(h: &mut Harness, udp: UdpEcho) {
     let graceful = h.stop_daemons();
     assert!(
         graceful,
@@ -632,30 +779,25 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     h.wait_none(
         Duration::from_secs(5),
         "rproxy processes outlived dockerd",
-        || {
-            let rest: Vec<ProxyProc> = proxy_processes()
-                .into_iter()
-                .filter(|p| {
-                    p.exe == h.rproxy_arg && h.ports.iter().any(|q| p.host_port == q.to_string())
-                })
-                .collect();
-            rest
-        },
+        || h.rproxies_on(&h.ports),
     );
-    h.step("daemon shutdown: no rproxy left");
+    h.step(&format!(
+        "daemon shutdown: no rproxy left ({} was running)",
+        udp.name
+    ));
+}
 
-    // ---- i. dockerd --iptables=false: rproxy owns NAT (RPROXY_NAT=on) ------------------------
-    h.start_containerd();
-    let rproxy = PathBuf::from(&h.rproxy_arg);
-    h.start_dockerd(&rproxy, &["--iptables=false"]);
-    let pn = free_run(1, h.ipv6, &h.ports);
-    h.ports.push(pn);
-    let natweb = "rproxy-test-natweb";
-    h.docker_ok(&web_run(natweb, &[&format!("{pn}:80")]));
-    let net = h.container_net(natweb);
-    let owner = proxy_processes()
+/// (i) With dockerd --iptables=false, rproxy owns NAT (RPROXY_NAT=on): the proxy for `pn`
+/// installs a DNAT to the container in a table of its own, the host reaching its bridge address
+/// goes through it (the rule counts the connection) while loopback is served by the listener,
+/// and `docker rm -f` removes the table.
+fn rproxy_installs_and_removes_its_own_dnat_rules(h: &Harness, name: &str, pn: u16) {
+    h.docker_ok(&web_run(name, &[&format!("{pn}:80")]));
+    let net = h.container_net(name);
+    let owner = h
+        .rproxies_on(&[pn])
         .into_iter()
-        .find(|p| p.exe == h.rproxy_arg && p.host_port == pn.to_string() && p.host_ip == "0.0.0.0")
+        .find(|p| p.host_ip == "0.0.0.0")
         .unwrap_or_else(|| panic!("no rproxy for 0.0.0.0:{pn}\n{}", h.diag()));
     let table = format!("rproxy-{}", owner.pid);
     let rules = || nft(&format!("list table inet {table}"));
@@ -677,7 +819,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         &[SocketAddr::from((Ipv4Addr::LOCALHOST, pn))],
         " (userland, loopback)",
     );
-    h.docker_ok(&["rm", "-f", natweb]);
+    h.docker_ok(&["rm", "-f", name]);
     h.wait_none(
         Duration::from_secs(10),
         "rproxy tables left after docker rm -f",
@@ -690,12 +832,6 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         },
     );
     h.step("dockerd --iptables=false: rproxy installed and removed its DNAT rules");
-    let graceful = h.stop_daemons();
-    assert!(
-        graceful,
-        "dockerd did not shut down within 20 s\n{}",
-        h.diag()
-    );
 }
 
 /// `docker run -d --name NAME -p P… IMAGE httpd -f -p 80 -h /www`: the test page on port 80,
@@ -745,6 +881,10 @@ struct Tools {
     docker: PathBuf,
     busybox: PathBuf,
     rustc: PathBuf,
+    /// The machine-wide lock, taken by preflight and held by the Harness (which owns these
+    /// Tools) for its whole lifetime: fields drop after Drop::drop, so it is released only
+    /// once dockerd and containerd are stopped and the host state is put back.
+    machine_lock: Flock<File>,
 }
 
 fn skip(why: &str) -> Option<Tools> {
@@ -785,6 +925,10 @@ fn preflight() -> Option<Tools> {
             busybox.display()
         ));
     }
+    // Before looking for another dockerd: a concurrent real-dockerd test (the other one in this
+    // file, or a run from another checkout) waits here for the holder to finish (and stop its
+    // dockerd) instead of finding that dockerd and skipping.
+    let machine_lock = machine_lock();
     if let Some(pid) = processes_named("dockerd").first() {
         return skip(&format!(
             "another dockerd (pid {pid}) is running; two dockerds fight over docker0 and iptables"
@@ -807,7 +951,74 @@ fn preflight() -> Option<Tools> {
         docker,
         busybox,
         rustc,
+        machine_lock,
     })
+}
+
+/// Takes the machine-wide lock (see MACHINE_LOCK), waiting up to LOCK_PATIENCE for another
+/// real-dockerd test (this file's other test, or one run from another worktree or checkout of
+/// this repository) to release it.
+fn machine_lock() -> Flock<File> {
+    let path = Path::new(MACHINE_LOCK);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    }
+    // std opens it close-on-exec: containerd, dockerd and the proxies never inherit the lock.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap_or_else(|e| panic!("cannot open the machine-wide lock {MACHINE_LOCK}: {e}"));
+    let asked = Instant::now();
+    let mut told = false;
+    let mut lock = loop {
+        // Non-blocking and polled, so a run that never ends fails this one instead of hanging it.
+        file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => break lock,
+            Err((file, Errno::EWOULDBLOCK | Errno::EINTR)) => file,
+            Err((_, e)) => panic!("flock {MACHINE_LOCK}: {e}"),
+        };
+        let holder = || {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            match text.trim() {
+                // It has just taken the lock and not yet written who it is.
+                "" => "not named yet".to_string(),
+                named => named.replace('\n', ", "),
+            }
+        };
+        if !told {
+            eprintln!(
+                "waiting for {MACHINE_LOCK}: another real-dockerd test holds it ({})",
+                holder()
+            );
+            told = true;
+        }
+        if asked.elapsed() > LOCK_PATIENCE {
+            panic!(
+                "{MACHINE_LOCK} still held after {LOCK_PATIENCE:?} ({})",
+                holder()
+            );
+        }
+        sleep(Duration::from_millis(200));
+    };
+    if told {
+        eprintln!(
+            "took {MACHINE_LOCK} after {:.1}s",
+            asked.elapsed().as_secs_f64()
+        );
+    }
+    // Who holds it, for the message of whoever waits next.
+    let me = format!(
+        "pid {}, {}\n",
+        std::process::id(),
+        std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    );
+    let _ = lock.set_len(0).and_then(|()| lock.write_all(me.as_bytes()));
+    lock
 }
 
 fn find_exe(name: &str, preferred: &[&str]) -> Option<PathBuf> {
@@ -910,7 +1121,9 @@ struct ContainerNet {
 }
 
 impl Harness {
-    fn start(tools: Tools, started: Instant) -> Harness {
+    /// containerd and a dockerd with `dockerd_flags` (beside the fixed ones, see start_dockerd).
+    fn start(tools: Tools, dockerd_flags: &[&str]) -> Harness {
+        let started = Instant::now();
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -956,9 +1169,30 @@ impl Harness {
             sysctls,
         };
         h.step(&format!("work dir {}", h.dir.display()));
+        // For the message of a run that waits for the lock meanwhile: where our logs are.
+        let _ = writeln!(&*h.tools.machine_lock, "work dir {}", h.dir.display());
         h.start_containerd();
-        h.start_dockerd(&rproxy, &[]);
+        h.start_dockerd(&rproxy, dockerd_flags);
         h
+    }
+
+    /// `count` consecutive free ports (see free_run), none of them used by the test before,
+    /// added to `ports` (so the cleanup kills any rproxy left on them).
+    fn reserve_ports(&mut self, count: u16) -> Vec<u16> {
+        let base = free_run(count, self.ipv6, &self.ports);
+        let run: Vec<u16> = (base..base + count).collect();
+        self.ports.extend(&run);
+        run
+    }
+
+    /// The rproxy processes dockerd started (by their argv[0]) for any of the host `ports`.
+    fn rproxies_on(&self, ports: &[u16]) -> Vec<ProxyProc> {
+        proxy_processes()
+            .into_iter()
+            .filter(|p| {
+                p.exe == self.rproxy_arg && ports.iter().any(|q| p.host_port == q.to_string())
+            })
+            .collect()
     }
 
     /// GET / from every address: each must answer with the container's page.
