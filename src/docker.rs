@@ -6,20 +6,19 @@ use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::env::Env;
-use crate::frontend::{self, Frontend};
+use crate::frontend;
 use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
-use crate::nat;
+use crate::nat::Nat;
 use crate::options::Options;
 use crate::shim::{self, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
-use crate::stats::Stats;
-use crate::stop::Stop;
+use crate::supervisor::{Origin, Supervisor};
 use crate::sys::{self, FdKind};
 
 const STATUS_FD: i32 = 3;
@@ -166,7 +165,7 @@ pub fn main(
     }
     let handoff = match env.no_handoff {
         true => Ok(Handoff::NoDaemon),
-        false => shim::register(&mapping, &socket, env.socket, env.overrides.nat),
+        false => shim::register(&mapping, &socket, env.socket, env.overrides),
     };
     match handoff {
         Err(refusal) => status.fail(&refusal),
@@ -226,27 +225,20 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
         };
         // Handlers exist now: a signal that arrived meanwhile is delivered to them.
         signals::unblock();
-        let frontend = match Frontend::new(mapping, socket) {
-            Ok(f) => f,
+        // Kernel NAT, when asked, in this process's own table (deleted on the way out).
+        let sup = Supervisor::new(Nat::new(&format!("rproxy-{}", std::process::id())), false);
+        let mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
+            Ok(m) => m,
             Err(msg) => return fail(status, &msg),
         };
-        let mapping = frontend.mapping();
-        // Dropped on return, which deletes this process's table.
-        let nat = nat::Manager::new(&format!("rproxy-{}", std::process::id()));
-        if let Err(msg) = nat.install(&mapping, mapping.options.nat, true) {
-            return fail(status, &msg);
-        }
         match status {
             Some(s) => s.ready(&mapping),
             None => tracing::info!("serving {mapping}"),
         }
-        tokio::select! {
-            _ = frontend.serve(Arc::new(Stats::default()), Stop::never()) => 0,
-            signal = signals.terminate() => {
-                tracing::info!("{signal}: stopping {mapping}");
-                0
-            }
-        }
+        let signal = signals.terminate().await;
+        tracing::info!("{signal}: stopping {mapping}");
+        sup.stop_all(Duration::ZERO).await;
+        0
     })
 }
 

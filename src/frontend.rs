@@ -75,6 +75,15 @@ pub fn check(mapping: &Mapping, fd: OwnedFd) -> Result<Socket, String> {
     Ok(socket)
 }
 
+/// The address `socket` is bound to, IPv4-mapped addresses unmapped (as specs write them).
+pub fn local_addr(socket: &Socket) -> Option<std::net::SocketAddr> {
+    let local = socket.local_addr().ok()?.as_socket()?;
+    Some(std::net::SocketAddr::new(
+        local.ip().to_canonical(),
+        local.port(),
+    ))
+}
+
 /// A bound (UDP) or listening (TCP) socket inside the runtime, ready to serve.
 pub enum Frontend {
     Tcp(tokio::net::TcpListener, Mapping),

@@ -29,8 +29,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use control::Request;
 use env::{Env, Reader};
-use options::NatMode;
+use options::{NatMode, Overrides};
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
 /// docker-proxy's flags (-proto, -host-ip, -host-port, -container-ip, -container-port,
@@ -113,23 +114,24 @@ fn main() {
         match Cli::parse_from(&argv).command {
             Command::Daemon(args) => daemon::main(args, env),
             Command::Ls { control_socket } => {
-                daemon::client_main("ls", control_socket.or(env.socket))
+                control::client::main(Request::Ls {}, control_socket.or(env.socket))
             }
             Command::Add {
                 spec,
                 control_socket,
                 nat,
             } => {
-                let request = match nat {
-                    Some(mode) => format!("add {spec} nat={mode}"),
-                    None => format!("add {spec}"),
+                let options = Overrides {
+                    nat,
+                    ..Overrides::default()
                 };
-                daemon::client_main(&request, control_socket.or(env.socket))
+                let request = Request::Add { spec, options };
+                control::client::main(request, control_socket.or(env.socket))
             }
             Command::Rm {
                 spec,
                 control_socket,
-            } => daemon::client_main(&format!("rm {spec}"), control_socket.or(env.socket)),
+            } => control::client::main(Request::Rm { spec }, control_socket.or(env.socket)),
         }
     };
     std::process::exit(code);

@@ -27,7 +27,7 @@ impl fmt::Display for Proto {
 }
 
 /// One forwarded port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mapping {
     /// TCP or UDP.
     pub proto: Proto,

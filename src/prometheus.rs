@@ -11,6 +11,7 @@
 //! Labels: `proto`, `frontend` (listen address), `backend` (target address), and `reason` or
 //! `direction` where a metric needs one; never a client address.
 
+use std::collections::HashMap;
 use std::fmt::Write;
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,8 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::backoff::Backoff;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
-use crate::stats::{Failure, Histogram, Stats, Timings, BUCKETS};
-use crate::supervisor::Supervisor;
+use crate::stats::{Failure, Histogram, Timings, BUCKETS};
+use crate::supervisor::{Status, Supervisor};
 
 /// Installs the Prometheus recorder for the whole process. Call before mappings start, so
 /// their histograms record.
@@ -47,7 +48,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 /// The TCP duration histograms of every mapping, in the text format.
-fn histograms(sup: &Supervisor) -> String {
+fn histograms(statuses: &[Status]) -> String {
     type Pick = fn(&Timings) -> &Histogram;
     let families: [(&str, &str, Pick); 2] = [
         (
@@ -61,10 +62,9 @@ fn histograms(sup: &Supervisor) -> String {
             |t| &t.lifetime,
         ),
     ];
-    let tcp: Vec<_> = sup
-        .entries()
-        .into_iter()
-        .filter(|(m, ..)| m.proto == Proto::Tcp)
+    let tcp: Vec<_> = statuses
+        .iter()
+        .filter(|s| s.mapping.proto == Proto::Tcp)
         .collect();
     let mut out = String::new();
     if tcp.is_empty() {
@@ -72,9 +72,9 @@ fn histograms(sup: &Supervisor) -> String {
     }
     for (name, help, pick) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (m, stats, ..) in &tcp {
-            let (cumulative, count, sum) = pick(&stats.timings).snapshot();
-            let l = labels(m)
+        for s in &tcp {
+            let (cumulative, count, sum) = pick(&s.stats.timings).snapshot();
+            let l = labels(&s.mapping)
                 .iter()
                 .map(|l| format!("{}=\"{}\"", l.key(), l.value()))
                 .collect::<Vec<_>>()
@@ -211,9 +211,10 @@ async fn answer(
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            sync(sup);
+            let statuses = sup.statuses();
+            sync(&statuses, &sup.kernel_connections(&statuses).await);
             handle.run_upkeep();
-            let body = handle.render() + &histograms(sup);
+            let body = handle.render() + &histograms(&statuses);
             respond(&mut stream, "200 OK", &body, method == "HEAD").await
         }
         ("GET" | "HEAD", "/") => {
@@ -250,28 +251,27 @@ async fn respond(
 
 /// Copies every mapping's counters, the kernel rules' counters and the process's own figures
 /// into the recorder.
-fn sync(sup: &Supervisor) {
-    let kernel = sup.nat().connections();
+fn sync(statuses: &[Status], kernel: &HashMap<String, u64>) {
     let (mut serving, mut stopped) = (0u64, 0u64);
-    for (m, stats, path, live) in sup.entries() {
-        if live {
+    for st in statuses {
+        let (m, s, path) = (&st.mapping, &*st.stats, st.path.as_ref());
+        if st.serving {
             serving += 1;
         } else {
             stopped += 1;
         }
-        let s: &Stats = &stats;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-        counter!("rproxy_bytes_total", with(&m, "direction", "in")).absolute(get(&s.bytes_in));
-        counter!("rproxy_bytes_total", with(&m, "direction", "out")).absolute(get(&s.bytes_out));
+        counter!("rproxy_bytes_total", with(m, "direction", "in")).absolute(get(&s.bytes_in));
+        counter!("rproxy_bytes_total", with(m, "direction", "out")).absolute(get(&s.bytes_out));
         let failures = |name: &'static str, reasons: &[Failure]| {
             for &why in reasons {
-                counter!(name, with(&m, "reason", why.label())).absolute(s.failures_of(why));
+                counter!(name, with(m, "reason", why.label())).absolute(s.failures_of(why));
             }
         };
         match m.proto {
             Proto::Tcp => {
-                counter!("rproxy_tcp_connections_total", labels(&m)).absolute(get(&s.total));
-                gauge!("rproxy_tcp_connections_active", labels(&m)).set(get(&s.active) as f64);
+                counter!("rproxy_tcp_connections_total", labels(m)).absolute(get(&s.total));
+                gauge!("rproxy_tcp_connections_active", labels(m)).set(get(&s.active) as f64);
                 failures(
                     "rproxy_tcp_connect_failures_total",
                     &[
@@ -284,22 +284,26 @@ fn sync(sup: &Supervisor) {
                 );
             }
             Proto::Udp => {
-                counter!("rproxy_udp_datagrams_total", with(&m, "direction", "in"))
+                counter!("rproxy_udp_datagrams_total", with(m, "direction", "in"))
                     .absolute(get(&s.datagrams_in));
-                counter!("rproxy_udp_datagrams_total", with(&m, "direction", "out"))
+                counter!("rproxy_udp_datagrams_total", with(m, "direction", "out"))
                     .absolute(get(&s.datagrams_out));
-                gauge!("rproxy_udp_flows_active", labels(&m)).set(get(&s.active) as f64);
-                counter!("rproxy_udp_flows_created_total", labels(&m)).absolute(get(&s.total));
-                counter!("rproxy_udp_flows_expired_total", labels(&m)).absolute(get(&s.expired));
-                counter!("rproxy_udp_flows_evicted_total", labels(&m)).absolute(get(&s.evicted));
+                gauge!("rproxy_udp_flows_active", labels(m)).set(get(&s.active) as f64);
+                counter!("rproxy_udp_flows_created_total", labels(m)).absolute(get(&s.total));
+                counter!("rproxy_udp_flows_expired_total", labels(m)).absolute(get(&s.expired));
+                counter!("rproxy_udp_flows_evicted_total", labels(m)).absolute(get(&s.evicted));
                 failures("rproxy_udp_drops_total", &Failure::ALL);
             }
         }
-        let rules = if path == Some(Path::Kernel) { 2.0 } else { 0.0 };
-        gauge!("rproxy_nat_rules", labels(&m)).set(rules);
-        if path == Some(Path::Kernel) {
+        let rules = if path == Some(&Path::Kernel) {
+            2.0
+        } else {
+            0.0
+        };
+        gauge!("rproxy_nat_rules", labels(m)).set(rules);
+        if path == Some(&Path::Kernel) {
             let n = kernel.get(&m.spec()).copied().unwrap_or(0);
-            counter!("rproxy_nat_connections_total", labels(&m)).absolute(n);
+            counter!("rproxy_nat_connections_total", labels(m)).absolute(n);
         }
     }
     gauge!("rproxy_mappings", "state" => "serving").set(serving as f64);

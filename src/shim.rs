@@ -7,7 +7,7 @@
 //! itself from the copy of the listening socket it kept (the port never closes; queued
 //! connections are not lost). It stays self-serving until dockerd stops it.
 
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -16,9 +16,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use socket2::Socket;
 
-use crate::control;
+use crate::control::{self, Reply, Request};
 use crate::mapping::{describe, Mapping};
-use crate::options::NatMode;
+use crate::options::Overrides;
 
 pub enum Handoff {
     /// The daemon serves the mapping for as long as this connection stays open.
@@ -27,13 +27,14 @@ pub enum Handoff {
     NoDaemon,
 }
 
-/// Offers the mapping to the daemon at `socket_path` (default when None), with this process's
-/// NAT mode when `RPROXY_NAT` set one. `Err` is the daemon's refusal, for fd 3.
+/// Offers the mapping to the daemon at `socket_path` (default when None), with the options
+/// this process's environment set (the daemon's defaults fill in the rest). `Err` is the
+/// daemon's refusal, for fd 3.
 pub fn register(
     mapping: &Mapping,
     socket: &Socket,
     socket_path: Option<std::path::PathBuf>,
-    nat: Option<NatMode>,
+    options: Overrides,
 ) -> Result<Handoff, String> {
     let path = control::socket_path(socket_path);
     let stream = match UnixStream::connect(&path) {
@@ -49,29 +50,27 @@ pub fn register(
             return Ok(Handoff::NoDaemon);
         }
     };
-    let exchange = || -> io::Result<String> {
+    let exchange = || -> io::Result<Reply> {
+        // dockerd waits 16 s for fd 3: leave time to serve the port here instead.
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        control::send_request(
-            &stream,
-            &match nat {
-                None => format!("register {}", mapping.spec()),
-                Some(mode) => format!("register {} nat={mode}", mapping.spec()),
-            },
-            Some(socket.as_fd()),
-        )?;
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let request = Request::Register {
+            spec: mapping.spec(),
+            options,
+        };
+        control::send_request(&stream, &request, Some(socket.as_fd()))?;
+        let reply = control::read_reply(&stream)?;
         stream.set_read_timeout(None)?;
-        Ok(line.trim_end().to_string())
+        Ok(reply)
     };
     match exchange() {
-        Ok(line) if line.starts_with("ok") => {
+        Ok(Reply::Done { .. }) => {
             tracing::info!("{mapping} handed to the daemon at {}", path.display());
             Ok(Handoff::Registered(stream))
         }
-        Ok(line) if line.starts_with("error ") => Err(line["error ".len()..].to_string()),
-        Ok(line) => {
-            tracing::warn!("daemon answered {line:?}; serving {mapping} here");
+        Ok(Reply::Error { message }) => Err(message),
+        Ok(other) => {
+            tracing::warn!("daemon answered {other:?}; serving {mapping} here");
             Ok(Handoff::NoDaemon)
         }
         Err(e) => {

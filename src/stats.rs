@@ -175,12 +175,17 @@ impl Histogram {
 }
 
 /// A point-in-time copy of the counters `rproxy ls` shows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
+    /// See [`Stats::active`].
     pub active: u64,
+    /// See [`Stats::total`].
     pub total: u64,
+    /// See [`Stats::failed`].
     pub failed: u64,
+    /// See [`Stats::bytes_in`].
     pub bytes_in: u64,
+    /// See [`Stats::bytes_out`].
     pub bytes_out: u64,
 }
 

@@ -20,11 +20,6 @@ impl Stop {
         (StopHandle(tx), Stop(rx))
     }
 
-    /// A stop that never fires (docker-proxy mode: the process just exits).
-    pub fn never() -> Stop {
-        Stop::new().1
-    }
-
     /// Resolves with the drain time once stopped; never resolves if the handle is gone.
     pub async fn wait(&mut self) -> Duration {
         loop {

@@ -1,9 +1,14 @@
-//! The running mappings of a daemon: start one (binding its socket or taking one handed over,
-//! and giving it kernel NAT when its mode asks), stop one (rules first, then the listener
-//! with a drain time), list them with their counters. Shared by the control socket, reload
-//! and shutdown behind one mutex that is never held across an await.
+//! The running mappings of a process: the daemon's many, or a docker-mode process's one.
+//!
+//! Every change — start, stop, `rproxy add/rm`, a shim's registration, a reload — is a
+//! [`Change`] applied as a whole or not at all, one at a time: a change sees the running set,
+//! prepares everything that can fail (binding, taking over a listening socket, kernel NAT),
+//! and only then swaps the set. A mapping whose target or options change keeps its listening
+//! socket (the new one serves a copy of it), so a reload refuses no connection. The running
+//! set's lock is held only to read or swap it, never across a kernel call or an await; the
+//! kernel path answers from its own thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -12,10 +17,10 @@ use std::time::Duration;
 use socket2::Socket;
 use tokio::task::JoinHandle;
 
-use crate::control::Row;
 use crate::frontend::{self, Frontend};
 use crate::mapping::{Mapping, Proto};
-use crate::nat::{self, Path};
+use crate::nat::{Nat, Path};
+use crate::options::NatMode;
 use crate::stats::{Stats, Timings};
 use crate::stop::{Stop, StopHandle};
 
@@ -30,6 +35,8 @@ pub enum Origin {
     Control,
     /// A docker-mode shim's registration; removed when its connection closes.
     Shim(u64),
+    /// A docker-mode process serving its own port.
+    Docker,
 }
 
 impl fmt::Display for Origin {
@@ -39,126 +46,336 @@ impl fmt::Display for Origin {
             Origin::Config => "config",
             Origin::Control => "add",
             Origin::Shim(_) => "shim",
+            Origin::Docker => "docker",
         })
     }
 }
 
+/// What identifies a running mapping: its protocol and listen address.
 pub type Key = (Proto, SocketAddr);
+
+/// The key of `m`.
+pub fn key(m: &Mapping) -> Key {
+    (m.proto, m.listen)
+}
+
+/// A mapping to start, as part of a [`Change`].
+pub struct Start {
+    /// What to serve.
+    pub mapping: Mapping,
+    /// Its listening socket when handed over (a shim's, fd 4); None: bound here, or taken
+    /// over from the mapping this start replaces.
+    pub socket: Option<Socket>,
+    /// Who asked.
+    pub origin: Origin,
+}
+
+/// A change to the running set: mappings to stop and mappings to start. A start whose key is
+/// stopped in the same change replaces that mapping on its listening socket.
+#[derive(Default)]
+pub struct Change {
+    /// Keys to stop.
+    pub stop: Vec<Key>,
+    /// Mappings to start.
+    pub start: Vec<Start>,
+}
+
+/// A running mapping as seen by a [`Change`]'s planner.
+#[derive(Debug, Clone, Copy)]
+pub struct Current {
+    /// The mapping, with its real listen address.
+    pub mapping: Mapping,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// A running mapping as reported by `ls` and the metrics.
+pub struct Status {
+    /// The mapping.
+    pub mapping: Mapping,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Its NAT path, when its NAT mode is not off.
+    pub path: Option<Path>,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+    /// False once its serving task ended (its socket failed).
+    pub serving: bool,
+}
 
 struct Running {
     mapping: Mapping,
     origin: Origin,
-    /// The kernel path, when its NAT mode was not off.
     path: Option<Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
     task: JoinHandle<()>,
+    /// A copy of the listening socket, which a replacing mapping takes over.
+    socket: Socket,
 }
 
+/// The running mappings; cheap to clone (shared).
 #[derive(Clone)]
 pub struct Supervisor {
-    inner: Arc<Mutex<BTreeMap<Key, Running>>>,
-    nat: Arc<nat::Manager>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    running: Mutex<BTreeMap<Key, Running>>,
+    /// Held by one change at a time, across its awaits: changes never interleave.
+    changes: tokio::sync::Mutex<()>,
+    nat: Nat,
     /// Whether TCP mappings record their duration histograms (when metrics are served).
     histograms: bool,
+}
+
+/// A start that has everything but its task.
+struct Prepared {
+    frontend: Frontend,
+    mapping: Mapping,
+    origin: Origin,
+    path: Option<Path>,
+    /// The rules are the replaced mapping's, kept: it must not remove them.
+    inherited_rules: bool,
+    socket: Socket,
 }
 
 impl Supervisor {
     /// A supervisor with nothing running, whose mappings get kernel NAT from `nat` and record
     /// duration histograms when `histograms` (metrics are served).
-    pub fn new(nat: nat::Manager, histograms: bool) -> Supervisor {
+    pub fn new(nat: Nat, histograms: bool) -> Supervisor {
         Supervisor {
-            inner: Arc::default(),
-            nat: Arc::new(nat),
-            histograms,
+            inner: Arc::new(Inner {
+                running: Mutex::default(),
+                changes: tokio::sync::Mutex::new(()),
+                nat,
+                histograms,
+            }),
         }
     }
 
-    pub fn nat(&self) -> &nat::Manager {
-        &self.nat
+    /// The kernel path.
+    pub fn nat(&self) -> &Nat {
+        &self.inner.nat
     }
 
-    /// Starts serving `mapping` on `socket` (bound here when None), with kernel NAT as its
-    /// options ask. Returns the mapping with its real listen address. Must run inside the
-    /// runtime.
-    pub fn start(
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Running>> {
+        self.inner.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies the change `plan` makes of the running set, as a whole or not at all; stopped
+    /// mappings' connections get `drain`. No other change runs in between. Returns the
+    /// started mappings with their real listen addresses. Must run inside the runtime.
+    pub async fn change(
+        &self,
+        drain: Duration,
+        plan: impl FnOnce(&BTreeMap<Key, Current>) -> Result<Change, String>,
+    ) -> Result<Vec<Mapping>, String> {
+        let _one_at_a_time = self.inner.changes.lock().await;
+        let current: BTreeMap<Key, Current> = self
+            .running()
+            .iter()
+            .map(|(k, r)| {
+                let (mapping, origin) = (r.mapping, r.origin);
+                (*k, Current { mapping, origin })
+            })
+            .collect();
+        let change = plan(&current)?;
+        let stopping: BTreeSet<Key> = change.stop.iter().copied().collect();
+        let mut starting = BTreeSet::new();
+        for s in &change.start {
+            let k = key(&s.mapping);
+            if s.mapping.listen.port() == 0 {
+                continue;
+            }
+            if let Some(c) = current.get(&k).filter(|_| !stopping.contains(&k)) {
+                return Err(format!(
+                    "{} {} is already mapped to {} ({})",
+                    k.0, k.1, c.mapping.target, c.origin
+                ));
+            }
+            if !starting.insert(k) {
+                return Err(format!("{} {} is mapped twice", k.0, k.1));
+            }
+        }
+        let mut prepared = Vec::with_capacity(change.start.len());
+        for s in change.start {
+            match self.prepare(s, &current, &stopping).await {
+                Ok(p) => prepared.push(p),
+                Err(e) => {
+                    for p in prepared {
+                        if !p.inherited_rules {
+                            self.inner.nat.remove(&p.mapping, p.path.as_ref());
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.commit(change.stop, prepared, drain))
+    }
+
+    /// Everything a start needs that can fail: its socket, registered with the runtime, and
+    /// its NAT path.
+    async fn prepare(
+        &self,
+        s: Start,
+        current: &BTreeMap<Key, Current>,
+        stopping: &BTreeSet<Key>,
+    ) -> Result<Prepared, String> {
+        let k = key(&s.mapping);
+        let replaced = stopping.contains(&k).then(|| self.listener_of(&k));
+        let socket = match (s.socket, replaced) {
+            (Some(socket), _) => socket,
+            (None, Some(copy)) => copy?,
+            (None, None) => frontend::bind(&s.mapping)?,
+        };
+        let copy = socket
+            .try_clone()
+            .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
+        let frontend = Frontend::new(s.mapping, socket)?;
+        let mapping = frontend.mapping();
+        if key(&mapping) != k {
+            // Port 0, now resolved: the kernel chose a free port, but not necessarily one we
+            // do not already serve through a socket someone handed over.
+            if current.contains_key(&key(&mapping)) {
+                return Err(format!(
+                    "{} {} is already mapped",
+                    mapping.proto, mapping.listen
+                ));
+            }
+        }
+        // Replaced by the same rules (only the NAT mode or other options changed): keep them.
+        let old = current.get(&k).filter(|_| stopping.contains(&k));
+        let inherit = old.is_some_and(|o| {
+            o.mapping.spec() == mapping.spec()
+                && mapping.options.nat != NatMode::Off
+                && self.path_of(&k) == Some(Path::Kernel)
+        });
+        let path = match inherit {
+            true => Some(Path::Kernel),
+            // Rules only once the listener is up: it serves what DNAT leaves to it.
+            false => {
+                self.inner
+                    .nat
+                    .install(
+                        &mapping,
+                        matches!(s.origin, Origin::Shim(_) | Origin::Docker),
+                    )
+                    .await?
+            }
+        };
+        Ok(Prepared {
+            frontend,
+            mapping,
+            origin: s.origin,
+            path,
+            inherited_rules: inherit,
+            socket: copy,
+        })
+    }
+
+    /// A copy of the running mapping's listening socket.
+    fn listener_of(&self, k: &Key) -> Result<Socket, String> {
+        let running = self.running();
+        let r = running
+            .get(k)
+            .ok_or_else(|| format!("{} {} is not running", k.0, k.1))?;
+        r.socket
+            .try_clone()
+            .map_err(|e| format!("cannot take over {} {}: {e}", k.0, k.1))
+    }
+
+    fn path_of(&self, k: &Key) -> Option<Path> {
+        self.running().get(k).and_then(|r| r.path.clone())
+    }
+
+    /// Swaps the running set: nothing here can fail.
+    fn commit(&self, stop: Vec<Key>, prepared: Vec<Prepared>, drain: Duration) -> Vec<Mapping> {
+        let kept_rules: BTreeSet<Key> = prepared
+            .iter()
+            .filter(|p| p.inherited_rules)
+            .map(|p| key(&p.mapping))
+            .collect();
+        let mut stopped = Vec::new();
+        let mut started = Vec::new();
+        {
+            let mut running = self.running();
+            for k in &stop {
+                if let Some(r) = running.remove(k) {
+                    stopped.push(r);
+                }
+            }
+            for p in prepared {
+                let timings = match p.mapping.proto {
+                    Proto::Tcp if self.inner.histograms => Timings::enabled(),
+                    _ => Timings::default(),
+                };
+                let stats = Arc::new(Stats::with_timings(timings));
+                let (handle, stop) = Stop::new();
+                let task = tokio::spawn(p.frontend.serve(stats.clone(), stop));
+                tracing::info!("serving {} ({})", p.mapping, p.origin);
+                started.push(p.mapping);
+                running.insert(
+                    key(&p.mapping),
+                    Running {
+                        mapping: p.mapping,
+                        origin: p.origin,
+                        path: p.path,
+                        stats,
+                        stop: handle,
+                        task,
+                        socket: p.socket,
+                    },
+                );
+            }
+        }
+        for r in stopped {
+            if !kept_rules.contains(&key(&r.mapping)) {
+                // New connections stop being translated now; translated ones keep their
+                // conntrack entries.
+                self.inner.nat.remove(&r.mapping, r.path.as_ref());
+            }
+            r.stop.stop(drain);
+            tracing::info!("stopped {} ({})", r.mapping, r.origin);
+            // The task finishes by itself once drained; nothing waits on it.
+        }
+        started
+    }
+
+    /// Starts one mapping (see [`Supervisor::change`]).
+    pub async fn start(
         &self,
         mapping: Mapping,
         socket: Option<Socket>,
         origin: Origin,
     ) -> Result<Mapping, String> {
-        let key = (mapping.proto, mapping.listen);
-        let mut map = self.inner.lock().unwrap();
-        if mapping.listen.port() != 0 {
-            if let Some(r) = map.get(&key) {
-                return Err(format!(
-                    "{} {} is already mapped to {}",
-                    key.0, key.1, r.mapping.target
-                ));
-            }
-        }
-        let socket = match socket {
-            Some(s) => s,
-            None => frontend::bind(&mapping)?,
+        let start = Start {
+            mapping,
+            socket,
+            origin,
         };
-        let frontend = Frontend::new(mapping, socket)?;
-        let mapping = frontend.mapping();
-        // Rules only once the listener is up: it serves what DNAT leaves to it.
-        let path = self.nat.install(
-            &mapping,
-            mapping.options.nat,
-            matches!(origin, Origin::Shim(_)),
-        )?;
-        let timings = match mapping.proto {
-            Proto::Tcp if self.histograms => Timings::enabled(),
-            _ => Timings::default(),
-        };
-        let stats = Arc::new(Stats::with_timings(timings));
-        let (stop, stopped) = Stop::new();
-        let task = tokio::spawn(frontend.serve(stats.clone(), stopped));
-        tracing::info!("serving {mapping} ({origin})");
-        map.insert(
-            (mapping.proto, mapping.listen),
-            Running {
-                mapping,
-                origin,
-                path,
-                stats,
-                stop,
-                task,
-            },
-        );
-        Ok(mapping)
+        let started = self
+            .change(Duration::ZERO, |_| {
+                Ok(Change {
+                    stop: Vec::new(),
+                    start: vec![start],
+                })
+            })
+            .await?;
+        started
+            .into_iter()
+            .next()
+            .ok_or_else(|| "nothing started".into())
     }
 
-    /// Stops the mapping at `key` if `allowed` says so: the listener closes now, open
-    /// connections get `drain` to finish. Returns what was stopped.
-    pub fn stop_if(
-        &self,
-        key: &Key,
-        drain: Duration,
-        allowed: impl Fn(Origin) -> bool,
-    ) -> Option<Mapping> {
-        let mut map = self.inner.lock().unwrap();
-        if !allowed(map.get(key)?.origin) {
-            return None;
-        }
-        let r = map.remove(key)?;
-        // New connections stop being translated now; translated ones keep their conntrack.
-        self.nat.remove(&r.mapping, r.path.as_ref());
-        r.stop.stop(drain);
-        tracing::info!("stopped {} ({})", r.mapping, r.origin);
-        // The task finishes by itself once drained; nothing waits on it.
-        drop(r.task);
-        Some(r.mapping)
-    }
-
-    /// Stops everything from `origin`-matching mappings; returns the tasks to await for drain.
-    pub fn stop_all(&self, drain: Duration) -> Vec<JoinHandle<()>> {
-        let mut map = self.inner.lock().unwrap();
-        self.nat.close();
-        std::mem::take(&mut *map)
-            .into_values()
+    /// Stops everything: listeners close now; returns the tasks, which end once their
+    /// connections drained (or `drain` passed). Then deletes the NAT table.
+    pub async fn stop_all(&self, drain: Duration) -> Vec<JoinHandle<()>> {
+        let _one_at_a_time = self.inner.changes.lock().await;
+        let all = std::mem::take(&mut *self.running());
+        self.inner.nat.close().await;
+        all.into_values()
             .map(|r| {
                 r.stop.stop(drain);
                 r.task
@@ -166,55 +383,30 @@ impl Supervisor {
             .collect()
     }
 
-    /// The mappings from one origin.
-    pub fn mappings(&self, origin: Origin) -> Vec<Mapping> {
-        let map = self.inner.lock().unwrap();
-        map.values()
-            .filter(|r| r.origin == origin)
-            .map(|r| r.mapping)
-            .collect()
-    }
-
-    pub fn get(&self, key: &Key) -> Option<(Mapping, Origin)> {
-        self.inner
-            .lock()
-            .unwrap()
-            .get(key)
-            .map(|r| (r.mapping, r.origin))
-    }
-
     /// Every mapping with its counters, its NAT path and whether it still serves.
-    pub fn entries(&self) -> Vec<(Mapping, Arc<Stats>, Option<Path>, bool)> {
-        let map = self.inner.lock().unwrap();
-        map.values()
-            .map(|r| {
-                (
-                    r.mapping,
-                    r.stats.clone(),
-                    r.path.clone(),
-                    !r.task.is_finished(),
-                )
+    pub fn statuses(&self) -> Vec<Status> {
+        self.running()
+            .values()
+            .map(|r| Status {
+                mapping: r.mapping,
+                origin: r.origin,
+                path: r.path.clone(),
+                stats: r.stats.clone(),
+                serving: !r.task.is_finished(),
             })
             .collect()
     }
 
-    pub fn rows(&self) -> Vec<Row> {
-        let kernel = self.nat.connections();
-        let map = self.inner.lock().unwrap();
-        map.values()
-            .map(|r| Row {
-                nat: r.path.as_ref().map_or("-", Path::label).into(),
-                kernel_connections: kernel.get(&r.mapping.spec()).copied().unwrap_or(0),
-                spec: r.mapping.spec(),
-                origin: r.origin.to_string(),
-                state: if r.task.is_finished() {
-                    "stopped"
-                } else {
-                    "serving"
-                }
-                .into(),
-                stats: r.stats.snapshot(),
-            })
-            .collect()
+    /// Connections each mapping's kernel rules translated, by spec; asks the kernel only when
+    /// some mapping has rules.
+    pub async fn kernel_connections(
+        &self,
+        statuses: &[Status],
+    ) -> std::collections::HashMap<String, u64> {
+        if statuses.iter().any(|s| s.path == Some(Path::Kernel)) {
+            self.inner.nat.connections().await
+        } else {
+            Default::default()
+        }
     }
 }

@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
@@ -14,95 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
-
-/// `n` consecutive ports free for TCP and UDP on 127.0.0.1, below the ephemeral range.
-fn free_ports(n: u16) -> u16 {
-    // Tests run in parallel: each call starts somewhere else.
-    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let seed = (std::process::id() as u16)
-        .wrapping_mul(7919)
-        .wrapping_add(call.wrapping_mul(1013));
-    for attempt in 0..200u16 {
-        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(97)) % 10_000);
-        let ok = (base..base + n).all(|p| {
-            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
-        });
-        if ok {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-fn daemon(dir: &Dir, extra: &[&str]) -> Proxy {
-    let sock = dir.sock();
-    let mut argv = vec![
-        "daemon",
-        "--control-socket",
-        sock.to_str().unwrap(),
-        "--drain-timeout",
-        "5",
-    ];
-    argv.extend_from_slice(extra);
-    let p = Spawn::new(&argv).no_status_pipe().spawn();
-    p.wait_log("daemon ready", Duration::from_secs(10));
-    p
-}
-
-/// Runs an rproxy client command; returns (exit code, stdout, stderr).
-fn cli(dir: &Dir, args: &[&str]) -> (i32, String, String) {
-    cli_as(dir, args, None)
-}
-
-fn cli_as(dir: &Dir, args: &[&str], uid: Option<u32>) -> (i32, String, String) {
-    let mut cmd = match uid {
-        Some(uid) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid",
-                &uid.to_string(),
-                "--regid",
-                &uid.to_string(),
-                "--clear-groups",
-                "--",
-            ]);
-            c.arg(rproxy());
-            c
-        }
-        None => Command::new(rproxy()),
-    };
-    let out = cmd
-        .args(args)
-        .arg("--control-socket")
-        .arg(dir.sock())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-/// `rproxy ls` rows as (proto, listen, target, origin, active).
-fn ls(dir: &Dir) -> Vec<(String, String, String, String, u64)> {
-    let (code, out, err) = cli(dir, &["ls"]);
-    assert_eq!(code, 0, "ls failed: {err}");
-    out.lines()
-        .skip(1)
-        .map(|l| {
-            let c: Vec<&str> = l.split_whitespace().collect();
-            (
-                c[0].into(),
-                c[1].into(),
-                c[2].into(),
-                c[3].into(),
-                c[5].parse().unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn echo_through(addr: SocketAddr, msg: &[u8]) {
     assert_eq!(tcp_roundtrip(addr, msg), msg, "no echo through {addr}");
@@ -304,33 +214,6 @@ fn only_root_or_the_daemons_uid_may_change_mappings() {
     assert_eq!(code, 0, "ls is read-only and allowed: {err}");
     assert!(out.starts_with("PROTO"));
     assert!(ls(&dir).is_empty(), "the refused add changed something");
-}
-
-/// A docker-mode process spawned as dockerd does, pointed at the daemon.
-fn shim(dir: &Dir, proto: &str, port: u16, target: SocketAddr, fd: Option<OwnedFd>) -> Proxy {
-    let port = port.to_string();
-    let tport = target.port().to_string();
-    let tip = target.ip().to_string();
-    let mut argv = vec![
-        "-proto",
-        proto,
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        &port,
-    ];
-    argv.extend(["-container-ip", &tip, "-container-port", &tport]);
-    if fd.is_some() {
-        argv.push("-use-listen-fd");
-    }
-    let mut spawn = Spawn::new(&argv).env("RPROXY_SOCKET", dir.sock().to_str().unwrap());
-    if let Some(fd) = fd {
-        spawn = spawn.listen_fd(fd);
-    }
-    let mut p = spawn.spawn();
-    assert_eq!(String::from_utf8_lossy(&p.status()), "0\n");
-    p.wait_log("handed to the daemon", Duration::from_secs(5));
-    p
 }
 
 fn threads(pid: u32) -> u32 {

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,8 +14,14 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 
+/// The binary under test: this build's, or `RPROXY_TEST_BINARY` (another build, e.g. the one
+/// before a fix, to see a test fail on it).
 pub fn rproxy() -> &'static str {
-    env!("CARGO_BIN_EXE_rproxy")
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        std::env::var("RPROXY_TEST_BINARY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_rproxy").to_string())
+    })
 }
 
 pub fn is_root() -> bool {
@@ -491,4 +497,124 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .output();
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// The daemon and its control socket
+// ------------------------------------------------------------------------------------------
+
+/// `n` consecutive ports free for TCP and UDP on 127.0.0.1, below the ephemeral range.
+pub fn free_ports(n: u16) -> u16 {
+    // Tests run in parallel: each call starts somewhere else.
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = (std::process::id() as u16)
+        .wrapping_mul(7919)
+        .wrapping_add(call.wrapping_mul(1013));
+    for attempt in 0..200u16 {
+        let base = 20_000 + (seed.wrapping_add(attempt.wrapping_mul(97)) % 10_000);
+        let ok = (base..base + n).all(|p| {
+            TcpListener::bind(("127.0.0.1", p)).is_ok() && UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        });
+        if ok {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+pub fn daemon(dir: &Dir, extra: &[&str]) -> Proxy {
+    let sock = dir.sock();
+    let mut argv = vec![
+        "daemon",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--drain-timeout",
+        "5",
+    ];
+    argv.extend_from_slice(extra);
+    let p = Spawn::new(&argv).no_status_pipe().spawn();
+    p.wait_log("daemon ready", Duration::from_secs(10));
+    p
+}
+
+/// Runs an rproxy client command; returns (exit code, stdout, stderr).
+pub fn cli(dir: &Dir, args: &[&str]) -> (i32, String, String) {
+    cli_as(dir, args, None)
+}
+
+pub fn cli_as(dir: &Dir, args: &[&str], uid: Option<u32>) -> (i32, String, String) {
+    let mut cmd = match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+                "--clear-groups",
+                "--",
+            ]);
+            c.arg(rproxy());
+            c
+        }
+        None => Command::new(rproxy()),
+    };
+    let out = cmd
+        .args(args)
+        .arg("--control-socket")
+        .arg(dir.sock())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// `rproxy ls` rows as (proto, listen, target, origin, active).
+pub fn ls(dir: &Dir) -> Vec<(String, String, String, String, u64)> {
+    let (code, out, err) = cli(dir, &["ls"]);
+    assert_eq!(code, 0, "ls failed: {err}");
+    out.lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (
+                c[0].into(),
+                c[1].into(),
+                c[2].into(),
+                c[3].into(),
+                c[5].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A docker-mode process spawned as dockerd does, pointed at the daemon.
+pub fn shim(dir: &Dir, proto: &str, port: u16, target: SocketAddr, fd: Option<OwnedFd>) -> Proxy {
+    let port = port.to_string();
+    let tport = target.port().to_string();
+    let tip = target.ip().to_string();
+    let mut argv = vec![
+        "-proto",
+        proto,
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        &port,
+    ];
+    argv.extend(["-container-ip", &tip, "-container-port", &tport]);
+    if fd.is_some() {
+        argv.push("-use-listen-fd");
+    }
+    let mut spawn = Spawn::new(&argv).env("RPROXY_SOCKET", dir.sock().to_str().unwrap());
+    if let Some(fd) = fd {
+        spawn = spawn.listen_fd(fd);
+    }
+    let mut p = spawn.spawn();
+    assert_eq!(String::from_utf8_lossy(&p.status()), "0\n");
+    p.wait_log("handed to the daemon", Duration::from_secs(5));
+    p
 }

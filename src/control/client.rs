@@ -1,0 +1,223 @@
+//! The command line's side of the control socket: `rproxy ls`, `add`, `rm`. Every step has a
+//! deadline, so a daemon that is stuck, or a socket nobody serves, gets a message instead of
+//! a terminal that hangs.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+
+use super::{read_reply, send_request, socket_path, Reply, Request, Row};
+use crate::mapping::describe;
+
+/// How long the daemon may take to accept, and then to answer. Generous: an `add` with
+/// kernel NAT waits for netlink; a daemon that takes longer is stuck.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects within [`TIMEOUT`]; errors are worded for the person at the terminal.
+pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, String> {
+    let connect = || -> io::Result<UnixStream> {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None)?;
+        socket.connect_timeout(&SockAddr::unix(path)?, timeout)?;
+        let stream = UnixStream::from(std::os::fd::OwnedFd::from(socket));
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(stream)
+    };
+    connect().map_err(|e| {
+        let why = describe(&e);
+        match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                format!(
+                    "no rproxy daemon at {} ({why}); start one with `rproxy daemon`",
+                    path.display()
+                )
+            }
+            io::ErrorKind::PermissionDenied => {
+                format!(
+                    "cannot reach {} ({why}): the control socket is for root and the daemon's user",
+                    path.display()
+                )
+            }
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                "the rproxy daemon at {} is not accepting connections ({why}); is it stuck?",
+                path.display()
+            ),
+            _ => format!("cannot reach {}: {why}", path.display()),
+        }
+    })
+}
+
+/// Runs one request and returns the daemon's reply (its refusals as Err).
+pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, String> {
+    let stream = connect(path, timeout)?;
+    send_request(&stream, request, None)
+        .map_err(|e| format!("cannot send to the daemon: {}", describe(&e)))?;
+    match read_reply(&stream) {
+        Ok(Reply::Error { message }) => Err(message),
+        Ok(reply) => Ok(reply),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(format!(
+                "the rproxy daemon at {} did not answer within {} s; is it stuck?",
+                path.display(),
+                timeout.as_secs()
+            ))
+        }
+        Err(e) => Err(format!("cannot read the daemon's reply: {}", describe(&e))),
+    }
+}
+
+/// `rproxy ls` / `add` / `rm`: prints the answer; exit 1 with the daemon's reason on failure.
+pub fn main(request: Request, control_socket: Option<PathBuf>) -> i32 {
+    let path = socket_path(control_socket);
+    let verb = match &request {
+        Request::Add { .. } => "added",
+        Request::Rm { .. } => "removed",
+        _ => "",
+    };
+    match call(&path, &request, TIMEOUT) {
+        Ok(Reply::Mappings { rows }) => {
+            print!("{}", format_table(&rows));
+            0
+        }
+        Ok(Reply::Done { mappings }) => {
+            println!("{verb} {}", mappings.len());
+            for m in mappings {
+                println!("  {m}");
+            }
+            0
+        }
+        Ok(other) => {
+            eprintln!("rproxy: unexpected answer from the daemon: {other:?}");
+            1
+        }
+        Err(e) => {
+            eprintln!("rproxy: {e}");
+            1
+        }
+    }
+}
+
+/// `rproxy ls`: the daemon's mappings as a table.
+pub fn format_table(rows: &[Row]) -> String {
+    let header = [
+        "PROTO",
+        "LISTEN",
+        "TARGET",
+        "ORIGIN",
+        "STATE",
+        "ACTIVE",
+        "TOTAL",
+        "FAILED",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "NAT",
+        "KERNEL_CONNS",
+    ];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        let (addrs, proto) = r.spec.rsplit_once('/').unwrap_or((&r.spec, "?"));
+        let (listen, target) = split_spec(addrs);
+        let s = &r.stats;
+        table.push(vec![
+            proto.into(),
+            listen,
+            target,
+            r.origin.clone(),
+            r.state.clone(),
+            s.active.to_string(),
+            s.total.to_string(),
+            s.failed.to_string(),
+            s.bytes_in.to_string(),
+            s.bytes_out.to_string(),
+            r.nat.clone(),
+            r.kernel_connections.to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in table {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// "127.0.0.1:8080:10.0.0.2:80" → ("127.0.0.1:8080", "10.0.0.2:80"): the listen part ends at
+/// the second ':' outside brackets.
+fn split_spec(s: &str) -> (String, String) {
+    let mut depth = 0;
+    let mut colons = 0;
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ':' if depth == 0 => {
+                colons += 1;
+                if colons == 2 {
+                    return (s[..i].to_string(), s[i + 1..].to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    (s.to_string(), String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Snapshot;
+
+    #[test]
+    fn rows_tabulate() {
+        let row = Row {
+            spec: "[::]:8080:10.0.0.2:80/tcp".into(),
+            origin: "shim".into(),
+            state: "serving".into(),
+            stats: Snapshot {
+                active: 1,
+                total: 2,
+                failed: 3,
+                bytes_in: 4,
+                bytes_out: 5,
+            },
+            nat: "kernel".into(),
+            kernel_connections: 6,
+        };
+        let table = format_table(&[row]);
+        let line = table.lines().nth(1).unwrap();
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "tcp",
+                "[::]:8080",
+                "10.0.0.2:80",
+                "shim",
+                "serving",
+                "1",
+                "2",
+                "3",
+                "4",
+                "5",
+                "kernel",
+                "6"
+            ]
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The control socket: how `rproxy ls/add/rm` and docker-mode shims talk to the daemon.
+//!
+//! One request per connection over a unix stream socket, and one reply, each a JSON object on
+//! one line, typed by [`Request`] and [`Reply`] — the one definition both ends use:
+//! - `ls` → the mappings with their counters;
+//! - `add` / `rm` a spec → the mappings started or stopped, or why not;
+//! - `register` a spec with its listening socket attached (SCM_RIGHTS) → registered, or why
+//!   not; the mapping then lives exactly as long as this connection: the shim holds it open
+//!   while dockerd keeps the port published, and closing it (the shim exits) removes it.
+//!
+//! The daemon's side is [`server`], the command line's [`client`]; a shim speaks through
+//! [`send_request`] and [`read_reply`].
+
+pub mod client;
+pub mod server;
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::options::Overrides;
+use crate::stats::Snapshot;
+use crate::sys;
+
+/// Where the daemon listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/rproxy/rproxy.sock";
+
+/// The socket given (`--control-socket`, else `RPROXY_SOCKET`), else the default.
+pub fn socket_path(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 4096;
+
+/// Longest reply line a client reads (`ls` of a daemon with 100,000 mappings fits).
+pub const MAX_REPLY: usize = 64 << 20;
+
+/// What a client asks of the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every mapping with its counters.
+    Ls {},
+    /// Start a spec's mappings (a range is several), all or none.
+    Add {
+        /// `[HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp]`.
+        spec: String,
+        /// Options over the daemon's defaults.
+        #[serde(default)]
+        options: Overrides,
+    },
+    /// Stop a spec's mappings.
+    Rm {
+        /// As for `Add`; matched by protocol and listen address, checked against the target.
+        spec: String,
+    },
+    /// Serve one port, whose listening socket comes with the request, while this connection
+    /// stays open.
+    Register {
+        /// The port's one-port spec; its listen address must be the socket's.
+        spec: String,
+        /// Options the shim's environment set, over the daemon's defaults.
+        #[serde(default)]
+        options: Overrides,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    /// `ls`.
+    Mappings {
+        /// One per mapping.
+        rows: Vec<Row>,
+    },
+    /// `add`, `rm`, `register`: the mappings started or stopped, as one-port specs.
+    Done {
+        /// The specs.
+        mappings: Vec<String>,
+    },
+    /// The request was refused.
+    Error {
+        /// Why, for the person at the terminal or `docker run`.
+        message: String,
+    },
+}
+
+impl Request {
+    /// The request as its wire line.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses a request line.
+    pub fn decode(line: &[u8]) -> Result<Request, String> {
+        serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+    }
+}
+
+impl Reply {
+    /// The reply as its wire line.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses a reply line.
+    pub fn decode(line: &[u8]) -> Result<Reply, String> {
+        serde_json::from_slice(line).map_err(|e| format!("the daemon answered nonsense: {e}"))
+    }
+}
+
+/// Reads one reply line (blocking, within the stream's read timeout).
+pub fn read_reply(mut stream: &UnixStream) -> io::Result<Reply> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 8192];
+    while !line.contains(&b'\n') {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection without answering",
+            ));
+        }
+        line.extend_from_slice(&buf[..n]);
+        if line.len() > MAX_REPLY {
+            return Err(io::Error::other("the daemon's reply is too long"));
+        }
+    }
+    let end = line.iter().position(|&b| b == b'\n').unwrap_or(line.len());
+    Reply::decode(&line[..end]).map_err(io::Error::other)
+}
+
+/// Sends one request, with `fd` attached when given.
+pub fn send_request(
+    stream: &UnixStream,
+    request: &Request,
+    fd: Option<BorrowedFd<'_>>,
+) -> io::Result<()> {
+    let data = format!("{}\n", request.encode());
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage<'_>> = raw
+        .as_ref()
+        .map(|r| ControlMessage::ScmRights(r))
+        .into_iter()
+        .collect();
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(data.as_bytes())],
+        &cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent != data.len() {
+        // The fd went with the first bytes; the rest is plain data.
+        (&*stream).write_all(&data.as_bytes()[sent..])?;
+    }
+    Ok(())
+}
+
+/// Reads what is available of a request and any descriptors sent with it (non-blocking:
+/// WouldBlock when nothing is there). Returns (bytes read, received fds); 0 bytes is EOF.
+pub fn recv_request(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            for r in raw {
+                // Freshly received: nothing else in the process knows these numbers.
+                fds.push(sys::adopt_fd(r)?);
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// One row of `ls`, as sent over the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Row {
+    /// The mapping as a one-port spec.
+    pub spec: String,
+    /// Where it came from (`publish`, `config`, `add`, `shim`).
+    pub origin: String,
+    /// `serving` or `stopped`.
+    pub state: String,
+    /// Its userland counters.
+    pub stats: Snapshot,
+    /// The NAT path: `-` (off), `kernel`, `dockerd` or `userland`.
+    pub nat: String,
+    /// Connections the kernel rules translated (the userland counters never see them).
+    pub kernel_connections: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let requests = [
+            Request::Ls {},
+            Request::Add {
+                spec: "8080:10.0.0.2:80".into(),
+                options: Overrides {
+                    nat: Some(crate::options::NatMode::Require),
+                    ..Overrides::default()
+                },
+            },
+            Request::Rm {
+                spec: "8080:10.0.0.2:80".into(),
+            },
+            Request::Register {
+                spec: "[::]:8080:10.0.0.2:80/udp".into(),
+                options: Overrides::default(),
+            },
+        ];
+        for r in requests {
+            assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));
+        }
+        let row = Row {
+            spec: "[::]:8080:10.0.0.2:80/tcp".into(),
+            origin: "shim".into(),
+            state: "serving".into(),
+            stats: Snapshot {
+                active: 1,
+                total: 2,
+                failed: 3,
+                bytes_in: 4,
+                bytes_out: 5,
+            },
+            nat: "kernel".into(),
+            kernel_connections: 6,
+        };
+        let reply = Reply::Mappings { rows: vec![row] };
+        assert_eq!(Reply::decode(reply.encode().as_bytes()), Ok(reply));
+    }
+
+    #[test]
+    fn unknown_fields_and_requests_are_refused() {
+        for bad in [
+            r#"{"request":"ls","extra":1}"#,
+            r#"{"request":"format_disk"}"#,
+            r#"{"request":"add"}"#,
+            r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"nat":"sometimes"}}"#,
+            r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"bogus":1}}"#,
+            "ls",
+            "",
+        ] {
+            assert!(Request::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}
