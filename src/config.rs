@@ -186,8 +186,18 @@ struct Loaded {
 fn read(path: &Path, base: Options, nat_flag: Option<Mode>) -> Result<Loaded, Vec<String>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
+    parse(&text, path, base, nat_flag)
+}
+
+/// A config file's text, resolved as [`read`] does.
+fn parse(
+    text: &str,
+    path: &Path,
+    base: Options,
+    nat_flag: Option<Mode>,
+) -> Result<Loaded, Vec<String>> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+    let file: ConfigFile = toml::from_str(text).map_err(|e| {
         let line = e
             .span()
             .map(|s| format!(":{}", line_of(s.start)))
@@ -255,4 +265,77 @@ fn read(path: &Path, base: Options, nat_flag: Option<Mode>) -> Result<Loaded, Ve
         control_socket: file.control_socket,
         metrics_addr: file.metrics_addr,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = r#"
+publish = ["8080:10.0.0.2:80", "127.0.0.1:5300-5309:10.0.0.3:5300-5309/udp"]
+drain_timeout = 2.5
+nat = "on"
+metrics_addr = "127.0.0.1:9464"
+
+[[mapping]]
+publish = "[::]:9000:10.0.0.4:90"
+nat = "require"
+"#;
+
+    fn load(text: &str) -> Result<Loaded, Vec<String>> {
+        parse(text, Path::new("rproxy.toml"), Options::default(), None)
+    }
+
+    #[test]
+    fn a_good_file_resolves() {
+        let l = load(GOOD).unwrap();
+        assert_eq!(l.mappings.len(), 12);
+        assert_eq!(l.drain, Some(Duration::from_millis(2500)));
+        assert_eq!(l.defaults.map(|d| d.nat), Some(Mode::On));
+        assert_eq!(l.mappings[11].options.nat, Mode::Require);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text: resolved or refused with messages, never a panic.
+        #[test]
+        fn any_text_is_resolved_or_refused(text in ".{0,300}") {
+            if let Err(errors) = load(&text) {
+                prop_assert!(!errors.is_empty());
+            }
+        }
+
+        /// A good file with bytes changed, inserted or cut: the same.
+        #[test]
+        fn mutated_files_are_resolved_or_refused(
+            edits in proptest::collection::vec((0usize..400, any::<u8>(), 0u8..3), 1..8)
+        ) {
+            let mut bytes = GOOD.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let at = at % (bytes.len() + 1);
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ if at < bytes.len() => { bytes.remove(at); }
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            if let Err(errors) = load(&text) {
+                prop_assert!(!errors.is_empty());
+            }
+        }
+
+        /// Any number of seconds for drain_timeout: taken within range, refused outside.
+        #[test]
+        fn any_drain_timeout_is_checked(secs in any::<f64>()) {
+            let text = format!("drain_timeout = {secs:?}\n");
+            match load(&text) {
+                Ok(l) => prop_assert!(l.drain.is_some_and(|d| d.as_secs_f64() <= 86_400.0)),
+                Err(e) => prop_assert!(e.iter().any(|m| m.contains("drain")) || !secs.is_finite(), "{e:?}"),
+            }
+        }
+    }
 }

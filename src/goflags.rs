@@ -279,4 +279,55 @@ mod tests {
         }
         assert_eq!(parse_int("-9223372036854775808"), Some(i64::MIN));
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Every i64, written as Go writes it in any base, parses back to itself.
+        #[test]
+        fn integers_round_trip(n in any::<i64>()) {
+            let (sign, mag) = if n < 0 { ("-", n.unsigned_abs()) } else { ("", n as u64) };
+            prop_assert_eq!(parse_int(&n.to_string()), Some(n));
+            prop_assert_eq!(parse_int(&format!("{sign}0x{mag:x}")), Some(n));
+            prop_assert_eq!(parse_int(&format!("{sign}0o{mag:o}")), Some(n));
+            prop_assert_eq!(parse_int(&format!("{sign}0b{mag:b}")), Some(n));
+        }
+
+        /// Any string: a value or None, never a panic; a value only from digits Go accepts.
+        #[test]
+        fn any_string_parses_or_is_refused(s in "[-+0-9a-zA-Z_]{0,24}") {
+            if let Some(v) = parse_int(&s) {
+                prop_assert!(!s.contains("++") && !s.contains("+-") && !s.contains("--"));
+                // Without a base prefix or underscores, Go's result is the plain decimal one.
+                if !s.contains(['x', 'X', 'o', 'O', 'b', 'B', '_']) && !s.trim_start_matches(['-', '+']).starts_with('0') {
+                    prop_assert_eq!(s.parse::<i64>().ok(), Some(v));
+                }
+            }
+        }
+
+        /// Any argv: parsed or refused with a message, never a panic.
+        #[test]
+        fn any_argv_parses_or_is_refused(args in proptest::collection::vec(
+            prop_oneof![
+                Just("-proto".to_string()), Just("-host-port".to_string()),
+                Just("--use-listen-fd=maybe".to_string()), Just("-h".to_string()),
+                Just("-".to_string()), Just("--".to_string()), Just("-=x".to_string()),
+                "-?[-a-z=]{0,12}", ".{0,10}",
+            ],
+            0..8,
+        )) {
+            let flags = [
+                Flag { name: "proto", kind: Kind::Str, default: "tcp", usage: "" },
+                Flag { name: "host-port", kind: Kind::Int, default: "-1", usage: "" },
+                Flag { name: "use-listen-fd", kind: Kind::Bool, default: "false", usage: "" },
+            ];
+            match parse(&flags, &args) {
+                Ok(p) => prop_assert!(p.rest.len() <= args.len()),
+                Err(ParseError::Invalid(msg)) => prop_assert!(!msg.is_empty()),
+                Err(ParseError::Help) => {}
+            }
+        }
+    }
 }

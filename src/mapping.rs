@@ -275,4 +275,63 @@ mod tests {
         let e = std::io::Error::other("Custom thing");
         assert_eq!(describe(&e), "custom thing");
     }
+
+    use proptest::prelude::*;
+
+    fn ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u16; 8]>().prop_map(IpAddr::from),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any string: mappings or a reason, never a panic.
+        #[test]
+        fn any_spec_parses_or_is_refused(spec in "[-0-9a-f.:\\[\\]/tcpud]{0,40}") {
+            match parse_publish(&spec, Options::default()) {
+                Ok(m) => prop_assert!(!m.is_empty() && m.len() <= 65_536),
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+        }
+
+        /// Ranges of any length and position, up to the whole port space.
+        #[test]
+        fn any_range_maps_one_to_one(a in 0u16.., b in 0u16.., t in 1u16.., udp in any::<bool>()) {
+            let (lo, hi) = (a.min(b), a.max(b));
+            let len = u32::from(hi) - u32::from(lo);
+            let spec = format!("{lo}-{hi}:10.0.0.2:{t}-{}{}", u32::from(t) + len, if udp { "/udp" } else { "" });
+            match parse_publish(&spec, Options::default()) {
+                Ok(m) => {
+                    prop_assert_eq!(m.len() as u32, len + 1);
+                    prop_assert!(lo != 0 || hi == 0);
+                }
+                Err(e) => prop_assert!(
+                    u32::from(t) + len > 65_535 || (lo == 0 && hi != 0),
+                    "{}: {}", spec, e
+                ),
+            }
+        }
+
+        /// What `ls` prints parses back to the same mapping, for any addresses and ports.
+        #[test]
+        fn specs_round_trip(host in ip(), target in ip(), hp in any::<u16>(), tp in 1u16.., udp in any::<bool>()) {
+            let host = host.to_canonical();
+            let target = match (host, target.to_canonical()) {
+                // An IPv4 host address only targets IPv4.
+                (IpAddr::V4(_), IpAddr::V6(v6)) => IpAddr::from(v6.octets()[12..16].try_into().unwrap_or([10, 0, 0, 1])),
+                (_, t) => t,
+            };
+            prop_assume!(!target.is_unspecified());
+            let m = Mapping {
+                proto: if udp { Proto::Udp } else { Proto::Tcp },
+                listen: SocketAddr::new(host, hp),
+                target: SocketAddr::new(target, tp),
+                options: Options::default(),
+            };
+            prop_assert_eq!(parse_publish(&m.spec(), Options::default()), Ok(vec![m]));
+        }
+    }
 }

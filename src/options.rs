@@ -324,4 +324,35 @@ mod tests {
             assert!(bad.apply(base).is_err(), "{bad:?}");
         }
     }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// Any text, any number: a duration within range or a reason naming the setting.
+        #[test]
+        fn any_seconds_are_checked(text in "[-+0-9.eEinfaINFA]{0,30}", secs in any::<f64>(), ms in any::<u64>()) {
+            for limit in [&CONNECT_TIMEOUT, &UDP_TIMEOUT, &DRAIN_TIMEOUT] {
+                for got in [limit.parse(&text), limit.check(secs), limit.check_ms(ms)] {
+                    match got {
+                        Ok(d) => prop_assert!(d.as_secs_f64() >= limit.min && d.as_secs_f64() <= limit.max),
+                        Err(e) => prop_assert!(e.contains(limit.name)),
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_overrides_apply_or_are_refused(
+            c in proptest::option::of(any::<u64>()),
+            u in proptest::option::of(any::<u64>()),
+            f in proptest::option::of(any::<u64>()),
+        ) {
+            let o = Overrides { connect_timeout_ms: c, udp_timeout_ms: u, udp_max_flows: f, ..Overrides::default() };
+            if let Ok(got) = o.apply(Options::default()) {
+                prop_assert!(got.udp_max_flows >= 1 && got.udp_max_flows <= 1 << 20);
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ mod common;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -194,4 +194,259 @@ fn a_whole_number_drain_timeout_in_the_config_is_taken() {
     .no_status_pipe()
     .spawn();
     p.wait_log("daemon ready", Duration::from_secs(10));
+}
+
+/// A small deterministic generator: the seed is printed, and `RPROXY_FUZZ_SEED` replays it.
+struct Rng(u64);
+
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("RPROXY_FUZZ_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("{test}: RPROXY_FUZZ_SEED={seed}");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+}
+
+/// Values that have broken parsers elsewhere: overflows, signs, bases, families, emptiness.
+const JUNK: &[&str] = &[
+    "",
+    "-",
+    "--",
+    "-1",
+    "0",
+    "1e20",
+    "18446744073709551616",
+    "9223372036854775808",
+    "-9223372036854775809",
+    "65535",
+    "65536",
+    "++80",
+    "0x+50",
+    "0x50",
+    "0_8",
+    "NaN",
+    "inf",
+    "::",
+    "[::1]",
+    "::ffff:127.0.0.1",
+    "127.0.0.1",
+    "0.0.0.0",
+    "256.1.1.1",
+    "udp",
+    "sctp",
+    "tcp",
+    "-h",
+    "-v",
+    "--help",
+    "=",
+    "-proto=",
+    "-use-listen-fd=2",
+    "\u{fffd}\u{7f}",
+    "ééééééééééééééééééééééééééééééééééééééééééééééééééééééééééé",
+];
+
+/// Mutates `base`: replaces, inserts, drops, repeats or swaps arguments.
+fn mutate(rng: &mut Rng, base: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+    for _ in 0..1 + rng.below(3) {
+        let at = rng.below(args.len() + 1);
+        match rng.below(5) {
+            0 if at < args.len() => args[at] = rng.pick(JUNK).to_string(),
+            1 => args.insert(at, rng.pick(JUNK).to_string()),
+            2 if at < args.len() => {
+                args.remove(at);
+            }
+            3 if at < args.len() => {
+                let dup = args[at].clone();
+                args.insert(at, dup);
+            }
+            _ if args.len() > 1 => {
+                let other = rng.below(args.len());
+                let at = at.min(args.len() - 1);
+                args.swap(at, other);
+            }
+            _ => {}
+        }
+    }
+    args
+}
+
+/// Runs rproxy with `args`: it must exit by itself (0, 1 or 2) or, when it serves, stop on
+/// SIGTERM with 0. Never a signal.
+fn survives(args: &[String], status_pipe: bool) {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut spawn = Spawn::new(&argv);
+    spawn.stderr_null = true;
+    if !status_pipe {
+        spawn = spawn.no_status_pipe();
+    }
+    let mut p = spawn.spawn();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let code = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            // Serving: it must stop cleanly.
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            let code = p.wait_exit(Duration::from_secs(10));
+            assert_eq!(code, Some(0), "{args:?} served but did not stop cleanly");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        matches!(code, Some(0..=2)),
+        "{args:?} ended with {code:?} (None: killed by a signal)"
+    );
+}
+
+#[test]
+fn mutated_docker_proxy_command_lines_never_kill_the_process() {
+    let mut rng = Rng::new("mutated_docker_proxy_command_lines_never_kill_the_process");
+    let base = [
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "0",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        "9",
+    ];
+    let runs: Vec<Vec<String>> = (0..120).map(|_| mutate(&mut rng, &base)).collect();
+    let threads: Vec<_> = runs
+        .chunks(30)
+        .map(|chunk| {
+            let chunk = chunk.to_vec();
+            std::thread::spawn(move || chunk.iter().for_each(|a| survives(a, true)))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn mutated_daemon_command_lines_and_config_files_never_kill_the_process() {
+    let mut rng = Rng::new("mutated_daemon_command_lines_and_config_files_never_kill_the_process");
+    let dir = Dir::new("hard-fuzz-daemon");
+    let good = r#"publish = ["127.0.0.1:0:127.0.0.1:9", "127.0.0.1:0:127.0.0.1:9/udp"]
+drain_timeout = 1
+
+[[mapping]]
+publish = "127.0.0.1:0:127.0.0.1:10"
+nat = "off"
+"#;
+    for run in 0..40 {
+        let sock = dir.0.join(format!("ctl{run}.sock"));
+        let config = dir.0.join(format!("rproxy{run}.toml"));
+        // Half the runs mutate the file, half the command line.
+        let mut text = good.as_bytes().to_vec();
+        if run % 2 == 0 {
+            for _ in 0..1 + rng.below(4) {
+                let at = rng.below(text.len());
+                match rng.below(3) {
+                    0 => text[at] = (rng.next() & 0xff) as u8,
+                    1 => text.insert(at, b"\"=[]{}.,#\n0123456789-e"[rng.below(22)]),
+                    _ => {
+                        text.remove(at);
+                    }
+                }
+            }
+        }
+        std::fs::write(&config, &text).unwrap();
+        let base = [
+            "daemon",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "-p",
+            "127.0.0.1:0:127.0.0.1:9",
+            "--drain-timeout",
+            "1",
+        ];
+        let args = match run % 2 {
+            0 => base.iter().map(|s| s.to_string()).collect(),
+            _ => {
+                let mut a = mutate(&mut rng, &base[1..]);
+                a.insert(0, "daemon".into());
+                a
+            }
+        };
+        survives(&args, false);
+    }
+}
+
+#[test]
+fn mutated_control_requests_never_kill_the_daemon() {
+    let mut rng = Rng::new("mutated_control_requests_never_kill_the_daemon");
+    let dir = Dir::new("hard-fuzz-control");
+    let mut d = Spawn::new(&["daemon", "--control-socket", dir.sock().to_str().unwrap()])
+        .no_status_pipe()
+        .spawn();
+    d.wait_log("daemon ready", Duration::from_secs(10));
+    let good = [
+        r#"{"request":"ls"}"#,
+        r#"{"request":"add","spec":"127.0.0.1:0:127.0.0.1:9","options":{"nat":"off","connect_timeout_ms":500}}"#,
+        r#"{"request":"rm","spec":"127.0.0.1:1:127.0.0.1:9"}"#,
+        r#"{"request":"register","spec":"127.0.0.1:0:127.0.0.1:9/udp","options":{"udp_max_flows":10}}"#,
+    ];
+    for _ in 0..300 {
+        let mut bytes = good[rng.below(good.len())].as_bytes().to_vec();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(bytes.len());
+            match rng.below(3) {
+                0 => bytes[at] = (rng.next() & 0xff) as u8,
+                1 => bytes.insert(at, b"\"{}[]:,0123456789-e\\"[rng.below(20)]),
+                _ => {
+                    bytes.remove(at);
+                }
+            }
+        }
+        bytes.push(b'\n');
+        let mut s = std::os::unix::net::UnixStream::connect(dir.sock()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = std::io::Write::write_all(&mut s, &bytes);
+        let mut reply = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut reply);
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "the daemon died on {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    let (code, out, err) = cli(&dir, &["ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("PROTO"));
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
 }

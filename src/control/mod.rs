@@ -261,4 +261,46 @@ mod tests {
             assert!(Request::decode(bad.as_bytes()).is_err(), "{bad}");
         }
     }
+
+    use proptest::prelude::*;
+
+    const GOOD: &[&str] = &[
+        r#"{"request":"ls"}"#,
+        r#"{"request":"add","spec":"8080:10.0.0.2:80","options":{"nat":"on","connect_timeout_ms":500}}"#,
+        r#"{"request":"rm","spec":"8080:10.0.0.2:80"}"#,
+        r#"{"request":"register","spec":"127.0.0.1:8080:10.0.0.2:80/udp","options":{"udp_max_flows":10}}"#,
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Any bytes: a request or a reason, never a panic.
+        #[test]
+        fn any_bytes_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(&bytes);
+            let _ = Reply::decode(&bytes);
+        }
+
+        /// Good requests with bytes changed, inserted or cut, and the options they carry
+        /// applied: a request or a reason, never a panic.
+        #[test]
+        fn mutated_requests_decode_or_are_refused(
+            which in 0usize..4,
+            edits in proptest::collection::vec((0usize..200, any::<u8>(), 0u8..3), 1..6)
+        ) {
+            let mut bytes = GOOD[which].as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let at = at % (bytes.len() + 1);
+                match how {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    _ if at < bytes.len() => { bytes.remove(at); }
+                    _ => {}
+                }
+            }
+            if let Ok(Request::Add { options, .. } | Request::Register { options, .. }) = Request::decode(&bytes) {
+                let _ = options.apply(crate::options::Options::default());
+            }
+        }
+    }
 }
