@@ -1,10 +1,12 @@
-//! UDP through the real binary: echo of the largest datagrams, flow expiry, LRU eviction, and
-//! replies that leave from the address the client used on a multi-address host.
+//! UDP through the real binary: echo of the largest datagrams, flow expiry, LRU eviction (also
+//! under a flood of sources, and when out of descriptors), and replies that leave from the
+//! address the client used on a multi-address host.
 
 mod common;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -376,4 +378,281 @@ fn streaming_replies_get_a_large_receive_buffer() {
     burst(40, 1);
     // 2,000 (about 5 MB with the kernel's overhead) would overflow the default 208 KiB.
     burst(2000, 2);
+}
+
+/// A kB figure of /proc/PID/status (`VmRSS`, `VmHWM`); 0 when unreadable.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A UDP echo that counts the datagrams it answered.
+fn counting_echo(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let socket = UdpSocket::bind(addr).unwrap();
+    socket2::SockRef::from(&socket)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
+    let local = socket.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+            seen.fetch_add(1, Relaxed);
+        }
+    });
+    (local, count)
+}
+
+/// A client asking `tag N` every 50 ms until `stop` (or `limit` requests), noting when each
+/// request left and when its reply came back.
+struct Talk {
+    sent: Vec<Instant>,
+    answered: Vec<Option<Instant>>,
+}
+
+impl Talk {
+    fn run(to: SocketAddr, tag: &str, limit: usize, stop: &AtomicBool) -> Talk {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut talk = Talk {
+            sent: Vec::new(),
+            answered: Vec::new(),
+        };
+        let mut buf = [0u8; 64];
+        let mut listen = |talk: &mut Talk, until: Instant| loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            socket.set_read_timeout(Some(left)).unwrap();
+            let Ok(n) = socket.recv(&mut buf) else {
+                continue;
+            };
+            let seq = std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|s| s.strip_prefix(tag)?.trim().parse::<usize>().ok());
+            if let Some(slot) = seq.and_then(|i| talk.answered.get_mut(i)) {
+                slot.get_or_insert_with(Instant::now);
+            }
+        };
+        while talk.sent.len() < limit && !stop.load(Relaxed) {
+            let seq = talk.sent.len();
+            let now = Instant::now();
+            socket
+                .send_to(format!("{tag} {seq}").as_bytes(), to)
+                .unwrap();
+            talk.sent.push(now);
+            talk.answered.push(None);
+            listen(&mut talk, now + Duration::from_millis(50));
+        }
+        // Late replies still count.
+        listen(&mut talk, Instant::now() + Duration::from_millis(300));
+        talk
+    }
+
+    /// (answered, asked) among the requests sent within `from..to`.
+    fn tally(&self, from: Instant, to: Instant) -> (usize, usize) {
+        let asked: Vec<usize> = (0..self.sent.len())
+            .filter(|&i| self.sent[i] >= from && self.sent[i] < to)
+            .collect();
+        let answered = asked
+            .iter()
+            .filter(|&&i| self.answered[i].is_some())
+            .count();
+        (answered, asked.len())
+    }
+
+    /// The longest time within `from..to` with no reply arriving.
+    fn longest_silence(&self, from: Instant, to: Instant) -> Duration {
+        let mut at: Vec<Instant> = self
+            .answered
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|t| *t >= from && *t < to)
+            .collect();
+        at.sort();
+        at.insert(0, from);
+        at.push(to);
+        at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+}
+
+/// 100,000 sources, one datagram each (from as many 127.x.y.z addresses: all of 127/8 is
+/// local), against a docker-mode proxy with the default flow bound (65,536) and at most
+/// 20,000 descriptors, which cannot hold that many flows: the flow table stays within the
+/// descriptors (17,500 flows) by evicting the least recently used, so a client talking
+/// through the flood keeps its replies, a new client right after it is served, and memory
+/// stays bounded.
+#[test]
+fn a_flood_of_sources_locks_no_client_out() {
+    const SOURCES: usize = 100_000;
+    /// The flood's pace, datagrams per second: what the proxy turns into new flows here with
+    /// room to spare, so that the sources become flows rather than overflow its buffer.
+    const RATE: usize = 25_000;
+    const FDS: u64 = 20_000;
+    let (echo, echoed) = counting_echo("127.0.0.1:0");
+    let mut spawn = Spawn::forward("udp", "127.0.0.1", echo);
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard >= FDS {
+        spawn.shell_prefix.push(format!("ulimit -n {FDS}"));
+    }
+    let p = spawn.spawn().ready();
+    let (pid, to) = (p.child.id(), p.addr());
+    udp_roundtrip(&UdpSocket::bind("127.0.0.1:0").unwrap(), to, b"warm up");
+    let rss_before = status_kb(pid, "VmRSS:");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let talker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || Talk::run(to, "legit", usize::MAX, &stop))
+    };
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most_fds = 0;
+            while !stop.load(Relaxed) {
+                most_fds = most_fds.max(open_fds(pid));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            most_fds
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    let flood_start = Instant::now();
+    for i in 0..SOURCES {
+        let ip = std::net::Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+        let s = UdpSocket::bind((ip, 0)).unwrap();
+        let _ = s.send_to(b"flood", to);
+        if i % 500 == 499 {
+            let due = flood_start + Duration::from_secs_f64((i + 1) as f64 / RATE as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+    }
+    let flood_end = Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_peak = status_kb(pid, "VmHWM:");
+
+    // Right after: the client that talked through the flood, and a new one.
+    let fresh = Talk::run(to, "fresh", 20, &AtomicBool::new(false));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Relaxed);
+    let legit = talker.join().unwrap();
+    let most_fds = sampler.join().unwrap();
+    let rss_after = status_kb(pid, "VmRSS:");
+
+    let (during, asked_during) = legit.tally(flood_start, flood_end);
+    let (after, asked_after) = legit.tally(flood_end, Instant::now());
+    let (fresh_answered, _) = fresh.tally(flood_start, Instant::now());
+    let silence = legit.longest_silence(flood_start, flood_end);
+    let flood_took = flood_end - flood_start;
+    eprintln!(
+        "flood: {SOURCES} sources in {flood_took:.2?}; the backend echoed {} datagrams; \
+         at most {most_fds} descriptors open in the proxy",
+        echoed.load(Relaxed)
+    );
+    eprintln!(
+        "legit client: {during}/{asked_during} replies during the flood (longest silence \
+         {silence:.2?}), {after}/{asked_after} after; new client after: {fresh_answered}/20"
+    );
+    eprintln!(
+        "proxy VmRSS: {rss_before} kB before, {rss_peak} kB peak (VmHWM), {rss_after} kB after"
+    );
+    assert!(
+        fresh_answered >= 19,
+        "a new client after the flood got {fresh_answered} of 20 replies"
+    );
+    assert!(
+        after * 20 >= asked_after * 19,
+        "the client that talked through the flood got {after} of {asked_after} replies after it"
+    );
+    assert!(
+        during * 2 >= asked_during && silence < Duration::from_secs(1),
+        "during the flood: {during} of {asked_during} replies, {silence:?} without one"
+    );
+    // About 2.2 kB a flow (its task, socket state and table entries) above a 4 MB start.
+    assert!(
+        rss_peak < 64 * 1024,
+        "the proxy peaked at {rss_peak} kB of resident memory"
+    );
+}
+
+/// A port nothing listens on now (the kernel's pick; the daemon binds it right after).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Asks once from a new socket (a new flow); whether the reply came.
+fn answered_once(to: SocketAddr, msg: &[u8]) -> bool {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    s.send_to(msg, to).unwrap();
+    s.recv(&mut buf).is_ok_and(|n| &buf[..n] == msg)
+}
+
+/// Two UDP mappings in one daemon share its descriptors: once the other mapping's flows
+/// hold them, socket() fails (EMFILE) for a new flow, which then takes the place of its own
+/// mapping's least recently used flow instead of being refused: its first datagram is
+/// relayed, no retransmission needed.
+#[test]
+fn a_new_flow_evicts_when_out_of_descriptors() {
+    const LIMIT: usize = 256;
+    let echo = udp_echo("127.0.0.1:0");
+    let dir = Dir::new("udp-emfile");
+    let (a, b) = (free_udp_port(), free_udp_port());
+    let sock = dir.sock();
+    let mut spawn = Spawn::new(&[
+        "daemon",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "-p",
+        &format!("127.0.0.1:{a}:{echo}/udp"),
+        "-p",
+        &format!("127.0.0.1:{b}:{echo}/udp"),
+    ])
+    .no_status_pipe();
+    spawn.shell_prefix.push(format!("ulimit -n {LIMIT}"));
+    let p = spawn.spawn();
+    p.wait_log("daemon ready", Duration::from_secs(10));
+    let pid = p.child.id();
+    let (a, b) = (
+        SocketAddr::from(([127, 0, 0, 1], a)),
+        SocketAddr::from(([127, 0, 0, 1], b)),
+    );
+    // Mapping b takes as many flows as its bound allows, and more.
+    let b_answered = (0..LIMIT)
+        .filter(|i| answered_once(b, format!("b {i}").as_bytes()))
+        .count();
+    let fds_after_b = open_fds(pid);
+    // Mapping a gets what is left, then runs out of descriptors.
+    let a_answered = (0..100)
+        .filter(|i| answered_once(a, format!("a {i}").as_bytes()))
+        .count();
+    let fds = open_fds(pid);
+    eprintln!(
+        "mapping b: {b_answered}/{LIMIT} new flows answered ({fds_after_b} descriptors open); \
+         mapping a: {a_answered}/100 ({fds} open, limit {LIMIT})"
+    );
+    assert_eq!(a_answered, 100, "new flows refused when out of descriptors");
+    assert_eq!(b_answered, LIMIT);
+    assert!(fds <= LIMIT);
 }

@@ -14,7 +14,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -67,8 +68,42 @@ impl Config {
     }
 }
 
-/// A live flow: its socket toward the target and the task relaying replies. Dropping it stops
-/// the task, which closes the socket.
+/// Descriptors the flow table leaves to the rest of the process: an eighth of the limit, at
+/// least 64. A docker-mode process needs about a dozen besides its flows (and one more while
+/// a new flow's socket exists before the flow it replaces is evicted); a daemon also holds a
+/// listener per mapping, two per TCP connection and its control connections, which grow with
+/// the limit an operator gives it, hence a share rather than a number. What the reserve
+/// cannot cover (other UDP mappings' flows) is met by evicting when socket() fails (see
+/// [`Dispatch::flow`]).
+fn reserved_fds(limit: u64) -> u64 {
+    (limit / 8).max(64)
+}
+
+/// The flow table's bound: the operator's `max_flows`, lowered to what the descriptor limit
+/// leaves (a flow holds one socket). Past the limit, socket() would fail for every new
+/// client until old flows expire.
+fn flow_bound(max_flows: usize) -> usize {
+    let Ok(limit) = sys::nofile_limit() else {
+        return max_flows;
+    };
+    let bound = bound_by_fds(max_flows, limit);
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if bound < max_flows && !SAID.swap(true, Relaxed) {
+        tracing::info!(
+            "UDP flows per port capped at {bound} (RPROXY_UDP_MAX_FLOWS: {max_flows}) by the \
+             descriptor limit of {limit}"
+        );
+    }
+    bound
+}
+
+fn bound_by_fds(max_flows: usize, limit: u64) -> usize {
+    let by_fds = limit.saturating_sub(reserved_fds(limit)).max(1);
+    max_flows.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+}
+
+/// A live flow: its socket toward the target and the task relaying replies. The task holds
+/// the socket only while it runs, so dropping the flow closes it at once, and stops the task.
 struct Flow {
     socket: Arc<Upstream>,
     replies: JoinHandle<()>,
@@ -149,9 +184,31 @@ fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
 /// Datagrams that did not fit a full socket buffer, copied out to be sent after awaiting room.
 type Leftovers = Vec<(Arc<Upstream>, Vec<u8>)>;
 
-/// Serves the frontend until `stop`. The table is owned by this loop alone (no lock); reply
-/// tasks report their flow's expiry back over a channel.
+/// Serves the frontend until `stop`.
 pub async fn serve(
+    frontend: UdpSocket,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+    stop: Stop,
+) {
+    // As a task of its own, whoever awaits this: tokio polls the future given to block_on
+    // (docker mode's) ahead of its run queue, with at most 61 tasks run in between, so a
+    // frontend busy with new flows would spawn (and abort) their tasks faster than they run,
+    // and starve the reply tasks. A task queues behind them instead.
+    struct Abort(JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = Abort(tokio::spawn(relay(frontend, target, config, stats, stop)));
+    let _ = (&mut task.0).await;
+}
+
+/// The frontend loop. The table is owned by it alone (no lock); reply tasks report their
+/// flow's expiry back over a channel.
+async fn relay(
     frontend: UdpSocket,
     target: SocketAddr,
     config: Config,
@@ -166,7 +223,7 @@ pub async fn serve(
         target,
         config,
         stats,
-        table: FlowTable::new(config.max_flows),
+        table: FlowTable::new(flow_bound(config.max_flows)),
         expired_tx,
     };
     loop {
@@ -209,6 +266,9 @@ pub async fn serve(
                             Err(e) => ctx.stats.fail(Failure::of(&e)),
                         }
                     }
+                    // Let the flows' tasks run now and then (every 128 rounds) while the
+                    // frontend stays busy.
+                    tokio::task::coop::consume_budget().await;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -269,13 +329,26 @@ impl Dispatch {
         leftovers
     }
 
-    /// The flow for `key`, created (with its reply task) on first sight.
+    /// The flow for `key`, opened (with its reply task) on first sight. When the process is
+    /// out of what a socket needs, the least recently used flow gives up its own, and the
+    /// socket is asked for once more.
     fn flow(&mut self, key: FlowKey) -> Option<Arc<Upstream>> {
         if let Some(entry) = self.table.get(&key) {
             entry.activity.touch();
             return Some(entry.flow.socket.clone());
         }
-        let socket = match connect(self.target) {
+        let opened = match connect(self.target) {
+            Err(e) if out_of_resources(&e) => match self.table.evict() {
+                Some((old, flow)) => {
+                    drop(flow); // closes its socket
+                    self.evicted(old, &describe(&e));
+                    connect(self.target)
+                }
+                None => Err(e),
+            },
+            opened => opened,
+        };
+        let socket = match opened {
             Ok(s) => Arc::new(Upstream::new(s, self.target)),
             Err(e) => {
                 self.stats.fail(Failure::of(&e));
@@ -293,13 +366,8 @@ impl Dispatch {
             }
         };
         if let Some((old, _flow)) = self.table.make_room() {
-            Stats::sub(&self.stats.active, 1);
-            Stats::add(&self.stats.evicted, 1);
-            tracing::debug!(
-                "udp flow {} evicted: {} flows is the limit",
-                old.0,
-                self.config.max_flows
-            );
+            let why = format!("{} flows is the limit", self.table.max());
+            self.evicted(old, &why);
         }
         let activity = Arc::new(Activity::default());
         activity.touch();
@@ -319,15 +387,25 @@ impl Dispatch {
         Stats::add(&self.stats.active, 1);
         tracing::debug!("udp flow {} opened to {}", key.0, self.target);
         let expired = self.expired_tx.clone();
-        let (s, a, timeout) = (socket.clone(), activity.clone(), self.config.idle_timeout);
+        let (s, a, timeout) = (
+            Arc::downgrade(&socket),
+            activity.clone(),
+            self.config.idle_timeout,
+        );
         self.table.insert(key, activity, |id| Flow {
             socket: socket.clone(),
             replies: tokio::spawn(async move {
-                replies(&s.socket, &path, &a, timeout).await;
+                replies(s, &path, &a, timeout).await;
                 let _ = expired.send((key, id));
             }),
         });
         Some(socket)
+    }
+
+    fn evicted(&self, old: FlowKey, why: &str) {
+        Stats::sub(&self.stats.active, 1);
+        Stats::add(&self.stats.evicted, 1);
+        tracing::debug!("udp flow {} evicted: {why}", old.0);
     }
 
     /// Sends a run of datagrams for one flow; keeps copies of what did not fit.
@@ -366,6 +444,17 @@ impl Dispatch {
         }
         run.clear();
     }
+}
+
+/// Whether socket()/bind() failed for want of what another flow's socket holds: descriptors
+/// (EMFILE, ENFILE), kernel memory (ENOBUFS, ENOMEM), or a free local port (EADDRINUSE on a
+/// bind to port 0: all flows of a mapping share one target address and port, so at most
+/// net.ipv4.ip_local_port_range of them exist at once).
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRINUSE)
+    )
 }
 
 /// Whether a failed segmented send means "not like this": a segment larger than the path's
@@ -414,7 +503,9 @@ fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// Relays the target's replies to the client until the flow has been idle for `timeout`.
-async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeout: Duration) {
+/// The task holds its socket only while it runs (`flow` is weak), so that evicting the flow
+/// closes the socket at once, and a new flow can have its descriptor right away.
+async fn replies(flow: Weak<Upstream>, path: &ReplyPath, activity: &Activity, timeout: Duration) {
     let timeout_ms = timeout.as_millis() as u64;
     // A flow socket starts with the kernel's default buffer (~208 KiB: cheap for the many
     // small flows); one whose replies fill a whole batch is streaming, and gets the
@@ -426,17 +517,25 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
         if now >= deadline {
             return;
         }
+        let readable = std::future::poll_fn(|cx| match flow.upgrade() {
+            Some(upstream) => upstream.socket.poll_recv_ready(cx).map(|r| r.is_ok()),
+            None => Poll::Ready(false),
+        });
         tokio::select! {
-            r = flow.readable() => if r.is_err() { return },
+            ok = readable => if !ok { return },
             _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => continue,
         }
         loop {
+            let Some(upstream) = flow.upgrade() else {
+                return;
+            };
+            let socket = &upstream.socket;
             let round = with_batch(|batch| {
-                match flow.try_io(Interest::READABLE, || batch.recv(flow.as_fd())) {
+                match socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd())) {
                     Ok(n) => {
                         activity.touch();
                         if n == sys::BATCH && !grown {
-                            grow_receive_buffer(flow);
+                            grow_receive_buffer(socket);
                             grown = true;
                         }
                         Some(path.send(batch, n))
@@ -445,6 +544,7 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
                     Err(_) => None,
                 }
             });
+            drop(upstream);
             match round {
                 None => break,
                 Some(leftovers) => {
@@ -522,5 +622,20 @@ impl ReplyPath {
         Stats::add(&self.stats.bytes_out, n as u64);
         Stats::add(&self.stats.datagrams_out, 1);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_bound_leaves_descriptors_to_the_rest() {
+        assert_eq!(bound_by_fds(65_536, 20_000), 17_500);
+        assert_eq!(bound_by_fds(65_536, 256), 192);
+        assert_eq!(bound_by_fds(65_536, 1 << 20), 65_536);
+        assert_eq!(bound_by_fds(100, 20_000), 100);
+        assert_eq!(bound_by_fds(65_536, 10), 1);
+        assert_eq!(bound_by_fds(65_536, u64::MAX), 65_536); // RLIM_INFINITY
     }
 }
