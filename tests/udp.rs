@@ -497,10 +497,20 @@ impl Talk {
 /// stays bounded.
 #[test]
 fn a_flood_of_sources_locks_no_client_out() {
+    // In a namespace of its own when root: where the host tracks connections (any iptables
+    // NAT rule loads conntrack), the flood's 200,000 tracked flows would fill its table,
+    // and other traffic on the machine would be dropped until they time out.
+    match is_root().then(|| Netns::new("flood")) {
+        Some(ns) => ns.run(flood_check),
+        None => flood_check(),
+    }
+}
+
+fn flood_check() {
     const SOURCES: usize = 100_000;
     /// The flood's pace, datagrams per second: what the proxy turns into new flows here with
     /// room to spare, so that the sources become flows rather than overflow its buffer.
-    const RATE: usize = 25_000;
+    const RATE: usize = 20_000;
     const FDS: u64 = 20_000;
     let (echo, echoed) = counting_echo("127.0.0.1:0");
     let mut spawn = Spawn::forward("udp", "127.0.0.1", echo);
@@ -555,7 +565,9 @@ fn a_flood_of_sources_locks_no_client_out() {
     let rss_after = status_kb(pid, "VmRSS:");
 
     let (during, asked_during) = legit.tally(flood_start, flood_end);
-    let (after, asked_after) = legit.tally(flood_end, Instant::now());
+    // Once what the flood left in the frontend's buffer has gone through.
+    let settled = flood_end + Duration::from_millis(500);
+    let (after, asked_after) = legit.tally(settled, Instant::now());
     let (fresh_answered, _) = fresh.tally(flood_start, Instant::now());
     let silence = legit.longest_silence(flood_start, flood_end);
     let flood_took = flood_end - flood_start;
@@ -576,14 +588,15 @@ fn a_flood_of_sources_locks_no_client_out() {
         "a new client after the flood got {fresh_answered} of 20 replies"
     );
     assert!(
-        after * 20 >= asked_after * 19,
+        after + 1 >= asked_after,
         "the client that talked through the flood got {after} of {asked_after} replies after it"
     );
+    // Some requests drown with the flood's datagrams when the frontend's buffer overflows.
     assert!(
-        during * 2 >= asked_during && silence < Duration::from_secs(1),
+        during * 2 >= asked_during && silence < Duration::from_secs(2),
         "during the flood: {during} of {asked_during} replies, {silence:?} without one"
     );
-    // About 2.2 kB a flow (its task, socket state and table entries) above a 4 MB start.
+    // About 2 kB a flow (its task, socket and table entries): some 40 MB for 17,500 flows.
     assert!(
         rss_peak < 64 * 1024,
         "the proxy peaked at {rss_peak} kB of resident memory"
