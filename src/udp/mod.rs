@@ -415,9 +415,10 @@ impl Dispatch {
         let mut retried = false;
         while sent < run.len() {
             let max_segment = upstream.max_segment(run.len() - sent);
-            match socket.try_io(Interest::WRITABLE, || {
-                sys::send_batch(socket.as_fd(), &run[sent..], max_segment)
-            }) {
+            // Straight to the kernel, not through tokio's readiness: tokio holds a new socket
+            // unwritable until the runtime has polled it, which sent every new flow's first
+            // datagrams to the awaited leftovers. The kernel's EAGAIN says when it is full.
+            match sys::send_batch(socket.as_fd(), &run[sent..], max_segment) {
                 Ok(n) => {
                     let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
                     Stats::add(&self.stats.bytes_in, bytes as u64);
