@@ -1,6 +1,7 @@
 //! UDP through the real binary: echo of the largest datagrams, flow expiry, LRU eviction (also
-//! under a flood of sources, and when out of descriptors), and replies that leave from the
-//! address the client used on a multi-address host.
+//! under a flood of sources, and when out of descriptors), a full socket toward the target
+//! stalling only its own flow, and replies that leave from the address the client used on a
+//! multi-address host.
 
 mod common;
 
@@ -601,6 +602,150 @@ fn flood_check() {
         rss_peak < 64 * 1024,
         "the proxy peaked at {rss_peak} kB of resident memory"
     );
+}
+
+/// One flow whose socket toward the target is full costs only that flow. The target sits in
+/// a namespace behind a veth whose egress (HTB) holds large datagrams to 2 Mbit/s and lets
+/// small ones through: the datagrams waiting in the slow class stay charged to the proxy's
+/// socket, so a bulk client sending faster than that fills the bulk flow's send buffer
+/// (sendmmsg: EAGAIN), while a ping client's small datagrams have a free path. The ping must
+/// not wait behind the bulk flow.
+#[test]
+fn a_full_upstream_socket_stalls_only_its_flow() {
+    if !need_root("a_full_upstream_socket_stalls_only_its_flow") {
+        return;
+    }
+    let (host, ctr) = (Netns::new("fullh"), Netns::new("fullc"));
+    // Class 1:1 (fast): small IP packets (total length < 1024) and anything not IP (ARP);
+    // class 1:2 (slow): every other IP packet.
+    sh(&format!(
+        "ip -n {h} link add f0 type veth peer name f1 netns {c} && \
+         ip -n {h} addr add 10.79.0.1/24 dev f0 && ip -n {h} link set f0 up && \
+         ip -n {c} addr add 10.79.0.2/24 dev f1 && ip -n {c} link set f1 up && \
+         tc -n {h} qdisc add dev f0 root handle 1: htb default 1 && \
+         tc -n {h} class add dev f0 parent 1: classid 1:1 htb rate 10gbit quantum 60000 && \
+         tc -n {h} class add dev f0 parent 1: classid 1:2 htb rate 2mbit ceil 2mbit && \
+         tc -n {h} filter add dev f0 parent 1: protocol ip prio 1 u32 \
+            match u16 0 0xfc00 at 2 flowid 1:1 && \
+         tc -n {h} filter add dev f0 parent 1: protocol ip prio 2 u32 match u32 0 0 flowid 1:2",
+        h = host.name,
+        c = ctr.name
+    ));
+    let echo = ctr.run(|| udp_echo("10.79.0.2:0"));
+    host.run(move || {
+        let p = start("udp", "127.0.0.1", echo);
+        let (pid, to) = (p.child.id(), p.addr());
+        let wmem_default: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        // 5,000 numbered datagrams of 1,400 bytes a second (56 Mbit/s) toward a 2 Mbit/s
+        // path; their echoes must come back in order (some lost: the path cannot take them).
+        let bulk_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let bulk_echoes = {
+            let s = bulk_socket.try_clone().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            std::thread::spawn(move || {
+                let (mut buf, mut last, mut echoed, mut reordered) = ([0u8; 2048], None, 0, 0);
+                while let Ok(n) = s.recv(&mut buf) {
+                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
+                    assert_eq!(n, 1400);
+                    reordered += usize::from(last.is_some_and(|l| seq <= l));
+                    (last, echoed) = (Some(seq), echoed + 1);
+                }
+                (echoed, reordered)
+            })
+        };
+        let bulk = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut sent = 0u64;
+                let mut datagram = [7u8; 1400];
+                while !stop.load(Relaxed) {
+                    for _ in 0..5 {
+                        datagram[..8].copy_from_slice(&sent.to_be_bytes());
+                        let _ = bulk_socket.send_to(&datagram, to);
+                        sent += 1;
+                    }
+                    let due = start + Duration::from_millis(sent / 5);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
+                sent
+            })
+        };
+        // How full the proxy's sockets toward the target get (tx_queue of /proc/net/udp is
+        // the bytes charged to the socket's send buffer; sendmmsg fails at the buffer's size).
+        let fullest = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let target = format!(
+                    "{:08X}:{:04X}",
+                    u32::from_le_bytes([10, 79, 0, 2]),
+                    echo.port()
+                );
+                let mut most = 0usize;
+                while !stop.load(Relaxed) {
+                    let table = std::fs::read_to_string(format!("/proc/{pid}/net/udp")).unwrap();
+                    for line in table.lines().filter(|l| l.contains(&target)) {
+                        let queues = line.split_whitespace().nth(4).unwrap_or("0:0");
+                        let tx = queues.split(':').next().unwrap_or("0");
+                        most = most.max(usize::from_str_radix(tx, 16).unwrap_or(0));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                most
+            })
+        };
+        // Let the bulk flow fill its socket, then ping through the proxy beside it.
+        std::thread::sleep(Duration::from_millis(500));
+        let ping = UdpSocket::bind("127.0.0.1:0").unwrap();
+        ping.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut rtts = Vec::new();
+        let mut buf = [0u8; 64];
+        for i in 0..100u32 {
+            let sent = Instant::now();
+            ping.send_to(&i.to_be_bytes(), to).unwrap();
+            // Replies to pings given up on may still come: wait for this one.
+            while let Ok(n) = ping.recv(&mut buf) {
+                if buf[..n] == i.to_be_bytes() {
+                    rtts.push(sent.elapsed());
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20).saturating_sub(sent.elapsed()));
+        }
+        stop.store(true, Relaxed);
+        let bulk_sent = bulk.join().unwrap();
+        let fullest = fullest.join().unwrap();
+        let (bulk_echoed, reordered) = bulk_echoes.join().unwrap();
+        rtts.sort();
+        let median = rtts.get(rtts.len() / 2).copied().unwrap_or_default();
+        let p95 = rtts
+            .get((rtts.len() * 95 / 100).min(rtts.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default();
+        eprintln!(
+            "bulk: {bulk_sent} datagrams sent, {bulk_echoed} echoed, {reordered} out of order; \
+             fullest proxy socket toward the target: {fullest} of {wmem_default} bytes; \
+             ping: {} of 100 answered, median {median:.2?}, p95 {p95:.2?}",
+            rtts.len()
+        );
+        assert!(
+            fullest * 4 >= wmem_default * 3,
+            "the bulk flow's socket never filled ({fullest} of {wmem_default} bytes): no EAGAIN"
+        );
+        assert!(
+            rtts.len() >= 95 && p95 < Duration::from_millis(50),
+            "the ping flow stalled behind the full one: {} of 100 answered, p95 {p95:?}",
+            rtts.len()
+        );
+        assert!(bulk_echoed > 0 && reordered == 0);
+        drop(p);
+    });
 }
 
 /// A port nothing listens on now (the kernel's pick; the daemon binds it right after).

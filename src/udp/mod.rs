@@ -9,19 +9,22 @@
 pub mod flows;
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{
+    AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::frontend::Stop;
 use crate::mapping::describe;
@@ -102,8 +105,8 @@ fn bound_by_fds(max_flows: usize, limit: u64) -> usize {
     max_flows.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
 }
 
-/// A live flow: its socket toward the target and the task relaying replies. The task holds
-/// the socket only while it runs, so dropping the flow closes it at once, and stops the task.
+/// A live flow: its socket toward the target and the task relaying replies. Its tasks hold
+/// the socket only while they run, so dropping the flow closes it at once, and stops them.
 struct Flow {
     socket: Arc<Upstream>,
     replies: JoinHandle<()>,
@@ -112,6 +115,14 @@ struct Flow {
 impl Drop for Flow {
     fn drop(&mut self) {
         self.replies.abort();
+        if let Some(drainer) = self
+            .socket
+            .backlog()
+            .as_mut()
+            .and_then(|b| b.drainer.take())
+        {
+            drainer.abort();
+        }
     }
 }
 
@@ -122,6 +133,10 @@ struct Upstream {
     socket: UdpSocket,
     ipv6: bool,
     max_segment: AtomicUsize,
+    /// Set while datagrams wait in `backlog`: later ones queue behind them, keeping order.
+    backlogged: AtomicBool,
+    /// Boxed, and only while used: most flows never have one.
+    backlog: Mutex<Option<Box<Backlog>>>,
 }
 
 /// [`Upstream::max_segment`] before the path MTU has been asked: most flows (a DNS query, a
@@ -134,6 +149,8 @@ impl Upstream {
             socket,
             ipv6: target.is_ipv6(),
             max_segment: AtomicUsize::new(if GSO.load(Relaxed) { UNKNOWN } else { 0 }),
+            backlogged: AtomicBool::new(false),
+            backlog: Mutex::new(None),
         }
     }
 
@@ -150,6 +167,169 @@ impl Upstream {
                 known
             }
             max => max,
+        }
+    }
+
+    /// Sends the backlog until the socket is full (false) or nothing waits (true: the
+    /// drainer's work is done).
+    fn send_backlog(&self, stats: &Stats, target: SocketAddr) -> bool {
+        let mut slot = self.backlog();
+        while let Some(backlog) = slot.as_mut() {
+            let run: Vec<&[u8]> = backlog
+                .queue
+                .iter()
+                .take(sys::BATCH)
+                .map(|d| &d[..])
+                .collect();
+            if run.is_empty() {
+                break;
+            }
+            let sent = self.send(&run, stats, target, true);
+            let full = sent < run.len();
+            backlog.pop(sent);
+            if full {
+                return false;
+            }
+        }
+        *slot = None;
+        self.backlogged.store(false, Release);
+        true
+    }
+
+    fn backlog(&self) -> MutexGuard<'_, Option<Box<Backlog>>> {
+        // Nothing panics while holding it (release builds abort anyway): never poisoned.
+        self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `run` in order until done or the send buffer is full; returns how many datagrams
+    /// it consumed (sent, or dropped on an error): fewer than `run.len()` means full.
+    ///
+    /// `gated`: through tokio's readiness, which a full buffer clears, for a task about to
+    /// wait on it. Otherwise straight to the kernel: tokio holds a new socket unwritable until
+    /// the runtime has polled it, and a flow's first datagrams need not wait for that (the
+    /// kernel's EAGAIN still says when the buffer is full).
+    fn send(&self, run: &[&[u8]], stats: &Stats, target: SocketAddr, gated: bool) -> usize {
+        let socket = &self.socket;
+        let mut sent = 0;
+        let mut retried = false;
+        while sent < run.len() {
+            let max_segment = self.max_segment(run.len() - sent);
+            let send = || sys::send_batch(socket.as_fd(), &run[sent..], max_segment);
+            let result = match gated {
+                true => socket.try_io(Interest::WRITABLE, send),
+                false => send(),
+            };
+            match result {
+                Ok(n) if n > 0 => {
+                    let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
+                    Stats::add(&stats.bytes_in, bytes as u64);
+                    Stats::add(&stats.datagrams_in, n as u64);
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
+                    self.max_segment.store(0, Relaxed);
+                }
+                // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
+                    retried = true
+                }
+                // (Ok(0) cannot happen for a non-empty run; were it to, drop rather than spin.)
+                result => {
+                    let e = result
+                        .err()
+                        .unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+                    tracing::debug!("udp datagram to {target} dropped: {}", describe(&e));
+                    stats.fail(Failure::of(&e));
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    }
+}
+
+/// Datagrams a flow's full socket did not take, oldest first, waiting for room. They are sent
+/// by a task of their own, so the frontend never waits for one flow's socket.
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Vec<u8>>,
+    /// What `queue` holds, as [`backlog_cost`] counts it.
+    cost: usize,
+    /// The task sending `queue`, while one runs.
+    drainer: Option<AbortHandle>,
+}
+
+/// The most a flow's backlog may hold, about one more default socket send buffer (212,992
+/// bytes with the kernel's per-datagram overhead): beyond it the path is slower than the
+/// client, and later datagrams are dropped (`limit`) as a full buffer would drop them.
+const FLOW_BACKLOG: usize = 256 << 10;
+/// The most all backlogs of the process may hold together, whatever the number of flows.
+const ALL_BACKLOGS: usize = 32 << 20;
+/// What all backlogs hold now.
+static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Memory a queued datagram holds: its bytes and its allocation's bookkeeping.
+fn backlog_cost(datagram: &[u8]) -> usize {
+    datagram.len() + 64
+}
+
+impl Backlog {
+    /// Queues copies of `datagrams` behind what waits; returns how many did not fit.
+    fn push(&mut self, datagrams: &[&[u8]]) -> usize {
+        let mut dropped = 0;
+        for d in datagrams {
+            let cost = backlog_cost(d);
+            let fits = self.cost + cost <= FLOW_BACKLOG
+                && BACKLOGGED
+                    .fetch_update(Relaxed, Relaxed, |all| {
+                        Some(all + cost).filter(|&n| n <= ALL_BACKLOGS)
+                    })
+                    .is_ok();
+            if fits {
+                self.queue.push_back(d.to_vec());
+                self.cost += cost;
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Forgets the first `n` datagrams (sent, or dropped on an error).
+    fn pop(&mut self, n: usize) {
+        for d in self.queue.drain(..n.min(self.queue.len())) {
+            let cost = backlog_cost(&d);
+            self.cost -= cost;
+            BACKLOGGED.fetch_sub(cost, Relaxed);
+        }
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        BACKLOGGED.fetch_sub(self.cost, Relaxed);
+    }
+}
+
+/// Sends a flow's backlog as its socket makes room, in order, then ends. Holds the flow only
+/// while it runs, as [`replies`] does.
+async fn drain(flow: Weak<Upstream>, stats: Arc<Stats>, target: SocketAddr) {
+    loop {
+        match flow.upgrade() {
+            Some(upstream) => {
+                if upstream.send_backlog(&stats, target) {
+                    return;
+                }
+            }
+            None => return,
+        }
+        let writable = std::future::poll_fn(|cx| match flow.upgrade() {
+            Some(upstream) => upstream.socket.poll_send_ready(cx).map(|r| r.is_ok()),
+            None => Poll::Ready(false),
+        });
+        if !writable.await {
+            return;
         }
     }
 }
@@ -180,9 +360,6 @@ fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
         f(slot.get_or_insert_with(|| sys::RecvBatch::new(MAX_DATAGRAM)))
     })
 }
-
-/// Datagrams that did not fit a full socket buffer, copied out to be sent after awaiting room.
-type Leftovers = Vec<(Arc<Upstream>, Vec<u8>)>;
 
 /// Serves the frontend until `stop`.
 pub async fn serve(
@@ -250,27 +427,19 @@ async fn relay(
         loop {
             let round = with_batch(|batch| {
                 match frontend.try_io(Interest::READABLE, || batch.recv(frontend.as_fd())) {
-                    Ok(n) => Ok(Some(ctx.dispatch(batch, n))),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    Ok(n) => {
+                        ctx.dispatch(batch, n);
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
                     Err(e) => Err(e),
                 }
             });
             match round {
-                Ok(Some(leftovers)) => {
-                    for (upstream, data) in leftovers {
-                        match upstream.socket.send(&data).await {
-                            Ok(n) => {
-                                Stats::add(&ctx.stats.bytes_in, n as u64);
-                                Stats::add(&ctx.stats.datagrams_in, 1);
-                            }
-                            Err(e) => ctx.stats.fail(Failure::of(&e)),
-                        }
-                    }
-                    // Let the flows' tasks run now and then (every 128 rounds) while the
-                    // frontend stays busy.
-                    tokio::task::coop::consume_budget().await;
-                }
-                Ok(None) => break,
+                // Let the flows' tasks run now and then (every 128 rounds) while the frontend
+                // stays busy.
+                Ok(true) => tokio::task::coop::consume_budget().await,
+                Ok(false) => break,
                 Err(e) => {
                     // Transient kernel trouble (ENOMEM, ICMP errors); never spin on it.
                     tracing::warn!("udp receive failed: {}", describe(&e));
@@ -296,9 +465,8 @@ struct Dispatch {
 
 impl Dispatch {
     /// Forwards one received batch: consecutive datagrams of the same flow go out in one
-    /// sendmmsg. Returns what a full socket buffer could not take.
-    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) -> Leftovers {
-        let mut leftovers = Vec::new();
+    /// sendmmsg.
+    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) {
         let mut run: Vec<&[u8]> = Vec::with_capacity(sys::BATCH);
         let mut run_socket: Option<Arc<Upstream>> = None;
         for i in 0..n {
@@ -314,19 +482,16 @@ impl Dispatch {
             let Some(socket) = self.flow((received.source, received.destination)) else {
                 continue;
             };
-            if run_socket
-                .as_ref()
-                .is_some_and(|s| !Arc::ptr_eq(s, &socket))
-            {
-                self.flush(run_socket.take().unwrap(), &mut run, &mut leftovers);
+            if let Some(s) = run_socket.take_if(|s| !Arc::ptr_eq(s, &socket)) {
+                self.flush(&s, &run);
+                run.clear();
             }
             run_socket = Some(socket);
             run.push(batch.datagram(i));
         }
         if let Some(socket) = run_socket {
-            self.flush(socket, &mut run, &mut leftovers);
+            self.flush(&socket, &run);
         }
-        leftovers
     }
 
     /// The flow for `key`, opened (with its reply task) on first sight. When the process is
@@ -408,42 +573,38 @@ impl Dispatch {
         tracing::debug!("udp flow {} evicted: {why}", old.0);
     }
 
-    /// Sends a run of datagrams for one flow; keeps copies of what did not fit.
-    fn flush(&self, upstream: Arc<Upstream>, run: &mut Vec<&[u8]>, leftovers: &mut Leftovers) {
-        let socket = &upstream.socket;
-        let mut sent = 0;
-        let mut retried = false;
-        while sent < run.len() {
-            let max_segment = upstream.max_segment(run.len() - sent);
-            // Straight to the kernel, not through tokio's readiness: tokio holds a new socket
-            // unwritable until the runtime has polled it, which sent every new flow's first
-            // datagrams to the awaited leftovers. The kernel's EAGAIN says when it is full.
-            match sys::send_batch(socket.as_fd(), &run[sent..], max_segment) {
-                Ok(n) => {
-                    let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
-                    Stats::add(&self.stats.bytes_in, bytes as u64);
-                    Stats::add(&self.stats.datagrams_in, n as u64);
-                    sent += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    leftovers.extend(run[sent..].iter().map(|d| (upstream.clone(), d.to_vec())));
-                    break;
-                }
-                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
-                    upstream.max_segment.store(0, Relaxed);
-                }
-                // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
-                    retried = true
-                }
-                Err(e) => {
-                    tracing::debug!("udp datagram to {} dropped: {}", self.target, describe(&e));
-                    self.stats.fail(Failure::of(&e));
-                    sent += 1;
-                }
+    /// Sends a run of datagrams for one flow; what its full socket does not take waits in the
+    /// flow's backlog (as does all of it while older datagrams wait there).
+    fn flush(&self, upstream: &Arc<Upstream>, run: &[&[u8]]) {
+        let sent = match upstream.backlogged.load(Acquire) {
+            false => upstream.send(run, &self.stats, self.target, false),
+            true => 0,
+        };
+        if sent == run.len() {
+            return;
+        }
+        let mut slot = upstream.backlog();
+        let backlog = slot.get_or_insert_with(Box::default);
+        let dropped = backlog.push(&run[sent..]);
+        if dropped > 0 {
+            tracing::debug!(
+                "udp: {dropped} datagrams to {} dropped: the flow's backlog is full",
+                self.target
+            );
+            for _ in 0..dropped {
+                self.stats.fail(Failure::Limit);
             }
         }
-        run.clear();
+        if backlog.drainer.is_none() {
+            if backlog.queue.is_empty() {
+                *slot = None;
+                return;
+            }
+            upstream.backlogged.store(true, Release);
+            let flow = Arc::downgrade(upstream);
+            let task = tokio::spawn(drain(flow, self.stats.clone(), self.target));
+            backlog.drainer = Some(task.abort_handle());
+        }
     }
 }
 
@@ -638,5 +799,24 @@ mod tests {
         assert_eq!(bound_by_fds(100, 20_000), 100);
         assert_eq!(bound_by_fds(65_536, 10), 1);
         assert_eq!(bound_by_fds(65_536, u64::MAX), 65_536); // RLIM_INFINITY
+    }
+
+    #[test]
+    fn backlogs_are_bounded_and_give_their_memory_back() {
+        let datagram = [7u8; 1000];
+        let fit = FLOW_BACKLOG / backlog_cost(&datagram);
+        let mut backlog = Backlog::default();
+        assert_eq!(backlog.push(&vec![&datagram[..]; fit + 3]), 3);
+        assert_eq!(backlog.queue.len(), fit);
+        // Empty datagrams cost their bookkeeping: they only fill what is left.
+        let room = (FLOW_BACKLOG - backlog.cost) / backlog_cost(&[]);
+        assert_eq!(backlog.push(&[&[][..]; 100]), 100 - room);
+        assert_eq!(BACKLOGGED.load(Relaxed), backlog.cost);
+        backlog.pop(fit + room - 2);
+        assert_eq!(backlog.queue.len(), 2);
+        assert_eq!(backlog.push(&[&[1u8][..]]), 0);
+        assert_eq!(backlog.queue.back().map(|d| &d[..]), Some(&[1u8][..]));
+        drop(backlog);
+        assert_eq!(BACKLOGGED.load(Relaxed), 0);
     }
 }
