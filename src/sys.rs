@@ -45,6 +45,16 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
     }
 }
 
+/// The soft RLIMIT_NOFILE: how many descriptors this process may have open.
+pub fn nofile_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit only writes the struct we pass, which lives on our stack.
+    unsafe {
+        let mut lim: libc::rlimit = zeroed();
+        cvt(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+        Ok(lim.rlim_cur as u64)
+    }
+}
+
 /// Asks the kernel to send `signal` to us when our parent dies.
 pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number by value; no pointers are involved.

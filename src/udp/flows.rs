@@ -70,11 +70,22 @@ impl<F> FlowTable<F> {
         self.flows.get(key)
     }
 
+    /// The bound on flows.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Makes room for one more flow; returns the evicted flow, if one had to go.
     pub fn make_room(&mut self) -> Option<(FlowKey, F)> {
         if self.flows.len() < self.max {
             return None;
         }
+        self.evict()
+    }
+
+    /// Removes the least recently used flow, below the bound or not (its socket is wanted for
+    /// a new flow).
+    pub fn evict(&mut self) -> Option<(FlowKey, F)> {
         while let Some(((queued, id), key)) = self.queue.pop_first() {
             let Some(entry) = self.flows.get_mut(&key) else {
                 continue;
@@ -156,6 +167,9 @@ mod tests {
         assert_eq!(t.remove(&key(3), id + 100), None);
         assert_eq!(t.remove(&key(3), id), Some("three"));
         assert_eq!(t.make_room(), None);
+        // Below the bound, evict still gives up the least recent flow.
+        assert_eq!(t.evict(), Some((key(1), "one")));
+        assert_eq!((t.len(), t.evict()), (0, None));
     }
 
     /// Both flows saw traffic since they were queued: the one whose traffic is older goes,

@@ -9,18 +9,22 @@
 pub mod flows;
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{
+    AtomicBool, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::mapping::describe;
 use crate::options::Options;
@@ -59,8 +63,42 @@ pub fn disable_gso() {
     GSO.store(false, Relaxed);
 }
 
-/// A live flow: its socket toward the target and the task relaying replies. Dropping it stops
-/// the task, which closes the socket.
+/// Descriptors the flow table leaves to the rest of the process: an eighth of the limit, at
+/// least 64. A docker-mode process needs about a dozen besides its flows (and one more while
+/// a new flow's socket exists before the flow it replaces is evicted); a daemon also holds a
+/// listener per mapping, two per TCP connection and its control connections, which grow with
+/// the limit an operator gives it, hence a share rather than a number. What the reserve
+/// cannot cover (other UDP mappings' flows) is met by evicting when socket() fails (see
+/// [`Dispatch::flow`]).
+fn reserved_fds(limit: u64) -> u64 {
+    (limit / 8).max(64)
+}
+
+/// The flow table's bound: the operator's `max_flows`, lowered to what the descriptor limit
+/// leaves (a flow holds one socket). Past the limit, socket() would fail for every new
+/// client until old flows expire.
+fn flow_bound(max_flows: usize) -> usize {
+    let Ok(limit) = sys::nofile_limit() else {
+        return max_flows;
+    };
+    let bound = bound_by_fds(max_flows, limit);
+    static SAID: AtomicBool = AtomicBool::new(false);
+    if bound < max_flows && !SAID.swap(true, Relaxed) {
+        tracing::info!(
+            "UDP flows per port capped at {bound} (RPROXY_UDP_MAX_FLOWS: {max_flows}) by the \
+             descriptor limit of {limit}"
+        );
+    }
+    bound
+}
+
+fn bound_by_fds(max_flows: usize, limit: u64) -> usize {
+    let by_fds = limit.saturating_sub(reserved_fds(limit)).max(1);
+    max_flows.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
+}
+
+/// A live flow: its socket toward the target and the task relaying replies. Its tasks hold
+/// the socket only while they run, so dropping the flow closes it at once, and stops them.
 struct Flow {
     socket: Arc<Upstream>,
     replies: JoinHandle<()>,
@@ -69,6 +107,14 @@ struct Flow {
 impl Drop for Flow {
     fn drop(&mut self) {
         self.replies.abort();
+        if let Some(drainer) = self
+            .socket
+            .backlog()
+            .as_mut()
+            .and_then(|b| b.drainer.take())
+        {
+            drainer.abort();
+        }
     }
 }
 
@@ -79,6 +125,10 @@ struct Upstream {
     socket: UdpSocket,
     ipv6: bool,
     max_segment: AtomicUsize,
+    /// Set while datagrams wait in `backlog`: later ones queue behind them, keeping order.
+    backlogged: AtomicBool,
+    /// Boxed, and only while used: most flows never have one.
+    backlog: Mutex<Option<Box<Backlog>>>,
 }
 
 /// [`Upstream::max_segment`] before the path MTU has been asked: most flows (a DNS query, a
@@ -91,6 +141,8 @@ impl Upstream {
             socket,
             ipv6: target.is_ipv6(),
             max_segment: AtomicUsize::new(if GSO.load(Relaxed) { UNKNOWN } else { 0 }),
+            backlogged: AtomicBool::new(false),
+            backlog: Mutex::new(None),
         }
     }
 
@@ -107,6 +159,169 @@ impl Upstream {
                 known
             }
             max => max,
+        }
+    }
+
+    /// Sends the backlog until the socket is full (false) or nothing waits (true: the
+    /// drainer's work is done).
+    fn send_backlog(&self, stats: &Stats, target: SocketAddr) -> bool {
+        let mut slot = self.backlog();
+        while let Some(backlog) = slot.as_mut() {
+            let run: Vec<&[u8]> = backlog
+                .queue
+                .iter()
+                .take(sys::BATCH)
+                .map(|d| &d[..])
+                .collect();
+            if run.is_empty() {
+                break;
+            }
+            let sent = self.send(&run, stats, target, true);
+            let full = sent < run.len();
+            backlog.pop(sent);
+            if full {
+                return false;
+            }
+        }
+        *slot = None;
+        self.backlogged.store(false, Release);
+        true
+    }
+
+    fn backlog(&self) -> MutexGuard<'_, Option<Box<Backlog>>> {
+        // Nothing panics while holding it (release builds abort anyway): never poisoned.
+        self.backlog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends `run` in order until done or the send buffer is full; returns how many datagrams
+    /// it consumed (sent, or dropped on an error): fewer than `run.len()` means full.
+    ///
+    /// `gated`: through tokio's readiness, which a full buffer clears, for a task about to
+    /// wait on it. Otherwise straight to the kernel: tokio holds a new socket unwritable until
+    /// the runtime has polled it, and a flow's first datagrams need not wait for that (the
+    /// kernel's EAGAIN still says when the buffer is full).
+    fn send(&self, run: &[&[u8]], stats: &Stats, target: SocketAddr, gated: bool) -> usize {
+        let socket = &self.socket;
+        let mut sent = 0;
+        let mut retried = false;
+        while sent < run.len() {
+            let max_segment = self.max_segment(run.len() - sent);
+            let send = || sys::send_batch(socket.as_fd(), &run[sent..], max_segment);
+            let result = match gated {
+                true => socket.try_io(Interest::WRITABLE, send),
+                false => send(),
+            };
+            match result {
+                Ok(n) if n > 0 => {
+                    let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
+                    Stats::add(&stats.bytes_in, bytes as u64);
+                    Stats::add(&stats.datagrams_in, n as u64);
+                    sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
+                    self.max_segment.store(0, Relaxed);
+                }
+                // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
+                    retried = true
+                }
+                // (Ok(0) cannot happen for a non-empty run; were it to, drop rather than spin.)
+                result => {
+                    let e = result
+                        .err()
+                        .unwrap_or_else(|| io::ErrorKind::WriteZero.into());
+                    tracing::debug!("udp datagram to {target} dropped: {}", describe(&e));
+                    stats.fail(Failure::of(&e));
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    }
+}
+
+/// Datagrams a flow's full socket did not take, oldest first, waiting for room. They are sent
+/// by a task of their own, so the frontend never waits for one flow's socket.
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Vec<u8>>,
+    /// What `queue` holds, as [`backlog_cost`] counts it.
+    cost: usize,
+    /// The task sending `queue`, while one runs.
+    drainer: Option<AbortHandle>,
+}
+
+/// The most a flow's backlog may hold, about one more default socket send buffer (212,992
+/// bytes with the kernel's per-datagram overhead): beyond it the path is slower than the
+/// client, and later datagrams are dropped (`limit`) as a full buffer would drop them.
+const FLOW_BACKLOG: usize = 256 << 10;
+/// The most all backlogs of the process may hold together, whatever the number of flows.
+const ALL_BACKLOGS: usize = 32 << 20;
+/// What all backlogs hold now.
+static BACKLOGGED: AtomicUsize = AtomicUsize::new(0);
+
+/// Memory a queued datagram holds: its bytes and its allocation's bookkeeping.
+fn backlog_cost(datagram: &[u8]) -> usize {
+    datagram.len() + 64
+}
+
+impl Backlog {
+    /// Queues copies of `datagrams` behind what waits; returns how many did not fit.
+    fn push(&mut self, datagrams: &[&[u8]]) -> usize {
+        let mut dropped = 0;
+        for d in datagrams {
+            let cost = backlog_cost(d);
+            let fits = self.cost + cost <= FLOW_BACKLOG
+                && BACKLOGGED
+                    .fetch_update(Relaxed, Relaxed, |all| {
+                        Some(all + cost).filter(|&n| n <= ALL_BACKLOGS)
+                    })
+                    .is_ok();
+            if fits {
+                self.queue.push_back(d.to_vec());
+                self.cost += cost;
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Forgets the first `n` datagrams (sent, or dropped on an error).
+    fn pop(&mut self, n: usize) {
+        for d in self.queue.drain(..n.min(self.queue.len())) {
+            let cost = backlog_cost(&d);
+            self.cost -= cost;
+            BACKLOGGED.fetch_sub(cost, Relaxed);
+        }
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        BACKLOGGED.fetch_sub(self.cost, Relaxed);
+    }
+}
+
+/// Sends a flow's backlog as its socket makes room, in order, then ends. Holds the flow only
+/// while it runs, as [`replies`] does.
+async fn drain(flow: Weak<Upstream>, stats: Arc<Stats>, target: SocketAddr) {
+    loop {
+        match flow.upgrade() {
+            Some(upstream) => {
+                if upstream.send_backlog(&stats, target) {
+                    return;
+                }
+            }
+            None => return,
+        }
+        let writable = std::future::poll_fn(|cx| match flow.upgrade() {
+            Some(upstream) => upstream.socket.poll_send_ready(cx).map(|r| r.is_ok()),
+            None => Poll::Ready(false),
+        });
+        if !writable.await {
+            return;
         }
     }
 }
@@ -138,12 +353,31 @@ fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
     })
 }
 
-/// Datagrams that did not fit a full socket buffer, copied out to be sent after awaiting room.
-type Leftovers = Vec<(Arc<Upstream>, Vec<u8>)>;
-
-/// Serves the frontend until `stop`. The table is owned by this loop alone (no lock); reply
-/// tasks report their flow's expiry back over a channel.
+/// Serves the frontend until `stop`.
 pub async fn serve(
+    frontend: UdpSocket,
+    target: SocketAddr,
+    config: Config,
+    stats: Arc<Stats>,
+    stop: Stop,
+) {
+    // As a task of its own, whoever awaits this: tokio polls the future given to block_on
+    // (docker mode's) ahead of its run queue, with at most 61 tasks run in between, so a
+    // frontend busy with new flows would spawn (and abort) their tasks faster than they run,
+    // and starve the reply tasks. A task queues behind them instead.
+    struct Abort(JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = Abort(tokio::spawn(relay(frontend, target, config, stats, stop)));
+    let _ = (&mut task.0).await;
+}
+
+/// The frontend loop. The table is owned by it alone (no lock); reply tasks report their
+/// flow's expiry back over a channel.
+async fn relay(
     frontend: UdpSocket,
     target: SocketAddr,
     config: Config,
@@ -158,7 +392,7 @@ pub async fn serve(
         target,
         config,
         stats,
-        table: FlowTable::new(config.max_flows),
+        table: FlowTable::new(flow_bound(config.max_flows)),
         expired_tx,
     };
     loop {
@@ -185,24 +419,19 @@ pub async fn serve(
         loop {
             let round = with_batch(|batch| {
                 match frontend.try_io(Interest::READABLE, || batch.recv(frontend.as_fd())) {
-                    Ok(n) => Ok(Some(ctx.dispatch(batch, n))),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+                    Ok(n) => {
+                        ctx.dispatch(batch, n);
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
                     Err(e) => Err(e),
                 }
             });
             match round {
-                Ok(Some(leftovers)) => {
-                    for (upstream, data) in leftovers {
-                        match upstream.socket.send(&data).await {
-                            Ok(n) => {
-                                Stats::add(&ctx.stats.bytes_in, n as u64);
-                                Stats::add(&ctx.stats.datagrams_in, 1);
-                            }
-                            Err(e) => ctx.stats.fail(Failure::of(&e)),
-                        }
-                    }
-                }
-                Ok(None) => break,
+                // Let the flows' tasks run now and then (every 128 rounds) while the frontend
+                // stays busy.
+                Ok(true) => tokio::task::coop::consume_budget().await,
+                Ok(false) => break,
                 Err(e) => {
                     // Transient kernel trouble (ENOMEM, ICMP errors); never spin on it.
                     tracing::warn!("udp receive failed: {}", describe(&e));
@@ -228,9 +457,8 @@ struct Dispatch {
 
 impl Dispatch {
     /// Forwards one received batch: consecutive datagrams of the same flow go out in one
-    /// sendmmsg. Returns what a full socket buffer could not take.
-    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) -> Leftovers {
-        let mut leftovers = Vec::new();
+    /// sendmmsg.
+    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) {
         let mut run: Vec<&[u8]> = Vec::with_capacity(sys::BATCH);
         let mut run_socket: Option<Arc<Upstream>> = None;
         for i in 0..n {
@@ -246,28 +474,38 @@ impl Dispatch {
             let Some(socket) = self.flow((received.source, received.destination)) else {
                 continue;
             };
-            if run_socket
-                .as_ref()
-                .is_some_and(|s| !Arc::ptr_eq(s, &socket))
-            {
-                self.flush(run_socket.take().unwrap(), &mut run, &mut leftovers);
+            if let Some(s) = run_socket.take_if(|s| !Arc::ptr_eq(s, &socket)) {
+                self.flush(&s, &run);
+                run.clear();
             }
             run_socket = Some(socket);
             run.push(batch.datagram(i));
         }
         if let Some(socket) = run_socket {
-            self.flush(socket, &mut run, &mut leftovers);
+            self.flush(&socket, &run);
         }
-        leftovers
     }
 
-    /// The flow for `key`, created (with its reply task) on first sight.
+    /// The flow for `key`, opened (with its reply task) on first sight. When the process is
+    /// out of what a socket needs, the least recently used flow gives up its own, and the
+    /// socket is asked for once more.
     fn flow(&mut self, key: FlowKey) -> Option<Arc<Upstream>> {
         if let Some(entry) = self.table.get(&key) {
             entry.activity.touch();
             return Some(entry.flow.socket.clone());
         }
-        let socket = match connect(self.target) {
+        let opened = match connect(self.target) {
+            Err(e) if out_of_resources(&e) => match self.table.evict() {
+                Some((old, flow)) => {
+                    drop(flow); // closes its socket
+                    self.evicted(old, &describe(&e));
+                    connect(self.target)
+                }
+                None => Err(e),
+            },
+            opened => opened,
+        };
+        let socket = match opened {
             Ok(s) => Arc::new(Upstream::new(s, self.target)),
             Err(e) => {
                 self.stats.fail(Failure::of(&e));
@@ -285,13 +523,8 @@ impl Dispatch {
             }
         };
         if let Some((old, _flow)) = self.table.make_room() {
-            Stats::sub(&self.stats.active, 1);
-            Stats::add(&self.stats.evicted, 1);
-            tracing::debug!(
-                "udp flow {} evicted: {} flows is the limit",
-                old.0,
-                self.config.max_flows
-            );
+            let why = format!("{} flows is the limit", self.table.max());
+            self.evicted(old, &why);
         }
         let activity = Arc::new(Activity::default());
         activity.touch();
@@ -311,53 +544,71 @@ impl Dispatch {
         Stats::add(&self.stats.active, 1);
         tracing::debug!("udp flow {} opened to {}", key.0, self.target);
         let expired = self.expired_tx.clone();
-        let (s, a, timeout) = (socket.clone(), activity.clone(), self.config.idle_timeout);
+        let (s, a, timeout) = (
+            Arc::downgrade(&socket),
+            activity.clone(),
+            self.config.idle_timeout,
+        );
         self.table.insert(key, activity, |id| Flow {
             socket: socket.clone(),
             replies: tokio::spawn(async move {
-                replies(&s.socket, &path, &a, timeout).await;
+                replies(s, &path, &a, timeout).await;
                 let _ = expired.send((key, id));
             }),
         });
         Some(socket)
     }
 
-    /// Sends a run of datagrams for one flow; keeps copies of what did not fit.
-    fn flush(&self, upstream: Arc<Upstream>, run: &mut Vec<&[u8]>, leftovers: &mut Leftovers) {
-        let socket = &upstream.socket;
-        let mut sent = 0;
-        let mut retried = false;
-        while sent < run.len() {
-            let max_segment = upstream.max_segment(run.len() - sent);
-            match socket.try_io(Interest::WRITABLE, || {
-                sys::send_batch(socket.as_fd(), &run[sent..], max_segment)
-            }) {
-                Ok(n) => {
-                    let bytes: usize = run[sent..sent + n].iter().map(|d| d.len()).sum();
-                    Stats::add(&self.stats.bytes_in, bytes as u64);
-                    Stats::add(&self.stats.datagrams_in, n as u64);
-                    sent += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    leftovers.extend(run[sent..].iter().map(|d| (upstream.clone(), d.to_vec())));
-                    break;
-                }
-                Err(e) if max_segment > 0 && refuses_segmentation(&e) => {
-                    upstream.max_segment.store(0, Relaxed);
-                }
-                // A stale ICMP port-unreachable from an earlier datagram, not this one: retry once.
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !retried => {
-                    retried = true
-                }
-                Err(e) => {
-                    tracing::debug!("udp datagram to {} dropped: {}", self.target, describe(&e));
-                    self.stats.fail(Failure::of(&e));
-                    sent += 1;
-                }
+    fn evicted(&self, old: FlowKey, why: &str) {
+        Stats::sub(&self.stats.active, 1);
+        Stats::add(&self.stats.evicted, 1);
+        tracing::debug!("udp flow {} evicted: {why}", old.0);
+    }
+
+    /// Sends a run of datagrams for one flow; what its full socket does not take waits in the
+    /// flow's backlog (as does all of it while older datagrams wait there).
+    fn flush(&self, upstream: &Arc<Upstream>, run: &[&[u8]]) {
+        let sent = match upstream.backlogged.load(Acquire) {
+            false => upstream.send(run, &self.stats, self.target, false),
+            true => 0,
+        };
+        if sent == run.len() {
+            return;
+        }
+        let mut slot = upstream.backlog();
+        let backlog = slot.get_or_insert_with(Box::default);
+        let dropped = backlog.push(&run[sent..]);
+        if dropped > 0 {
+            tracing::debug!(
+                "udp: {dropped} datagrams to {} dropped: the flow's backlog is full",
+                self.target
+            );
+            for _ in 0..dropped {
+                self.stats.fail(Failure::Limit);
             }
         }
-        run.clear();
+        if backlog.drainer.is_none() {
+            if backlog.queue.is_empty() {
+                *slot = None;
+                return;
+            }
+            upstream.backlogged.store(true, Release);
+            let flow = Arc::downgrade(upstream);
+            let task = tokio::spawn(drain(flow, self.stats.clone(), self.target));
+            backlog.drainer = Some(task.abort_handle());
+        }
     }
+}
+
+/// Whether socket()/bind() failed for want of what another flow's socket holds: descriptors
+/// (EMFILE, ENFILE), kernel memory (ENOBUFS, ENOMEM), or a free local port (EADDRINUSE on a
+/// bind to port 0: all flows of a mapping share one target address and port, so at most
+/// net.ipv4.ip_local_port_range of them exist at once).
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRINUSE)
+    )
 }
 
 /// Whether a failed segmented send means "not like this": a segment larger than the path's
@@ -406,7 +657,9 @@ fn connect(target: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// Relays the target's replies to the client until the flow has been idle for `timeout`.
-async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeout: Duration) {
+/// The task holds its socket only while it runs (`flow` is weak), so that evicting the flow
+/// closes the socket at once, and a new flow can have its descriptor right away.
+async fn replies(flow: Weak<Upstream>, path: &ReplyPath, activity: &Activity, timeout: Duration) {
     let timeout_ms = timeout.as_millis() as u64;
     // A flow socket starts with the kernel's default buffer (~208 KiB: cheap for the many
     // small flows); one whose replies fill a whole batch is streaming, and gets the
@@ -418,17 +671,25 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
         if now >= deadline {
             return;
         }
+        let readable = std::future::poll_fn(|cx| match flow.upgrade() {
+            Some(upstream) => upstream.socket.poll_recv_ready(cx).map(|r| r.is_ok()),
+            None => Poll::Ready(false),
+        });
         tokio::select! {
-            r = flow.readable() => if r.is_err() { return },
+            ok = readable => if !ok { return },
             _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => continue,
         }
         loop {
+            let Some(upstream) = flow.upgrade() else {
+                return;
+            };
+            let socket = &upstream.socket;
             let round = with_batch(|batch| {
-                match flow.try_io(Interest::READABLE, || batch.recv(flow.as_fd())) {
+                match socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd())) {
                     Ok(n) => {
                         activity.touch();
                         if n == sys::BATCH && !grown {
-                            grow_receive_buffer(flow);
+                            grow_receive_buffer(socket);
                             grown = true;
                         }
                         Some(path.send(batch, n))
@@ -437,6 +698,7 @@ async fn replies(flow: &UdpSocket, path: &ReplyPath, activity: &Activity, timeou
                     Err(_) => None,
                 }
             });
+            drop(upstream);
             match round {
                 None => break,
                 Some(leftovers) => {
@@ -514,5 +776,39 @@ impl ReplyPath {
         Stats::add(&self.stats.bytes_out, n as u64);
         Stats::add(&self.stats.datagrams_out, 1);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flow_bound_leaves_descriptors_to_the_rest() {
+        assert_eq!(bound_by_fds(65_536, 20_000), 17_500);
+        assert_eq!(bound_by_fds(65_536, 256), 192);
+        assert_eq!(bound_by_fds(65_536, 1 << 20), 65_536);
+        assert_eq!(bound_by_fds(100, 20_000), 100);
+        assert_eq!(bound_by_fds(65_536, 10), 1);
+        assert_eq!(bound_by_fds(65_536, u64::MAX), 65_536); // RLIM_INFINITY
+    }
+
+    #[test]
+    fn backlogs_are_bounded_and_give_their_memory_back() {
+        let datagram = [7u8; 1000];
+        let fit = FLOW_BACKLOG / backlog_cost(&datagram);
+        let mut backlog = Backlog::default();
+        assert_eq!(backlog.push(&vec![&datagram[..]; fit + 3]), 3);
+        assert_eq!(backlog.queue.len(), fit);
+        // Empty datagrams cost their bookkeeping: they only fill what is left.
+        let room = (FLOW_BACKLOG - backlog.cost) / backlog_cost(&[]);
+        assert_eq!(backlog.push(&[&[][..]; 100]), 100 - room);
+        assert_eq!(BACKLOGGED.load(Relaxed), backlog.cost);
+        backlog.pop(fit + room - 2);
+        assert_eq!(backlog.queue.len(), 2);
+        assert_eq!(backlog.push(&[&[1u8][..]]), 0);
+        assert_eq!(backlog.queue.back().map(|d| &d[..]), Some(&[1u8][..]));
+        drop(backlog);
+        assert_eq!(BACKLOGGED.load(Relaxed), 0);
     }
 }
