@@ -29,7 +29,7 @@ pub fn main(args: Args, env: Env) -> i32 {
             return 2;
         }
     };
-    if let Err(e) = crate::sys::raise_nofile_limit() {
+    if let Err(e) = crate::sys::process::raise_nofile_limit() {
         tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

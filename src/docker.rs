@@ -19,11 +19,13 @@ use crate::options::Options;
 use crate::shim::{self, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::supervisor::{Origin, Supervisor};
-use crate::sys::{self, FdKind};
+use crate::sys::fd::{self as fds, FdKind};
+use crate::sys::process;
 
 const STATUS_FD: i32 = 3;
 const LISTEN_FD: i32 = 4;
 
+/// docker-proxy's flags, as its Go `flag` set defines them (usage text included).
 pub const FLAGS: &[Flag] = &[
     Flag {
         name: "proto",
@@ -84,13 +86,14 @@ pub struct Inherited {
 }
 
 impl Inherited {
+    /// Takes fds 3 and 4 as they were at exec: call first thing in `main`.
     pub fn take() -> Inherited {
         // As docker-proxy does first thing: our children must not inherit these.
-        sys::set_cloexec(STATUS_FD);
-        sys::set_cloexec(LISTEN_FD);
+        fds::set_cloexec(STATUS_FD);
+        fds::set_cloexec(LISTEN_FD);
         let status = StatusPipe::inherit();
-        let listen = match sys::fd_kind(LISTEN_FD) {
-            FdKind::Socket => sys::adopt_fd(LISTEN_FD).map_err(|_| "fd 4 is not open"),
+        let listen = match fds::fd_kind(LISTEN_FD) {
+            FdKind::Socket => fds::take_inherited(LISTEN_FD).ok_or("fd 4 was taken already"),
             FdKind::Closed => Err("-use-listen-fd given but fd 4 is not open"),
             _ => Err("fd 4 is not a socket"),
         };
@@ -139,11 +142,11 @@ pub fn main(
         Err(e) => return status.fail(&e),
     };
 
-    if let Err(e) = sys::raise_nofile_limit() {
+    if let Err(e) = process::raise_nofile_limit() {
         tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
     }
     // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
-    let _ = sys::set_parent_death_signal(libc::SIGTERM);
+    let _ = process::set_parent_death_signal(libc::SIGTERM);
 
     let socket = flags.mapping(options).and_then(|m| {
         let socket = match flags.use_listen_fd {
@@ -351,11 +354,11 @@ pub struct StatusPipe(Option<File>);
 impl StatusPipe {
     /// Takes fd 3 when it is a pipe or socket (run by hand, fd 3 is absent or something else).
     pub fn inherit() -> StatusPipe {
-        match sys::fd_kind(STATUS_FD) {
+        match fds::fd_kind(STATUS_FD) {
             FdKind::Fifo | FdKind::Socket => {
-                let fd = sys::adopt_fd(STATUS_FD).ok();
+                let fd = fds::take_inherited(STATUS_FD);
                 if let Some(fd) = &fd {
-                    let _ = sys::set_nonblocking(fd.as_fd());
+                    let _ = fds::set_nonblocking(fd.as_fd());
                 }
                 StatusPipe(fd.map(File::from))
             }

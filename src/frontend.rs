@@ -86,7 +86,9 @@ pub fn local_addr(socket: &Socket) -> Option<std::net::SocketAddr> {
 
 /// A bound (UDP) or listening (TCP) socket inside the runtime, ready to serve.
 pub enum Frontend {
+    /// A TCP mapping's listener.
     Tcp(tokio::net::TcpListener, Mapping),
+    /// A UDP mapping's socket.
     Udp(tokio::net::UdpSocket, Mapping),
 }
 
@@ -107,7 +109,7 @@ impl Frontend {
             }
             Proto::Udp => {
                 let ipv6 = socket.domain().map_err(wrap)? == Domain::IPV6;
-                sys::enable_pktinfo(socket.as_fd(), ipv6).map_err(wrap)?;
+                sys::udp::enable_pktinfo(socket.as_fd(), ipv6).map_err(wrap)?;
                 // Absorb bursts: the kernel default (~208 KiB) overflows within a millisecond at
                 // line rate. Memory is charged only while datagrams wait.
                 udp::grow_receive_buffer(&socket);
@@ -117,6 +119,7 @@ impl Frontend {
         }
     }
 
+    /// The mapping, with its real listen address.
     pub fn mapping(&self) -> Mapping {
         match self {
             Frontend::Tcp(_, m) | Frontend::Udp(_, m) => *m,

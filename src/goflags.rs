@@ -11,25 +11,35 @@ use std::fmt;
 /// What kind of value a flag takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// `-f` or `-f=true|false`; never a separate value.
     Bool,
+    /// A base-0 integer (strconv.ParseInt(s, 0, 64)).
     Int,
+    /// Any string.
     Str,
 }
 
 /// One flag definition: its name (without dashes), kind, default (as shown in usage) and help.
 #[derive(Debug, Clone, Copy)]
 pub struct Flag {
+    /// Its name, without dashes.
     pub name: &'static str,
+    /// What value it takes.
     pub kind: Kind,
+    /// Its default, as usage shows it.
     pub default: &'static str,
+    /// Its help text.
     pub usage: &'static str,
 }
 
 /// A parsed value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
+    /// A boolean flag's value.
     Bool(bool),
+    /// An integer flag's value.
     Int(i64),
+    /// A string flag's value.
     Str(String),
 }
 
@@ -38,6 +48,7 @@ pub enum Value {
 pub enum ParseError {
     /// `-h` or `-help` was given and is not defined: print usage, exit 0.
     Help,
+    /// A usage error, worded as Go words it: print it and usage, exit 2.
     Invalid(String),
 }
 
@@ -53,20 +64,25 @@ impl fmt::Display for ParseError {
 /// The parsed flags (only those given) and the arguments left after parsing stopped.
 #[derive(Debug, Default)]
 pub struct Parsed {
+    /// The flags given, by name.
     pub values: HashMap<&'static str, Value>,
+    /// The arguments after the last flag.
     pub rest: Vec<String>,
 }
 
 impl Parsed {
+    /// Whether bool flag `name` was given as true.
     pub fn bool(&self, name: &str) -> bool {
         matches!(self.values.get(name), Some(Value::Bool(true)))
     }
+    /// Int flag `name`, if given.
     pub fn int(&self, name: &str) -> Option<i64> {
         match self.values.get(name) {
             Some(Value::Int(v)) => Some(*v),
             _ => None,
         }
     }
+    /// String flag `name`, if given.
     pub fn str(&self, name: &str) -> Option<&str> {
         match self.values.get(name) {
             Some(Value::Str(v)) => Some(v),

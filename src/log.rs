@@ -19,7 +19,7 @@ use tracing::{span, Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::sys::{self, FdKind};
+use crate::sys::fd::{fd_kind, FdKind};
 
 /// Lines per second allowed on average, and the burst above it.
 const RATE: f64 = 50.0;
@@ -176,10 +176,7 @@ fn choose_dest(settings: &Settings) -> (Dest, Vec<String>) {
         }
     }
     let stderr_useful = io::stderr().is_terminal()
-        || matches!(
-            sys::fd_kind(2),
-            FdKind::File | FdKind::Fifo | FdKind::Socket
-        );
+        || matches!(fd_kind(2), FdKind::File | FdKind::Fifo | FdKind::Socket);
     if !stderr_useful {
         let path = settings
             .syslog_socket

@@ -3,35 +3,16 @@
 //! argv → mode → run: a subcommand (`daemon`, `ls`, `add`, `rm`) or, for anything else,
 //! docker-proxy's own command line (Go-style flags, as dockerd passes them).
 
-mod backoff;
-mod config;
-mod control;
-mod daemon;
-mod docker;
-mod env;
-mod frontend;
-mod goflags;
-mod log;
-mod mapping;
-mod nat;
-mod options;
-mod prometheus;
-mod shim;
-mod signals;
-mod stats;
-mod stop;
-mod supervisor;
-mod sys;
-mod tcp;
-mod udp;
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use control::Request;
-use env::{Env, Reader};
-use options::{NatMode, Overrides};
+use rproxy::control::{self, Request};
+use rproxy::env::{Env, Reader};
+use rproxy::options::{NatMode, Overrides};
+use rproxy::{config, daemon, docker, log, udp};
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
 /// docker-proxy's flags (-proto, -host-ip, -host-port, -container-ip, -container-port,

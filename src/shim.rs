@@ -20,6 +20,7 @@ use crate::control::{self, Reply, Request};
 use crate::mapping::{describe, Mapping};
 use crate::options::Overrides;
 
+/// What became of the offer to the daemon.
 pub enum Handoff {
     /// The daemon serves the mapping for as long as this connection stays open.
     Registered(UnixStream),
@@ -83,6 +84,7 @@ pub fn register(
     }
 }
 
+/// Why a registered shim stopped waiting.
 pub enum WaitEnd {
     /// SIGINT or SIGTERM: exit 0 (closing the connection deregisters the mapping).
     Stopped(&'static str),

@@ -18,10 +18,12 @@ pub fn set() -> SigSet {
     set
 }
 
+/// Holds the signals of [`set`] until [`unblock`]: none is lost before a handler exists.
 pub fn block() {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set()), None);
 }
 
+/// Lets the signals of [`set`] through again (to the handlers now installed).
 pub fn unblock() {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set()), None);
 }
@@ -33,12 +35,16 @@ pub struct Signals {
     hup: TokioSignal,
 }
 
+/// What a signal asks of the process.
 pub enum Event {
+    /// SIGINT or SIGTERM (named): stop.
     Stop(&'static str),
+    /// SIGHUP: re-read the configuration.
     Reload,
 }
 
 impl Signals {
+    /// Installs the handlers (inside the runtime).
     pub fn install() -> std::io::Result<Signals> {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
@@ -47,6 +53,7 @@ impl Signals {
         })
     }
 
+    /// The next signal.
     pub async fn next(&mut self) -> Event {
         tokio::select! {
             _ = self.int.recv() => Event::Stop("SIGINT"),

@@ -19,10 +19,12 @@ pub enum Failure {
     Limit,
     /// A datagram larger than the proxy relays.
     TooLarge,
+    /// Anything else.
     Other,
 }
 
 impl Failure {
+    /// Every reason, in the order `Stats` counts them.
     pub const ALL: [Failure; 6] = [
         Failure::Refused,
         Failure::Timeout,
@@ -37,6 +39,7 @@ impl Failure {
         Failure::ALL.iter().position(|f| *f == self).unwrap_or(0)
     }
 
+    /// The `reason` label of the metrics.
     pub fn label(self) -> &'static str {
         match self {
             Failure::Refused => "refused",
@@ -48,6 +51,7 @@ impl Failure {
         }
     }
 
+    /// The reason an OS error stands for.
     pub fn of(e: &io::Error) -> Failure {
         if e.kind() == io::ErrorKind::TimedOut {
             return Failure::Timeout;
@@ -67,6 +71,7 @@ impl Failure {
     }
 }
 
+/// One mapping's counters, shared by its serving task and whoever reports.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Open TCP connections, or live UDP flows.
@@ -81,11 +86,13 @@ pub struct Stats {
     pub bytes_in: AtomicU64,
     /// Bytes from the target back to clients.
     pub bytes_out: AtomicU64,
-    /// UDP datagrams relayed to the target, and back to clients.
+    /// UDP datagrams relayed to the target.
     pub datagrams_in: AtomicU64,
+    /// UDP datagrams relayed back to clients.
     pub datagrams_out: AtomicU64,
-    /// UDP flows ended by their idle timeout, and by the flow table's bound.
+    /// UDP flows ended by their idle timeout.
     pub expired: AtomicU64,
+    /// UDP flows evicted by the flow table's bound.
     pub evicted: AtomicU64,
     /// Per-connection timings, when a metrics recorder is installed (no-ops otherwise).
     pub timings: Timings,
@@ -112,6 +119,7 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// Timings that record (metrics are served).
     pub fn enabled() -> Timings {
         Timings {
             enabled: true,
@@ -119,12 +127,14 @@ impl Timings {
         }
     }
 
+    /// Records how long a connect to the target took.
     pub fn connected(&self, took: Duration) {
         if self.enabled {
             self.connect.record(took);
         }
     }
 
+    /// Records how long a connection lived.
     pub fn closed(&self, lived: Duration) {
         if self.enabled {
             self.lifetime.record(lived);
@@ -148,6 +158,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    /// Counts one observation.
     pub fn record(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = BUCKETS.partition_point(|&bound| bound < secs);
@@ -190,6 +201,7 @@ pub struct Snapshot {
 }
 
 impl Stats {
+    /// Zeroed counters that record into `timings`.
     pub fn with_timings(timings: Timings) -> Stats {
         Stats {
             timings,
@@ -197,6 +209,7 @@ impl Stats {
         }
     }
 
+    /// The counters `rproxy ls` shows, now.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             active: self.active.load(Relaxed),
@@ -236,10 +249,12 @@ impl Stats {
             .map(|_| self.unwarned.swap(0, Relaxed))
     }
 
+    /// Adds to a counter (relaxed: counters are statistics, not synchronisation).
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Subtracts from a gauge.
     pub fn sub(counter: &AtomicU64, n: u64) {
         counter.fetch_sub(n, Relaxed);
     }

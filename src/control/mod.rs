@@ -14,17 +14,16 @@
 pub mod client;
 pub mod server;
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::options::Overrides;
 use crate::stats::Snapshot;
-use crate::sys;
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rproxy/rproxy.sock";
@@ -161,29 +160,6 @@ pub fn send_request(
         (&*stream).write_all(&data.as_bytes()[sent..])?;
     }
     Ok(())
-}
-
-/// Reads what is available of a request and any descriptors sent with it (non-blocking:
-/// WouldBlock when nothing is there). Returns (bytes read, received fds); 0 bytes is EOF.
-pub fn recv_request(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-    )?;
-    let mut fds = Vec::new();
-    for cmsg in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-            for r in raw {
-                // Freshly received: nothing else in the process knows these numbers.
-                fds.push(sys::adopt_fd(r)?);
-            }
-        }
-    }
-    Ok((msg.bytes, fds))
 }
 
 /// One row of `ls`, as sent over the wire.

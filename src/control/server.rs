@@ -14,12 +14,13 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use super::{recv_request, Reply, Request, Row, MAX_REQUEST};
+use super::{Reply, Request, Row, MAX_REQUEST};
 use crate::backoff::Backoff;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::options::{Options, Overrides};
 use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
+use crate::sys::fd::recv_with_fds;
 
 /// How long a client may take to send its request line.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -127,7 +128,7 @@ async fn read_request(stream: &UnixStream) -> Result<Option<(Request, Vec<OwnedF
         }
         let (n, mut got) = stream
             .async_io(Interest::READABLE, || {
-                recv_request(stream.as_fd(), &mut buf[len..])
+                recv_with_fds(stream.as_fd(), &mut buf[len..])
             })
             .await
             .map_err(|e| describe(&e))?;

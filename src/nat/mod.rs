@@ -12,7 +12,7 @@ mod conntrack;
 mod dockerd;
 mod netlink;
 mod route;
-pub mod rules;
+mod rules;
 mod sweep;
 mod table;
 mod worker;

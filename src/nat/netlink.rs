@@ -216,8 +216,8 @@ impl Netlink {
         .map_err(Error::io)?;
         // Short acks (no copy of our request) that carry the kernel's reason for an error.
         let fd = socket.as_fd();
-        crate::sys::set_netlink_option(fd, libc::NETLINK_CAP_ACK, 1).map_err(Error::io)?;
-        let _ = crate::sys::set_netlink_option(fd, libc::NETLINK_EXT_ACK, 1);
+        crate::sys::netlink::set_netlink_option(fd, libc::NETLINK_CAP_ACK, 1).map_err(Error::io)?;
+        let _ = crate::sys::netlink::set_netlink_option(fd, libc::NETLINK_EXT_ACK, 1);
         // Replies are queued while the kernel runs the batch; a missing one must not hang us.
         socket
             .set_read_timeout(Some(Duration::from_secs(5)))

@@ -41,8 +41,8 @@ impl Lease {
         let pipe = match POOL.with(|p| p.borrow_mut().pop()) {
             Some(pipe) => pipe,
             None => {
-                let (read, write) = sys::pipe()?;
-                let capacity = sys::set_pipe_size(write.as_fd(), PIPE_SIZE);
+                let (read, write) = sys::pipe::pipe()?;
+                let capacity = sys::pipe::set_pipe_size(write.as_fd(), PIPE_SIZE);
                 Pipe {
                     read,
                     write,

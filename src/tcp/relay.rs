@@ -149,7 +149,7 @@ async fn splice_once(from: &TcpStream, to: &TcpStream) -> Result<usize, SpliceEr
         // The pipe is empty, so "would block" means the socket has nothing to read; the lease
         // then goes straight back to the pool.
         let n = match from.try_io(Interest::READABLE, || {
-            sys::splice(from.as_fd(), pipe.write_end(), pipe.capacity())
+            sys::pipe::splice(from.as_fd(), pipe.write_end(), pipe.capacity())
         }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -162,7 +162,7 @@ async fn splice_once(from: &TcpStream, to: &TcpStream) -> Result<usize, SpliceEr
         while pipe.pending > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                sys::splice(pipe.read_end(), to.as_fd(), pipe.pending)
+                sys::pipe::splice(pipe.read_end(), to.as_fd(), pipe.pending)
             }) {
                 Ok(m) => pipe.pending -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -28,16 +28,21 @@ pub fn now_ms() -> u64 {
 pub struct Activity(AtomicU64);
 
 impl Activity {
+    /// Notes traffic now.
     pub fn touch(&self) {
         self.0.store(now_ms(), Ordering::Relaxed);
     }
+    /// When the flow last saw traffic (ms, from [`now_ms`]).
     pub fn last(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
+/// A flow in the table, with what the table keeps about it.
 pub struct Entry<F> {
+    /// The flow.
     pub flow: F,
+    /// Its last activity, touched by its data path.
     pub activity: Arc<Activity>,
     /// Unique per flow ever created; lets a late expiry notice tell a replaced flow apart.
     pub id: u64,
@@ -45,6 +50,7 @@ pub struct Entry<F> {
     queued: (u64, u64),
 }
 
+/// The flows of one mapping, bounded, least recently used first out.
 pub struct FlowTable<F> {
     flows: HashMap<FlowKey, Entry<F>>,
     queue: BTreeMap<(u64, u64), FlowKey>,
@@ -53,6 +59,7 @@ pub struct FlowTable<F> {
 }
 
 impl<F> FlowTable<F> {
+    /// An empty table of at most `max` flows (at least one).
     pub fn new(max: usize) -> Self {
         FlowTable {
             flows: HashMap::new(),
@@ -62,10 +69,17 @@ impl<F> FlowTable<F> {
         }
     }
 
+    /// How many flows live.
     pub fn len(&self) -> usize {
         self.flows.len()
     }
 
+    /// Whether no flow lives.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// The flow for `key`.
     pub fn get(&self, key: &FlowKey) -> Option<&Entry<F>> {
         self.flows.get(key)
     }

@@ -78,7 +78,7 @@ fn reserved_fds(limit: u64) -> u64 {
 /// leaves (a flow holds one socket). Past the limit, socket() would fail for every new
 /// client until old flows expire.
 fn flow_bound(max_flows: usize) -> usize {
-    let Ok(limit) = sys::nofile_limit() else {
+    let Ok(limit) = sys::process::nofile_limit() else {
         return max_flows;
     };
     let bound = bound_by_fds(max_flows, limit);
@@ -154,7 +154,7 @@ impl Upstream {
         match self.max_segment.load(Relaxed) {
             UNKNOWN => {
                 let known =
-                    sys::max_unfragmented_payload(self.socket.as_fd(), self.ipv6).unwrap_or(0);
+                    sys::udp::max_unfragmented_payload(self.socket.as_fd(), self.ipv6).unwrap_or(0);
                 self.max_segment.store(known, Relaxed);
                 known
             }
@@ -170,7 +170,7 @@ impl Upstream {
             let run: Vec<&[u8]> = backlog
                 .queue
                 .iter()
-                .take(sys::BATCH)
+                .take(sys::udp::BATCH)
                 .map(|d| &d[..])
                 .collect();
             if run.is_empty() {
@@ -206,7 +206,7 @@ impl Upstream {
         let mut retried = false;
         while sent < run.len() {
             let max_segment = self.max_segment(run.len() - sent);
-            let send = || sys::send_batch(socket.as_fd(), &run[sent..], max_segment);
+            let send = || sys::udp::send_batch(socket.as_fd(), &run[sent..], max_segment);
             let result = match gated {
                 true => socket.try_io(Interest::WRITABLE, send),
                 false => send(),
@@ -342,14 +342,14 @@ struct ReplyPath {
 thread_local! {
     /// Receive buffers shared by every frontend and reply task on this runtime thread; only
     /// borrowed between a receive and the sends it feeds, never across an await.
-    static BATCH: RefCell<Option<sys::RecvBatch>> = const { RefCell::new(None) };
+    static BATCH: RefCell<Option<sys::udp::RecvBatch>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with this thread's receive batch.
-fn with_batch<T>(f: impl FnOnce(&mut sys::RecvBatch) -> T) -> T {
+fn with_batch<T>(f: impl FnOnce(&mut sys::udp::RecvBatch) -> T) -> T {
     BATCH.with(|cell| {
         let mut slot = cell.borrow_mut();
-        f(slot.get_or_insert_with(|| sys::RecvBatch::new(MAX_DATAGRAM)))
+        f(slot.get_or_insert_with(|| sys::udp::RecvBatch::new(MAX_DATAGRAM)))
     })
 }
 
@@ -458,8 +458,8 @@ struct Dispatch {
 impl Dispatch {
     /// Forwards one received batch: consecutive datagrams of the same flow go out in one
     /// sendmmsg.
-    fn dispatch(&mut self, batch: &sys::RecvBatch, n: usize) {
-        let mut run: Vec<&[u8]> = Vec::with_capacity(sys::BATCH);
+    fn dispatch(&mut self, batch: &sys::udp::RecvBatch, n: usize) {
+        let mut run: Vec<&[u8]> = Vec::with_capacity(sys::udp::BATCH);
         let mut run_socket: Option<Arc<Upstream>> = None;
         for i in 0..n {
             let received = batch.received[i];
@@ -535,7 +535,7 @@ impl Dispatch {
             local: key.1,
             stats: self.stats.clone(),
             max_segment: AtomicUsize::new(if GSO.load(Relaxed) {
-                sys::GSO_MAX_BYTES
+                sys::udp::GSO_MAX_BYTES
             } else {
                 0
             }),
@@ -640,7 +640,7 @@ pub fn grow_receive_buffer(socket: &impl AsFd) {
         .set_recv_buffer_size(RECEIVE_BUFFER)
         .is_ok()
     {
-        let _ = sys::force_receive_buffer(socket.as_fd(), RECEIVE_BUFFER);
+        let _ = sys::udp::force_receive_buffer(socket.as_fd(), RECEIVE_BUFFER);
     }
 }
 
@@ -688,7 +688,7 @@ async fn replies(flow: Weak<Upstream>, path: &ReplyPath, activity: &Activity, ti
                 match socket.try_io(Interest::READABLE, || batch.recv(socket.as_fd())) {
                     Ok(n) => {
                         activity.touch();
-                        if n == sys::BATCH && !grown {
+                        if n == sys::udp::BATCH && !grown {
                             grow_receive_buffer(socket);
                             grown = true;
                         }
@@ -723,7 +723,7 @@ async fn replies(flow: Weak<Upstream>, path: &ReplyPath, activity: &Activity, ti
 
 impl ReplyPath {
     /// Sends a received batch back to the client; returns copies of what did not fit.
-    fn send(&self, batch: &sys::RecvBatch, n: usize) -> Vec<Vec<u8>> {
+    fn send(&self, batch: &sys::udp::RecvBatch, n: usize) -> Vec<Vec<u8>> {
         let datagrams: Vec<&[u8]> = (0..n)
             .filter(|&i| !batch.received[i].truncated)
             .map(|i| batch.datagram(i))
@@ -733,7 +733,7 @@ impl ReplyPath {
             let fd: BorrowedFd<'_> = self.frontend.as_fd();
             let max_segment = self.max_segment.load(Relaxed);
             let result = self.frontend.try_io(Interest::WRITABLE, || {
-                sys::send_batch_from(
+                sys::udp::send_batch_from(
                     fd,
                     &datagrams[sent..],
                     &self.client,
@@ -766,7 +766,7 @@ impl ReplyPath {
     }
 
     fn send_one(&self, data: &[u8]) -> io::Result<usize> {
-        let n = sys::send_from(
+        let n = sys::udp::send_from(
             self.frontend.as_fd(),
             data,
             &self.client,

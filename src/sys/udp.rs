@@ -1,179 +1,12 @@
-//! The only module with `unsafe`: thin wrappers over the Linux syscalls that std, tokio and
-//! socket2 do not cover (splice, pipes, IP_PKTINFO messages, fd adoption, process hygiene).
-//!
-//! Every wrapper returns `io::Result` and takes borrowed or owned fds, so callers stay safe.
+//! UDP with packet info — learn each datagram's local destination, reply from it — and in
+//! batches: recvmmsg/sendmmsg, and runs of equal datagrams as one segmented message (GSO).
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
-fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret as usize)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Process hygiene
-// ---------------------------------------------------------------------------------------------
-
-/// Raises the soft RLIMIT_NOFILE to the hard limit and returns (old soft, new soft).
-/// dockerd's children inherit dockerd's original soft limit (often 1024); Go raises its own,
-/// so a drop-in must too.
-pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass, which lives on our stack.
-    unsafe {
-        let mut lim: libc::rlimit = zeroed();
-        cvt(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-        let old = lim.rlim_cur;
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            cvt(libc::setrlimit(libc::RLIMIT_NOFILE, &lim))?;
-        }
-        Ok((old as u64, lim.rlim_cur as u64))
-    }
-}
-
-/// The soft RLIMIT_NOFILE: how many descriptors this process may have open.
-pub fn nofile_limit() -> io::Result<u64> {
-    // SAFETY: getrlimit only writes the struct we pass, which lives on our stack.
-    unsafe {
-        let mut lim: libc::rlimit = zeroed();
-        cvt(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-        Ok(lim.rlim_cur as u64)
-    }
-}
-
-/// Asks the kernel to send `signal` to us when our parent dies.
-pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number by value; no pointers are involved.
-    cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
-    Ok(())
-}
-
-/// What an inherited descriptor number refers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FdKind {
-    Closed,
-    Fifo,
-    Socket,
-    File,
-    CharDevice,
-    Other,
-}
-
-/// Tells what `fd` is without taking ownership of it.
-pub fn fd_kind(fd: RawFd) -> FdKind {
-    // SAFETY: fstat writes into a zeroed stat buffer we own; an fd that is not open yields EBADF.
-    unsafe {
-        let mut st: libc::stat = zeroed();
-        if libc::fstat(fd, &mut st) < 0 {
-            return FdKind::Closed;
-        }
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFIFO => FdKind::Fifo,
-            libc::S_IFSOCK => FdKind::Socket,
-            libc::S_IFREG => FdKind::File,
-            libc::S_IFCHR => FdKind::CharDevice,
-            _ => FdKind::Other,
-        }
-    }
-}
-
-/// Marks an inherited descriptor close-on-exec (no-op when it is not open).
-pub fn set_cloexec(fd: RawFd) {
-    // SAFETY: F_GETFD/F_SETFD on an arbitrary fd number only touch the descriptor flags;
-    // on a closed fd they fail with EBADF, which we ignore.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags >= 0 {
-            libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-        }
-    }
-}
-
-/// Puts a descriptor into non-blocking mode.
-pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we borrow; only the status flags change.
-    unsafe {
-        let flags = cvt(libc::fcntl(fd, libc::F_GETFL))?;
-        cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
-    }
-    Ok(())
-}
-
-/// Takes ownership of an inherited descriptor number, after checking that it is open.
-/// The caller must not use `fd` in any other way afterwards (it is closed on drop).
-pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    if fd_kind(fd) == FdKind::Closed {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
-    }
-    // SAFETY: the fd is open (checked above), was inherited from our parent and is adopted
-    // exactly once at start-up, so nothing else in this process owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pipes and splice
-// ---------------------------------------------------------------------------------------------
-
-/// A non-blocking, close-on-exec pipe: (read end, write end).
-pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two fds into the array we pass; on success we own both.
-    unsafe {
-        cvt(libc::pipe2(
-            fds.as_mut_ptr(),
-            libc::O_NONBLOCK | libc::O_CLOEXEC,
-        ))?;
-        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
-    }
-}
-
-/// Asks for a pipe of `bytes` capacity (F_SETPIPE_SZ) and returns the capacity it has, which
-/// stays the old one when the kernel refuses (EPERM past the per-user pipe quota).
-pub fn set_pipe_size(fd: BorrowedFd<'_>, bytes: usize) -> usize {
-    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: fcntl on a borrowed pipe fd with integer arguments; no memory is passed.
-    if let Ok(size) = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, bytes) }) {
-        return size as usize;
-    }
-    // SAFETY: as above; F_GETPIPE_SZ takes no argument.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETPIPE_SZ) }).map_or(1 << 16, |n| n as usize)
-}
-
-/// Moves up to `len` bytes from `from` to `to` without copying through user space.
-/// One of the two must be a pipe. Returns 0 at end of stream.
-pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    // SAFETY: both fds are borrowed for the call; null offsets mean "use the file position",
-    // which is what sockets and pipes require.
-    cvt_size(unsafe {
-        libc::splice(
-            from.as_raw_fd(),
-            std::ptr::null_mut(),
-            to.as_raw_fd(),
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// UDP with packet info: learn the local destination of each datagram, and reply from it
-// ---------------------------------------------------------------------------------------------
+use super::{cvt, cvt_size, set_int_option};
 
 /// Asks the kernel to report each datagram's destination address. An AF_INET6 socket gets
 /// IPV6_RECVPKTINFO and also IP_PKTINFO, which Linux honours for the IPv4 datagrams a
@@ -197,25 +30,6 @@ pub fn force_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> 
         libc::SO_RCVBUFFORCE,
         bytes.min(i32::MAX as usize) as libc::c_int,
     )
-}
-
-fn set_int_option(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: setsockopt reads an int from our stack for the length we pass.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            &value as *const _ as *const libc::c_void,
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
 }
 
 /// The largest UDP payload a connected socket can send unfragmented: its path MTU (IP_MTU /
@@ -243,7 +57,9 @@ pub fn max_unfragmented_payload(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<us
 /// One received datagram's envelope.
 #[derive(Debug, Clone, Copy)]
 pub struct Received {
+    /// Its length (as received; see `truncated`).
     pub len: usize,
+    /// Who sent it.
     pub source: SocketAddr,
     /// The local address the datagram was sent to, when the kernel reported it.
     pub destination: Option<IpAddr>,
@@ -490,10 +306,6 @@ impl Zeroable for libc::mmsghdr {}
 impl Zeroable for libc::sockaddr_storage {}
 impl Zeroable for libc::cmsghdr {}
 
-// ---------------------------------------------------------------------------------------------
-// Batched UDP: recvmmsg/sendmmsg, up to BATCH datagrams per system call
-// ---------------------------------------------------------------------------------------------
-
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
 
@@ -506,10 +318,12 @@ pub struct RecvBatch {
     cmsgs: Vec<CmsgBuf>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
+    /// The envelopes of the last `recv`, one per datagram.
     pub received: Vec<Received>,
 }
 
 impl RecvBatch {
+    /// Buffers for [`BATCH`] datagrams of up to `slot` bytes each.
     pub fn new(slot: usize) -> RecvBatch {
         RecvBatch {
             data: vec![0; slot * BATCH],
@@ -693,19 +507,6 @@ fn send_groups(
         )
     })? as usize;
     Ok(groups[..sent].iter().map(|g| g.1).sum())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Netlink
-// ---------------------------------------------------------------------------------------------
-
-/// An int option at SOL_NETLINK (NETLINK_CAP_ACK, NETLINK_EXT_ACK).
-pub fn set_netlink_option(
-    fd: BorrowedFd<'_>,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    set_int_option(fd, libc::SOL_NETLINK, name, value)
 }
 
 #[cfg(test)]

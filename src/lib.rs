@@ -1,0 +1,32 @@
+//! rproxy: a userland port-forwarding proxy and drop-in replacement for docker-proxy, as a
+//! library the `rproxy` binary runs (and the tests could reach).
+//!
+//! Every way in produces [`mapping::Mapping`]s; a [`supervisor::Supervisor`] runs them; the
+//! data path ([`tcp`], [`udp`], [`nat`]) serves them without knowing where they came from.
+//! `unsafe` lives in [`sys`] alone.
+
+#![deny(missing_docs)]
+#![deny(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod docker;
+pub mod env;
+pub mod frontend;
+pub mod goflags;
+pub mod log;
+pub mod mapping;
+pub mod nat;
+pub mod options;
+pub mod prometheus;
+pub mod shim;
+pub mod signals;
+pub mod stats;
+pub mod stop;
+pub mod supervisor;
+#[allow(unsafe_code)]
+pub mod sys;
+pub mod tcp;
+pub mod udp;
