@@ -13,14 +13,22 @@ use crate::mapping::describe;
 pub struct Backoff(Duration);
 
 impl Backoff {
-    /// Call after an accept succeeded: the next failure waits the shortest time again.
-    pub fn reset(&mut self) {
-        self.0 = Duration::ZERO;
+    /// What `what`'s accept returned: the client, or None once the failure has been waited
+    /// out (at once for a per-connection error, else logged and slept on).
+    pub async fn accepted<T>(&mut self, what: &str, result: io::Result<T>) -> Option<T> {
+        match result {
+            Ok(client) => {
+                self.0 = Duration::ZERO;
+                Some(client)
+            }
+            Err(e) => {
+                self.failed(what, &e).await;
+                None
+            }
+        }
     }
 
-    /// Call after `what`'s accept failed with `e`: returns at once for a per-connection error,
-    /// else logs and sleeps.
-    pub async fn failed(&mut self, what: &str, e: &io::Error) {
+    async fn failed(&mut self, what: &str, e: &io::Error) {
         if is_transient(e) {
             return;
         }

@@ -310,18 +310,9 @@ nat = "require"
         /// A good file with bytes changed, inserted or cut: the same.
         #[test]
         fn mutated_files_are_resolved_or_refused(
-            edits in proptest::collection::vec((0usize..400, any::<u8>(), 0u8..3), 1..8)
+            edits in crate::testing::edits(400)
         ) {
-            let mut bytes = GOOD.as_bytes().to_vec();
-            for (at, byte, how) in edits {
-                let at = at % (bytes.len() + 1);
-                match how {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    _ if at < bytes.len() => { bytes.remove(at); }
-                    _ => {}
-                }
-            }
+            let bytes = crate::testing::mutate(GOOD, &edits);
             let text = String::from_utf8_lossy(&bytes);
             if let Err(errors) = load(&text) {
                 prop_assert!(!errors.is_empty());

@@ -29,4 +29,6 @@ pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod tcp;
+#[cfg(test)]
+mod testing;
 pub mod udp;

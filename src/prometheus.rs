@@ -162,14 +162,9 @@ fn describe_all() {
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervisor) {
     let mut backoff = Backoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                backoff.failed("metrics", &e).await;
-                continue;
-            }
+        let Some((stream, _)) = backoff.accepted("metrics", listener.accept().await).await else {
+            continue;
         };
-        backoff.reset();
         let (handle, sup) = (handle.clone(), sup.clone());
         tokio::spawn(async move {
             let answered =

@@ -181,25 +181,10 @@ fn split_spec(s: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Snapshot;
 
     #[test]
     fn rows_tabulate() {
-        let row = Row {
-            spec: "[::]:8080:10.0.0.2:80/tcp".into(),
-            origin: "shim".into(),
-            state: "serving".into(),
-            stats: Snapshot {
-                active: 1,
-                total: 2,
-                failed: 3,
-                bytes_in: 4,
-                bytes_out: 5,
-            },
-            nat: "kernel".into(),
-            kernel_connections: 6,
-        };
-        let table = format_table(&[row]);
+        let table = format_table(&[super::super::sample_row()]);
         let line = table.lines().nth(1).unwrap();
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(

@@ -179,6 +179,25 @@ pub struct Row {
     pub kernel_connections: u64,
 }
 
+/// A row with a distinct value in every field, for tests.
+#[cfg(test)]
+pub(crate) fn sample_row() -> Row {
+    Row {
+        spec: "[::]:8080:10.0.0.2:80/tcp".into(),
+        origin: "shim".into(),
+        state: "serving".into(),
+        stats: Snapshot {
+            active: 1,
+            total: 2,
+            failed: 3,
+            bytes_in: 4,
+            bytes_out: 5,
+        },
+        nat: "kernel".into(),
+        kernel_connections: 6,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,21 +224,9 @@ mod tests {
         for r in requests {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));
         }
-        let row = Row {
-            spec: "[::]:8080:10.0.0.2:80/tcp".into(),
-            origin: "shim".into(),
-            state: "serving".into(),
-            stats: Snapshot {
-                active: 1,
-                total: 2,
-                failed: 3,
-                bytes_in: 4,
-                bytes_out: 5,
-            },
-            nat: "kernel".into(),
-            kernel_connections: 6,
+        let reply = Reply::Mappings {
+            rows: vec![sample_row()],
         };
-        let reply = Reply::Mappings { rows: vec![row] };
         assert_eq!(Reply::decode(reply.encode().as_bytes()), Ok(reply));
     }
 
@@ -262,18 +269,9 @@ mod tests {
         #[test]
         fn mutated_requests_decode_or_are_refused(
             which in 0usize..4,
-            edits in proptest::collection::vec((0usize..200, any::<u8>(), 0u8..3), 1..6)
+            edits in crate::testing::edits(200)
         ) {
-            let mut bytes = GOOD[which].as_bytes().to_vec();
-            for (at, byte, how) in edits {
-                let at = at % (bytes.len() + 1);
-                match how {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    _ if at < bytes.len() => { bytes.remove(at); }
-                    _ => {}
-                }
-            }
+            let bytes = crate::testing::mutate(GOOD[which], &edits);
             if let Ok(Request::Add { options, .. } | Request::Register { options, .. }) = Request::decode(&bytes) {
                 let _ = options.apply(crate::options::Options::default());
             }

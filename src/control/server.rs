@@ -79,14 +79,9 @@ pub async fn serve(listener: UnixListener, sup: Supervisor, drain: Duration, def
     let mut next_id = 0u64;
     let mut backoff = Backoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                backoff.failed("control", &e).await;
-                continue;
-            }
+        let Some((stream, _)) = backoff.accepted("control", listener.accept().await).await else {
+            continue;
         };
-        backoff.reset();
         next_id += 1;
         let id = next_id;
         let evicted = pending.add(id);

@@ -50,13 +50,11 @@ pub async fn serve(
     let mut backoff = Backoff::default();
     let drain = loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
-                    backoff.reset();
+            accepted = listener.accept() => {
+                if let Some((client, peer)) = backoff.accepted("tcp", accepted).await {
                     conns.spawn(handle(client, peer, target, config, stats.clone()));
                 }
-                Err(e) => backoff.failed("tcp", &e).await,
-            },
+            }
             // Reap finished connections so the set stays the size of what is open.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             drain = stop.wait() => break drain,
