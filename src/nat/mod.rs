@@ -11,6 +11,7 @@
 mod conntrack;
 mod dockerd;
 mod netlink;
+mod policy;
 mod route;
 mod rules;
 mod sweep;

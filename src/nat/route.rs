@@ -7,9 +7,9 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 /// The interface toward `target`, or None when the route leads to this host itself.
 pub fn interface_toward(target: SocketAddr) -> io::Result<Option<String>> {
-    let bind: SocketAddr = match target.ip() {
-        IpAddr::V4(_) => "0.0.0.0:0".parse().unwrap(),
-        IpAddr::V6(_) => "[::]:0".parse().unwrap(),
+    let bind = match target.ip() {
+        IpAddr::V4(_) => SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
     };
     let probe = UdpSocket::bind(bind)?;
     probe.connect(target)?;

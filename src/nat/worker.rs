@@ -7,8 +7,8 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
-use super::table::Table;
-use super::{dockerd, Path};
+use super::policy::{self, State};
+use super::Path;
 use crate::mapping::Mapping;
 use crate::options::NatMode;
 
@@ -35,12 +35,6 @@ pub(super) fn spawn(table: String) -> std::io::Result<mpsc::Sender<Job>> {
     Ok(tx)
 }
 
-enum State {
-    Closed,
-    Open(Table),
-    Unavailable(String),
-}
-
 fn run(table: String, rx: mpsc::Receiver<Job>) {
     let mut state = State::Closed;
     // Jobs that arrived while gathering counter requests, in their order.
@@ -55,7 +49,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>) {
         };
         match job {
             Job::Open(mode, reply) => {
-                ensure_open(&mut state, &table);
+                policy::ensure_open(&mut state, &table);
                 let _ = reply.send(match (&state, mode) {
                     (State::Unavailable(why), NatMode::Require) => {
                         Err(format!("kernel NAT required: {why}"))
@@ -64,7 +58,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>) {
                 });
             }
             Job::Install(m, from_dockerd, reply) => {
-                let _ = reply.send(install(&mut state, &table, &m, from_dockerd));
+                let _ = reply.send(policy::install(&mut state, &table, &m, from_dockerd));
             }
             Job::Remove(m) => {
                 if let State::Open(t) = &mut state {
@@ -96,55 +90,6 @@ fn run(table: String, rx: mpsc::Receiver<Job>) {
                 let _ = reply.send(());
                 return;
             }
-        }
-    }
-}
-
-fn ensure_open(state: &mut State, table: &str) {
-    if let State::Closed = state {
-        *state = match Table::open(table) {
-            Ok(t) => State::Open(t),
-            Err(why) => {
-                tracing::warn!("kernel NAT unavailable ({why}); serving every port in userland");
-                State::Unavailable(why)
-            }
-        };
-    }
-}
-
-/// The path a mapping gets: dockerd's rules when they translate its port already, else ours,
-/// else (`On`) the listener alone with the reason; `Require` turns every fallback into an
-/// error.
-fn install(
-    state: &mut State,
-    table: &str,
-    m: &Mapping,
-    from_dockerd: bool,
-) -> Result<Path, String> {
-    let mode = m.options.nat;
-    // Before opening our table: a port dockerd translates needs none.
-    if from_dockerd && dockerd::dnats(m) {
-        tracing::info!("{m}: dockerd's iptables rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
-        return Ok(Path::Dockerd);
-    }
-    ensure_open(state, table);
-    let t = match state {
-        State::Open(t) => t,
-        State::Unavailable(why) if mode == NatMode::Require => {
-            return Err(format!("kernel NAT required for {m}: {why}"))
-        }
-        State::Unavailable(why) => return Ok(Path::Userland(why.clone())),
-        State::Closed => return Err("kernel NAT: the table is closed".into()),
-    };
-    match t.install(m) {
-        Ok(()) => {
-            tracing::info!("{m}: kernel NAT installed in table inet {}", t.name());
-            Ok(Path::Kernel)
-        }
-        Err(why) if mode == NatMode::Require => Err(why),
-        Err(why) => {
-            tracing::warn!("{why}; serving {m} in userland");
-            Ok(Path::Userland(why))
         }
     }
 }
