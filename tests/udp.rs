@@ -775,9 +775,11 @@ fn answered_once(to: SocketAddr, msg: &[u8]) -> bool {
 fn a_new_flow_evicts_when_out_of_descriptors() {
     const LIMIT: usize = 256;
     let echo = udp_echo("127.0.0.1:0");
+    let techo = tcp_echo("127.0.0.1:0");
     let dir = Dir::new("udp-emfile");
     let (a, b) = (free_udp_port(), free_udp_port());
     let sock = dir.sock();
+    let tcp_spec = format!("127.0.0.1:0:{techo}/tcp");
     let mut spawn = Spawn::new(&[
         "daemon",
         "--control-socket",
@@ -786,12 +788,19 @@ fn a_new_flow_evicts_when_out_of_descriptors() {
         &format!("127.0.0.1:{a}:{echo}/udp"),
         "-p",
         &format!("127.0.0.1:{b}:{echo}/udp"),
+        "-p",
+        &tcp_spec,
     ])
     .no_status_pipe();
     spawn.shell_prefix.push(format!("ulimit -n {LIMIT}"));
     let p = spawn.spawn();
     p.wait_log("daemon ready", Duration::from_secs(10));
     let pid = p.child.id();
+    let tcp_port: u16 = ls(&dir)
+        .iter()
+        .find(|r| r.0 == "tcp")
+        .and_then(|r| r.1.rsplit(':').next()?.parse().ok())
+        .expect("the TCP mapping's port");
     let (a, b) = (
         SocketAddr::from(([127, 0, 0, 1], a)),
         SocketAddr::from(([127, 0, 0, 1], b)),
@@ -801,7 +810,7 @@ fn a_new_flow_evicts_when_out_of_descriptors() {
         .filter(|i| answered_once(b, format!("b {i}").as_bytes()))
         .count();
     let fds_after_b = open_fds(pid);
-    // Mapping a gets what is left, then runs out of descriptors.
+    // Mapping a finds the process's flow budget spent, and is served all the same.
     let a_answered = (0..100)
         .filter(|i| answered_once(a, format!("a {i}").as_bytes()))
         .count();
@@ -813,4 +822,18 @@ fn a_new_flow_evicts_when_out_of_descriptors() {
     assert_eq!(a_answered, 100, "new flows refused when out of descriptors");
     assert_eq!(b_answered, LIMIT);
     assert!(fds <= LIMIT);
+    // The flows of both left the reserve alone: the TCP mapping takes 16 connections at once.
+    let mut conns: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", tcp_port)).unwrap())
+        .collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std::io::Write::write_all(c, format!("tcp {i:02}").as_bytes()).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut buf = [0u8; 6];
+        std::io::Read::read_exact(c, &mut buf)
+            .unwrap_or_else(|e| panic!("TCP connection {i} beside the UDP floods: {e}"));
+        assert_eq!(&buf, format!("tcp {i:02}").as_bytes());
+    }
 }

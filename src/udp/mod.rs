@@ -6,6 +6,7 @@
 //! through one set of receive buffers per runtime thread: per-packet system calls were the
 //! bottleneck, and per-flow buffers would cost gigabytes at the flow limit.
 
+mod budget;
 pub mod flows;
 
 use std::cell::RefCell;
@@ -31,6 +32,7 @@ use crate::options::Options;
 use crate::stats::{Failure, Stats};
 use crate::stop::Stop;
 use crate::sys;
+use budget::{flow_bound, Charge};
 use flows::{now_ms, Activity, FlowKey, FlowTable};
 
 /// Whether to send runs of equal-sized datagrams to a flow as one segmented message (UDP GSO,
@@ -63,45 +65,13 @@ pub fn disable_gso() {
     GSO.store(false, Relaxed);
 }
 
-/// Descriptors the flow table leaves to the rest of the process: an eighth of the limit, at
-/// least 64. A docker-mode process needs about a dozen besides its flows (and one more while
-/// a new flow's socket exists before the flow it replaces is evicted); a daemon also holds a
-/// listener per mapping, two per TCP connection and its control connections, which grow with
-/// the limit an operator gives it, hence a share rather than a number. What the reserve
-/// cannot cover (other UDP mappings' flows) is met by evicting when socket() fails (see
-/// [`Dispatch::flow`]).
-fn reserved_fds(limit: u64) -> u64 {
-    (limit / 8).max(64)
-}
-
-/// The flow table's bound: the operator's `max_flows`, lowered to what the descriptor limit
-/// leaves (a flow holds one socket). Past the limit, socket() would fail for every new
-/// client until old flows expire.
-fn flow_bound(max_flows: usize) -> usize {
-    let Ok(limit) = sys::process::nofile_limit() else {
-        return max_flows;
-    };
-    let bound = bound_by_fds(max_flows, limit);
-    static SAID: AtomicBool = AtomicBool::new(false);
-    if bound < max_flows && !SAID.swap(true, Relaxed) {
-        tracing::info!(
-            "UDP flows per port capped at {bound} (RPROXY_UDP_MAX_FLOWS: {max_flows}) by the \
-             descriptor limit of {limit}"
-        );
-    }
-    bound
-}
-
-fn bound_by_fds(max_flows: usize, limit: u64) -> usize {
-    let by_fds = limit.saturating_sub(reserved_fds(limit)).max(1);
-    max_flows.min(usize::try_from(by_fds).unwrap_or(usize::MAX))
-}
-
 /// A live flow: its socket toward the target and the task relaying replies. Its tasks hold
 /// the socket only while they run, so dropping the flow closes it at once, and stops them.
 struct Flow {
     socket: Arc<Upstream>,
     replies: JoinHandle<()>,
+    /// Its share of the process's flow budget, given back when it goes.
+    _charge: Charge,
 }
 
 impl Drop for Flow {
@@ -494,6 +464,22 @@ impl Dispatch {
             entry.activity.touch();
             return Some(entry.flow.socket.clone());
         }
+        let charge = match Charge::take() {
+            Some(c) => c,
+            // The flows of every mapping hold all the descriptors they may: this mapping
+            // gives up its own least recently used flow (a mapping's first flow it always
+            // gets, so no port is locked out by another's flood).
+            None => {
+                if let Some((old, flow)) = self.table.evict() {
+                    drop(flow);
+                    self.evicted(
+                        old,
+                        "the process's UDP flows hold every descriptor they may",
+                    );
+                }
+                Charge::force()
+            }
+        };
         let opened = match connect(self.target) {
             Err(e) if out_of_resources(&e) => match self.table.evict() {
                 Some((old, flow)) => {
@@ -550,6 +536,7 @@ impl Dispatch {
             self.config.idle_timeout,
         );
         self.table.insert(key, activity, |id| Flow {
+            _charge: charge,
             socket: socket.clone(),
             replies: tokio::spawn(async move {
                 replies(s, &path, &a, timeout).await;
@@ -782,16 +769,6 @@ impl ReplyPath {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_flow_bound_leaves_descriptors_to_the_rest() {
-        assert_eq!(bound_by_fds(65_536, 20_000), 17_500);
-        assert_eq!(bound_by_fds(65_536, 256), 192);
-        assert_eq!(bound_by_fds(65_536, 1 << 20), 65_536);
-        assert_eq!(bound_by_fds(100, 20_000), 100);
-        assert_eq!(bound_by_fds(65_536, 10), 1);
-        assert_eq!(bound_by_fds(65_536, u64::MAX), 65_536); // RLIM_INFINITY
-    }
 
     #[test]
     fn backlogs_are_bounded_and_give_their_memory_back() {
