@@ -158,16 +158,14 @@ fn rm_leaves_ports_dockerd_published_to_dockerd() {
 /// timeout.
 #[test]
 fn idle_control_connections_are_bounded_and_never_lock_out_ls() {
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    if hard < 4096 {
-        skip(
-            "idle_control_connections_are_bounded_and_never_lock_out_ls",
-            &format!("hard RLIMIT_NOFILE is {hard}; this test needs 4096"),
-        );
+    if raise_nofile_or_skip(
+        "idle_control_connections_are_bounded_and_never_lock_out_ls",
+        4096,
+    )
+    .is_none()
+    {
         return;
     }
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let dir = Dir::new("ctl-idle");
     let d = daemon(&dir, &[]);
     let pid = d.child.id();
@@ -243,11 +241,6 @@ fn a_reload_that_cannot_be_applied_whole_changes_nothing() {
             (format!("127.0.0.1:{}", base + 1), "add".into())
         ]
     );
-}
-
-fn write_config(path: &Path, specs: &[String]) {
-    let list: Vec<String> = specs.iter().map(|s| format!("{s:?}")).collect();
-    std::fs::write(path, format!("publish = [{}]\n", list.join(", "))).unwrap();
 }
 
 /// SIGHUP reloads race `rproxy add` and `rm` of other ports: every add and rm answers for

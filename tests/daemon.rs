@@ -6,7 +6,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -335,11 +334,6 @@ fn observed_udp_echo() -> (SocketAddr, mpsc::Receiver<SocketAddr>) {
         }
     });
     (addr, rx)
-}
-
-fn write_config(path: &Path, specs: &[String]) {
-    let list: Vec<String> = specs.iter().map(|s| format!("  \"{s}\",")).collect();
-    std::fs::write(path, format!("publish = [\n{}\n]\n", list.join("\n"))).unwrap();
 }
 
 #[test]

@@ -314,16 +314,12 @@ fn pss_kb(pid: u32) -> u64 {
 /// relayed, and the memory each costs is measured.
 #[test]
 fn ten_thousand_concurrent_connections_from_a_1024_fd_limit() {
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    if hard < 8192 {
-        skip(
-            "ten_thousand_concurrent_connections_from_a_1024_fd_limit",
-            &format!("hard RLIMIT_NOFILE is {hard}; this test needs 8192"),
-        );
+    let Some(hard) = raise_nofile_or_skip(
+        "ten_thousand_concurrent_connections_from_a_1024_fd_limit",
+        8192,
+    ) else {
         return;
-    }
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    };
     let n = 10_000.min((hard as usize - 100) / 2);
     let (mut server, echo) = echo_process();
     let mut spawn = Spawn::forward("tcp", "127.0.0.1", echo).soft_nofile(1024);

@@ -618,3 +618,25 @@ pub fn shim(dir: &Dir, proto: &str, port: u16, target: SocketAddr, fd: Option<Ow
     p.wait_log("handed to the daemon", Duration::from_secs(5));
     p
 }
+
+/// Writes a config file publishing `specs`.
+pub fn write_config(path: &std::path::Path, specs: &[String]) {
+    let list: Vec<String> = specs.iter().map(|s| format!("  \"{s}\",")).collect();
+    std::fs::write(path, format!("publish = [\n{}\n]\n", list.join("\n"))).unwrap();
+}
+
+/// Raises this test process's soft fd limit to the hard one and returns it, or says why
+/// `test` cannot run (see [`skip`]) when the hard limit is under `need`.
+pub fn raise_nofile_or_skip(test: &str, need: u64) -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < need {
+        skip(
+            test,
+            &format!("hard RLIMIT_NOFILE is {hard}; this test needs {need}"),
+        );
+        return None;
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    Some(hard)
+}
