@@ -50,6 +50,17 @@ const VARIABLES: &[(&str, &[&str], &[&str])] = &[
     ),
     ("RPROXY_LOG_FORMAT", &["xml", "JSON"], &["json", "text"]),
     ("RPROXY_LOG_FILE", &["/", "/nonexistent/dir/log"], &[]),
+    // Any path will do: where nothing listens, the port is served here / logs go to stderr.
+    (
+        "RPROXY_SOCKET",
+        &[],
+        &["/nonexistent/rproxy.sock", "relative.sock", "é"],
+    ),
+    (
+        "RPROXY_SYSLOG_SOCKET",
+        &[],
+        &["/nonexistent/log", "/dev/null", "é"],
+    ),
 ];
 
 /// Spawns a docker-mode proxy with one variable set; returns what fd 3 said and the exit
