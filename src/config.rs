@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::control;
 use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping};
-use crate::options::{self, NatMode as Mode, Options};
+use crate::options::{self, Mode, Options};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
@@ -40,6 +40,12 @@ pub struct Args {
     /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
     nat: Option<Mode>,
+    /// Socket-level fast path: cgroup socket hooks send loopback and host clients of each
+    /// mapping straight to its target (the listener serves the rest). `--socket-lb` or
+    /// `--socket-lb=on` falls back to the listener with a warning when the kernel cannot
+    /// have them; `--socket-lb=require` fails instead.
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+    socket_lb: Option<Mode>,
     /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -62,6 +68,8 @@ struct ConfigFile {
     drain_timeout: Option<toml::Spanned<f64>>,
     /// The NAT mode of every mapping without its own (`--nat` wins).
     nat: Option<toml::Spanned<String>>,
+    /// The socket-hook mode of every mapping without its own (`--socket-lb` wins).
+    socket_lb: Option<toml::Spanned<String>>,
     /// Where to serve Prometheus metrics (`--metrics-addr` wins).
     metrics_addr: Option<SocketAddr>,
 }
@@ -71,6 +79,25 @@ struct ConfigFile {
 struct MappingEntry {
     publish: toml::Spanned<String>,
     nat: Option<toml::Spanned<String>>,
+    socket_lb: Option<toml::Spanned<String>>,
+}
+
+/// The kernel-path modes given on the command line, which win over the file's defaults.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    nat: Option<Mode>,
+    socket_lb: Option<Mode>,
+}
+
+impl Flags {
+    /// `base` with the modes given here.
+    fn over(self, base: Options) -> Options {
+        Options {
+            nat: self.nat.unwrap_or(base.nat),
+            socket_lb: self.socket_lb.unwrap_or(base.socket_lb),
+            ..base
+        }
+    }
 }
 
 /// What the daemon runs: the union of `--publish` and the config file, and how.
@@ -86,11 +113,11 @@ pub struct Settings {
     /// How long connections of a stopped mapping may take to finish.
     pub drain: Duration,
     /// The options of mappings that name none (`rproxy add`, shims): the environment's, with
-    /// `--nat`, else the file's `nat`.
+    /// the modes of the command line, else of the file.
     pub defaults: Options,
-    /// The environment's options and `--nat`: what a reload lays the file over.
+    /// The environment's options: what a reload lays the file over.
     base: Options,
-    nat_flag: Option<Mode>,
+    flags: Flags,
     /// Where to serve /metrics.
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -111,18 +138,19 @@ impl Settings {
                 .exists()
                 .then(|| PathBuf::from(DEFAULT_CONFIG))
         });
+        let flags = Flags {
+            nat: args.nat,
+            socket_lb: args.socket_lb,
+        };
         let file = match &config_path {
-            Some(path) => read(path, base, args.nat).unwrap_or_else(|mut e| {
+            Some(path) => read(path, base, flags).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
                 Loaded::default()
             }),
             None => Loaded::default(),
         };
         let config = file.mappings;
-        let defaults = file.defaults.unwrap_or(Options {
-            nat: args.nat.unwrap_or(base.nat),
-            ..base
-        });
+        let defaults = file.defaults.unwrap_or(flags.over(base));
         let mut publish = Vec::new();
         for spec in &args.publish {
             match parse_publish(spec, defaults) {
@@ -156,7 +184,7 @@ impl Settings {
             drain,
             defaults,
             base,
-            nat_flag: args.nat,
+            flags,
             metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
         })
     }
@@ -164,7 +192,7 @@ impl Settings {
     /// Reads the config file again (SIGHUP): its mappings, resolved as at start-up.
     pub fn reread(&self) -> Result<Vec<Mapping>, Vec<String>> {
         match &self.config_path {
-            Some(path) => read(path, self.base, self.nat_flag).map(|l| l.mappings),
+            Some(path) => read(path, self.base, self.flags).map(|l| l.mappings),
             None => Ok(Vec::new()),
         }
     }
@@ -173,9 +201,10 @@ impl Settings {
 /// A config file, resolved.
 #[derive(Default)]
 struct Loaded {
-    /// Its mappings, each with its options: its own NAT mode, else `--nat`, else the file's.
+    /// Its mappings, each with its options: its own modes, else the command line's, else the
+    /// file's.
     mappings: Vec<Mapping>,
-    /// The defaults it sets; None when it sets no `nat` and `--nat` was not given.
+    /// The defaults it sets (None: a file that could not be read).
     defaults: Option<Options>,
     drain: Option<Duration>,
     control_socket: Option<PathBuf>,
@@ -183,19 +212,14 @@ struct Loaded {
 }
 
 /// Reads a config file over `base` (the environment's options); errors name the file and line.
-fn read(path: &Path, base: Options, nat_flag: Option<Mode>) -> Result<Loaded, Vec<String>> {
+fn read(path: &Path, base: Options, flags: Flags) -> Result<Loaded, Vec<String>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: {}", path.display(), describe(&e))])?;
-    parse(&text, path, base, nat_flag)
+    parse(&text, path, base, flags)
 }
 
 /// A config file's text, resolved as [`read`] does.
-fn parse(
-    text: &str,
-    path: &Path,
-    base: Options,
-    nat_flag: Option<Mode>,
-) -> Result<Loaded, Vec<String>> {
+fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded, Vec<String>> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
     let file: ConfigFile = toml::from_str(text).map_err(|e| {
         let line = e
@@ -216,24 +240,25 @@ fn parse(
             default
         }),
     };
-    let default = nat_flag.unwrap_or(mode(&file.nat, base.nat));
-    let defaults = Options {
-        nat: default,
+    let file_defaults = Options {
+        nat: mode(&file.nat, base.nat),
+        socket_lb: mode(&file.socket_lb, base.socket_lb),
         ..base
     };
-    let entries: Vec<(&toml::Spanned<String>, Mode)> = file
-        .publish
-        .iter()
-        .map(|spec| (spec, default))
-        .chain(
-            file.mapping
-                .iter()
-                .map(|e| (&e.publish, mode(&e.nat, default))),
-        )
-        .collect();
+    let defaults = flags.over(file_defaults);
+    let mut entries: Vec<(&toml::Spanned<String>, Options)> =
+        file.publish.iter().map(|spec| (spec, defaults)).collect();
+    for e in &file.mapping {
+        let own = Options {
+            nat: mode(&e.nat, defaults.nat),
+            socket_lb: mode(&e.socket_lb, defaults.socket_lb),
+            ..defaults
+        };
+        entries.push((&e.publish, own));
+    }
     let mut mappings = Vec::new();
-    for (spec, nat) in entries {
-        match parse_publish(spec.get_ref(), Options { nat, ..defaults }) {
+    for (spec, options) in entries {
+        match parse_publish(spec.get_ref(), options) {
             Ok(m) => mappings.extend(m),
             Err(e) => errors.push(format!(
                 "{}:{}: publish {:?}: {e}",
@@ -260,7 +285,7 @@ fn parse(
     }
     Ok(Loaded {
         mappings,
-        defaults: (file.nat.is_some() || nat_flag.is_some()).then_some(defaults),
+        defaults: Some(defaults),
         drain,
         control_socket: file.control_socket,
         metrics_addr: file.metrics_addr,
@@ -284,7 +309,12 @@ nat = "require"
 "#;
 
     fn load(text: &str) -> Result<Loaded, Vec<String>> {
-        parse(text, Path::new("rproxy.toml"), Options::default(), None)
+        parse(
+            text,
+            Path::new("rproxy.toml"),
+            Options::default(),
+            Flags::default(),
+        )
     }
 
     #[test]

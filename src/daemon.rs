@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use tokio::net::UnixListener;
 
+use crate::bpf::SocketLb;
 use crate::config::{Args, Settings};
 use crate::control::server;
 use crate::env::Env;
 use crate::mapping::{describe, Mapping};
 use crate::nat::Nat;
-use crate::options::NatMode;
+use crate::options::Mode;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
 
@@ -61,13 +62,21 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
-    let sup = Supervisor::new(Nat::new(Nat::DAEMON_TABLE), metrics.is_some());
-    if settings.defaults.nat != NatMode::Off {
+    let sup = Supervisor::new(
+        Nat::new(Nat::DAEMON_TABLE),
+        SocketLb::new(),
+        metrics.is_some(),
+    );
+    if settings.defaults.nat != Mode::Off {
         // Open (and sweep) now: an unusable kernel path is reported at start-up.
         if let Err(e) = sup.nat().open(settings.defaults.nat).await {
             eprintln!("rproxy: {e}");
             return 1;
         }
+    }
+    if let Err(e) = sup.socket_lb().open(settings.defaults.socket_lb) {
+        eprintln!("rproxy: {e}");
+        return 1;
     }
     let initial = [
         (&settings.publish, Origin::Publish),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::bpf::SocketLb;
 use crate::env::Env;
 use crate::frontend;
 use crate::goflags::{self, Flag, Kind, ParseError};
@@ -229,7 +230,8 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
         // Handlers exist now: a signal that arrived meanwhile is delivered to them.
         signals::unblock();
         // Kernel NAT, when asked, in this process's own table (deleted on the way out).
-        let sup = Supervisor::new(Nat::new(&format!("rproxy-{}", std::process::id())), false);
+        let nat = Nat::new(&format!("rproxy-{}", std::process::id()));
+        let sup = Supervisor::new(nat, SocketLb::disabled(), false);
         let mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
             Ok(m) => m,
             Err(msg) => return fail(status, &msg),

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::log;
-use crate::options::{self, NatMode, Overrides};
+use crate::options::{self, Mode, Overrides};
 
 /// Which mode is reading: each validates only the variables it uses, so a daemon-only
 /// setting never breaks a docker-mode port.
@@ -34,7 +34,7 @@ pub struct Env {
     pub socket: Option<PathBuf>,
     /// `RPROXY_HANDOFF=0`: a docker-mode process serves its port itself even if a daemon runs.
     pub no_handoff: bool,
-    /// Mapping options: `RPROXY_NAT`, `RPROXY_CONNECT_TIMEOUT`, `RPROXY_SPLICE`,
+    /// Mapping options: `RPROXY_NAT`, `RPROXY_SOCKET_LB`, `RPROXY_CONNECT_TIMEOUT`, `RPROXY_SPLICE`,
     /// `RPROXY_UDP_TIMEOUT`, `RPROXY_UDP_MAX_FLOWS`.
     pub overrides: Overrides,
     /// `RPROXY_UDP_GSO=0`: never send UDP runs as one segmented message.
@@ -79,7 +79,11 @@ impl Env {
         }
         let o = &mut env.overrides;
         get("RPROXY_NAT", &mut |v| {
-            o.nat = Some(v.parse::<NatMode>()?);
+            o.nat = Some(v.parse::<Mode>()?);
+            Ok(())
+        });
+        get("RPROXY_SOCKET_LB", &mut |v| {
+            o.socket_lb = Some(v.parse::<Mode>()?);
             Ok(())
         });
         get("RPROXY_CONNECT_TIMEOUT", &mut |v| {

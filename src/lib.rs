@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod backoff;
+pub mod bpf;
 pub mod config;
 pub mod control;
 pub mod daemon;

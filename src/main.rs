@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use rproxy::control::{self, Request};
 use rproxy::env::{Env, Reader};
-use rproxy::options::{NatMode, Overrides};
+use rproxy::options::{Mode, Overrides};
 use rproxy::{config, daemon, docker, log, udp};
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
@@ -42,7 +42,11 @@ enum Command {
         /// Kernel NAT for this mapping: on (fall back to userland), require, or off (default:
         /// the daemon's --nat).
         #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-        nat: Option<NatMode>,
+        nat: Option<Mode>,
+        /// Socket hooks for this mapping's host clients: on (fall back to the listener),
+        /// require, or off (default: the daemon's --socket-lb).
+        #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
+        socket_lb: Option<Mode>,
     },
     /// Remove a mapping from the running daemon (same spec as `add`).
     Rm {
@@ -101,9 +105,11 @@ fn main() {
                 spec,
                 control_socket,
                 nat,
+                socket_lb,
             } => {
                 let options = Overrides {
                     nat,
+                    socket_lb,
                     ..Overrides::default()
                 };
                 let request = Request::Add { spec, options };

@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 /// How one mapping behaves. Defaults are docker-proxy's where it has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Options {
-    /// Kernel DNAT beside the listener.
-    pub nat: NatMode,
+    /// Kernel DNAT beside the listener (remote clients).
+    pub nat: Mode,
+    /// Socket hooks beside the listener (host clients; the daemon's).
+    pub socket_lb: Mode,
     /// How long dialling the target may take before the client is reset.
     pub connect_timeout: Duration,
     /// Relay TCP streams with splice(2) (false: copy through user space).
@@ -33,7 +35,8 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Options {
         Options {
-            nat: NatMode::Off,
+            nat: Mode::Off,
+            socket_lb: Mode::Off,
             connect_timeout: Duration::from_secs(10),
             splice: true,
             udp_timeout: Duration::from_secs(90),
@@ -49,7 +52,10 @@ impl Default for Options {
 pub struct Overrides {
     /// See [`Options::nat`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nat: Option<NatMode>,
+    pub nat: Option<Mode>,
+    /// See [`Options::socket_lb`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_lb: Option<Mode>,
     /// See [`Options::connect_timeout`] (milliseconds on the wire).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout_ms: Option<u64>,
@@ -74,6 +80,7 @@ impl Overrides {
         };
         Ok(Options {
             nat: self.nat.unwrap_or(base.nat),
+            socket_lb: self.socket_lb.unwrap_or(base.socket_lb),
             connect_timeout: ms(
                 &CONNECT_TIMEOUT,
                 self.connect_timeout_ms,
@@ -89,7 +96,8 @@ impl Overrides {
     }
 }
 
-/// Whether a mapping uses the kernel path (nftables DNAT beside its listener).
+/// Whether a mapping uses one of the kernel paths (nftables DNAT, socket hooks) beside its
+/// listener.
 #[derive(
     Debug,
     Clone,
@@ -104,34 +112,34 @@ impl Overrides {
     serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum NatMode {
+pub enum Mode {
     /// Userland only.
     #[default]
     Off,
-    /// Kernel NAT where possible; without it, userland and one warning.
+    /// The kernel path where possible; without it, userland and one warning.
     On,
-    /// Kernel NAT or fail.
+    /// The kernel path or fail.
     Require,
 }
 
-impl FromStr for NatMode {
+impl FromStr for Mode {
     type Err = String;
-    fn from_str(s: &str) -> Result<NatMode, String> {
+    fn from_str(s: &str) -> Result<Mode, String> {
         match s {
-            "off" | "0" | "false" | "no" => Ok(NatMode::Off),
-            "on" | "1" | "true" | "yes" => Ok(NatMode::On),
-            "require" => Ok(NatMode::Require),
-            other => Err(format!("invalid NAT mode {other:?} (off, on or require)")),
+            "off" | "0" | "false" | "no" => Ok(Mode::Off),
+            "on" | "1" | "true" | "yes" => Ok(Mode::On),
+            "require" => Ok(Mode::Require),
+            other => Err(format!("invalid mode {other:?} (off, on or require)")),
         }
     }
 }
 
-impl std::fmt::Display for NatMode {
+impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            NatMode::Off => "off",
-            NatMode::On => "on",
-            NatMode::Require => "require",
+            Mode::Off => "off",
+            Mode::On => "on",
+            Mode::Require => "require",
         })
     }
 }

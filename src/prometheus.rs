@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::backoff::Backoff;
+use crate::bpf::SocketLb;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Path;
 use crate::stats::{Failure, Histogram, Timings, BUCKETS};
@@ -146,6 +147,14 @@ fn describe_all() {
         "rproxy_nat_connections_total",
         "Connections (UDP: flows) the kernel DNAT rules translated."
     );
+    describe_counter!(
+        "rproxy_socket_lb_connections_total",
+        "Connections (TCP, connected UDP) the socket hooks sent straight to the target."
+    );
+    describe_counter!(
+        "rproxy_socket_lb_datagrams_total",
+        "Unconnected UDP datagrams the socket hooks sent straight to the target."
+    );
     describe_gauge!("rproxy_mappings", "Mappings, by state.");
     describe_gauge!(
         "rproxy_process_open_fds",
@@ -207,7 +216,8 @@ async fn answer(
     match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
             let statuses = sup.statuses();
-            sync(&statuses, &sup.kernel_connections(&statuses).await);
+            let kernel = sup.kernel_connections(&statuses).await;
+            sync(&statuses, &kernel, sup.socket_lb());
             handle.run_upkeep();
             let body = handle.render() + &histograms(&statuses);
             respond(&mut stream, "200 OK", &body, method == "HEAD").await
@@ -244,9 +254,9 @@ async fn respond(
     stream.shutdown().await
 }
 
-/// Copies every mapping's counters, the kernel rules' counters and the process's own figures
+/// Copies every mapping's counters, the kernel paths' counters and the process's own figures
 /// into the recorder.
-fn sync(statuses: &[Status], kernel: &HashMap<String, u64>) {
+fn sync(statuses: &[Status], kernel: &HashMap<String, u64>, hooks: &SocketLb) {
     let (mut serving, mut stopped) = (0u64, 0u64);
     for st in statuses {
         let (m, s, path) = (&st.mapping, &*st.stats, st.path.as_ref());
@@ -299,6 +309,13 @@ fn sync(statuses: &[Status], kernel: &HashMap<String, u64>) {
         if path == Some(&Path::Kernel) {
             let n = kernel.get(&m.spec()).copied().unwrap_or(0);
             counter!("rproxy_nat_connections_total", labels(m)).absolute(n);
+        }
+        if st.socket_lb == Some(crate::bpf::Path::Socket) {
+            let (connections, datagrams) = hooks.counters(m);
+            counter!("rproxy_socket_lb_connections_total", labels(m)).absolute(connections);
+            if m.proto == Proto::Udp {
+                counter!("rproxy_socket_lb_datagrams_total", labels(m)).absolute(datagrams);
+            }
         }
     }
     gauge!("rproxy_mappings", "state" => "serving").set(serving as f64);

@@ -17,10 +17,11 @@ use std::time::Duration;
 use socket2::Socket;
 use tokio::task::JoinHandle;
 
+use crate::bpf::{self, SocketLb};
 use crate::frontend::{self, Frontend};
 use crate::mapping::{Mapping, Proto};
 use crate::nat::{Nat, Path};
-use crate::options::NatMode;
+use crate::options::Mode;
 use crate::stats::{Stats, Timings};
 use crate::stop::{Stop, StopHandle};
 
@@ -97,6 +98,8 @@ pub struct Status {
     pub origin: Origin,
     /// Its NAT path, when its NAT mode is not off.
     pub path: Option<Path>,
+    /// Its host clients' path, when its socket-hook mode is not off.
+    pub socket_lb: Option<bpf::Path>,
     /// Its counters.
     pub stats: Arc<Stats>,
     /// False once its serving task ended (its socket failed).
@@ -107,6 +110,7 @@ struct Running {
     mapping: Mapping,
     origin: Origin,
     path: Option<Path>,
+    socket_lb: Option<bpf::Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
     task: JoinHandle<()>,
@@ -125,6 +129,7 @@ struct Inner {
     /// Held by one change at a time, across its awaits: changes never interleave.
     changes: tokio::sync::Mutex<()>,
     nat: Nat,
+    socket_lb: SocketLb,
     /// Whether TCP mappings record their duration histograms (when metrics are served).
     histograms: bool,
 }
@@ -137,18 +142,23 @@ struct Prepared {
     path: Option<Path>,
     /// The rules are the replaced mapping's, kept: it must not remove them.
     inherited_rules: bool,
+    socket_lb: Option<bpf::Path>,
+    /// The mapping this one replaces on the same address, whose hook entry it overwrote.
+    replaces: Option<(Mapping, Option<bpf::Path>)>,
     socket: Socket,
 }
 
 impl Supervisor {
-    /// A supervisor with nothing running, whose mappings get kernel NAT from `nat` and record
-    /// duration histograms when `histograms` (metrics are served).
-    pub fn new(nat: Nat, histograms: bool) -> Supervisor {
+    /// A supervisor with nothing running, whose mappings get kernel NAT from `nat`, socket
+    /// hooks from `socket_lb`, and record duration histograms when `histograms` (metrics are
+    /// served).
+    pub fn new(nat: Nat, socket_lb: SocketLb, histograms: bool) -> Supervisor {
         Supervisor {
             inner: Arc::new(Inner {
                 running: Mutex::default(),
                 changes: tokio::sync::Mutex::new(()),
                 nat,
+                socket_lb,
                 histograms,
             }),
         }
@@ -157,6 +167,11 @@ impl Supervisor {
     /// The kernel path.
     pub fn nat(&self) -> &Nat {
         &self.inner.nat
+    }
+
+    /// The socket hooks.
+    pub fn socket_lb(&self) -> &SocketLb {
+        &self.inner.socket_lb
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Running>> {
@@ -204,9 +219,7 @@ impl Supervisor {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     for p in prepared {
-                        if !p.inherited_rules {
-                            self.inner.nat.remove(&p.mapping, p.path.as_ref());
-                        }
+                        self.undo(&p);
                     }
                     return Err(e);
                 }
@@ -249,7 +262,7 @@ impl Supervisor {
         let old = current.get(&k).filter(|_| stopping.contains(&k));
         let inherit = old.is_some_and(|o| {
             o.mapping.spec() == mapping.spec()
-                && mapping.options.nat != NatMode::Off
+                && mapping.options.nat != Mode::Off
                 && self.path_of(&k) == Some(Path::Kernel)
         });
         let path = match inherit {
@@ -265,14 +278,43 @@ impl Supervisor {
                     .await?
             }
         };
-        Ok(Prepared {
+        let replaces = old.map(|o| (o.mapping, self.socket_path_of(&k)));
+        let mut prepared = Prepared {
             frontend,
             mapping,
             origin: s.origin,
             path,
             inherited_rules: inherit,
+            socket_lb: None,
+            replaces,
             socket: copy,
-        })
+        };
+        match self.inner.socket_lb.publish(&mapping) {
+            Ok(p) => prepared.socket_lb = p,
+            Err(e) => {
+                self.undo(&prepared);
+                return Err(e);
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Takes back what preparing `p` did to the kernel: its NAT rules, its hook entry (the
+    /// replaced mapping's written back).
+    fn undo(&self, p: &Prepared) {
+        if !p.inherited_rules {
+            self.inner.nat.remove(&p.mapping, p.path.as_ref());
+        }
+        self.inner
+            .socket_lb
+            .withdraw(&p.mapping, p.socket_lb.as_ref(), true);
+        if let Some((old, old_path)) = &p.replaces {
+            self.inner.socket_lb.restore(old, old_path.as_ref());
+        }
+    }
+
+    fn socket_path_of(&self, k: &Key) -> Option<bpf::Path> {
+        self.running().get(k).and_then(|r| r.socket_lb.clone())
     }
 
     /// A copy of the running mapping's listening socket.
@@ -295,6 +337,12 @@ impl Supervisor {
         let kept_rules: BTreeSet<Key> = prepared
             .iter()
             .filter(|p| p.inherited_rules)
+            .map(|p| key(&p.mapping))
+            .collect();
+        // Hook entries the new mappings wrote over the ones they replace.
+        let rewritten: BTreeSet<Key> = prepared
+            .iter()
+            .filter(|p| p.socket_lb == Some(bpf::Path::Socket))
             .map(|p| key(&p.mapping))
             .collect();
         let mut stopped = Vec::new();
@@ -322,6 +370,7 @@ impl Supervisor {
                         mapping: p.mapping,
                         origin: p.origin,
                         path: p.path,
+                        socket_lb: p.socket_lb,
                         stats,
                         stop: handle,
                         task,
@@ -336,6 +385,10 @@ impl Supervisor {
                 // conntrack entries.
                 self.inner.nat.remove(&r.mapping, r.path.as_ref());
             }
+            let entry = !rewritten.contains(&key(&r.mapping));
+            self.inner
+                .socket_lb
+                .withdraw(&r.mapping, r.socket_lb.as_ref(), entry);
             r.stop.stop(drain);
             tracing::info!("stopped {} ({})", r.mapping, r.origin);
             // The task finishes by itself once drained; nothing waits on it.
@@ -375,6 +428,7 @@ impl Supervisor {
         let _one_at_a_time = self.inner.changes.lock().await;
         let all = std::mem::take(&mut *self.running());
         self.inner.nat.close().await;
+        self.inner.socket_lb.close();
         all.into_values()
             .map(|r| {
                 r.stop.stop(drain);
@@ -391,6 +445,7 @@ impl Supervisor {
                 mapping: r.mapping,
                 origin: r.origin,
                 path: r.path.clone(),
+                socket_lb: r.socket_lb.clone(),
                 stats: r.stats.clone(),
                 serving: !r.task.is_finished(),
             })

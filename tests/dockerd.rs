@@ -1581,14 +1581,16 @@ impl Harness {
                 "BYTES_IN",
                 "BYTES_OUT",
                 "NAT",
-                "KERNEL_CONNS"
+                "KERNEL_CONNS",
+                "SOCKET",
+                "SOCKET_CONNS"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 12, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 14, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))

@@ -43,6 +43,7 @@ const VARIABLES: &[(&str, &[&str], &[&str])] = &[
     ("RPROXY_UDP_GSO", &["2", "nope"], &["0", "on"]),
     ("RPROXY_HANDOFF", &["disabled", "00"], &["0", "no"]),
     ("RPROXY_NAT", &["maybe", "required"], &["off"]),
+    ("RPROXY_SOCKET_LB", &["maybe", "sometimes"], &["off", "on"]),
     (
         "RPROXY_LOG",
         &["loud", "rproxy=loud"],

@@ -632,7 +632,7 @@ fn config_sets_nat_per_mapping_and_forwarding_off_keeps_userland() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("rproxy.toml:3") && err.contains("invalid NAT mode"),
+        err.contains("rproxy.toml:3") && err.contains("invalid mode"),
         "{err}"
     );
 

@@ -120,6 +120,8 @@ pub fn format_table(rows: &[Row]) -> String {
         "BYTES_OUT",
         "NAT",
         "KERNEL_CONNS",
+        "SOCKET",
+        "SOCKET_CONNS",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -139,6 +141,8 @@ pub fn format_table(rows: &[Row]) -> String {
             s.bytes_out.to_string(),
             r.nat.clone(),
             r.kernel_connections.to_string(),
+            r.socket.clone(),
+            r.socket_connections.to_string(),
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -201,7 +205,9 @@ mod tests {
                 "4",
                 "5",
                 "kernel",
-                "6"
+                "6",
+                "socket",
+                "7"
             ]
         );
     }

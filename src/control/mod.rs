@@ -177,6 +177,12 @@ pub struct Row {
     pub nat: String,
     /// Connections the kernel rules translated (the userland counters never see them).
     pub kernel_connections: u64,
+    /// The host clients' path: `-` (off), `socket` or `userland`.
+    #[serde(default)]
+    pub socket: String,
+    /// Connections the socket hooks sent straight to the target.
+    #[serde(default)]
+    pub socket_connections: u64,
 }
 
 /// A row with a distinct value in every field, for tests.
@@ -195,6 +201,8 @@ pub(crate) fn sample_row() -> Row {
         },
         nat: "kernel".into(),
         kernel_connections: 6,
+        socket: "socket".into(),
+        socket_connections: 7,
     }
 }
 
@@ -209,7 +217,7 @@ mod tests {
             Request::Add {
                 spec: "8080:10.0.0.2:80".into(),
                 options: Overrides {
-                    nat: Some(crate::options::NatMode::Require),
+                    nat: Some(crate::options::Mode::Require),
                     ..Overrides::default()
                 },
             },

@@ -188,6 +188,8 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
         .map(|s| Row {
             nat: s.path.as_ref().map_or("-", |p| p.label()).into(),
             kernel_connections: kernel.get(&s.mapping.spec()).copied().unwrap_or(0),
+            socket: s.socket_lb.as_ref().map_or("-", |p| p.label()).into(),
+            socket_connections: sup.socket_lb().counters(&s.mapping).0,
             spec: s.mapping.spec(),
             origin: s.origin.to_string(),
             state: if s.serving { "serving" } else { "stopped" }.into(),

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use worker::Job;
 
 use crate::mapping::Mapping;
-use crate::options::NatMode;
+use crate::options::Mode;
 
 /// How a mapping's traffic is served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,14 +96,14 @@ impl Nat {
 
     /// Opens (and sweeps) the table now: the daemon with `--nat` reports an unusable kernel
     /// path at start-up. Err only for `Require`; `On` falls back with one warning.
-    pub async fn open(&self, mode: NatMode) -> Result<(), String> {
+    pub async fn open(&self, mode: Mode) -> Result<(), String> {
         self.ask(|tx| Job::Open(mode, tx)).await?
     }
 
     /// Gives `m` the path its NAT mode asks for; None when it is off. `from_dockerd`: the
     /// mapping is one dockerd publishes, whose own iptables rules may translate it already.
     pub async fn install(&self, m: &Mapping, from_dockerd: bool) -> Result<Option<Path>, String> {
-        if m.options.nat == NatMode::Off {
+        if m.options.nat == Mode::Off {
             return Ok(None);
         }
         if let Some(why) = rules::userland_only(m) {
@@ -113,7 +113,7 @@ impl Nat {
         let path = self.ask(|tx| Job::Install(*m, from_dockerd, tx)).await;
         match path {
             Ok(result) => result.map(Some),
-            Err(why) if m.options.nat == NatMode::Require => Err(why),
+            Err(why) if m.options.nat == Mode::Require => Err(why),
             Err(why) => Ok(Some(Path::Userland(why))),
         }
     }

@@ -5,7 +5,7 @@
 use super::table::Table;
 use super::{dockerd, Path};
 use crate::mapping::Mapping;
-use crate::options::NatMode;
+use crate::options::Mode;
 
 /// The table, as far as it got.
 pub(super) enum State {
@@ -46,7 +46,7 @@ pub(super) fn install(
     ensure_open(state, table);
     let t = match state {
         State::Open(t) => t,
-        State::Unavailable(why) if mode == NatMode::Require => {
+        State::Unavailable(why) if mode == Mode::Require => {
             return Err(format!("kernel NAT required for {m}: {why}"))
         }
         State::Unavailable(why) => return Ok(Path::Userland(why.clone())),
@@ -57,7 +57,7 @@ pub(super) fn install(
             tracing::info!("{m}: kernel NAT installed in table inet {}", t.name());
             Ok(Path::Kernel)
         }
-        Err(why) if mode == NatMode::Require => Err(why),
+        Err(why) if mode == Mode::Require => Err(why),
         Err(why) => {
             tracing::warn!("{why}; serving {m} in userland");
             Ok(Path::Userland(why))

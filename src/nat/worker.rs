@@ -10,12 +10,12 @@ use tokio::sync::oneshot;
 use super::policy::{self, State};
 use super::Path;
 use crate::mapping::Mapping;
-use crate::options::NatMode;
+use crate::options::Mode;
 
 /// What the runtime asks of the thread.
 pub(super) enum Job {
     /// Open the table now; Err only when `Require` cannot have it.
-    Open(NatMode, oneshot::Sender<Result<(), String>>),
+    Open(Mode, oneshot::Sender<Result<(), String>>),
     /// Give a mapping its kernel path (`from_dockerd`: dockerd may translate it already).
     Install(Mapping, bool, oneshot::Sender<Result<Path, String>>),
     /// Remove a mapping's rules.
@@ -51,7 +51,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>) {
             Job::Open(mode, reply) => {
                 policy::ensure_open(&mut state, &table);
                 let _ = reply.send(match (&state, mode) {
-                    (State::Unavailable(why), NatMode::Require) => {
+                    (State::Unavailable(why), Mode::Require) => {
                         Err(format!("kernel NAT required: {why}"))
                     }
                     _ => Ok(()),

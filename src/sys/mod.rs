@@ -1,11 +1,13 @@
 //! The only module with `unsafe`: thin wrappers over the Linux system calls that std, tokio,
-//! socket2 and nix do not cover, one file per family — the process ([`process`]),
+//! socket2 and nix do not cover, one file per family — the process ([`process`]), bpf(2)
+//! ([`bpf`]),
 //! descriptors ([`fd`]), pipes and splice ([`pipe`]), UDP with packet info and batches
 //! ([`udp`]), netlink socket options ([`netlink`]).
 //!
 //! Every wrapper returns `io::Result` and takes borrowed or owned descriptors, so callers stay
 //! safe; every `unsafe` block says why it is sound in a `SAFETY:` comment.
 
+pub mod bpf;
 pub mod fd;
 pub mod netlink;
 pub mod pipe;

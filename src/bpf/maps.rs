@@ -1,0 +1,263 @@
+//! The maps the socket hooks read, created and written by the daemon; their keys and values
+//! as bytes, laid out as `programs` reads them.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use super::programs::FLAG_V4_TARGET;
+use crate::mapping::{Mapping, Proto};
+use crate::sys::bpf::{self, MapSpec};
+
+const HASH: u32 = 1;
+const ARRAY: u32 = 2;
+const LRU_HASH: u32 = 9;
+const SK_STORAGE: u32 = 24;
+const NO_PREALLOC: u32 = 1;
+
+/// Size of a service's target: address [16], port u32, mapping id u32, flags u32.
+pub const TARGET_SIZE: u32 = 28;
+
+/// Mappings the hooks can know at once (each needs a counter slot).
+pub const MAX_MAPPINGS: u32 = 65_536;
+
+/// Sockets redirected at once whose replies and peer names are restored (LRU: the oldest go).
+const MAX_REVERSE: u32 = 262_144;
+
+/// The host addresses tracked for wildcard mappings.
+const MAX_LOCAL: u32 = 4_096;
+
+/// Every map, by the names the programs use.
+pub struct Maps {
+    services4: OwnedFd,
+    services6: OwnedFd,
+    local4: OwnedFd,
+    local6: OwnedFd,
+    reverse: OwnedFd,
+    counters: OwnedFd,
+    config: OwnedFd,
+    v6only: OwnedFd,
+}
+
+impl Maps {
+    /// Creates every map, with the host network namespace's cookie and the default of
+    /// IPV6_V6ONLY (net.ipv6.bindv6only) in `config`.
+    pub fn create(host_netns: u64, bindv6only: bool) -> io::Result<Maps> {
+        let map = |kind, key, value, max_entries, name| {
+            bpf::map_create(&MapSpec {
+                kind,
+                key,
+                value,
+                max_entries,
+                name,
+                flags: 0,
+                btf: None,
+            })
+        };
+        let maps = Maps {
+            services4: map(HASH, 8, TARGET_SIZE, MAX_MAPPINGS, "rpx_services4")?,
+            services6: map(HASH, 20, TARGET_SIZE, MAX_MAPPINGS, "rpx_services6")?,
+            local4: map(HASH, 4, 4, MAX_LOCAL, "rpx_local4")?,
+            local6: map(HASH, 16, 4, MAX_LOCAL, "rpx_local6")?,
+            reverse: map(LRU_HASH, 32, 20, MAX_REVERSE, "rpx_reverse")?,
+            counters: map(ARRAY, 4, 16, MAX_MAPPINGS, "rpx_counters")?,
+            config: map(ARRAY, 4, 8, 2, "rpx_config")?,
+            v6only: socket_storage("rpx_v6only")?,
+        };
+        let config = |slot: u32, value: u64| {
+            bpf::map_update(
+                maps.config.as_fd(),
+                &slot.to_ne_bytes(),
+                &value.to_ne_bytes(),
+            )
+        };
+        config(0, host_netns)?;
+        config(1, u64::from(bindv6only))?;
+        Ok(maps)
+    }
+
+    /// The fd of the map a program names.
+    pub fn fd(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        Some(
+            match name {
+                "services4" => &self.services4,
+                "services6" => &self.services6,
+                "local4" => &self.local4,
+                "local6" => &self.local6,
+                "reverse" => &self.reverse,
+                "counters" => &self.counters,
+                "config" => &self.config,
+                "v6only" => &self.v6only,
+                _ => return None,
+            }
+            .as_fd(),
+        )
+    }
+
+    /// Publishes `m` with counter slot `id`: sockets dialling its address (or, for a wildcard
+    /// address, any loopback or host address) reach its target.
+    pub fn publish(&self, m: &Mapping, id: u32) -> io::Result<()> {
+        let (map, key) = self.service_key(m);
+        bpf::map_update(self.counters.as_fd(), &id.to_ne_bytes(), &[0u8; 16])?;
+        bpf::map_update(map, &key, &target(m, id))
+    }
+
+    /// Withdraws `m`: new sockets reach its listener again (or nothing).
+    pub fn withdraw(&self, m: &Mapping) -> io::Result<()> {
+        let (map, key) = self.service_key(m);
+        bpf::map_delete(map, &key).map(|_| ())
+    }
+
+    /// Connections (TCP, connected UDP) and datagrams the hooks sent on to the targets of
+    /// the mapping with counter slot `id`.
+    pub fn counters(&self, id: u32) -> (u64, u64) {
+        let mut value = [0u8; 16];
+        match bpf::map_lookup(self.counters.as_fd(), &id.to_ne_bytes(), &mut value) {
+            Ok(true) => {
+                let word = |i: usize| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&value[i..i + 8]);
+                    u64::from_ne_bytes(b)
+                };
+                (word(0), word(8))
+            }
+            _ => (0, 0),
+        }
+    }
+
+    /// Adds (`present`) or removes a host address.
+    pub fn set_local(&self, ip: IpAddr, present: bool) -> io::Result<()> {
+        let (map, key): (BorrowedFd<'_>, Vec<u8>) = match ip {
+            IpAddr::V4(v4) => (self.local4.as_fd(), v4.octets().to_vec()),
+            IpAddr::V6(v6) => (self.local6.as_fd(), v6.octets().to_vec()),
+        };
+        match present {
+            true => bpf::map_update(map, &key, &1u32.to_ne_bytes()),
+            false => bpf::map_delete(map, &key).map(|_| ()),
+        }
+    }
+
+    fn service_key(&self, m: &Mapping) -> (BorrowedFd<'_>, Vec<u8>) {
+        let proto = match m.proto {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        };
+        let port = m.listen.port().to_be_bytes();
+        let tail = [port[0], port[1], proto, 0];
+        match m.listen.ip() {
+            IpAddr::V4(v4) => {
+                let mut key = v4.octets().to_vec();
+                key.extend(tail);
+                (self.services4.as_fd(), key)
+            }
+            IpAddr::V6(v6) => {
+                let mut key = v6.octets().to_vec();
+                key.extend(tail);
+                (self.services6.as_fd(), key)
+            }
+        }
+    }
+}
+
+/// A socket-storage map of one int per socket (what IPV6_V6ONLY was last set to). The kernel
+/// wants such maps described with BTF: here the smallest description, one signed 32-bit
+/// `int` for both key and value.
+fn socket_storage(name: &'static str) -> io::Result<OwnedFd> {
+    let btf = bpf::btf_load(&int_btf())?;
+    bpf::map_create(&MapSpec {
+        kind: SK_STORAGE,
+        key: 4,
+        value: 4,
+        max_entries: 0,
+        name,
+        flags: NO_PREALLOC,
+        btf: Some((btf.as_raw_fd(), 1, 1)),
+    })
+}
+
+/// BTF with one type, id 1: `int` (struct btf_header, one btf_type of kind INT and its
+/// encoding word, the string section "\0int\0").
+fn int_btf() -> Vec<u8> {
+    const KIND_INT: u32 = 1;
+    const INT_SIGNED: u32 = 1;
+    let types: Vec<u32> = vec![1, KIND_INT << 24, 4, INT_SIGNED << 24 | 32];
+    let strings = b"\0int\0";
+    let mut b = Vec::new();
+    b.extend(0xeb9fu16.to_ne_bytes());
+    b.extend([1u8, 0]); // version, flags
+    let types_len = (types.len() * 4) as u32;
+    for word in [24, 0, types_len, types_len, strings.len() as u32] {
+        b.extend(word.to_ne_bytes()); // hdr_len, type_off, type_len, str_off, str_len
+    }
+    for t in types {
+        b.extend(t.to_ne_bytes());
+    }
+    b.extend(strings);
+    b
+}
+
+/// The Target of `m`: its address (an IPv4 target of an IPv6 mapping written IPv4-mapped,
+/// flagged), port, counter slot.
+fn target(m: &Mapping, id: u32) -> Vec<u8> {
+    let (addr, flags): ([u8; 16], u32) = match (m.listen.ip(), m.target.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(t)) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&t.octets());
+            (a, 0)
+        }
+        (IpAddr::V6(_), IpAddr::V4(t)) => (t.to_ipv6_mapped().octets(), FLAG_V4_TARGET as u32),
+        (_, IpAddr::V6(t)) => (t.octets(), 0),
+    };
+    let port = m.target.port().to_be_bytes();
+    let mut v = addr.to_vec();
+    v.extend([port[0], port[1], 0, 0]);
+    v.extend(id.to_ne_bytes());
+    v.extend(flags.to_ne_bytes());
+    v
+}
+
+/// The host's addresses now (what `local4`/`local6` should hold): every address of every
+/// interface but loopback, which the programs recognise by itself.
+pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+            (Some(v4), _) => IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => IpAddr::V6(v6.ip()),
+            _ => continue,
+        };
+        if !ip.is_loopback() && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::parse_publish;
+
+    #[test]
+    fn targets_are_laid_out_as_the_programs_read_them() {
+        let one = |spec: &str| parse_publish(spec, Default::default()).unwrap()[0];
+        let v = target(&one("8080:172.17.0.2:80"), 7);
+        assert_eq!(v.len(), TARGET_SIZE as usize);
+        assert_eq!(&v[..4], &[172, 17, 0, 2]);
+        assert_eq!(&v[4..16], &[0; 12]);
+        assert_eq!(&v[16..20], &[0, 80, 0, 0]);
+        assert_eq!(&v[20..24], &7u32.to_ne_bytes());
+        assert_eq!(&v[24..28], &0u32.to_ne_bytes());
+        // 6→4: the IPv4 target written IPv4-mapped, and flagged.
+        let v = target(&one("[::]:8080:172.17.0.2:80"), 1);
+        assert_eq!(
+            &v[..16],
+            &"::ffff:172.17.0.2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(&v[24..28], &1u32.to_ne_bytes());
+    }
+}

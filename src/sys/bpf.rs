@@ -1,0 +1,269 @@
+//! bpf(2): maps, program loading, cgroup links and queries, for the socket-level fast path;
+//! and the network namespace cookie the programs compare against.
+//!
+//! `union bpf_attr` is written field by field into a zeroed 128-byte buffer: the kernel
+//! requires every byte past the fields a command uses to be zero, and ignores nothing.
+
+use std::ffi::CString;
+use std::io;
+use std::mem::size_of;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use super::cvt;
+
+const MAP_CREATE: libc::c_int = 0;
+const MAP_LOOKUP_ELEM: libc::c_int = 1;
+const MAP_UPDATE_ELEM: libc::c_int = 2;
+const MAP_DELETE_ELEM: libc::c_int = 3;
+const PROG_LOAD: libc::c_int = 5;
+const OBJ_GET_INFO_BY_FD: libc::c_int = 15;
+const PROG_QUERY: libc::c_int = 16;
+const BTF_LOAD: libc::c_int = 18;
+const LINK_CREATE: libc::c_int = 28;
+
+/// `BPF_F_QUERY_EFFECTIVE`: the programs that run for a cgroup, inherited ones included.
+const QUERY_EFFECTIVE: u32 = 1;
+
+/// `SO_NETNS_COOKIE` (Linux 5.14).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// A `union bpf_attr`, zeroed, with typed writes at byte offsets.
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    fn new() -> Attr {
+        Attr([0; 128])
+    }
+
+    fn u32(&mut self, at: usize, v: u32) -> &mut Attr {
+        self.0[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn u64(&mut self, at: usize, v: u64) -> &mut Attr {
+        self.0[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+
+    fn ptr<T: ?Sized>(&mut self, at: usize, p: *const T) -> &mut Attr {
+        self.u64(at, p as *const u8 as usize as u64)
+    }
+
+    fn name(&mut self, at: usize, name: &str) -> &mut Attr {
+        // BPF_OBJ_NAME_LEN is 16 with the terminating NUL.
+        let n = name.len().min(15);
+        self.0[at..at + n].copy_from_slice(&name.as_bytes()[..n]);
+        self
+    }
+
+    fn read_u32(&self, at: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.0[at..at + 4]);
+        u32::from_ne_bytes(b)
+    }
+
+    /// bpf(cmd, self): the syscall's result (an fd or 0).
+    fn call(&mut self, cmd: libc::c_int) -> io::Result<libc::c_int> {
+        // SAFETY: the attr buffer is ours, 128 bytes long (the size we pass), and every pointer
+        // written into it points to memory the caller keeps alive across this call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                self.0.as_mut_ptr(),
+                self.0.len() as libc::c_uint,
+            )
+        };
+        cvt(libc::c_int::try_from(r).unwrap_or(-1))
+    }
+
+    fn call_fd(&mut self, cmd: libc::c_int) -> io::Result<OwnedFd> {
+        let fd = self.call(cmd)?;
+        // SAFETY: on success these commands return a new descriptor that only we hold.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// A map's shape, for [`map_create`].
+#[derive(Debug, Clone, Copy)]
+pub struct MapSpec {
+    /// `enum bpf_map_type` (1 hash, 2 array, 9 LRU hash).
+    pub kind: u32,
+    /// Key size in bytes.
+    pub key: u32,
+    /// Value size in bytes.
+    pub value: u32,
+    /// Entries at most.
+    pub max_entries: u32,
+    /// Its name, as `bpftool map` shows it (up to 15 bytes).
+    pub name: &'static str,
+    /// `map_flags` (BPF_F_NO_PREALLOC for socket storage).
+    pub flags: u32,
+    /// Type information, for maps that need it (socket storage): (BTF fd, key type id, value
+    /// type id).
+    pub btf: Option<(i32, u32, u32)>,
+}
+
+/// BPF_MAP_CREATE.
+pub fn map_create(spec: &MapSpec) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, spec.kind)
+        .u32(4, spec.key)
+        .u32(8, spec.value)
+        .u32(12, spec.max_entries)
+        .u32(16, spec.flags)
+        .name(28, spec.name);
+    if let Some((fd, key, value)) = spec.btf {
+        attr.u32(48, fd as u32).u32(52, key).u32(56, value);
+    }
+    attr.call_fd(MAP_CREATE)
+}
+
+/// BPF_BTF_LOAD: type information (a `struct btf_header`, types and strings) for maps that
+/// need it.
+pub fn btf_load(btf: &[u8]) -> io::Result<OwnedFd> {
+    Attr::new()
+        .ptr(0, btf.as_ptr())
+        .u32(16, btf.len() as u32)
+        .call_fd(BTF_LOAD)
+}
+
+/// BPF_MAP_UPDATE_ELEM (BPF_ANY). `key` and `value` must have the map's sizes (the kernel
+/// reads exactly that many bytes from each).
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    Attr::new()
+        .u32(0, map.as_raw_fd() as u32)
+        .ptr(8, key.as_ptr())
+        .ptr(16, value.as_ptr())
+        .call(MAP_UPDATE_ELEM)
+        .map(|_| ())
+}
+
+/// BPF_MAP_DELETE_ELEM; Ok(false) when the key was not there.
+pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    match Attr::new()
+        .u32(0, map.as_raw_fd() as u32)
+        .ptr(8, key.as_ptr())
+        .call(MAP_DELETE_ELEM)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// BPF_MAP_LOOKUP_ELEM into `value` (the map's value size); Ok(false) when absent.
+pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    match Attr::new()
+        .u32(0, map.as_raw_fd() as u32)
+        .ptr(8, key.as_ptr())
+        .ptr(16, value.as_mut_ptr())
+        .call(MAP_LOOKUP_ELEM)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the verifier said about a program it refused.
+#[derive(Debug)]
+pub struct Refused {
+    /// The error bpf(2) returned.
+    pub error: io::Error,
+    /// The verifier's log (its last lines say why).
+    pub log: String,
+}
+
+/// BPF_PROG_LOAD of `insns` (encoded instructions) as `prog_type` for `attach_type`, under
+/// `license`; a refusal carries the verifier's log.
+pub fn prog_load(
+    prog_type: u32,
+    attach_type: u32,
+    insns: &[u8],
+    license: &str,
+    name: &str,
+) -> Result<OwnedFd, Refused> {
+    let license = CString::new(license).unwrap_or_default();
+    let mut log = vec![0u8; 1 << 16];
+    let count = (insns.len() / 8) as u32;
+    let result = Attr::new()
+        .u32(0, prog_type)
+        .u32(4, count)
+        .ptr(8, insns.as_ptr())
+        .ptr(16, license.as_ptr())
+        .u32(24, 1)
+        .u32(28, log.len() as u32)
+        .ptr(32, log.as_mut_ptr())
+        .name(48, name)
+        .u32(68, attach_type)
+        .call_fd(PROG_LOAD);
+    result.map_err(|error| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        Refused {
+            error,
+            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+        }
+    })
+}
+
+/// BPF_LINK_CREATE: attaches `prog` to the cgroup directory `cgroup` for `attach_type`. The
+/// program stays attached while the link fd is open: closing it — or the process dying, even
+/// by SIGKILL — detaches it.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    Attr::new()
+        .u32(0, prog.as_raw_fd() as u32)
+        .u32(4, cgroup.as_raw_fd() as u32)
+        .u32(8, attach_type)
+        .call_fd(LINK_CREATE)
+}
+
+/// The kernel's id of a program (as [`prog_query`] lists them).
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct bpf_prog_info begins with u32 type, u32 id; the kernel fills what fits.
+    let mut info = [0u32; 2];
+    Attr::new()
+        .u32(0, prog.as_raw_fd() as u32)
+        .u32(4, size_of::<[u32; 2]>() as u32)
+        .ptr(8, info.as_mut_ptr())
+        .call(OBJ_GET_INFO_BY_FD)?;
+    Ok(info[1])
+}
+
+/// BPF_PROG_QUERY with BPF_F_QUERY_EFFECTIVE: the ids of the programs that run for the
+/// cgroup `cgroup` at `attach_type`, inherited from its ancestors included (up to 64).
+pub fn prog_query_effective(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = Attr::new();
+    attr.u32(0, cgroup.as_raw_fd() as u32)
+        .u32(4, attach_type)
+        .u32(8, QUERY_EFFECTIVE)
+        .ptr(16, ids.as_mut_ptr())
+        .u32(24, ids.len() as u32);
+    attr.call(PROG_QUERY)?;
+    let n = (attr.read_u32(24) as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
+}
+
+/// The cookie of the network namespace `socket` lives in (SO_NETNS_COOKIE, Linux 5.14):
+/// what `bpf_get_netns_cookie` returns for sockets of that namespace.
+pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into our u64 and updates `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            &mut cookie as *mut u64 as *mut libc::c_void,
+            &mut len,
+        )
+    })?;
+    Ok(cookie)
+}

@@ -1,0 +1,415 @@
+//! The socket-level fast path (`rproxy daemon --socket-lb`): host clients of a published port
+//! connect straight to its target — no connection through the listener — and see the address
+//! they dialled; everything else is left alone; nothing stays attached after the daemon.
+//!
+//! As root (BPF, cgroups, namespaces); the programs attach at the host's cgroup v2 root, so
+//! they see every process here: each test uses ports nobody else does.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+use socket2::{Domain, SockAddr, Socket, Type};
+
+const TEST: &str = "socket_lb";
+
+/// `rproxy ls` as (listen, column → value) maps, by header.
+fn table(dir: &Dir) -> Vec<std::collections::HashMap<String, String>> {
+    let (code, out, err) = cli(dir, &["ls"]);
+    assert_eq!(code, 0, "ls: {err}");
+    let mut lines = out.lines();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split_whitespace().map(String::from))
+                .collect()
+        })
+        .collect()
+}
+
+fn row(dir: &Dir, listen: &str) -> std::collections::HashMap<String, String> {
+    table(dir)
+        .into_iter()
+        .find(|r| r["LISTEN"] == listen)
+        .unwrap_or_else(|| panic!("no mapping on {listen}"))
+}
+
+/// Connects (from a socket of `domain`, dual-stack unless `v6only`) and exchanges a message;
+/// returns (what came back, the peer getpeername reports, the local address).
+fn exchange(
+    to: SocketAddr,
+    v6only: bool,
+    msg: &[u8],
+) -> std::io::Result<(Vec<u8>, SocketAddr, SocketAddr)> {
+    let domain = Domain::for_address(to);
+    let s = Socket::new(domain, Type::STREAM, None)?;
+    if domain == Domain::IPV6 {
+        s.set_only_v6(v6only)?;
+    }
+    s.connect_timeout(&SockAddr::from(to), Duration::from_secs(5))?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let peer = s.peer_addr()?;
+    let local = s.local_addr()?;
+    s.write_all(msg)?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    Ok((out, peer, local))
+}
+
+/// The peer of the established TCP socket with local address `local`, as the kernel has it
+/// (`ss`, through sock_diag: what getpeername would say without the hooks).
+fn kernel_peer(local: SocketAddr) -> Option<String> {
+    let out = Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "all",
+            &format!("( sport = :{} )", local.port()),
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains(&local.port().to_string()))
+        .and_then(|l| l.split_whitespace().last().map(String::from))
+}
+
+fn v6(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn the_kernel_verifier_accepts_every_program() {
+    if !need_root("the_kernel_verifier_accepts_every_program") {
+        return;
+    }
+    let loaded = rproxy::bpf::verify().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(loaded.len(), 9, "{loaded:?}");
+}
+
+/// The programs as bytes: any change to them is deliberate (RPROXY_BLESS=1 rewrites the
+/// golden files after a review of the difference).
+#[test]
+fn the_bytecode_is_what_was_reviewed() {
+    use rproxy::bpf::insn::Code;
+    use rproxy::bpf::programs::Hook;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bpf");
+    for hook in Hook::ALL {
+        let code = hook.code();
+        let mut text = String::new();
+        for (i, insn) in code.insns.iter().enumerate() {
+            let b = Code::bytes(&[*insn]);
+            let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+            let map = code
+                .maps
+                .iter()
+                .find(|m| m.at == i)
+                .map_or(String::new(), |m| format!("  ; map {}", m.map));
+            text.push_str(&format!("{i:4}: {}{map}\n", hex.join(" ")));
+        }
+        let path = dir.join(format!("{}.txt", hook.name()));
+        if std::env::var_os("RPROXY_BLESS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (RPROXY_BLESS=1 writes it)", path.display()));
+        assert!(golden == text, "{} changed:\n{text}", hook.name());
+    }
+}
+
+/// Host clients on every local address reach the target with no connection through the
+/// listener, see the published address as their peer while the kernel has them connected to
+/// the target; a mapping bound to 127.0.0.1 leaves the host address alone; an unpublished
+/// port and another namespace's sockets are untouched.
+#[test]
+fn host_clients_connect_straight_to_the_target() {
+    if !need_root("host_clients_connect_straight_to_the_target") {
+        return;
+    }
+    let dir = Dir::new("slb-tcp");
+    let echo4 = tcp_echo("127.0.0.1:0");
+    let echo6 = has_ipv6().then(|| tcp_echo("[::1]:0"));
+    let base = free_ports(5);
+    let (wild, v6port, six_to_four, lo_only, unpublished) =
+        (base, base + 1, base + 2, base + 3, base + 4);
+    let mut args = vec![
+        "--socket-lb=require".to_string(),
+        "-p".into(),
+        format!("{wild}:{echo4}"),
+        "-p".into(),
+        format!("127.0.0.1:{lo_only}:{echo4}"),
+    ];
+    if let Some(e6) = echo6 {
+        args.extend(["-p".into(), format!("[::]:{v6port}:{e6}")]);
+        args.extend(["-p".into(), format!("[::]:{six_to_four}:{echo4}")]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _d = daemon(&dir, &argv);
+    // A host address that appears after the daemon started (on a veth pair of our own: this
+    // kernel has no dummy links): the hooks follow it.
+    let host_ip = "10.231.0.1";
+    let dummy = format!("rpxslb{}", std::process::id() % 10_000);
+    sh(&format!(
+        "ip link add {dummy} type veth peer name {dummy}p && ip addr add {host_ip}/32 dev {dummy} \
+         && ip link set {dummy} up && ip link set {dummy}p up"
+    ));
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    let _link = Link(dummy);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut expected_socket = 0;
+    let mut clients: Vec<(IpAddr, u16, SocketAddr, bool)> = vec![
+        ("127.0.0.1".parse().unwrap(), wild, echo4, false),
+        ("127.0.0.2".parse().unwrap(), wild, echo4, false),
+        (host_ip.parse().unwrap(), wild, echo4, false),
+        (v6("::ffff:127.0.0.1"), wild, echo4, false),
+        ("127.0.0.1".parse().unwrap(), lo_only, echo4, false),
+    ];
+    if let Some(e6) = echo6 {
+        clients.push((v6("::1"), v6port, e6, false));
+        // 6→4 from a dual-stack socket: the IPv4 target, reached IPv4-mapped.
+        clients.push((v6("::1"), six_to_four, echo4, false));
+    }
+    for (ip, port, target, v6only) in &clients {
+        let to = SocketAddr::new(*ip, *port);
+        let msg = format!("to {to}");
+        let (got, peer, local) =
+            exchange(to, *v6only, msg.as_bytes()).unwrap_or_else(|e| panic!("{to}: {e}"));
+        assert_eq!(got, msg.as_bytes(), "{to}: data differs");
+        assert_eq!(peer, to, "getpeername of a client of {to}");
+        expected_socket += 1;
+        let _ = (target, local);
+    }
+    // The kernel has the client connected to the target itself (checked on a live one).
+    let s = TcpStream::connect(("127.0.0.1", wild)).unwrap();
+    let local = s.local_addr().unwrap();
+    assert_eq!(
+        kernel_peer(local).as_deref(),
+        Some(echo4.to_string().as_str()),
+        "ss shows where the client is really connected"
+    );
+    drop(s);
+    expected_socket += 1;
+    // Nothing went through the listeners; the hooks counted every connection.
+    let mut socket_conns = 0;
+    for r in table(&dir) {
+        assert_eq!(
+            r["TOTAL"], "0",
+            "{} relayed in userland: {r:?}",
+            r["LISTEN"]
+        );
+        assert_eq!(r["SOCKET"], "socket", "{r:?}");
+        socket_conns += r["SOCKET_CONNS"].parse::<u64>().unwrap();
+    }
+    assert_eq!(socket_conns, expected_socket);
+
+    // A mapping bound to 127.0.0.1 leaves the host address alone (nothing listens there).
+    let refused = |to: SocketAddr| {
+        matches!(TcpStream::connect_timeout(&to, Duration::from_secs(2)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(SocketAddr::new(host_ip.parse().unwrap(), lo_only)));
+    assert!(refused(SocketAddr::from(([127, 0, 0, 2], lo_only))));
+    // An unpublished port is untouched.
+    assert!(refused(SocketAddr::from(([127, 0, 0, 1], unpublished))));
+    // 6→4 from an IPv6-only socket cannot reach an IPv4-mapped address: the listener serves.
+    if echo6.is_some() {
+        let before = row(&dir, &format!("[::]:{six_to_four}"))["TOTAL"].clone();
+        let to = SocketAddr::new(v6("::1"), six_to_four);
+        let (got, _, _) = exchange(to, true, b"v6only").unwrap();
+        assert_eq!(got, b"v6only");
+        let after = row(&dir, &format!("[::]:{six_to_four}"))["TOTAL"].clone();
+        assert_eq!(
+            (before.as_str(), after.as_str()),
+            ("0", "1"),
+            "a v6-only client went through the listener"
+        );
+    }
+    // Another namespace's sockets are untouched: its own 127.0.0.1:wild answers there.
+    let ns = Netns::new("slb");
+    let answer = ns.run(move || {
+        let l = std::net::TcpListener::bind(("127.0.0.1", wild)).unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                let _ = c.write_all(b"the namespace's own");
+            }
+        });
+        let mut c = TcpStream::connect(("127.0.0.1", wild)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        out
+    });
+    assert_eq!(answer, b"the namespace's own");
+}
+
+/// UDP: connected sockets and sendto/recvfrom get replies whose source is the published
+/// address; a mapping changed to a new target is followed by new sockets.
+#[test]
+fn udp_replies_come_from_the_published_address() {
+    if !need_root("udp_replies_come_from_the_published_address") {
+        return;
+    }
+    let dir = Dir::new("slb-udp");
+    let echo = udp_echo("127.0.0.1:0");
+    let port = free_ports(1);
+    let published = SocketAddr::from(([127, 0, 0, 1], port));
+    let _d = daemon(
+        &dir,
+        &["--socket-lb=require", "-p", &format!("{port}:{echo}/udp")],
+    );
+    // Connected: send and recv.
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.connect(published).unwrap();
+    assert_eq!(c.peer_addr().unwrap(), published);
+    c.send(b"connected").unwrap();
+    let mut buf = [0u8; 64];
+    let n = c.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"connected");
+    // Unconnected: sendto, recvfrom sees the published address.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for i in 0..3 {
+        let msg = format!("datagram {i}");
+        u.send_to(msg.as_bytes(), published).unwrap();
+        let (n, from) = u.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], msg.as_bytes());
+        assert_eq!(from, published, "reply source");
+    }
+    let r = row(&dir, &format!("0.0.0.0:{port}"));
+    assert_eq!(r["TOTAL"], "0", "flows through the listener: {r:?}");
+    assert_eq!(r["SOCKET_CONNS"], "1", "{r:?}");
+    // The mapping moves to a new target: new sockets follow.
+    let echo2 = udp_echo("127.0.0.1:0");
+    let (code, _, err) = cli(&dir, &["rm", &format!("{port}:{echo}/udp")]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(
+        &dir,
+        &["add", "--socket-lb=require", &format!("{port}:{echo2}/udp")],
+    );
+    assert_eq!(code, 0, "{err}");
+    let fresh = UdpSocket::bind("127.0.0.1:0").unwrap();
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    fresh.send_to(b"after", published).unwrap();
+    let (n, from) = fresh.recv_from(&mut buf).unwrap();
+    assert_eq!((&buf[..n], from), (&b"after"[..], published));
+    let r = row(&dir, &format!("0.0.0.0:{port}"));
+    assert_eq!(r["TARGET"], echo2.to_string());
+    assert_eq!(r["TOTAL"], "0", "{r:?}");
+}
+
+/// The programs run for processes in child cgroups (checked as the kernel has them, with
+/// bpftool), and are gone once the daemon is killed; a docker-mode process attaches none.
+#[test]
+fn programs_are_effective_below_the_root_and_die_with_the_daemon() {
+    if !need_root("programs_are_effective_below_the_root_and_die_with_the_daemon") {
+        return;
+    }
+    if Command::new("bpftool").arg("version").output().is_err() {
+        skip(TEST, "bpftool not installed (.ci/install-deps installs it)");
+        return;
+    }
+    let root = cgroup_v2_root();
+    let child = root.join(format!("rproxy-test-{}", std::process::id()));
+    std::fs::create_dir_all(&child).unwrap();
+    struct Rmdir(std::path::PathBuf);
+    impl Drop for Rmdir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _child = Rmdir(child.clone());
+    let ours = |dir: &std::path::Path| -> Vec<String> {
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show", dir.to_str().unwrap(), "effective"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(String::from))
+                    .filter(|n| n.starts_with("rpx_"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = ours(&child).len();
+    // A docker-mode process serving alone attaches nothing, whatever it is told.
+    let echo = tcp_echo("127.0.0.1:0");
+    let p = Spawn::forward("tcp", "127.0.0.1", echo)
+        .env("RPROXY_SOCKET_LB", "on")
+        .spawn()
+        .ready();
+    assert_eq!(
+        ours(&child).len(),
+        before,
+        "a docker-mode process attached programs"
+    );
+    drop(p);
+    let dir = Dir::new("slb-attach");
+    let mut d = daemon(&dir, &["--socket-lb=require"]);
+    let attached = ours(&child);
+    assert!(
+        attached.len() >= before + 9,
+        "effective in a child cgroup: {attached:?}"
+    );
+    for name in [
+        "rpx_setsockopt",
+        "rpx_connect4",
+        "rpx_connect6",
+        "rpx_sendmsg4",
+        "rpx_sendmsg6",
+        "rpx_recvmsg4",
+        "rpx_recvmsg6",
+        "rpx_peername4",
+        "rpx_peername6",
+    ] {
+        assert!(
+            attached.iter().any(|n| n == name),
+            "{name} missing: {attached:?}"
+        );
+    }
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(5));
+    wait_until(
+        "the links are gone with the daemon",
+        Duration::from_secs(5),
+        || ours(&child).len() == before,
+    );
+}
+
+fn cgroup_v2_root() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split_whitespace().collect();
+            (right.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then(|| f[4].into())
+        })
+        .expect("a cgroup v2 mount")
+}
