@@ -413,3 +413,124 @@ fn cgroup_v2_root() -> std::path::PathBuf {
         })
         .expect("a cgroup v2 mount")
 }
+
+/// A DNS server in its own process (python3, on every machine of this kind): answers every
+/// A query with 192.0.2.7, from 127.0.0.1:PORT.
+fn dns_server() -> (std::process::Child, SocketAddr) {
+    const SERVER: &str = r#"
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    if len(q) < 12:
+        continue
+    qid, flags, qd = struct.unpack(">HHH", q[:6])
+    end = 12
+    while end < len(q) and q[end] != 0:
+        end += q[end] + 1
+    question = q[12:end + 5]
+    header = struct.pack(">HHHHHH", qid, 0x8180, 1, 1, 0, 0)
+    answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 7])
+    s.sendto(header + question + answer, peer)
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SERVER])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line.trim().parse().expect("DNS server port");
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Resolvers check where a reply came from: `dig @127.0.0.1 -p PORT` gets its answer through
+/// the hooks (replies read as from the published address), and a client reading with
+/// recvmmsg sees the same source.
+#[test]
+fn dig_and_recvmmsg_accept_the_replies() {
+    if !need_root("dig_and_recvmmsg_accept_the_replies") {
+        return;
+    }
+    if Command::new("dig").arg("-v").output().is_err() {
+        skip(
+            TEST,
+            "dig not installed (.ci/install-deps installs bind9-dnsutils)",
+        );
+        return;
+    }
+    let (mut server, dns) = dns_server();
+    let dir = Dir::new("slb-dig");
+    let port = free_ports(1);
+    let _d = daemon(
+        &dir,
+        &["--socket-lb=require", "-p", &format!("{port}:{dns}/udp")],
+    );
+    let out = Command::new("dig")
+        .args([
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "-p",
+            &port.to_string(),
+            "@127.0.0.1",
+            "rproxy.test",
+        ])
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        answer.trim(),
+        "192.0.2.7",
+        "dig: {answer} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // recvmmsg.
+    let published = SocketAddr::from(([127, 0, 0, 1], port));
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let query = |id: u8| -> Vec<u8> {
+        let mut q = vec![0, id, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend(b"\x01a\x04test\x00\x00\x01\x00\x01");
+        q
+    };
+    for id in 1..=3 {
+        c.send_to(&query(id), published).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+    use std::io::IoSliceMut;
+    let mut bufs = [[0u8; 512]; 3];
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
+        .iter_mut()
+        .map(|b| [IoSliceMut::new(&mut b[..])])
+        .collect();
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(3, None);
+    use std::os::fd::AsRawFd;
+    let got: Vec<SocketAddr> = recvmmsg(
+        c.as_raw_fd(),
+        &mut headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .unwrap()
+    .filter_map(|m| {
+        m.address.and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from((v4.ip(), v4.port())))
+        })
+    })
+    .collect();
+    assert_eq!(got, vec![published; 3], "recvmmsg sources");
+    let r = row(&dir, &format!("0.0.0.0:{port}"));
+    assert_eq!(r["TOTAL"], "0", "through the listener: {r:?}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
