@@ -141,6 +141,27 @@ fn dockerd_without_iptables_leaves_nat_to_rproxy() {
     );
 }
 
+/// dockerd's ports handed to a daemon with the socket hooks: host clients reach the
+/// containers with no connection through any listener; a harness of its own (the daemon
+/// runs from the start).
+#[test]
+fn dockerd_ports_with_the_socket_hooks_skip_the_proxies() {
+    let Some(tools) = preflight() else { return };
+    let mut h = Harness::start(tools, &[]);
+    h.build_image();
+    h.step("image built");
+    let ports = h.reserve_ports(2);
+    h.start_rproxy_daemon_with(&["--socket-lb=require"]);
+    host_clients_reach_the_container_through_the_socket_hooks(&h, "rproxy-test-sockweb", &ports);
+    the_shims_serve_on_when_the_daemon_is_killed(&mut h, "rproxy-test-sockweb2", ports[1]);
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s\n{}",
+        h.diag()
+    );
+}
+
 // ================================================================================================
 // The scenarios, in the order the tests run them. Each takes what it needs (the harness, ports,
 // container names, containers an earlier scenario started) and returns what a later one needs.
@@ -834,6 +855,136 @@ fn rproxy_installs_and_removes_its_own_dnat_rules(h: &Harness, name: &str, pn: u
     h.step("dockerd --iptables=false: rproxy installed and removed its DNAT rules");
 }
 
+/// `docker run -p 127.0.0.1:P1:80 -p P2:80` with the daemon's socket hooks on: curl-like
+/// clients on loopback and on a host address (the bridge gateway) get the page with no
+/// connection through the listeners; `docker rm -f` takes the entries away and the loopback
+/// port then refuses.
+fn host_clients_reach_the_container_through_the_socket_hooks(
+    h: &Harness,
+    name: &str,
+    ports: &[u16],
+) {
+    let (p1, p2) = (ports[0], ports[1]);
+    h.docker_ok(&web_run(
+        name,
+        &[&format!("127.0.0.1:{p1}:80"), &format!("{p2}:80")],
+    ));
+    let net = h.container_net(name);
+    let expect = [format!("127.0.0.1:{p1}"), format!("0.0.0.0:{p2}")];
+    let handed = poll(Duration::from_secs(10), || {
+        let rows = h.rproxy_ls();
+        expect
+            .iter()
+            .all(|e| rows.iter().any(|r| &r.listen == e))
+            .then_some(rows)
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("the shims did not hand {expect:?} over\n{}", h.diag()));
+    for r in handed.iter().filter(|r| expect.contains(&r.listen)) {
+        assert_eq!(r.socket, "socket", "{r:?}\n{}", h.diag());
+    }
+    let mut targets = vec![
+        SocketAddr::from((Ipv4Addr::LOCALHOST, p1)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, p2)),
+        SocketAddr::new(net.gateway, p2),
+    ];
+    // dockerd's `::` proxy of the IPv4 container: [::1] (what `curl localhost` tries first)
+    // goes 6→4 through the hooks too.
+    let v6 = format!("[::]:{p2}");
+    let mut expect = expect.to_vec();
+    if handed.iter().any(|r| r.listen == v6) {
+        targets.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p2)));
+        expect.push(v6);
+    }
+    h.get_pages(&targets, " (socket hooks)");
+    let rows = h.rproxy_ls();
+    let mine: Vec<&LsRow> = rows.iter().filter(|r| expect.contains(&r.listen)).collect();
+    for r in &mine {
+        assert_eq!(r.total, 0, "through the listener: {r:?}\n{}", h.diag());
+    }
+    let redirected: u64 = mine.iter().map(|r| r.socket_conns).sum();
+    assert!(
+        redirected >= targets.len() as u64,
+        "the hooks counted {redirected} connections: {mine:?}"
+    );
+    h.step(&format!(
+        "{redirected} host connections went straight to {}",
+        net.ip
+    ));
+    h.docker_ok(&["rm", "-f", name]);
+    h.wait_none(
+        Duration::from_secs(10),
+        "mappings left after docker rm -f",
+        || {
+            h.rproxy_ls()
+                .into_iter()
+                .filter(|r| expect.contains(&r.listen))
+                .collect()
+        },
+    );
+    let refused = matches!(
+        TcpStream::connect_timeout(&targets[0], Duration::from_secs(3)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    );
+    assert!(refused, "127.0.0.1:{p1} still answers after docker rm -f");
+    h.step("docker rm -f took the hooks' entries away");
+}
+
+/// SIGKILL of the daemon: no program stays attached (the links died with it) and the shims
+/// serve their ports themselves.
+fn the_shims_serve_on_when_the_daemon_is_killed(h: &mut Harness, name: &str, port: u16) {
+    h.docker_ok(&web_run(name, &[&format!("{port}:80")]));
+    let listen = format!("0.0.0.0:{port}");
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .any(|r| r.listen == listen)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} not handed over\n{}", h.diag()));
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    h.get_pages(&[loopback], " (socket hooks)");
+    let pid = h.rproxy_daemon_pid().expect("the daemon");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    if let Some(mut child) = h.rproxy_daemon.take() {
+        let _ = child.wait();
+    }
+    h.wait_none(
+        Duration::from_secs(5),
+        "socket programs left after SIGKILL",
+        attached_programs,
+    );
+    h.get_pages(&[loopback], " (the shim, after the daemon's SIGKILL)");
+    h.docker_ok(&["rm", "-f", name]);
+    h.step("daemon killed: nothing attached, the shims served on");
+}
+
+/// rproxy's programs in effect at the cgroup v2 root, as bpftool lists them.
+fn attached_programs() -> Vec<String> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let Some(root) = info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let f: Vec<&str> = left.split_whitespace().collect();
+        (right.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then(|| f[4].to_string())
+    }) else {
+        return Vec::new();
+    };
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show", &root])
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(String::from))
+        .filter(|n| n.starts_with("rpx_"))
+        .collect()
+}
+
 /// `docker run -d --name NAME -p P… IMAGE httpd -f -p 80 -h /www`: the test page on port 80,
 /// published as `publish` says.
 fn web_run<'a>(name: &'a str, publish: &[&'a str]) -> Vec<&'a str> {
@@ -1110,6 +1261,8 @@ struct LsRow {
     bytes_out: u64,
     nat: String,
     kernel: u64,
+    socket: String,
+    socket_conns: u64,
 }
 
 #[derive(Debug)]
@@ -1479,6 +1632,11 @@ impl Harness {
     /// Starts `rproxy daemon` on dockerd's RPROXY_SOCKET, with a config file of our own (so
     /// /etc/rproxy/rproxy.toml cannot add mappings), and waits until it is ready.
     fn start_rproxy_daemon(&mut self) {
+        self.start_rproxy_daemon_with(&[]);
+    }
+
+    /// Our daemon, on dockerd's RPROXY_SOCKET, with `extra` flags.
+    fn start_rproxy_daemon_with(&mut self, extra: &[&str]) {
         let d = &self.dir;
         let config = d.join("rproxy.toml");
         fs::write(&config, "publish = []\n").unwrap();
@@ -1490,6 +1648,7 @@ impl Harness {
             .arg("--config")
             .arg(&config)
             .args(["--drain-timeout", "2"])
+            .args(extra)
             .env("RPROXY_LOG", "info")
             .env("RPROXY_LOG_FILE", d.join("daemon.log"))
             .env_remove("RPROXY_SOCKET")
@@ -1608,6 +1767,8 @@ impl Harness {
                     bytes_out: num(9),
                     nat: c[10].into(),
                     kernel: num(11),
+                    socket: c[12].into(),
+                    socket_conns: num(13),
                 }
             })
             .collect()
