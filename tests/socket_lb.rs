@@ -534,3 +534,69 @@ fn dig_and_recvmmsg_accept_the_replies() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Without the privilege to load programs: `--socket-lb` warns once and the listener serves;
+/// `--socket-lb=require` refuses to start, saying why; a docker-mode process told to require
+/// the hooks, with no daemon, fails on fd 3 (they are the daemon's).
+#[test]
+fn without_the_privilege_the_hooks_fall_back_or_fail_as_asked() {
+    if !need_root("without_the_privilege_the_hooks_fall_back_or_fail_as_asked") {
+        return;
+    }
+    let dir = Dir::new("slb-nopriv");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let echo = tcp_echo("127.0.0.1:0");
+    let port = free_ports(1);
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let spawn = |mode: &str| {
+        let sock = dir.sock();
+        let p = format!("127.0.0.1:{port}:{echo}");
+        Spawn::new(&[
+            "daemon",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            mode,
+            "-p",
+            &p,
+        ])
+        .wrap(&nobody)
+        .no_status_pipe()
+        .spawn()
+    };
+    let d = spawn("--socket-lb");
+    let warning = d.wait_log("socket hooks unavailable", Duration::from_secs(10));
+    assert!(warning.contains("CAP_BPF"), "{warning}");
+    d.wait_log("daemon ready", Duration::from_secs(10));
+    let (got, _, _) = exchange(SocketAddr::from(([127, 0, 0, 1], port)), false, b"hi").unwrap();
+    assert_eq!(got, b"hi");
+    let r = row(&dir, &format!("127.0.0.1:{port}"));
+    assert_eq!(
+        (r["SOCKET"].as_str(), r["TOTAL"].as_str()),
+        ("userland", "1"),
+        "{r:?}"
+    );
+    drop(d);
+
+    let mut d = spawn("--socket-lb=require");
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(1));
+    let err = d.stderr_text(Duration::from_millis(200));
+    assert!(
+        err.contains("socket hooks required") && err.contains("CAP_BPF"),
+        "{err}"
+    );
+
+    let mut p = Spawn::forward("tcp", "127.0.0.1", echo)
+        .env("RPROXY_SOCKET_LB", "require")
+        .spawn();
+    let status = String::from_utf8_lossy(&p.status()).into_owned();
+    assert!(
+        status.starts_with("1\n") && status.contains("rproxy daemon --socket-lb"),
+        "{status:?}"
+    );
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(1));
+}
