@@ -343,64 +343,91 @@ fn programs_are_effective_below_the_root_and_die_with_the_daemon() {
         }
     }
     let _child = Rmdir(child.clone());
-    let ours = |dir: &std::path::Path| -> Vec<String> {
+    // Programs in effect for the child cgroup, as (id, name); other tests' daemons may come
+    // and go meanwhile, so a process's own programs are told apart by their ids.
+    let effective = || -> Vec<(u64, String)> {
         let out = Command::new("bpftool")
-            .args(["-j", "cgroup", "show", dir.to_str().unwrap(), "effective"])
+            .args(["-j", "cgroup", "show", child.to_str().unwrap(), "effective"])
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["name"].as_str().map(String::from))
-                    .filter(|n| n.starts_with("rpx_"))
-                    .collect()
-            })
-            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+            .collect()
     };
-    let before = ours(&child).len();
-    // A docker-mode process serving alone attaches nothing, whatever it is told.
+    // A docker-mode process serving alone holds no program, whatever it is told.
     let echo = tcp_echo("127.0.0.1:0");
     let p = Spawn::forward("tcp", "127.0.0.1", echo)
         .env("RPROXY_SOCKET_LB", "on")
         .spawn()
         .ready();
-    assert_eq!(
-        ours(&child).len(),
-        before,
-        "a docker-mode process attached programs"
+    assert!(
+        programs_of(p.child.id()).is_empty(),
+        "a docker-mode process loaded programs"
     );
     drop(p);
     let dir = Dir::new("slb-attach");
     let mut d = daemon(&dir, &["--socket-lb=require"]);
-    let attached = ours(&child);
-    assert!(
-        attached.len() >= before + 9,
-        "effective in a child cgroup: {attached:?}"
+    let ids = programs_of(d.child.id());
+    assert_eq!(ids.len(), 9, "the daemon's programs: {ids:?}");
+    let attached: Vec<(u64, String)> = effective()
+        .into_iter()
+        .filter(|(id, _)| ids.contains(id))
+        .collect();
+    let mut names: Vec<&str> = attached.iter().map(|(_, n)| n.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "rpx_connect4",
+            "rpx_connect6",
+            "rpx_peername4",
+            "rpx_peername6",
+            "rpx_recvmsg4",
+            "rpx_recvmsg6",
+            "rpx_sendmsg4",
+            "rpx_sendmsg6",
+            "rpx_setsockopt",
+        ],
+        "the daemon's programs in effect for a child cgroup"
     );
-    for name in [
-        "rpx_setsockopt",
-        "rpx_connect4",
-        "rpx_connect6",
-        "rpx_sendmsg4",
-        "rpx_sendmsg6",
-        "rpx_recvmsg4",
-        "rpx_recvmsg6",
-        "rpx_peername4",
-        "rpx_peername6",
-    ] {
-        assert!(
-            attached.iter().any(|n| n == name),
-            "{name} missing: {attached:?}"
-        );
-    }
     d.signal(Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
     wait_until(
         "the links are gone with the daemon",
         Duration::from_secs(5),
-        || ours(&child).len() == before,
+        || effective().iter().all(|(id, _)| !ids.contains(id)),
     );
+}
+
+/// The ids of the BPF programs process `pid` holds (its fds' fdinfo says `prog_id:`).
+fn programs_of(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        if info.lines().any(|l| l.starts_with("link_id:")) {
+            continue;
+        }
+        for l in info.lines() {
+            if let Some(id) = l
+                .strip_prefix("prog_id:")
+                .and_then(|v| v.trim().parse().ok())
+            {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    ids
 }
 
 fn cgroup_v2_root() -> std::path::PathBuf {
@@ -435,18 +462,7 @@ while True:
     answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 7])
     s.sendto(header + question + answer, peer)
 "#;
-    let mut child = Command::new("python3")
-        .args(["-c", SERVER])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let port: u16 = line.trim().parse().expect("DNS server port");
+    let (child, port) = python_server(SERVER);
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 

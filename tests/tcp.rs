@@ -284,18 +284,7 @@ async def main():
     await server.serve_forever()
 asyncio.run(main())
 "#;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", SERVER])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let port: u16 = line.trim().parse().expect("echo server port");
+    let (child, port) = python_server(SERVER);
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 

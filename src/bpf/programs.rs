@@ -244,17 +244,18 @@ fn key_port_protocol(p: &mut Program, at: i16) {
 }
 
 /// With R8 = the Target and the published address already in REV_VALUE: notes the reverse
-/// entry for this socket and counts the translation at `counter`. Needs R6 = ctx.
-fn remember_and_count(p: &mut Program, counter: i16, done: Label) {
+/// entry for this socket — keyed by the target's address as the socket now sees it, the four
+/// words at `seen` (the Target's, or the IPv4-mapped form the hook wrote into the context) —
+/// and counts the translation at `counter`. Needs R6 = ctx.
+fn remember_and_count(p: &mut Program, seen: (Reg, i16), counter: i16, done: Label) {
     p.mov(Reg::R1, Reg::R6).call(Helper::GetSocketCookie).store(
         Size::DW,
         Reg::R10,
         REV_KEY,
         Reg::R0,
     );
-    // The target as the socket now sees it: the address words the hook wrote.
     for w in 0..4 {
-        p.load(Size::W, Reg::R2, Reg::R8, T_ADDR + 4 * w).store(
+        p.load(Size::W, Reg::R2, seen.0, seen.1 + 4 * w).store(
             Size::W,
             Reg::R10,
             REV_KEY + 8 + 4 * w,
@@ -298,7 +299,7 @@ fn translate4(counter: i16) -> Program {
         .store(Size::W, Reg::R6, USER_IP4, Reg::R2)
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
-    remember_and_count(&mut p, counter, out);
+    remember_and_count(&mut p, (Reg::R8, T_ADDR), counter, out);
     allow(&mut p, out);
     p
 }
@@ -379,7 +380,9 @@ fn translate6(counter: i16) -> Program {
         .store(Size::W, Reg::R6, USER_IP6 + 12, Reg::R2)
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
-    remember6(&mut p, counter, out);
+    // The socket sees the target as ::ffff:a.b.c.d, and its replies come from that.
+    remember_and_count(&mut p, (Reg::R6, USER_IP6), counter, out);
+    p.goto(out);
     // Write the (IPv6 or IPv4-mapped) target as the Target holds it.
     p.label(write);
     for w in 0..4 {
@@ -392,44 +395,9 @@ fn translate6(counter: i16) -> Program {
     }
     p.load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
-    remember_and_count(&mut p, counter, out);
+    remember_and_count(&mut p, (Reg::R8, T_ADDR), counter, out);
     allow(&mut p, out);
     p
-}
-
-/// The reverse entry and count for an IPv4 target reached through an IPv4-mapped address:
-/// the socket sees the target as ::ffff:a.b.c.d, and its replies come from that.
-fn remember6(p: &mut Program, counter: i16, done: Label) {
-    p.mov(Reg::R1, Reg::R6).call(Helper::GetSocketCookie).store(
-        Size::DW,
-        Reg::R10,
-        REV_KEY,
-        Reg::R0,
-    );
-    for w in 0..4 {
-        p.load(Size::W, Reg::R2, Reg::R6, USER_IP6 + 4 * w).store(
-            Size::W,
-            Reg::R10,
-            REV_KEY + 8 + 4 * w,
-            Reg::R2,
-        );
-    }
-    p.load(Size::W, Reg::R2, Reg::R8, T_PORT)
-        .store(Size::W, Reg::R10, REV_KEY + 24, Reg::R2)
-        .store_imm(Size::W, Reg::R10, REV_KEY + 28, 0);
-    p.load_map(Reg::R1, "reverse");
-    stack_ptr(p, Reg::R2, REV_KEY);
-    stack_ptr(p, Reg::R3, REV_VALUE);
-    p.mov_imm(Reg::R4, 0).call(Helper::MapUpdateElem);
-    p.load(Size::W, Reg::R2, Reg::R8, T_ID)
-        .store(Size::W, Reg::R10, CONF_KEY, Reg::R2);
-    p.load_map(Reg::R1, "counters");
-    stack_ptr(p, Reg::R2, CONF_KEY);
-    p.call(Helper::MapLookupElem)
-        .jump_imm(Cond::Eq, Reg::R0, 0, done)
-        .mov_imm(Reg::R1, 1)
-        .atomic_add64(Reg::R0, counter, Reg::R1)
-        .goto(done);
 }
 
 /// recvmsg / getpeername: a source or peer that is a target this socket was sent to reads as

@@ -640,3 +640,19 @@ pub fn raise_nofile_or_skip(test: &str, need: u64) -> Option<u64> {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     Some(hard)
 }
+
+/// A server in its own process: `script` (python3, on every machine of this kind) prints the
+/// port it bound on its first line. Returns the process (kill it) and the port.
+pub fn python_server(script: &str) -> (Child, u16) {
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().parse().expect("the server's port");
+    (child, port)
+}
