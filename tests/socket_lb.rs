@@ -616,3 +616,84 @@ fn without_the_privilege_the_hooks_fall_back_or_fail_as_asked() {
     );
     assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(1));
 }
+
+/// Prometheus counts what the hooks redirected, per mapping: connections for TCP, datagrams
+/// (and connected sockets) for UDP.
+#[test]
+fn metrics_count_what_the_hooks_redirected() {
+    if !need_root("metrics_count_what_the_hooks_redirected") {
+        return;
+    }
+    let dir = Dir::new("slb-metrics");
+    let echo = tcp_echo("127.0.0.1:0");
+    let uecho = udp_echo("127.0.0.1:0");
+    let base = free_ports(2);
+    let sock = dir.sock();
+    let d = Spawn::new(&[
+        "daemon",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--socket-lb=require",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "-p",
+        &format!("127.0.0.1:{base}:{echo}"),
+        "-p",
+        &format!("127.0.0.1:{}:{uecho}/udp", base + 1),
+    ])
+    .no_status_pipe()
+    .spawn();
+    let line = d.wait_log("metrics at http://", Duration::from_secs(10));
+    let metrics: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    d.wait_log("daemon ready", Duration::from_secs(10));
+    for i in 0..3 {
+        let to = SocketAddr::from(([127, 0, 0, 1], base));
+        exchange(to, false, format!("m{i}").as_bytes()).unwrap();
+    }
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..2 {
+        u.send_to(b"d", ("127.0.0.1", base + 1)).unwrap();
+        u.recv_from(&mut buf).unwrap();
+    }
+    let mut s = TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let value = |name: &str, frontend: &str| -> Option<f64> {
+        text.lines().find_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            rest.contains(&format!("frontend=\"{frontend}\""))
+                .then(|| l.rsplit(' ').next()?.parse().ok())
+                .flatten()
+        })
+    };
+    assert_eq!(
+        value(
+            "rproxy_socket_lb_connections_total",
+            &format!("127.0.0.1:{base}")
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            "rproxy_socket_lb_datagrams_total",
+            &format!("127.0.0.1:{}", base + 1)
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("rproxy_tcp_connections_total", &format!("127.0.0.1:{base}")),
+        Some(0.0),
+        "the listener relayed nothing"
+    );
+}
