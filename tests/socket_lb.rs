@@ -697,3 +697,36 @@ fn metrics_count_what_the_hooks_redirected() {
         "the listener relayed nothing"
     );
 }
+
+/// RPROXY_SOCKET_LB in a shim's environment (dockerd's, in real life) travels with the port:
+/// a daemon started without --socket-lb gives that port the hooks.
+#[test]
+fn a_shims_environment_asks_for_the_hooks() {
+    if !need_root("a_shims_environment_asks_for_the_hooks") {
+        return;
+    }
+    let dir = Dir::new("slb-shim");
+    let _d = daemon(&dir, &[]);
+    let echo = tcp_echo("127.0.0.1:0");
+    let port = free_ports(1);
+    let mut s = Spawn::forward_at("tcp", "127.0.0.1", port, echo)
+        .env("RPROXY_SOCKET", dir.sock().to_str().unwrap())
+        .env("RPROXY_SOCKET_LB", "require")
+        .spawn();
+    assert_eq!(String::from_utf8_lossy(&s.status()), "0\n");
+    s.wait_log("handed to the daemon", Duration::from_secs(5));
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let (got, peer, _) = exchange(to, false, b"shim").unwrap();
+    assert_eq!((got.as_slice(), peer), (&b"shim"[..], to));
+    let r = row(&dir, &format!("127.0.0.1:{port}"));
+    assert_eq!(
+        (
+            r["ORIGIN"].as_str(),
+            r["SOCKET"].as_str(),
+            r["TOTAL"].as_str(),
+            r["SOCKET_CONNS"].as_str()
+        ),
+        ("shim", "socket", "0", "1"),
+        "{r:?}"
+    );
+}
