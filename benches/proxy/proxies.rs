@@ -14,21 +14,13 @@ impl Ctx {
     }
 }
 
-/// Where the client sends: the proxy on the bridge gateway, or the container itself.
-pub(crate) fn dest(kind: Kind, port: u16) -> SocketAddrV4 {
-    match kind {
-        Kind::Direct => SocketAddrV4::new(CTR, port),
-        _ => SocketAddrV4::new(GW, port),
-    }
-}
-
-/// docker-proxy's command line, as dockerd passes it.
-pub(crate) fn docker_args(proto: Proto, port: u16) -> Vec<String> {
+/// docker-proxy's command line, as dockerd passes it for `-p FRONT:PORT:PORT/PROTO`.
+pub(crate) fn docker_args(proto: Proto, front: Ipv4Addr, port: u16) -> Vec<String> {
     [
         "-proto",
         proto.name(),
         "-host-ip",
-        &GW.to_string(),
+        &front.to_string(),
         "-host-port",
         &port.to_string(),
         "-container-ip",
@@ -40,15 +32,24 @@ pub(crate) fn docker_args(proto: Proto, port: u16) -> Vec<String> {
     .to_vec()
 }
 
-/// Starts one proxy process for `proto` GW:port → CTR:port (nothing for direct), ready to serve.
+/// The name of a proxy's process, its files and (for the daemon) its control socket.
+fn proxy_name(kind: Kind, proto: Proto, port: u16) -> String {
+    format!("{}-{}-{port}", kind.name(), proto.name())
+}
+
+/// Starts one proxy process for `proto` FRONT:port → CTR:port, FRONT being the address
+/// `client` dials (nothing for direct), ready to serve.
 pub(crate) fn start_proxy(
     ctx: &Ctx,
+    client: Client,
     kind: Kind,
     proto: Proto,
     port: u16,
     pin: bool,
 ) -> Result<Option<Proc>, String> {
-    let name = format!("{}-{}-{port}", kind.name(), proto.name());
+    let name = proxy_name(kind, proto, port);
+    let front = client.front;
+    let listen = SocketAddrV4::new(front, port);
     match kind {
         Kind::Direct => Ok(None),
         Kind::Rproxy | Kind::DockerProxy => {
@@ -57,7 +58,7 @@ pub(crate) fn start_proxy(
                 _ => &ctx.o.docker_proxy,
             };
             let mut cmd = command(None, pin, binary);
-            cmd.args(docker_args(proto, port))
+            cmd.args(docker_args(proto, front, port))
                 .env("RPROXY_SOCKET", NO_DAEMON)
                 .env("RPROXY_LOG", "warn")
                 .env_remove("RPROXY_LOG_FILE");
@@ -67,7 +68,7 @@ pub(crate) fn start_proxy(
             Ok(Some(p))
         }
         Kind::RproxyDaemon | Kind::RproxyNat | Kind::RproxyMetrics => {
-            let publish = format!("{GW}:{port}:{CTR}:{port}/{}", proto.name());
+            let publish = format!("{front}:{port}:{CTR}:{port}/{}", proto.name());
             let mut cmd = daemon_command(ctx, pin, &name, &publish)?;
             match kind {
                 Kind::RproxyNat => {
@@ -85,46 +86,46 @@ pub(crate) fn start_proxy(
                 }
                 _ => {}
             }
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            spawn_listening(ctx, cmd, &name, proto, listen).map(Some)
         }
         Kind::Haproxy => {
             let config = ctx.dir.join(format!("{name}.cfg"));
-            fs::write(&config, haproxy_config(ctx.o.nofile, port))
+            fs::write(&config, haproxy_config(ctx.o.nofile, front, port))
                 .map_err(|e| format!("{}: {e}", config.display()))?;
             let mut cmd = command(None, pin, tool("haproxy"));
             cmd.arg("-db").arg("-f").arg(&config);
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            spawn_listening(ctx, cmd, &name, proto, listen).map(Some)
         }
         Kind::Socat => {
-            let (listen, connect) = match proto {
+            let (accept, connect) = match proto {
                 Proto::Tcp => (
-                    format!("TCP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("TCP4-LISTEN:{port},bind={front},fork,reuseaddr"),
                     format!("TCP4:{CTR}:{port}"),
                 ),
                 Proto::Udp => (
-                    format!("UDP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("UDP4-LISTEN:{port},bind={front},fork,reuseaddr"),
                     format!("UDP4:{CTR}:{port}"),
                 ),
             };
             let mut cmd = command(None, pin, tool("socat"));
-            cmd.args([listen, connect]);
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            cmd.args([accept, connect]);
+            spawn_listening(ctx, cmd, &name, proto, listen).map(Some)
         }
     }
 }
 
-/// HAProxy relaying GW:port to CTR:port in TCP mode, set up for throughput the way rproxy and
+/// HAProxy relaying front:port to CTR:port in TCP mode, set up for throughput the way rproxy and
 /// Go (docker-proxy) are: splicing both ways through 1 MiB pipes. Its defaults would copy
 /// through its buffers (`tune.bufsize`, 16 KiB), and `splice-auto` splices only streams it
 /// judges fast (measured here: 6.28 Gb/s on tcp-bulk-4, against 13.8-15.6 with these
 /// settings). Each connection takes two descriptors and each pipe two more, so `maxconn`
 /// stays within the descriptor limit.
-fn haproxy_config(nofile: u64, port: u16) -> String {
+fn haproxy_config(nofile: u64, front: Ipv4Addr, port: u16) -> String {
     format!(
         "global\n    maxconn {maxconn}\n    tune.pipesize 1048576\n\
          defaults\n    mode tcp\n    timeout connect 10s\n    timeout client 1h\n    \
          timeout server 1h\n    option splice-request\n    option splice-response\n\
-         listen bench\n    bind {GW}:{port}\n    server container {CTR}:{port}\n",
+         listen bench\n    bind {front}:{port}\n    server container {CTR}:{port}\n",
         maxconn = nofile / 5
     )
 }
@@ -132,7 +133,7 @@ fn haproxy_config(nofile: u64, port: u16) -> String {
 /// Checks that an `rproxy-nat` run was served by its kernel rules (the `ls` row shows kernel
 /// connections and no userland ones), so the figure is what its column claims.
 pub(crate) fn check_kernel_path(ctx: &Ctx, proto: Proto, port: u16) -> Result<(), String> {
-    let name = format!("{}-{}-{port}", Kind::RproxyNat.name(), proto.name());
+    let name = proxy_name(Kind::RproxyNat, proto, port);
     let out = Command::new(&ctx.o.rproxy)
         .arg("ls")
         .arg("--control-socket")

@@ -3,29 +3,19 @@
 
 use super::*;
 
+/// iperf3 from `client`: bulk through the proxy, `streams` at once, or `reverse`d.
 pub(crate) fn tcp_bulk(
     ctx: &Ctx,
-    kind: Kind,
-    port: u16,
-    streams: u32,
-    reverse: bool,
-) -> Result<Vec<f64>, String> {
-    tcp_bulk_from(ctx, NS_CLI, kind, port, streams, reverse)
-}
-
-/// iperf3 from a client in namespace `client`.
-pub(crate) fn tcp_bulk_from(
-    ctx: &Ctx,
-    client: &'static str,
+    client: Client,
     kind: Kind,
     port: u16,
     streams: u32,
     reverse: bool,
 ) -> Result<Vec<f64>, String> {
     let _server = iperf3_server(ctx, port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(client), false, tool("iperf3"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string()])
         .args(["-t", &ctx.o.seconds.to_string(), "-J"]);
     if streams > 1 {
@@ -46,6 +36,7 @@ pub(crate) fn tcp_bulk_from(
 
 pub(crate) fn request_response(
     ctx: &Ctx,
+    client: Client,
     kind: Kind,
     port: u16,
     pin: bool,
@@ -60,9 +51,9 @@ pub(crate) fn request_response(
         &port.to_string(),
     ]);
     let _server = start_server(ctx, "sockperf-server", cmd, port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, pin)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), pin, tool("sockperf"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, pin)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, pin, tool("sockperf"));
     cmd.args([
         "ping-pong",
         "--tcp",
@@ -127,11 +118,16 @@ pub(crate) fn parse_sockperf(out: &ToolOut) -> Result<Vec<f64>, String> {
     Ok(vec![received / runtime / 1e3, p50, p99])
 }
 
-pub(crate) fn conn_rate(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
+pub(crate) fn conn_rate(
+    ctx: &Ctx,
+    client: Client,
+    kind: Kind,
+    port: u16,
+) -> Result<Vec<f64>, String> {
     let _server = http_server(port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), false, tool("wrk"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, false, tool("wrk"));
     cmd.args([
         "-t2",
         "-c16",
@@ -194,8 +190,8 @@ pub(crate) struct FixedResult {
 
 pub(crate) fn conn_fixed(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
     let _server = http_server(port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
+    let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Tcp, port, false)?;
+    let d = BRIDGE_CLIENT.dest(kind, port);
     let rate = ctx.o.rate as f64;
     let total = ctx.o.rate * ctx.o.seconds;
     let t0 = Instant::now() + Duration::from_millis(100);
