@@ -191,9 +191,11 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
                 procs.push(Proc::spawn(cmd, &format!("socat-{port}"), &ctx.dir)?);
             }
         }
-        Kind::Direct | Kind::RproxyNat | Kind::RproxyMetrics | Kind::Haproxy => {
-            return Err("ports compares one process with a process per port".into())
-        }
+        Kind::Direct
+        | Kind::RproxyNat
+        | Kind::RproxyMetrics
+        | Kind::RproxySocket
+        | Kind::Haproxy => return Err("ports compares one process with a process per port".into()),
     }
     let deadline = t0 + Duration::from_secs(30);
     loop {

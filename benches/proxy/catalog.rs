@@ -19,10 +19,13 @@ pub enum Kind {
     /// HAProxy in TCP mode, tuned as a throughput-minded operator would (see `haproxy_config`):
     /// the event-driven C proxy people hold up as the fast one, for the TCP workloads.
     Haproxy,
+    /// `rproxy daemon --socket-lb=require -p …`: cgroup socket hooks connect host clients
+    /// straight to the container, for the host-* workloads (clients in the host namespace).
+    RproxySocket,
 }
 
 /// Columns in this order; later additions last so the others keep their places.
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
@@ -31,6 +34,7 @@ pub const KINDS: [Kind; 8] = [
     Kind::RproxyNat,
     Kind::RproxyMetrics,
     Kind::Haproxy,
+    Kind::RproxySocket,
 ];
 
 impl Kind {
@@ -44,6 +48,7 @@ impl Kind {
             Kind::RproxyNat => "rproxy-nat",
             Kind::RproxyMetrics => "rproxy-daemon+metrics",
             Kind::Haproxy => "haproxy",
+            Kind::RproxySocket => "rproxy-socket",
         }
     }
 
@@ -119,6 +124,19 @@ pub(crate) const REMOTE: &[Kind] = &[
     Kind::DockerProxy,
     Kind::RproxyNat,
 ];
+/// A process of the host dialling the published port on loopback: the userland proxies
+/// listening there, and the socket hooks, which serve only host clients; HAProxy last.
+pub(crate) const HOST_TCP: &[Kind] = &[
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::RproxySocket,
+    Kind::DockerProxy,
+    Kind::Haproxy,
+];
+pub(crate) const HOST_UDP: &[Kind] = match HOST_TCP.split_last() {
+    Some((Kind::Haproxy, rest)) => rest,
+    _ => panic!("HOST_TCP ends with HAProxy"),
+};
 pub(crate) const PROXIES: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::Socat];
 /// socat forks a process per connection: 10,000 of them are no "memory per connection" figure.
 pub(crate) const ONE_PROCESS: &[Kind] = &[Kind::Rproxy, Kind::DockerProxy, Kind::RproxyDaemon];
@@ -192,5 +210,23 @@ pub(crate) fn workloads(o: &Options) -> Vec<Workload> {
             idle_conns),
         w("ports", format!("{} TCP ports: one `rproxy daemon -p RANGE` (in the rproxy column) vs a docker-proxy / socat process per port; ready = all listening", o.ports), PORTS, PROXIES,
             many_ports),
+        // Host clients: a process of the host dials 127.0.0.1:PORT, where the proxies listen;
+        // direct dials the container's address from the host.
+        w("host-bulk-1", format!("as tcp-bulk-1 from a host process to 127.0.0.1 (direct: to the container's address), {s} s (iperf3)"), BULK, HOST_TCP,
+            |c, k, p| tcp_bulk(c, HOST_CLIENT, k, p, 1, false)),
+        w("host-bulk-1-rev", format!("as host-bulk-1, container → host, {s} s (iperf3 -R)"), BULK, HOST_TCP,
+            |c, k, p| tcp_bulk(c, HOST_CLIENT, k, p, 1, true)),
+        w("host-bulk-4", format!("as host-bulk-1 with 4 streams, {s} s (iperf3 -P 4)"), BULK, HOST_TCP,
+            |c, k, p| tcp_bulk(c, HOST_CLIENT, k, p, 4, false)),
+        w("host-bulk-4-rev", format!("as host-bulk-4, container → host, {s} s (iperf3 -P 4 -R)"), BULK, HOST_TCP,
+            |c, k, p| tcp_bulk(c, HOST_CLIENT, k, p, 4, true)),
+        w("host-rr", format!("as rr from a host process to 127.0.0.1, {s} s (sockperf ping-pong)"), RR, HOST_TCP,
+            |c, k, p| request_response(c, HOST_CLIENT, k, p, false)),
+        w("host-rr-pinned", format!("as host-rr, with client, proxy and server all on CPU {PIN_CPU} (taskset)"), RR, HOST_TCP,
+            |c, k, p| request_response(c, HOST_CLIENT, k, p, true)),
+        w("host-conn-rate", format!("as conn-rate from a host process to 127.0.0.1, {s} s (wrk -t2 -c16, Connection: close)"), WRK, HOST_TCP,
+            |c, k, p| conn_rate(c, HOST_CLIENT, k, p)),
+        w("host-udp-bulk", format!("as udp-bulk from a host process to 127.0.0.1, {s} s (iperf3 -u -b 0)"), UDP, HOST_UDP,
+            |c, k, p| udp_bulk(c, HOST_CLIENT, k, p, "0", false)),
     ]
 }

@@ -28,9 +28,7 @@ pub(crate) fn tcp_bulk(
         .and_then(|out| iperf3_json(&out))
         .and_then(|j| json_f64(&j, &["end", "sum_received", "bits_per_second"]));
     let bps = explain(result, &[&proxy])?;
-    if kind == Kind::RproxyNat {
-        check_kernel_path(ctx, Proto::Tcp, port)?;
-    }
+    check_path(ctx, kind, Proto::Tcp, port)?;
     Ok(vec![bps / 1e9])
 }
 
@@ -70,7 +68,9 @@ pub(crate) fn request_response(
         Duration::from_secs(ctx.o.seconds + 20),
     )
     .and_then(|out| parse_sockperf(&out));
-    explain(result, &[&proxy])
+    let figures = explain(result, &[&proxy])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn strip_ansi(s: &str) -> String {
@@ -158,7 +158,9 @@ pub(crate) fn conn_rate(
             errors += number_after(&out.stdout, "Non-2xx or 3xx responses:").unwrap_or(0.0);
             Ok(vec![rate / 1e3, errors])
         });
-    explain(result, &[&proxy])
+    let figures = explain(result, &[&proxy])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn one_http(d: SocketAddrV4) -> Result<(), String> {

@@ -178,6 +178,12 @@ pub(crate) const REMOTE_CLIENT: Client = Client {
     ns: Some(NS_REMOTE),
     front: GW,
 };
+/// A process of the host itself dialling the published port on loopback (`curl
+/// localhost:PORT`): what the socket hooks serve.
+pub(crate) const HOST_CLIENT: Client = Client {
+    ns: None,
+    front: Ipv4Addr::LOCALHOST,
+};
 
 impl Client {
     /// Where the client sends: the published address, or the container itself for direct.

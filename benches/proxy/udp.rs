@@ -46,7 +46,10 @@ pub(crate) fn udp_bulk(
             json_f64(&j, &["end", "sum_received", "lost_percent"])?,
         ])
     });
-    explain(result, &[&control, &data])
+    let figures = explain(result, &[&control, &data])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    check_path(ctx, kind, Proto::Udp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn udp_echo(port: u16) -> Result<Server, String> {
