@@ -413,22 +413,36 @@ pub(crate) fn report(
         o.rounds,
         o.seconds
     );
+    // Only the columns this run can fill: a proxy that was picked and that serves one of the
+    // workloads chosen, a ratio of two such that share a workload.
+    let serves = |k: Kind| o.proxies.contains(&k) && chosen.iter().any(|w| w.kinds.contains(&k));
+    let columns: Vec<Kind> = KINDS.into_iter().filter(|k| serves(*k)).collect();
+    let ratios: Vec<(Kind, Kind)> = RATIOS
+        .into_iter()
+        .filter(|(a, b)| {
+            serves(*a)
+                && serves(*b)
+                && chosen
+                    .iter()
+                    .any(|w| w.kinds.contains(a) && w.kinds.contains(b))
+        })
+        .collect();
     t += "| workload | metric |";
-    for k in KINDS {
+    for k in &columns {
         t += &format!(" {} |", k.name());
     }
-    for (a, b) in RATIOS {
+    for (a, b) in &ratios {
         t += &format!(" {} ÷ {} |", a.name(), b.name());
     }
     t += "\n|---|---|";
-    t += &"---:|".repeat(KINDS.len() + RATIOS.len());
+    t += &"---:|".repeat(columns.len() + ratios.len());
     t += "\n";
     let mut errors = Vec::new();
     for (wi, w) in chosen.iter().enumerate() {
         for (mi, m) in w.metrics.iter().enumerate() {
             t += &format!("| {} | {} |", w.name, m.name);
             let mut medians = [None; KINDS.len()];
-            for k in KINDS {
+            for &k in &columns {
                 let cell = if !w.kinds.contains(&k) {
                     "n/a".to_string()
                 } else if k == Kind::DockerProxy && !have_dp {
@@ -455,7 +469,7 @@ pub(crate) fn report(
                 };
                 t += &format!(" {cell} |");
             }
-            for (a, b) in RATIOS {
+            for (a, b) in &ratios {
                 let cell = match (m.ratio, medians[a.index()], medians[b.index()]) {
                     (true, Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
                     _ => "—".to_string(),
