@@ -6,8 +6,8 @@
 //! As root (it makes network namespaces, a bridge and iptables rules for the bridge):
 //!
 //! ```text
-//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~26 min on 2 cores)
-//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~2.5 min)
+//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~38 min on 2 cores)
+//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~3.5 min)
 //! cargo bench --bench proxy -- --only tcp-bulk,rr --rounds 5 --seconds 10 --out /tmp/t.md
 //! ```
 //!
