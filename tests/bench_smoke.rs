@@ -54,8 +54,33 @@ fn bench_smoke() {
         "udp-flows",
         "idle-conns",
         "ports",
+        "host-bulk-1",
+        "host-bulk-1-rev",
+        "host-bulk-4",
+        "host-bulk-4-rev",
+        "host-rr",
+        "host-rr-pinned",
+        "host-conn-rate",
+        "host-udp-bulk",
     ];
     assert_eq!(report.workloads, expected);
+    let cells = |line: &str| -> Vec<String> {
+        line.split('|')
+            .map(|c| c.trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    let header = report
+        .table
+        .lines()
+        .find(|l| l.starts_with("| workload |"))
+        .map(cells)
+        .unwrap_or_else(|| panic!("no table header:\n{}", report.table));
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no {name} column in {header:?}"))
+    };
     for w in expected {
         let rows: Vec<&str> = report
             .table
@@ -64,18 +89,23 @@ fn bench_smoke() {
             .collect();
         assert!(!rows.is_empty(), "no table row for {w}:\n{}", report.table);
         for row in rows {
-            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-            // | workload | metric | direct | rproxy | docker-proxy | socat | ratios… |
-            let rproxy = cells[4];
-            assert!(rproxy.parse::<f64>().is_ok(), "no rproxy figure in {row:?}");
+            let cells = cells(row);
+            let figure = |name: &str| {
+                assert!(
+                    cells[column(name)].parse::<f64>().is_ok(),
+                    "no {name} figure in {row:?}"
+                )
+            };
+            figure("rproxy");
             assert!(!row.contains("ERR"), "failed measurement in {row:?}");
             if w.starts_with("remote-") {
-                // | … | socat | rproxy-daemon | rproxy-nat |: checked to be kernel-served.
-                let nat = cells[8];
-                assert!(
-                    nat.parse::<f64>().is_ok(),
-                    "no rproxy-nat figure in {row:?}"
-                );
+                // Checked to have been served by the kernel rules.
+                figure("rproxy-nat");
+            }
+            if w.starts_with("host-") {
+                // Checked to have been served by the socket hooks.
+                figure("rproxy-socket");
+                figure("direct");
             }
         }
     }

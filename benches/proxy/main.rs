@@ -6,8 +6,8 @@
 //! As root (it makes network namespaces, a bridge and iptables rules for the bridge):
 //!
 //! ```text
-//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~26 min on 2 cores)
-//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~2.5 min)
+//! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~38 min on 2 cores)
+//! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~3.5 min)
 //! cargo bench --bench proxy -- --only tcp-bulk,rr --rounds 5 --seconds 10 --out /tmp/t.md
 //! ```
 //!
@@ -21,7 +21,9 @@
 //!
 //! Clients run in rpxb-cli and connect to 10.231.0.1:PORT, where the proxy (host netns) forwards
 //! to 10.231.0.2:PORT, as dockerd's userland proxy does; `direct` talks to 10.231.0.2:PORT over
-//! the bridge. Every process started is stopped by PID, and the namespaces, bridge, iptables
+//! the bridge. The host-* workloads' clients are host processes dialling 127.0.0.1:PORT, where
+//! the proxies listen then (and the socket hooks of `rproxy-socket` act); their `direct` dials
+//! 10.231.0.2:PORT from the host. Every process started is stopped by PID, and the namespaces, bridge, iptables
 //! rules and temporary files go on exit, on panic and on SIGINT/SIGTERM/SIGHUP.
 
 use std::collections::BTreeSet;
@@ -65,8 +67,9 @@ const CTR: Ipv4Addr = Ipv4Addr::new(10, 231, 0, 2);
 /// bridged traffic (direct) passes through it. raw: our traffic skips connection tracking,
 /// whose table is shared by the whole machine: tens of thousands of short connections fill it
 /// ("nf_conntrack: table full, dropping packet") for every user of it — except what goes to
-/// the remote client's network, which kernel NAT translates.
-const IPTABLES_RULES: [(&str, &str, &str); 4] = [
+/// the remote client's network, which kernel NAT translates; and the host clients' loopback
+/// leg to the proxies (only the harness's ports: other loopback traffic is left alone).
+const IPTABLES_RULES: [(&str, &str, &str); 6] = [
     ("filter", "FORWARD", "-i rpxb0 -j ACCEPT"),
     ("filter", "FORWARD", "-o rpxb0 -j ACCEPT"),
     (
@@ -75,13 +78,24 @@ const IPTABLES_RULES: [(&str, &str, &str); 4] = [
         "-i rpxb0 ! -d 10.232.0.0/24 -j CT --notrack",
     ),
     ("raw", "OUTPUT", "-o rpxb0 -j CT --notrack"),
+    (
+        "raw",
+        "OUTPUT",
+        "-o lo -p tcp -m multiport --ports 23000:25999 -j CT --notrack",
+    ),
+    (
+        "raw",
+        "OUTPUT",
+        "-o lo -p udp -m multiport --ports 23000:25999 -j CT --notrack",
+    ),
 ];
 const LOCK_PATH: &str = "/run/rproxy-bench.lock";
-/// Each workload gets 100 ports from here (23000–24299): a fresh port per measurement keeps one
-/// measurement's TIME_WAIT sockets out of the next one's way.
+/// Each workload gets 100 ports from here, up to NPORTS_BASE (23000–25999: 30 workloads, which
+/// `run` checks): a fresh port per measurement keeps one measurement's TIME_WAIT sockets out of
+/// the next one's way.
 const PORT_BASE: u16 = 23000;
-/// The N-ports workload uses 25000..25000+N.
-const NPORTS_BASE: u16 = 25000;
+/// The N-ports workload uses 26000..26000+N.
+const NPORTS_BASE: u16 = 26000;
 const PIN_CPU: &str = "0";
 /// RPROXY_SOCKET for docker-mode rproxy: never hand a port to a daemon the machine may run.
 const NO_DAEMON: &str = "/nonexistent/rproxy-bench.sock";
@@ -100,7 +114,7 @@ const USAGE: &str = "usage: cargo bench --bench proxy -- [options]   (as root)
   --seconds S        seconds per timed run (default 5)
   --only LIST        comma-separated workloads or prefixes (e.g. tcp-bulk,rr-pinned)
   --proxies LIST     subset of direct,rproxy,docker-proxy,socat,rproxy-daemon,rproxy-nat,
-                     rproxy-daemon+metrics,haproxy (default: all)
+                     rproxy-daemon+metrics,haproxy,rproxy-socket (default: all)
   --flows N          udp-flows: concurrent flows (default 1000)
   --flow-msgs N      udp-flows: datagrams per flow (default 5, at most 64)
   --idle N           idle-conns: connections (default 10000)
@@ -219,6 +233,12 @@ pub fn run(args: &[String]) -> Result<Report, String> {
     }
     o.nofile = raise_nofile()?;
     let all = workloads(&o);
+    if usize::from(PORT_BASE) + all.len() * 100 > usize::from(NPORTS_BASE) {
+        return Err(format!(
+            "{} workloads take ports {PORT_BASE} up to past {NPORTS_BASE}, where `ports` starts",
+            all.len()
+        ));
+    }
     let chosen = selected(&all, &o.only)?;
     install_signal_cleanup()?;
     registry().closing = false;
@@ -343,7 +363,7 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 8] = [
+pub(crate) const RATIOS: [(Kind, Kind); 10] = [
     (Kind::Rproxy, Kind::DockerProxy),
     (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
@@ -352,6 +372,8 @@ pub(crate) const RATIOS: [(Kind, Kind); 8] = [
     (Kind::RproxyNat, Kind::Direct),
     (Kind::RproxyMetrics, Kind::RproxyDaemon),
     (Kind::Haproxy, Kind::DockerProxy),
+    (Kind::RproxySocket, Kind::Direct),
+    (Kind::RproxySocket, Kind::DockerProxy),
 ];
 
 pub(crate) fn report(
@@ -391,22 +413,36 @@ pub(crate) fn report(
         o.rounds,
         o.seconds
     );
+    // Only the columns this run can fill: a proxy that was picked and that serves one of the
+    // workloads chosen, a ratio of two such that share a workload.
+    let serves = |k: Kind| o.proxies.contains(&k) && chosen.iter().any(|w| w.kinds.contains(&k));
+    let columns: Vec<Kind> = KINDS.into_iter().filter(|k| serves(*k)).collect();
+    let ratios: Vec<(Kind, Kind)> = RATIOS
+        .into_iter()
+        .filter(|(a, b)| {
+            serves(*a)
+                && serves(*b)
+                && chosen
+                    .iter()
+                    .any(|w| w.kinds.contains(a) && w.kinds.contains(b))
+        })
+        .collect();
     t += "| workload | metric |";
-    for k in KINDS {
+    for k in &columns {
         t += &format!(" {} |", k.name());
     }
-    for (a, b) in RATIOS {
+    for (a, b) in &ratios {
         t += &format!(" {} ÷ {} |", a.name(), b.name());
     }
     t += "\n|---|---|";
-    t += &"---:|".repeat(KINDS.len() + RATIOS.len());
+    t += &"---:|".repeat(columns.len() + ratios.len());
     t += "\n";
     let mut errors = Vec::new();
     for (wi, w) in chosen.iter().enumerate() {
         for (mi, m) in w.metrics.iter().enumerate() {
             t += &format!("| {} | {} |", w.name, m.name);
             let mut medians = [None; KINDS.len()];
-            for k in KINDS {
+            for &k in &columns {
                 let cell = if !w.kinds.contains(&k) {
                     "n/a".to_string()
                 } else if k == Kind::DockerProxy && !have_dp {
@@ -433,7 +469,7 @@ pub(crate) fn report(
                 };
                 t += &format!(" {cell} |");
             }
-            for (a, b) in RATIOS {
+            for (a, b) in &ratios {
                 let cell = match (m.ratio, medians[a.index()], medians[b.index()]) {
                     (true, Some(x), Some(y)) if y != 0.0 => format!("{:.2}", x / y),
                     _ => "—".to_string(),
@@ -471,7 +507,16 @@ pub(crate) fn report(
          remote-* clients run in netns {NS_REMOTE} on their own link ({UPLINK_GW}), which the host \
          routes to the bridge (forwarding on for those two interfaces only), and are tracked; \
          rproxy-nat is `rproxy daemon --nat=require -p {GW}:N:{CTR}:N` and each of its runs is \
-         checked to have been served by its kernel rules (`rproxy ls`).\n"
+         checked to have been served by its kernel rules (`rproxy ls`). \
+         host-* clients are processes of the host dialling {HOST}:N, where the proxies listen for \
+         them (`-host-ip {HOST}`, `bind {HOST}:N`), and direct dials {CTR}:N from the host; their \
+         loopback leg is exempt from tracking too (ports {PORT_BASE}–{last_port}); rproxy-socket \
+         is `rproxy daemon --socket-lb=require -p {HOST}:N:{CTR}:N`, its cgroup socket hooks \
+         connecting the client straight to {CTR}:N, and each of its runs is checked to have been \
+         served by them (`rproxy ls`: SOCKET socket, SOCKET_CONNS above 0, no userland \
+         connection).\n",
+        HOST = HOST_CLIENT.front,
+        last_port = NPORTS_BASE - 1,
     );
     if !errors.is_empty() {
         t += "\nErrors:\n";

@@ -1,5 +1,7 @@
 //! Starting each proxy as dockerd would (status pipe on fd 3), or the daemon for N ports.
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 pub(crate) struct Ctx {
@@ -14,21 +16,13 @@ impl Ctx {
     }
 }
 
-/// Where the client sends: the proxy on the bridge gateway, or the container itself.
-pub(crate) fn dest(kind: Kind, port: u16) -> SocketAddrV4 {
-    match kind {
-        Kind::Direct => SocketAddrV4::new(CTR, port),
-        _ => SocketAddrV4::new(GW, port),
-    }
-}
-
-/// docker-proxy's command line, as dockerd passes it.
-pub(crate) fn docker_args(proto: Proto, port: u16) -> Vec<String> {
+/// docker-proxy's command line, as dockerd passes it for `-p FRONT:PORT:PORT/PROTO`.
+pub(crate) fn docker_args(proto: Proto, front: Ipv4Addr, port: u16) -> Vec<String> {
     [
         "-proto",
         proto.name(),
         "-host-ip",
-        &GW.to_string(),
+        &front.to_string(),
         "-host-port",
         &port.to_string(),
         "-container-ip",
@@ -40,15 +34,24 @@ pub(crate) fn docker_args(proto: Proto, port: u16) -> Vec<String> {
     .to_vec()
 }
 
-/// Starts one proxy process for `proto` GW:port → CTR:port (nothing for direct), ready to serve.
+/// The name of a proxy's process, its files and (for the daemon) its control socket.
+fn proxy_name(kind: Kind, proto: Proto, port: u16) -> String {
+    format!("{}-{}-{port}", kind.name(), proto.name())
+}
+
+/// Starts one proxy process for `proto` FRONT:port → CTR:port, FRONT being the address
+/// `client` dials (nothing for direct), ready to serve.
 pub(crate) fn start_proxy(
     ctx: &Ctx,
+    client: Client,
     kind: Kind,
     proto: Proto,
     port: u16,
     pin: bool,
 ) -> Result<Option<Proc>, String> {
-    let name = format!("{}-{}-{port}", kind.name(), proto.name());
+    let name = proxy_name(kind, proto, port);
+    let front = client.front;
+    let listen = SocketAddrV4::new(front, port);
     match kind {
         Kind::Direct => Ok(None),
         Kind::Rproxy | Kind::DockerProxy => {
@@ -57,7 +60,7 @@ pub(crate) fn start_proxy(
                 _ => &ctx.o.docker_proxy,
             };
             let mut cmd = command(None, pin, binary);
-            cmd.args(docker_args(proto, port))
+            cmd.args(docker_args(proto, front, port))
                 .env("RPROXY_SOCKET", NO_DAEMON)
                 .env("RPROXY_LOG", "warn")
                 .env_remove("RPROXY_LOG_FILE");
@@ -66,16 +69,19 @@ pub(crate) fn start_proxy(
             wait_status(&mut p, read)?;
             Ok(Some(p))
         }
-        Kind::RproxyDaemon | Kind::RproxyNat | Kind::RproxyMetrics => {
-            let publish = format!("{GW}:{port}:{CTR}:{port}/{}", proto.name());
+        Kind::RproxyDaemon | Kind::RproxyNat | Kind::RproxyMetrics | Kind::RproxySocket => {
+            let publish = format!("{front}:{port}:{CTR}:{port}/{}", proto.name());
             let mut cmd = daemon_command(ctx, pin, &name, &publish)?;
             match kind {
                 Kind::RproxyNat => {
                     cmd.arg("--nat=require");
                 }
+                Kind::RproxySocket => {
+                    cmd.arg("--socket-lb=require");
+                }
                 // Below the ephemeral range, one per workload port and protocol (UDP workloads
-                // run a TCP mapping beside: iperf3's control connection): 23000-24299 →
-                // 20000-21299 (TCP), 18700-19999 (UDP).
+                // run a TCP mapping beside: iperf3's control connection): 23000-25999 →
+                // 20000-22999 (TCP), 18700-21699 (UDP).
                 Kind::RproxyMetrics => {
                     let metrics_port = match proto {
                         Proto::Tcp => port - 3000,
@@ -85,54 +91,64 @@ pub(crate) fn start_proxy(
                 }
                 _ => {}
             }
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            let mut p = spawn_listening(ctx, cmd, &name, proto, listen)?;
+            if kind == Kind::RproxySocket {
+                // The listener is up before the hooks hold the mapping: a client let in
+                // between would be the listener's.
+                wait_socket_path(ctx, &mut p, proto, port)?;
+            }
+            Ok(Some(p))
         }
         Kind::Haproxy => {
             let config = ctx.dir.join(format!("{name}.cfg"));
-            fs::write(&config, haproxy_config(ctx.o.nofile, port))
+            fs::write(&config, haproxy_config(ctx.o.nofile, front, port))
                 .map_err(|e| format!("{}: {e}", config.display()))?;
             let mut cmd = command(None, pin, tool("haproxy"));
             cmd.arg("-db").arg("-f").arg(&config);
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            spawn_listening(ctx, cmd, &name, proto, listen).map(Some)
         }
         Kind::Socat => {
-            let (listen, connect) = match proto {
+            let (accept, connect) = match proto {
                 Proto::Tcp => (
-                    format!("TCP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("TCP4-LISTEN:{port},bind={front},fork,reuseaddr"),
                     format!("TCP4:{CTR}:{port}"),
                 ),
                 Proto::Udp => (
-                    format!("UDP4-LISTEN:{port},bind={GW},fork,reuseaddr"),
+                    format!("UDP4-LISTEN:{port},bind={front},fork,reuseaddr"),
                     format!("UDP4:{CTR}:{port}"),
                 ),
             };
             let mut cmd = command(None, pin, tool("socat"));
-            cmd.args([listen, connect]);
-            spawn_listening(ctx, cmd, &name, proto, SocketAddrV4::new(GW, port)).map(Some)
+            cmd.args([accept, connect]);
+            spawn_listening(ctx, cmd, &name, proto, listen).map(Some)
         }
     }
 }
 
-/// HAProxy relaying GW:port to CTR:port in TCP mode, set up for throughput the way rproxy and
+/// HAProxy relaying front:port to CTR:port in TCP mode, set up for throughput the way rproxy and
 /// Go (docker-proxy) are: splicing both ways through 1 MiB pipes. Its defaults would copy
 /// through its buffers (`tune.bufsize`, 16 KiB), and `splice-auto` splices only streams it
 /// judges fast (measured here: 6.28 Gb/s on tcp-bulk-4, against 13.8-15.6 with these
 /// settings). Each connection takes two descriptors and each pipe two more, so `maxconn`
 /// stays within the descriptor limit.
-fn haproxy_config(nofile: u64, port: u16) -> String {
+fn haproxy_config(nofile: u64, front: Ipv4Addr, port: u16) -> String {
     format!(
         "global\n    maxconn {maxconn}\n    tune.pipesize 1048576\n\
          defaults\n    mode tcp\n    timeout connect 10s\n    timeout client 1h\n    \
          timeout server 1h\n    option splice-request\n    option splice-response\n\
-         listen bench\n    bind {GW}:{port}\n    server container {CTR}:{port}\n",
+         listen bench\n    bind {front}:{port}\n    server container {CTR}:{port}\n",
         maxconn = nofile / 5
     )
 }
 
-/// Checks that an `rproxy-nat` run was served by its kernel rules (the `ls` row shows kernel
-/// connections and no userland ones), so the figure is what its column claims.
-pub(crate) fn check_kernel_path(ctx: &Ctx, proto: Proto, port: u16) -> Result<(), String> {
-    let name = format!("{}-{}-{port}", Kind::RproxyNat.name(), proto.name());
+/// The daemon's `rproxy ls` row for its one mapping, cell by column header.
+fn ls_row(
+    ctx: &Ctx,
+    kind: Kind,
+    proto: Proto,
+    port: u16,
+) -> Result<BTreeMap<String, String>, String> {
+    let name = proxy_name(kind, proto, port);
     let out = Command::new(&ctx.o.rproxy)
         .arg("ls")
         .arg("--control-socket")
@@ -141,22 +157,59 @@ pub(crate) fn check_kernel_path(ctx: &Ctx, proto: Proto, port: u16) -> Result<()
         .map_err(|e| format!("rproxy ls: {e}"))?;
     let table = String::from_utf8_lossy(&out.stdout);
     let mut lines = table.lines();
-    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
-    let row: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
-    let cell = |name: &str| {
-        header
-            .iter()
-            .position(|h| *h == name)
-            .and_then(|i| row.get(i))
-            .copied()
-            .unwrap_or("?")
+    let header = lines.next().unwrap_or("").split_whitespace();
+    let row = lines.next().unwrap_or("").split_whitespace();
+    Ok(header
+        .zip(row)
+        .map(|(h, c)| (h.to_string(), c.to_string()))
+        .collect())
+}
+
+fn cell<'a>(row: &'a BTreeMap<String, String>, header: &str) -> &'a str {
+    row.get(header).map_or("?", String::as_str)
+}
+
+/// Checks that a run of `rproxy-nat` or `rproxy-socket` took the path its column claims:
+/// kernel NAT rules or the socket hooks, with no connection left to the listener (the `ls`
+/// row's userland TOTAL is 0 and the path's own count is not). Nothing to check for the others.
+pub(crate) fn check_path(ctx: &Ctx, kind: Kind, proto: Proto, port: u16) -> Result<(), String> {
+    let (path, label, count, what) = match kind {
+        Kind::RproxyNat => ("NAT", "kernel", "KERNEL_CONNS", "its kernel rules"),
+        Kind::RproxySocket => ("SOCKET", "socket", "SOCKET_CONNS", "the socket hooks"),
+        _ => return Ok(()),
     };
-    match (cell("NAT"), cell("TOTAL"), cell("KERNEL_CONNS")) {
-        ("kernel", "0", k) if k != "0" && k != "?" => Ok(()),
-        (nat, total, kernel) => Err(format!(
-            "rproxy-nat was not served by the kernel: NAT {nat}, userland connections {total}, \
-             kernel connections {kernel}"
+    let row = ls_row(ctx, kind, proto, port)?;
+    match (cell(&row, path), cell(&row, "TOTAL"), cell(&row, count)) {
+        (p, "0", n) if p == label && n != "0" && n != "?" => Ok(()),
+        (p, total, n) => Err(format!(
+            "{} ({}) was not served by {what}: {path} {p}, userland connections {total}, \
+             {count} {n}",
+            kind.name(),
+            proto.name()
         )),
+    }
+}
+
+/// Waits until the daemon's `ls` row shows its mapping on the socket hooks.
+fn wait_socket_path(ctx: &Ctx, p: &mut Proc, proto: Proto, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = ls_row(ctx, Kind::RproxySocket, proto, port)?;
+        if cell(&row, "SOCKET") == "socket" {
+            return Ok(());
+        }
+        if let Some(status) = p.exited() {
+            return Err(format!("{} exited ({status}){}", p.name, p.logs()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{}: the socket hooks do not hold the mapping after 10 s (SOCKET {}){}",
+                p.name,
+                cell(&row, "SOCKET"),
+                p.logs()
+            ));
+        }
+        thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -3,29 +3,19 @@
 
 use super::*;
 
+/// iperf3 from `client`: bulk through the proxy, `streams` at once, or `reverse`d.
 pub(crate) fn tcp_bulk(
     ctx: &Ctx,
-    kind: Kind,
-    port: u16,
-    streams: u32,
-    reverse: bool,
-) -> Result<Vec<f64>, String> {
-    tcp_bulk_from(ctx, NS_CLI, kind, port, streams, reverse)
-}
-
-/// iperf3 from a client in namespace `client`.
-pub(crate) fn tcp_bulk_from(
-    ctx: &Ctx,
-    client: &'static str,
+    client: Client,
     kind: Kind,
     port: u16,
     streams: u32,
     reverse: bool,
 ) -> Result<Vec<f64>, String> {
     let _server = iperf3_server(ctx, port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(client), false, tool("iperf3"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string()])
         .args(["-t", &ctx.o.seconds.to_string(), "-J"]);
     if streams > 1 {
@@ -38,14 +28,13 @@ pub(crate) fn tcp_bulk_from(
         .and_then(|out| iperf3_json(&out))
         .and_then(|j| json_f64(&j, &["end", "sum_received", "bits_per_second"]));
     let bps = explain(result, &[&proxy])?;
-    if kind == Kind::RproxyNat {
-        check_kernel_path(ctx, Proto::Tcp, port)?;
-    }
+    check_path(ctx, kind, Proto::Tcp, port)?;
     Ok(vec![bps / 1e9])
 }
 
 pub(crate) fn request_response(
     ctx: &Ctx,
+    client: Client,
     kind: Kind,
     port: u16,
     pin: bool,
@@ -60,9 +49,9 @@ pub(crate) fn request_response(
         &port.to_string(),
     ]);
     let _server = start_server(ctx, "sockperf-server", cmd, port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, pin)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), pin, tool("sockperf"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, pin)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, pin, tool("sockperf"));
     cmd.args([
         "ping-pong",
         "--tcp",
@@ -79,7 +68,9 @@ pub(crate) fn request_response(
         Duration::from_secs(ctx.o.seconds + 20),
     )
     .and_then(|out| parse_sockperf(&out));
-    explain(result, &[&proxy])
+    let figures = explain(result, &[&proxy])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn strip_ansi(s: &str) -> String {
@@ -127,11 +118,16 @@ pub(crate) fn parse_sockperf(out: &ToolOut) -> Result<Vec<f64>, String> {
     Ok(vec![received / runtime / 1e3, p50, p99])
 }
 
-pub(crate) fn conn_rate(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
+pub(crate) fn conn_rate(
+    ctx: &Ctx,
+    client: Client,
+    kind: Kind,
+    port: u16,
+) -> Result<Vec<f64>, String> {
     let _server = http_server(port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), false, tool("wrk"));
+    let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, false, tool("wrk"));
     cmd.args([
         "-t2",
         "-c16",
@@ -162,7 +158,9 @@ pub(crate) fn conn_rate(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, St
             errors += number_after(&out.stdout, "Non-2xx or 3xx responses:").unwrap_or(0.0);
             Ok(vec![rate / 1e3, errors])
         });
-    explain(result, &[&proxy])
+    let figures = explain(result, &[&proxy])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn one_http(d: SocketAddrV4) -> Result<(), String> {
@@ -194,8 +192,8 @@ pub(crate) struct FixedResult {
 
 pub(crate) fn conn_fixed(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
     let _server = http_server(port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let d = dest(kind, port);
+    let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Tcp, port, false)?;
+    let d = BRIDGE_CLIENT.dest(kind, port);
     let rate = ctx.o.rate as f64;
     let total = ctx.o.rate * ctx.o.seconds;
     let t0 = Instant::now() + Duration::from_millis(100);

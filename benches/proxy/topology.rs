@@ -157,3 +157,40 @@ where
         })
         .map_err(|e| format!("thread: {e}"))
 }
+
+/// Where a workload's client runs, and the published address it dials.
+#[derive(Clone, Copy)]
+pub(crate) struct Client {
+    /// Its network namespace; None: the host's own.
+    pub(crate) ns: Option<&'static str>,
+    /// The published address: where the proxies listen and the client dials (`direct` dials
+    /// the container's address instead).
+    pub(crate) front: Ipv4Addr,
+}
+
+/// A client on the bridge beside the container, dialling the gateway (dockerd's hairpin case).
+pub(crate) const BRIDGE_CLIENT: Client = Client {
+    ns: Some(NS_CLI),
+    front: GW,
+};
+/// A client on another network the host routes to the bridge.
+pub(crate) const REMOTE_CLIENT: Client = Client {
+    ns: Some(NS_REMOTE),
+    front: GW,
+};
+/// A process of the host itself dialling the published port on loopback (`curl
+/// localhost:PORT`): what the socket hooks serve.
+pub(crate) const HOST_CLIENT: Client = Client {
+    ns: None,
+    front: Ipv4Addr::LOCALHOST,
+};
+
+impl Client {
+    /// Where the client sends: the published address, or the container itself for direct.
+    pub(crate) fn dest(self, kind: Kind, port: u16) -> SocketAddrV4 {
+        match kind {
+            Kind::Direct => SocketAddrV4::new(CTR, port),
+            _ => SocketAddrV4::new(self.front, port),
+        }
+    }
+}

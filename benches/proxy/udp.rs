@@ -5,6 +5,7 @@ use super::*;
 
 pub(crate) fn udp_bulk(
     ctx: &Ctx,
+    client: Client,
     kind: Kind,
     port: u16,
     bitrate: &str,
@@ -13,10 +14,10 @@ pub(crate) fn udp_bulk(
     let _server = iperf3_server(ctx, port)?;
     // iperf3 runs its control connection over TCP on the same port: two proxies, as dockerd
     // starts for `-p PORT:PORT/tcp -p PORT:PORT/udp`.
-    let control = start_proxy(ctx, kind, Proto::Tcp, port, false)?;
-    let data = start_proxy(ctx, kind, Proto::Udp, port, false)?;
-    let d = dest(kind, port);
-    let mut cmd = command(Some(NS_CLI), false, tool("iperf3"));
+    let control = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
+    let data = start_proxy(ctx, client, kind, Proto::Udp, port, false)?;
+    let d = client.dest(kind, port);
+    let mut cmd = command(client.ns, false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string(), "-u"])
         .args([
             "-b",
@@ -45,7 +46,10 @@ pub(crate) fn udp_bulk(
             json_f64(&j, &["end", "sum_received", "lost_percent"])?,
         ])
     });
-    explain(result, &[&control, &data])
+    let figures = explain(result, &[&control, &data])?;
+    check_path(ctx, kind, Proto::Tcp, port)?;
+    check_path(ctx, kind, Proto::Udp, port)?;
+    Ok(figures)
 }
 
 pub(crate) fn udp_echo(port: u16) -> Result<Server, String> {
@@ -130,9 +134,9 @@ impl Flows {
 
 pub(crate) fn udp_flows(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
     let _server = udp_echo(port)?;
-    let proxy = start_proxy(ctx, kind, Proto::Udp, port, false)?;
+    let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Udp, port, false)?;
     let (flows, msgs) = (ctx.o.flows, ctx.o.flow_msgs);
-    let dest = dest(kind, port);
+    let dest = BRIDGE_CLIENT.dest(kind, port);
     let result = in_netns(NS_CLI, move || {
         let mut st = Flows {
             socks: Vec::with_capacity(flows),
