@@ -112,6 +112,20 @@ impl Topo {
         panic!("no {proto} {listen} in\n{table}");
     }
 
+    /// Connections the socket hooks sent on, for the mapping listening on `listen`.
+    fn socket_conns(&self, proto: &str, listen: &str) -> u64 {
+        let table = self.cli(&["ls"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|c| c[col("PROTO")] == proto && c[col("LISTEN")] == listen)
+            .map(|c| c[col("SOCKET_CONNS")].parse().unwrap())
+            .unwrap_or_else(|| panic!("no {proto} {listen} in\n{table}"))
+    }
+
     /// `nft list ruleset` in the host namespace.
     fn ruleset(&self) -> String {
         nft(&self.host, "list ruleset")
@@ -658,4 +672,54 @@ fn config_sets_nat_per_mapping_and_forwarding_off_keeps_userland() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("net.ipv4.conf.br0.forwarding is 0"), "{err}");
+}
+
+/// The three paths compose: with --nat and --socket-lb, a remote client goes through DNAT
+/// (the container sees it), host processes — on loopback or a host address — through the
+/// socket hooks (straight to the container, which sees the host's bridge address, as with
+/// the proxy), and hairpin through the listener.
+#[test]
+fn nat_socket_hooks_and_listener_each_serve_their_clients() {
+    if !need_root("nat_socket_hooks_and_listener_each_serve_their_clients") {
+        return;
+    }
+    let t = Topo::new("natslb");
+    whoami_tcp(&t.ctr);
+    // nsenter, not `ip netns exec`: that one remounts /sys for the namespace, hiding the
+    // cgroup v2 mount the hooks attach to (a real host's daemon runs in the host's mounts).
+    let sock = t.sock();
+    let p = format!("8080:{CTR}:80");
+    let d = Spawn::new(&[
+        "daemon",
+        "--control-socket",
+        &sock,
+        "--nat",
+        "--socket-lb=require",
+        "-p",
+        &p,
+    ])
+    .wrap(&["nsenter", &format!("--net=/var/run/netns/{}", t.host.name)])
+    .no_status_pipe()
+    .spawn();
+    d.wait_log("daemon ready", Duration::from_secs(10));
+    let v4 = "0.0.0.0:8080";
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    assert_eq!(
+        t.counts("tcp", v4),
+        (0, 1),
+        "the remote client went through DNAT"
+    );
+    // Host processes: the hooks, before DNAT could see them.
+    assert_eq!(ask_tcp(&t.host, &format!("{HOST_IP}:8080")), BRIDGE_IP);
+    assert_eq!(ask_tcp(&t.host, "127.0.0.1:8080"), BRIDGE_IP);
+    assert_eq!(
+        t.counts("tcp", v4),
+        (0, 1),
+        "host clients used DNAT or the listener"
+    );
+    assert_eq!(t.socket_conns("tcp", v4), 2);
+    // Hairpin: the peer container's socket is not the host's; the listener serves it.
+    assert_eq!(ask_tcp(&t.peer, &format!("{BRIDGE_IP}:8080")), BRIDGE_IP);
+    assert_eq!(t.counts("tcp", v4), (1, 1));
+    assert_eq!(t.socket_conns("tcp", v4), 2);
 }
