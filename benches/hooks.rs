@@ -31,7 +31,15 @@ fn main() {
     let rproxy = env!("CARGO_BIN_EXE_rproxy");
 
     // The unrelated servers: a TCP listener that accepts and closes, a UDP sink.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A deep accept queue: a SYN dropped on a full one costs a 1 s retransmit, which would
+    // swamp the microseconds measured here.
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(4096).unwrap();
+    let listener: TcpListener = listener.into();
     let tcp = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         for c in listener.incoming() {

@@ -8,7 +8,9 @@ pub fn v2_root() -> Result<PathBuf, String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
     root_in(&info).ok_or_else(|| {
-        "no cgroup v2 hierarchy is mounted (cgroup v1 only: socket hooks need cgroup v2)".into()
+        "no cgroup v2 hierarchy is mounted where this process can see it (a cgroup v1 host, \
+         or a private /sys such as `ip netns exec` mounts): socket hooks need cgroup v2"
+            .into()
     })
 }
 

@@ -176,7 +176,8 @@ fn allow(p: &mut Program, l: Label) {
 }
 
 /// Jumps to `out` unless the socket lives in the host network namespace. Needs R6 = ctx;
-/// clobbers R0-R5, R7.
+/// clobbers R0-R5, R7. Asked only once a published address matched: traffic to anything
+/// else, the bulk of what the hooks see, pays for the service lookup alone.
 fn host_netns_only(p: &mut Program, out: Label) {
     p.mov(Reg::R1, Reg::R6)
         .call(Helper::GetNetnsCookie)
@@ -284,7 +285,6 @@ fn translate4(counter: i16) -> Program {
     let mut p = Program::new();
     let out = p.new_label();
     p.mov(Reg::R6, Reg::R1);
-    host_netns_only(&mut p, out);
     // The published address as dialled, for the reverse entry.
     zero(&mut p, REV_VALUE, 5);
     p.load(Size::W, Reg::R2, Reg::R6, USER_IP4)
@@ -294,8 +294,9 @@ fn translate4(counter: i16) -> Program {
         .store(Size::W, Reg::R10, REV_VALUE + 16, Reg::R2);
     key_port_protocol(&mut p, 4);
     lookup_service(&mut p, false, out);
-    p.mov(Reg::R8, Reg::R0)
-        .load(Size::W, Reg::R2, Reg::R8, T_ADDR)
+    p.mov(Reg::R8, Reg::R0);
+    host_netns_only(&mut p, out);
+    p.load(Size::W, Reg::R2, Reg::R8, T_ADDR)
         .store(Size::W, Reg::R6, USER_IP4, Reg::R2)
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
@@ -312,7 +313,6 @@ fn translate6(counter: i16) -> Program {
     let mapped = p.new_label();
     let write = p.new_label();
     p.mov(Reg::R6, Reg::R1);
-    host_netns_only(&mut p, out);
     zero(&mut p, REV_VALUE, 5);
     for w in 0..4 {
         p.load(Size::W, Reg::R2, Reg::R6, USER_IP6 + 4 * w)
@@ -334,6 +334,7 @@ fn translate6(counter: i16) -> Program {
     key_port_protocol(&mut p, 16);
     lookup_service(&mut p, true, out);
     p.mov(Reg::R8, Reg::R0);
+    host_netns_only(&mut p, out);
     let six_to_four = p.new_label();
     p.load(Size::W, Reg::R2, Reg::R8, T_FLAGS).jump_imm(
         Cond::Set,
@@ -372,6 +373,7 @@ fn translate6(counter: i16) -> Program {
     key_port_protocol(&mut p, 4);
     lookup_service(&mut p, false, out);
     p.mov(Reg::R8, Reg::R0);
+    host_netns_only(&mut p, out);
     // The IPv4 Target has its address in its first word; the hook writes ::ffff:a.b.c.d.
     p.store_imm(Size::W, Reg::R6, USER_IP6, 0)
         .store_imm(Size::W, Reg::R6, USER_IP6 + 4, 0)
