@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::control;
+use crate::engine::{self, Engine};
 use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::options::{self, Mode, Options};
@@ -46,6 +47,12 @@ pub struct Args {
     /// have them; `--socket-lb=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
     socket_lb: Option<Mode>,
+    /// dockerd's API socket, from which the socket hooks learn which containers share a
+    /// network with icc on, to send their hairpin clients straight to the target (default:
+    /// $DOCKER_HOST, else unix:///var/run/docker.sock; "" for none: containers then reach
+    /// published ports through the listeners).
+    #[arg(long, value_name = "HOST")]
+    docker_host: Option<String>,
     /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -72,6 +79,8 @@ struct ConfigFile {
     socket_lb: Option<toml::Spanned<String>>,
     /// Where to serve Prometheus metrics (`--metrics-addr` wins).
     metrics_addr: Option<SocketAddr>,
+    /// dockerd's API socket (`--docker-host` wins).
+    docker_host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +129,8 @@ pub struct Settings {
     flags: Flags,
     /// Where to serve /metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// dockerd's API, for the socket hooks' hairpin rule.
+    pub engine: Option<Engine>,
 }
 
 impl Settings {
@@ -168,10 +179,29 @@ impl Settings {
                 errors.push(format!("{} {} is mapped twice", m.proto, m.listen));
             }
         }
+        let (docker_host, from) = [
+            (args.docker_host.clone(), "--docker-host"),
+            (file.docker_host, "docker_host in the config file"),
+            (env.docker_host.clone(), "DOCKER_HOST"),
+        ]
+        .into_iter()
+        .find_map(|(host, from)| Some((host?, from)))
+        .unwrap_or_else(|| (engine::DEFAULT_HOST.to_string(), "the default"));
+        let engine = match docker_host.as_str() {
+            "" => None,
+            host => Engine::new(host)
+                .map_err(|e| {
+                    errors.push(format!(
+                        "{from}: {e} (--docker-host \"\" turns the hairpin rule off)"
+                    ))
+                })
+                .ok(),
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
+            engine,
             publish,
             config,
             config_path,
@@ -209,6 +239,7 @@ struct Loaded {
     drain: Option<Duration>,
     control_socket: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    docker_host: Option<String>,
 }
 
 /// Reads a config file over `base` (the environment's options); errors name the file and line.
@@ -289,6 +320,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         drain,
         control_socket: file.control_socket,
         metrics_addr: file.metrics_addr,
+        docker_host: file.docker_host,
     })
 }
 

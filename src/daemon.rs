@@ -64,7 +64,7 @@ async fn run(settings: Settings) -> i32 {
     };
     let sup = Supervisor::new(
         Nat::new(Nat::DAEMON_TABLE),
-        SocketLb::new(),
+        SocketLb::new(settings.engine.clone()),
         metrics.is_some(),
     );
     if settings.defaults.nat != Mode::Off {

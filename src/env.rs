@@ -41,6 +41,9 @@ pub struct Env {
     pub no_gso: bool,
     /// `RPROXY_METRICS_ADDR` (daemon): where to serve /metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// `DOCKER_HOST` (daemon), as the docker CLI reads it: dockerd's API, for the hairpin
+    /// rule of the socket hooks.
+    pub docker_host: Option<String>,
 }
 
 impl Env {
@@ -111,13 +114,19 @@ impl Env {
                 env.no_handoff = !options::parse_bool(v)?;
                 Ok(())
             }),
-            Reader::Daemon => get("RPROXY_METRICS_ADDR", &mut |v| {
-                env.metrics_addr = Some(
-                    v.parse()
-                        .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())?,
-                );
-                Ok(())
-            }),
+            Reader::Daemon => {
+                get("RPROXY_METRICS_ADDR", &mut |v| {
+                    env.metrics_addr = Some(
+                        v.parse()
+                            .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())?,
+                    );
+                    Ok(())
+                });
+                get("DOCKER_HOST", &mut |v| {
+                    env.docker_host = Some(v.to_string());
+                    Ok(())
+                });
+            }
             Reader::Client => {}
         }
         (env, problems)

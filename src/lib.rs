@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod docker;
+pub mod engine;
 pub mod env;
 pub mod frontend;
 pub mod goflags;

@@ -150,9 +150,15 @@ fn dockerd_ports_with_the_socket_hooks_skip_the_proxies() {
     let mut h = Harness::start(tools, &[]);
     h.build_image();
     h.step("image built");
-    let ports = h.reserve_ports(2);
-    h.start_rproxy_daemon_with(&["--socket-lb=require"]);
-    host_clients_reach_the_container_through_the_socket_hooks(&h, "rproxy-test-sockweb", &ports);
+    let ports = h.reserve_ports(4);
+    let engine = format!("--docker-host=unix://{}", h.sock.display());
+    h.start_rproxy_daemon_with(&["--socket-lb=require", &engine]);
+    host_clients_reach_the_container_through_the_socket_hooks(
+        &h,
+        "rproxy-test-sockweb",
+        &ports[..2],
+    );
+    hairpin_is_direct_only_on_the_targets_network_with_icc(&h, ports[2], ports[3]);
     the_shims_serve_on_when_the_daemon_is_killed(&mut h, "rproxy-test-sockweb2", ports[1]);
     let graceful = h.stop_daemons();
     assert!(
@@ -928,6 +934,158 @@ fn host_clients_reach_the_container_through_the_socket_hooks(
     );
     assert!(refused, "127.0.0.1:{p1} still answers after docker rm -f");
     h.step("docker rm -f took the hooks' entries away");
+}
+
+/// Hairpin with the socket hooks (the daemon follows dockerd's API): a container on the
+/// target's own network with icc on reaches the published port through its gateway straight
+/// — the target sees the client container's address, no listener connection — while on a
+/// network with icc off the listener serves it as before (the target sees the gateway). A
+/// container's own loopback stays its own.
+fn hairpin_is_direct_only_on_the_targets_network_with_icc(h: &Harness, p_icc: u16, p_off: u16) {
+    struct Net {
+        name: &'static str,
+        port: u16,
+        client: String,
+        web: String,
+    }
+    // icc off first: whatever dockerd state the daemon learns when icc's pair appears, it
+    // has seen this network too.
+    let nets = [
+        ("rproxy-test-noicc", false, p_off),
+        ("rproxy-test-icc", true, p_icc),
+    ]
+    .map(|(name, icc, port)| {
+        let (client, web) = (format!("{name}-client"), format!("{name}-web"));
+        let words = |line: String| h.docker_ok(&line.split(' ').collect::<Vec<_>>());
+        words(format!(
+            "network create --opt com.docker.network.bridge.enable_icc={icc} {name}"
+        ));
+        words(format!(
+            "run -d --name {client} --network {name} {IMAGE} sleep 3600"
+        ));
+        // httpd -vv logs each client's address: what the target sees.
+        words(format!(
+            "run -d --name {web} --network {name} -p {port}:80 {IMAGE} httpd -f -vv -p 80 -h /www"
+        ));
+        Net {
+            name,
+            port,
+            client,
+            web,
+        }
+    });
+    let addr = |container: &str| -> (IpAddr, IpAddr) {
+        let text = h.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.Gateway}}{{end}}",
+            container,
+        ]);
+        let mut f = text.split_whitespace().map(|s| s.parse::<IpAddr>());
+        match (f.next(), f.next()) {
+            (Some(Ok(ip)), Some(Ok(gw))) => (ip, gw),
+            _ => panic!("{container}: no address in {text:?}"),
+        }
+    };
+    let row = |port: u16| {
+        let listen = format!("0.0.0.0:{port}");
+        h.rproxy_ls()
+            .into_iter()
+            .find(|r| r.listen == listen)
+            .unwrap_or_else(|| panic!("{listen} not handed over\n{}", h.diag()))
+    };
+    let fetch = |net: &Net, host: IpAddr| {
+        let script = format!(
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {}",
+            net.port
+        );
+        let out = h.docker(&["exec", &net.client, "sh", "-c", &script]);
+        assert!(
+            out.status.success() && out.stdout.contains(h.page.trim_end()),
+            "{} -> {host}:{}: {out}\n{}",
+            net.client,
+            net.port,
+            h.diag()
+        );
+    };
+    let [off, icc] = &nets;
+    // httpd logs each client to stderr (`docker logs` replays it apart), as
+    // `[::ffff:a.b.c.d]:port: url:/`.
+    let saw = |log: &str, ip: IpAddr| log.contains(&format!("[::ffff:{ip}]:"));
+    let (icc_client, icc_gw) = addr(&icc.client);
+    let (off_client, off_gw) = addr(&off.client);
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .filter(|r| {
+                r.listen == format!("0.0.0.0:{}", icc.port)
+                    || r.listen == format!("0.0.0.0:{}", off.port)
+            })
+            .count()
+            .eq(&2)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("the hairpin ports were not handed over\n{}", h.diag()));
+
+    // icc on: once the daemon has read dockerd's new state, straight to the target.
+    poll(Duration::from_secs(15), || {
+        fetch(icc, icc_gw);
+        (row(icc.port).socket_conns > 0).then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("no hairpin connection went straight\n{}", h.diag()));
+    let before = row(icc.port);
+    for _ in 0..3 {
+        fetch(icc, icc_gw);
+    }
+    let after = row(icc.port);
+    assert_eq!(after.total, before.total, "through the listener: {after:?}");
+    assert_eq!(after.socket_conns, before.socket_conns + 3, "{after:?}");
+    let seen = h.docker(&["logs", &icc.web]).stderr;
+    assert!(
+        saw(&seen, icc_client),
+        "{} did not see {icc_client} as the client: {seen}",
+        icc.web
+    );
+    h.step(&format!(
+        "{}: hairpin from {icc_client} went straight to the target",
+        icc.name
+    ));
+
+    // The container's own loopback is its own: refused there, nothing counted.
+    let own = h.docker(&[
+        "exec",
+        &icc.client,
+        "sh",
+        "-c",
+        &format!("echo x | nc -w 2 127.0.0.1 {}", icc.port),
+    ]);
+    assert!(
+        !own.status.success(),
+        "127.0.0.1 in the container answered: {own}"
+    );
+    assert_eq!(row(icc.port).socket_conns, after.socket_conns);
+
+    // icc off: the listener, as dockerd's proxy would.
+    let before = row(off.port);
+    for _ in 0..3 {
+        fetch(off, off_gw);
+    }
+    let after = row(off.port);
+    assert_eq!(after.total, before.total + 3, "{after:?}");
+    assert_eq!(after.socket_conns, before.socket_conns, "{after:?}");
+    let seen = h.docker(&["logs", &off.web]).stderr;
+    assert!(
+        saw(&seen, off_gw) && !saw(&seen, off_client),
+        "{} should see only the gateway {off_gw}: {seen}",
+        off.web
+    );
+    h.step(&format!("{}: hairpin stayed on the listener", off.name));
+
+    for n in &nets {
+        h.docker_ok(&["rm", "-f", &n.client, &n.web]);
+        h.docker_ok(&["network", "rm", n.name]);
+    }
 }
 
 /// SIGKILL of the daemon: no program stays attached (the links died with it) and the shims
@@ -1803,6 +1961,8 @@ impl Harness {
                 eprintln!("cleanup: docker rm -f failed: {out}");
             }
         }
+        // Networks a scenario created: their bridges and rules would outlive dockerd.
+        let _ = self.docker_timeout(&["network", "prune", "-f"], Duration::from_secs(30));
     }
 
     /// Kills what our containerd may have left (shims started with our socket path) and

@@ -190,6 +190,35 @@ fn the_daemon_refuses_out_of_range_durations_with_their_range() {
     }
 }
 
+/// dockerd's API for the hairpin rule is a unix socket: a TCP host from the flag, the config
+/// file or DOCKER_HOST is refused with where it came from, never silently ignored.
+#[test]
+fn the_daemon_refuses_a_docker_host_it_cannot_use() {
+    let dir = Dir::new("hard-docker-host");
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    let config = dir.0.join("rproxy.toml");
+    std::fs::write(&config, "docker_host = \"tcp://127.0.0.1:2375\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let tcp = "tcp://127.0.0.1:2375";
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 3] = [
+        (&["--docker-host", tcp], &[], "--docker-host"),
+        (&["--config", config], &[], "docker_host in the config file"),
+        (&[], &[("DOCKER_HOST", tcp)], "DOCKER_HOST"),
+    ];
+    for (args, env, from) in cases {
+        let mut argv = vec!["daemon", "--control-socket", sock];
+        argv.extend(args);
+        let (code, err) = run(&argv, env);
+        assert_eq!(code, Some(2), "{argv:?} {env:?}: {err}");
+        assert!(
+            err.contains(from) && err.contains("only a unix socket"),
+            "{argv:?} {env:?}: {err}"
+        );
+    }
+}
+
 /// A good integer in the config file is seconds too (TOML has no implicit float).
 #[test]
 fn a_whole_number_drain_timeout_in_the_config_is_taken() {

@@ -15,8 +15,9 @@ const LRU_HASH: u32 = 9;
 const SK_STORAGE: u32 = 24;
 const NO_PREALLOC: u32 = 1;
 
-/// Size of a service's target: address [16], port u32, mapping id u32, flags u32.
-pub const TARGET_SIZE: u32 = 28;
+/// Size of a service's target: address [16], port u32, mapping id u32, flags u32, network
+/// u32.
+pub const TARGET_SIZE: u32 = 32;
 
 /// Mappings the hooks can know at once (each needs a counter slot).
 pub const MAX_MAPPINGS: u32 = 65_536;
@@ -27,6 +28,9 @@ const MAX_REVERSE: u32 = 262_144;
 /// The host addresses tracked for wildcard mappings.
 const MAX_LOCAL: u32 = 4_096;
 
+/// (container namespace, network) pairs the hairpin rule can know at once.
+pub const MAX_HAIRPIN: u32 = 65_536;
+
 /// Every map, by the names the programs use.
 pub struct Maps {
     services4: OwnedFd,
@@ -35,6 +39,7 @@ pub struct Maps {
     local6: OwnedFd,
     reverse: OwnedFd,
     counters: OwnedFd,
+    hairpin: OwnedFd,
     config: OwnedFd,
     v6only: OwnedFd,
 }
@@ -61,6 +66,7 @@ impl Maps {
             local6: map(HASH, 16, 4, MAX_LOCAL, "rpx_local6")?,
             reverse: map(LRU_HASH, 32, 20, MAX_REVERSE, "rpx_reverse")?,
             counters: map(ARRAY, 4, 16, MAX_MAPPINGS, "rpx_counters")?,
+            hairpin: map(HASH, 16, 4, MAX_HAIRPIN, "rpx_hairpin")?,
             config: map(ARRAY, 4, 8, 2, "rpx_config")?,
             v6only: socket_storage("rpx_v6only")?,
         };
@@ -86,6 +92,7 @@ impl Maps {
                 "local6" => &self.local6,
                 "reverse" => &self.reverse,
                 "counters" => &self.counters,
+                "hairpin" => &self.hairpin,
                 "config" => &self.config,
                 "v6only" => &self.v6only,
                 _ => return None,
@@ -95,11 +102,27 @@ impl Maps {
     }
 
     /// Publishes `m` with counter slot `id`: sockets dialling its address (or, for a wildcard
-    /// address, any loopback or host address) reach its target.
-    pub fn publish(&self, m: &Mapping, id: u32) -> io::Result<()> {
+    /// address, any loopback or host address) reach its target. `network`: the number of the
+    /// target's network for the hairpin rule (0: none). `fresh`: the slot is new, its
+    /// counters start at zero.
+    pub fn publish(&self, m: &Mapping, id: u32, network: u32, fresh: bool) -> io::Result<()> {
         let (map, key) = self.service_key(m);
-        bpf::map_update(self.counters.as_fd(), &id.to_ne_bytes(), &[0u8; 16])?;
-        bpf::map_update(map, &key, &target(m, id))
+        if fresh {
+            bpf::map_update(self.counters.as_fd(), &id.to_ne_bytes(), &[0u8; 16])?;
+        }
+        bpf::map_update(map, &key, &target(m, id, network))
+    }
+
+    /// Adds (`present`) or removes a hairpin pair: sockets of the network namespace with
+    /// cookie `netns` may be sent to targets on network `network`.
+    pub fn set_hairpin(&self, netns: u64, network: u32, present: bool) -> io::Result<()> {
+        let mut key = netns.to_ne_bytes().to_vec();
+        key.extend(network.to_ne_bytes());
+        key.extend(0u32.to_ne_bytes());
+        match present {
+            true => bpf::map_update(self.hairpin.as_fd(), &key, &1u32.to_ne_bytes()),
+            false => bpf::map_delete(self.hairpin.as_fd(), &key).map(|_| ()),
+        }
     }
 
     /// Withdraws `m`: new sockets reach its listener again (or nothing).
@@ -197,8 +220,8 @@ fn int_btf() -> Vec<u8> {
 }
 
 /// The Target of `m`: its address (an IPv4 target of an IPv6 mapping written IPv4-mapped,
-/// flagged), port, counter slot.
-fn target(m: &Mapping, id: u32) -> Vec<u8> {
+/// flagged), port, counter slot, network.
+fn target(m: &Mapping, id: u32, network: u32) -> Vec<u8> {
     let (addr, flags): ([u8; 16], u32) = match (m.listen.ip(), m.target.ip()) {
         (IpAddr::V4(_), IpAddr::V4(t)) => {
             let mut a = [0u8; 16];
@@ -213,6 +236,7 @@ fn target(m: &Mapping, id: u32) -> Vec<u8> {
     v.extend([port[0], port[1], 0, 0]);
     v.extend(id.to_ne_bytes());
     v.extend(flags.to_ne_bytes());
+    v.extend(network.to_ne_bytes());
     v
 }
 
@@ -242,15 +266,16 @@ mod tests {
     #[test]
     fn targets_are_laid_out_as_the_programs_read_them() {
         let one = |spec: &str| parse_publish(spec, Default::default()).unwrap()[0];
-        let v = target(&one("8080:172.17.0.2:80"), 7);
+        let v = target(&one("8080:172.17.0.2:80"), 7, 3);
         assert_eq!(v.len(), TARGET_SIZE as usize);
         assert_eq!(&v[..4], &[172, 17, 0, 2]);
         assert_eq!(&v[4..16], &[0; 12]);
         assert_eq!(&v[16..20], &[0, 80, 0, 0]);
         assert_eq!(&v[20..24], &7u32.to_ne_bytes());
         assert_eq!(&v[24..28], &0u32.to_ne_bytes());
+        assert_eq!(&v[28..32], &3u32.to_ne_bytes());
         // 6→4: the IPv4 target written IPv4-mapped, and flagged.
-        let v = target(&one("[::]:8080:172.17.0.2:80"), 1);
+        let v = target(&one("[::]:8080:172.17.0.2:80"), 1, 0);
         assert_eq!(
             &v[..16],
             &"::ffff:172.17.0.2"

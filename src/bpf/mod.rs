@@ -9,21 +9,24 @@
 //! made are the kernel's and never depend on the daemon.
 
 mod cgroup;
+mod hairpin;
 pub mod insn;
 mod maps;
 pub mod programs;
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use hairpin::Peers;
 use maps::Maps;
 use programs::Hook;
 
-use crate::mapping::{describe, Mapping};
+use crate::engine::Engine;
+use crate::mapping::{describe, Mapping, Proto};
 use crate::options::Mode;
 use crate::sys::bpf as sys;
 
@@ -54,6 +57,8 @@ impl Path {
 pub struct SocketLb {
     /// False in docker mode: one shared set per host, owned by the daemon.
     enabled: bool,
+    /// dockerd's API, for the hairpin rule (None: containers stay on the listeners).
+    engine: Option<Engine>,
     state: Mutex<State>,
 }
 
@@ -64,10 +69,12 @@ enum State {
 }
 
 impl SocketLb {
-    /// The daemon's: opened on first use.
-    pub fn new() -> SocketLb {
+    /// The daemon's: opened on first use. `engine`: the dockerd to learn container networks
+    /// from, for hairpin clients.
+    pub fn new(engine: Option<Engine>) -> SocketLb {
         SocketLb {
             enabled: true,
+            engine,
             state: Mutex::new(State::Closed),
         }
     }
@@ -77,6 +84,7 @@ impl SocketLb {
     pub fn disabled() -> SocketLb {
         SocketLb {
             enabled: false,
+            engine: None,
             state: Mutex::new(State::Unavailable(
                 "socket hooks are the daemon's (run `rproxy daemon --socket-lb`)".into(),
             )),
@@ -96,6 +104,9 @@ impl SocketLb {
                     tracing::info!("socket hooks attached at the cgroup v2 root");
                     let h = Arc::new(h);
                     watch_addresses(Arc::downgrade(&h));
+                    if let Some(engine) = &self.engine {
+                        watch_engine(Arc::downgrade(&h), engine.clone());
+                    }
                     State::Open(h)
                 }
                 Err(why) => {
@@ -176,12 +187,6 @@ impl SocketLb {
     }
 }
 
-impl Default for SocketLb {
-    fn default() -> SocketLb {
-        SocketLb::new()
-    }
-}
-
 /// The attached programs, their maps, and which counter slot each mapping has.
 struct Hooks {
     maps: Maps,
@@ -191,6 +196,8 @@ struct Hooks {
     slots: Mutex<Slots>,
     /// The host addresses `local4`/`local6` hold.
     local: Mutex<BTreeSet<IpAddr>>,
+    /// What `hairpin` holds, and each target's network. Locked after `slots`.
+    peers: Mutex<Peers>,
 }
 
 #[derive(Default)]
@@ -198,6 +205,9 @@ struct Slots {
     of: HashMap<Mapping, u32>,
     free: Vec<u32>,
     next: u32,
+    /// The mapping whose Target each service entry holds (a mapping replaced on its address
+    /// hands the entry over before it goes).
+    owners: HashMap<(Proto, SocketAddr), Mapping>,
 }
 
 impl Hooks {
@@ -245,6 +255,7 @@ impl Hooks {
             _programs: programs,
             slots: Mutex::default(),
             local: Mutex::default(),
+            peers: Mutex::default(),
         };
         hooks.sync_addresses();
         Ok(hooks)
@@ -252,6 +263,7 @@ impl Hooks {
 
     fn publish(&self, m: &Mapping) -> Result<(), String> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = !slots.of.contains_key(m);
         let id = match slots.of.get(m) {
             Some(&id) => id,
             None => {
@@ -267,24 +279,79 @@ impl Hooks {
                 id
             }
         };
-        self.maps.publish(m, id).map_err(|e| {
-            if let Some(id) = slots.of.remove(m) {
-                slots.free.push(id);
+        let network = self.network_of(m);
+        match self.maps.publish(m, id, network, fresh) {
+            Ok(()) => {
+                slots.owners.insert((m.proto, m.listen), *m);
+                Ok(())
             }
-            bpf_error("cannot write the map entry", &e)
-        })
+            Err(e) => {
+                if fresh {
+                    if let Some(id) = slots.of.remove(m) {
+                        slots.free.push(id);
+                    }
+                }
+                Err(bpf_error("cannot write the map entry", &e))
+            }
+        }
     }
 
     fn withdraw(&self, m: &Mapping, entry: bool) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if entry {
             if let Err(e) = self.maps.withdraw(m) {
                 tracing::warn!("{m}: socket hook entry not removed: {}", describe(&e));
             }
+            if slots.owners.get(&(m.proto, m.listen)) == Some(m) {
+                slots.owners.remove(&(m.proto, m.listen));
+            }
         }
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(id) = slots.of.remove(m) {
             slots.free.push(id);
         }
+    }
+
+    /// The number of `m`'s target's network for the hairpin rule (0: none known).
+    fn network_of(&self, m: &Mapping) -> u32 {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.network_of.get(&m.target.ip()).copied().unwrap_or(0)
+    }
+
+    /// Makes `hairpin` and the Targets' networks what dockerd says now.
+    fn sync_peers(&self, now: Peers) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if *peers == now {
+            return;
+        }
+        for &(netns, network) in now.pairs.difference(&peers.pairs) {
+            if let Err(e) = self.maps.set_hairpin(netns, network, true) {
+                tracing::warn!("hairpin: cannot add a namespace: {}", describe(&e));
+            }
+        }
+        for &(netns, network) in peers.pairs.difference(&now.pairs) {
+            let _ = self.maps.set_hairpin(netns, network, false);
+        }
+        for m in slots.owners.values() {
+            let (was, is) = (
+                peers.network_of.get(&m.target.ip()),
+                now.network_of.get(&m.target.ip()),
+            );
+            if was == is {
+                continue;
+            }
+            if let Some(&id) = slots.of.get(m) {
+                if let Err(e) = self.maps.publish(m, id, is.copied().unwrap_or(0), false) {
+                    tracing::warn!("{m}: socket hook entry not updated: {}", describe(&e));
+                }
+            }
+        }
+        tracing::debug!(
+            "hairpin: {} container namespaces, {} addresses on networks with icc",
+            now.pairs.len(),
+            now.network_of.len()
+        );
+        *peers = now;
     }
 
     /// Makes `local4`/`local6` the host's addresses now.
@@ -405,6 +472,24 @@ fn watch_addresses(hooks: Weak<Hooks>) {
                 let Some(h) = hooks.upgrade() else { return };
                 h.sync_addresses();
             }
+        });
+}
+
+/// Keeps the hairpin rule's knowledge current with dockerd at `engine`: a thread that
+/// follows its network events. It ends when the hooks are gone.
+fn watch_engine(hooks: Weak<Hooks>, engine: Engine) {
+    let _ = std::thread::Builder::new()
+        .name("rproxy-dockerd".into())
+        .spawn(move || {
+            hairpin::follow(engine, |peers| match hooks.upgrade() {
+                None => false,
+                Some(h) => {
+                    if let Some(p) = peers {
+                        h.sync_peers(p);
+                    }
+                    true
+                }
+            })
         });
 }
 

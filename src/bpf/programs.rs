@@ -4,7 +4,11 @@
 //! - connect4/connect6 (TCP, connected UDP) and sendmsg4/sendmsg6 (unconnected UDP): a
 //!   socket of the host network namespace dialling a published address — the mapping's own
 //!   address, or for a wildcard mapping any loopback or host address — is sent to the target
-//!   instead, and the reverse entry (socket cookie, target → published address) is noted;
+//!   instead, and the reverse entry (socket cookie, target → published address) is noted.
+//!   A socket of another namespace (hairpin: a container dialling a host address) only when
+//!   its namespace is on the target's own network and that network lets its containers talk
+//!   (`hairpin` has the pair), and never for a loopback or unspecified address, which in a
+//!   container's namespace is the container itself;
 //! - recvmsg4/recvmsg6 and getpeername4/getpeername6: a reply or peer address that is a
 //!   target this socket was sent to reads as the published address it dialled;
 //! - setsockopt: notes what IPV6_V6ONLY each socket set, for 6→4 (an IPv6 socket can reach
@@ -13,12 +17,15 @@
 //! Maps and layouts (all little-endian hosts; addresses and ports in network order, as the
 //! kernel shows them in `struct bpf_sock_addr`):
 //! - `services4` / `services6`: key {address (4 / 16 bytes), port u16, protocol u8, 0} →
-//!   [`Target`] {address [16], port u32, mapping id u32, flags u32}. A wildcard mapping has
-//!   the all-zero address.
+//!   [`Target`] {address [16], port u32, mapping id u32, flags u32, network u32}. A wildcard
+//!   mapping has the all-zero address; network is the target's network's number for the
+//!   hairpin rule (0: none known, no hairpin).
 //! - `local4` / `local6`: the host's own addresses (key → any 4 bytes).
 //! - `reverse`: LRU, key {socket cookie u64, target address [16], port u32, 0 u32} → {published
 //!   address [16], port u32}.
 //! - `counters`: array by mapping id → {connections u64, datagrams u64}.
+//! - `hairpin`: key {netns cookie u64, network u32, 0 u32} → any 4 bytes: that namespace has a
+//!   container on that network, and the network allows traffic between its containers.
 //! - `config`: array [0] → the host network namespace's cookie, [1] → net.ipv6.bindv6only.
 //! - `v6only`: socket storage, int: the socket's last IPV6_V6ONLY setting.
 //!
@@ -45,12 +52,14 @@ const CONF_KEY: i16 = -8; // u32: config / counters key
 const SVC_KEY: i16 = -32; // 20 bytes: address, port+protocol
 const REV_KEY: i16 = -64; // 32 bytes: cookie, address [16], port, pad
 const REV_VALUE: i16 = -88; // 20 bytes: address [16], port
+const HAIRPIN_KEY: i16 = -104; // 16 bytes: netns cookie, network, pad
 
 /// `Target` value offsets.
 const T_ADDR: i16 = 0;
 const T_PORT: i16 = 16;
 const T_ID: i16 = 20;
 const T_FLAGS: i16 = 24;
+const T_NETWORK: i16 = 28;
 /// `Target.flags`: the target is IPv4, written as an IPv4-mapped IPv6 address (6→4).
 pub const FLAG_V4_TARGET: i32 = 1;
 
@@ -175,10 +184,25 @@ fn allow(p: &mut Program, l: Label) {
     p.label(l).mov_imm(Reg::R0, 1).exit();
 }
 
-/// Jumps to `out` unless the socket lives in the host network namespace. Needs R6 = ctx;
-/// clobbers R0-R5, R7. Asked only once a published address matched: traffic to anything
-/// else, the bulk of what the hooks see, pays for the service lookup alone.
-fn host_netns_only(p: &mut Program, out: Label) {
+/// Where the dialled address is in REV_VALUE, to tell what it means in another namespace.
+#[derive(Clone, Copy)]
+enum Dialled {
+    /// An IPv4 address, in the first word.
+    V4,
+    /// An IPv6 address.
+    V6,
+    /// An IPv4-mapped IPv6 address: the IPv4 address in the last word.
+    Mapped,
+}
+
+/// Jumps to `out` unless the socket may be sent to the Target in R8: a socket of the host
+/// network namespace (R9 = 0), or of a namespace with a container on the target's own
+/// network where that network allows traffic between containers (R9 = 1; hairpin), dialling
+/// neither loopback nor the unspecified address (its own, there). Needs R6 = ctx; clobbers
+/// R0-R5, R7. Asked only once a published address matched: traffic to anything else, the
+/// bulk of what the hooks see, pays for the service lookup alone.
+fn in_scope(p: &mut Program, dialled: Dialled, out: Label) {
+    let host = p.new_label();
     p.mov(Reg::R1, Reg::R6)
         .call(Helper::GetNetnsCookie)
         .mov(Reg::R7, Reg::R0);
@@ -188,7 +212,41 @@ fn host_netns_only(p: &mut Program, out: Label) {
     p.call(Helper::MapLookupElem)
         .jump_imm(Cond::Eq, Reg::R0, 0, out)
         .load(Size::DW, Reg::R1, Reg::R0, 0)
-        .jump(Cond::Ne, Reg::R7, Reg::R1, out);
+        .mov_imm(Reg::R9, 0)
+        .jump(Cond::Eq, Reg::R7, Reg::R1, host);
+    // Another namespace: loopback and the unspecified address are its own.
+    match dialled {
+        Dialled::V4 | Dialled::Mapped => {
+            let at = if let Dialled::V4 = dialled { 0 } else { 12 };
+            p.load(Size::W, Reg::R2, Reg::R10, REV_VALUE + at)
+                .jump_imm(Cond::Eq, Reg::R2, 0, out)
+                .alu_imm(Alu::And, Reg::R2, 0xff)
+                .jump_imm(Cond::Eq, Reg::R2, 127, out);
+        }
+        Dialled::V6 => {
+            let not_own = p.new_label();
+            for w in 0..3 {
+                p.load(Size::W, Reg::R2, Reg::R10, REV_VALUE + 4 * w)
+                    .jump_imm(Cond::Ne, Reg::R2, 0, not_own);
+            }
+            p.load(Size::W, Reg::R2, Reg::R10, REV_VALUE + 12)
+                .jump_imm(Cond::Eq, Reg::R2, 0, out)
+                .jump32_imm(Cond::Eq, Reg::R2, LOOPBACK6_WORD, out)
+                .label(not_own);
+        }
+    }
+    // Hairpin: the namespace must be on the target's network, and that network allow it.
+    p.load(Size::W, Reg::R2, Reg::R8, T_NETWORK)
+        .jump_imm(Cond::Eq, Reg::R2, 0, out)
+        .store(Size::DW, Reg::R10, HAIRPIN_KEY, Reg::R7)
+        .store(Size::W, Reg::R10, HAIRPIN_KEY + 8, Reg::R2)
+        .store_imm(Size::W, Reg::R10, HAIRPIN_KEY + 12, 0);
+    p.load_map(Reg::R1, "hairpin");
+    stack_ptr(p, Reg::R2, HAIRPIN_KEY);
+    p.call(Helper::MapLookupElem)
+        .jump_imm(Cond::Eq, Reg::R0, 0, out)
+        .mov_imm(Reg::R9, 1)
+        .label(host);
 }
 
 /// `R0 = services[key at SVC_KEY]`, trying the wildcard address when the dialled one is
@@ -295,7 +353,7 @@ fn translate4(counter: i16) -> Program {
     key_port_protocol(&mut p, 4);
     lookup_service(&mut p, false, out);
     p.mov(Reg::R8, Reg::R0);
-    host_netns_only(&mut p, out);
+    in_scope(&mut p, Dialled::V4, out);
     p.load(Size::W, Reg::R2, Reg::R8, T_ADDR)
         .store(Size::W, Reg::R6, USER_IP4, Reg::R2)
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
@@ -334,7 +392,7 @@ fn translate6(counter: i16) -> Program {
     key_port_protocol(&mut p, 16);
     lookup_service(&mut p, true, out);
     p.mov(Reg::R8, Reg::R0);
-    host_netns_only(&mut p, out);
+    in_scope(&mut p, Dialled::V6, out);
     let six_to_four = p.new_label();
     p.load(Size::W, Reg::R2, Reg::R8, T_FLAGS).jump_imm(
         Cond::Set,
@@ -344,7 +402,8 @@ fn translate6(counter: i16) -> Program {
     );
     p.goto(write);
     // 6→4: only a socket that is not IPv6-only can reach an IPv4-mapped address. What it
-    // set, if it set anything since the hooks were attached; else the namespace's default.
+    // set, if it set anything since the hooks were attached; else the namespace's default,
+    // known for the host's only (another namespace's socket goes to the listener).
     p.label(six_to_four);
     let default = p.new_label();
     let decided = p.new_label();
@@ -357,7 +416,9 @@ fn translate6(counter: i16) -> Program {
         .jump_imm(Cond::Eq, Reg::R0, 0, default)
         .load(Size::W, Reg::R2, Reg::R0, 0)
         .goto(decided);
-    p.label(default).store_imm(Size::W, Reg::R10, CONF_KEY, 1);
+    p.label(default)
+        .jump_imm(Cond::Ne, Reg::R9, 0, out)
+        .store_imm(Size::W, Reg::R10, CONF_KEY, 1);
     p.load_map(Reg::R1, "config");
     stack_ptr(&mut p, Reg::R2, CONF_KEY);
     p.call(Helper::MapLookupElem)
@@ -373,7 +434,7 @@ fn translate6(counter: i16) -> Program {
     key_port_protocol(&mut p, 4);
     lookup_service(&mut p, false, out);
     p.mov(Reg::R8, Reg::R0);
-    host_netns_only(&mut p, out);
+    in_scope(&mut p, Dialled::Mapped, out);
     // The IPv4 Target has its address in its first word; the hook writes ::ffff:a.b.c.d.
     p.store_imm(Size::W, Reg::R6, USER_IP6, 0)
         .store_imm(Size::W, Reg::R6, USER_IP6 + 4, 0)

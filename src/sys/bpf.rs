@@ -267,3 +267,20 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     })?;
     Ok(cookie)
 }
+
+/// The cookie of the network namespace at `path` (a file of nsfs, such as dockerd's
+/// `SandboxKey`): read from a socket opened inside it, by a short-lived thread that joins the
+/// namespace (setns changes only the calling thread's, so the process's stays as it was).
+pub fn netns_cookie_at(path: &std::path::Path) -> io::Result<u64> {
+    let ns = std::fs::File::open(path)?;
+    std::thread::Builder::new()
+        .name("rproxy-netns".into())
+        .spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(io::Error::from)?;
+            let probe = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::DGRAM, None)?;
+            netns_cookie(std::os::fd::AsFd::as_fd(&probe))
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the namespace probe thread failed")))
+}
