@@ -329,7 +329,8 @@ impl Supervisor {
     }
 
     fn path_of(&self, k: &Key) -> Option<Path> {
-        self.running().get(k).and_then(|r| r.path.clone())
+        let r = self.running().get(k).map(|r| (r.mapping, r.path.clone()))?;
+        self.inner.nat.path_now(&r.0, r.1)
     }
 
     /// Swaps the running set: nothing here can fail.
@@ -444,7 +445,7 @@ impl Supervisor {
             .map(|r| Status {
                 mapping: r.mapping,
                 origin: r.origin,
-                path: r.path.clone(),
+                path: self.inner.nat.path_now(&r.mapping, r.path.clone()),
                 socket_lb: r.socket_lb.clone(),
                 stats: r.stats.clone(),
                 serving: !r.task.is_finished(),

@@ -418,6 +418,84 @@ fn fd_4_udp_v4_v6_and_dual_stack() {
     assert_eq!(udp_roundtrip(&client6, v6, b"dual v6").0, b"dual v6");
 }
 
+/// Docker 28 and later hand fd 4 over non-blocking, for every protocol (up to 27 it came
+/// blocking, as `docker_socket` leaves it): served the same, and left non-blocking.
+#[test]
+fn fd_4_already_non_blocking_as_docker_28_passes_it() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let (fd, addr) = docker_socket("tcp", "127.0.0.1:0", true);
+    let fd = Socket::from(fd);
+    fd.set_nonblocking(true).unwrap();
+    let p = spawn_with_fd("tcp", "127.0.0.1", echo, fd.into());
+    assert_fd4_cloexec(&p);
+    assert_eq!(tcp_roundtrip(addr, b"28 tcp"), b"28 tcp");
+
+    let echo = udp_echo("127.0.0.1:0");
+    let (fd, addr) = docker_socket("udp", "127.0.0.1:0", true);
+    let fd = Socket::from(fd);
+    fd.set_nonblocking(true).unwrap();
+    let p = spawn_with_fd("udp", "127.0.0.1", echo, fd.into());
+    assert_fd4_cloexec(&p);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    assert_eq!(
+        udp_roundtrip(&client, addr, b"28 udp"),
+        (b"28 udp".to_vec(), addr)
+    );
+}
+
+/// Rootless Docker 29.6+ keeps a loopback host IP as given (e.g. 127.0.1.2) instead of
+/// turning it into 127.0.0.1: any loopback address is served, bound by the proxy or handed
+/// over on fd 4, TCP and UDP, and the status pipe reports it.
+#[test]
+fn any_loopback_host_ip_is_served() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let p = Spawn::forward("tcp", "127.0.1.2", echo).spawn().ready();
+    assert_eq!(p.addr().ip().to_string(), "127.0.1.2");
+    assert_eq!(tcp_roundtrip(p.addr(), b"127.0.1.2"), b"127.0.1.2");
+    let (fd, addr) = docker_socket("tcp", "127.0.1.2:0", true);
+    let _fd4 = spawn_with_fd("tcp", "127.0.1.2", echo, fd);
+    assert_eq!(
+        tcp_roundtrip(addr, b"fd 4 at 127.0.1.2"),
+        b"fd 4 at 127.0.1.2"
+    );
+
+    let echo = udp_echo("127.0.0.1:0");
+    let (fd, addr) = docker_socket("udp", "127.0.1.2:0", true);
+    let _udp = spawn_with_fd("udp", "127.0.1.2", echo, fd);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (reply, from) = udp_roundtrip(&client, addr, b"udp 127.0.1.2");
+    assert_eq!(reply, b"udp 127.0.1.2");
+    assert_eq!(from, addr, "the reply must come from 127.0.1.2");
+}
+
+/// Docker 29 passes SCTP sockets on fd 4 too. This kernel has no SCTP (no SCTP socket can
+/// even be made to pass: a TCP one stands in), so the port fails on fd 3 with that reason.
+#[test]
+fn sctp_on_fd_4_is_refused_with_the_reason() {
+    let stand_in = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut p = Spawn::new(&[
+        "-proto",
+        "sctp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        "1",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        "80",
+        "-use-listen-fd",
+    ])
+    .listen_fd(OwnedFd::from(stand_in))
+    .spawn();
+    let status = String::from_utf8_lossy(&p.status()).to_string();
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(1));
+    assert!(
+        status.starts_with("1\nSCTP is not supported by this kernel"),
+        "{status:?}"
+    );
+}
+
 /// SIGINT and SIGTERM stop the proxy within 1 s with exit 0, even with connections open;
 /// SIGHUP and SIGPIPE do not stop it.
 #[test]

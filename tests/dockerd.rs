@@ -319,7 +319,7 @@ fn rproxy_leaves_ipv4_nat_to_dockerds_iptables_rules(h: &Harness, web: &Web) {
         log_has(
             &log,
             &[
-                "dockerd's iptables rules already DNAT it",
+                "dockerd's own rules already DNAT it",
                 &format!("0.0.0.0:{p2}")
             ]
         ),

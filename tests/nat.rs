@@ -591,12 +591,126 @@ fn docker_mode_installs_its_own_table_unless_dockerd_nats() {
     ));
     let mut p = spawn();
     p.wait_log(
-        "dockerd's iptables rules already DNAT it",
+        "dockerd's own rules already DNAT it",
         Duration::from_secs(5),
     );
     assert_eq!(p.status(), b"0\n");
     assert!(!t.ruleset().contains("rproxy"), "{}", t.ruleset());
     assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+}
+
+/// dockerd's DNAT rule is found where each engine keeps it — `ip nat DOCKER` (iptables-nft)
+/// and `ip`/`ip6 docker-bridges` `nat-prerouting-and-output` (Docker 29's nftables backend),
+/// written here by hand as those engines write them — and looked for again after start-up:
+/// an engine up to 27 adds it after starting the proxy (rproxy's rules give way), and one
+/// that goes hands the port back to rproxy's. A 6→4 binding never counts as dockerd's.
+#[test]
+fn dockerds_rules_are_found_in_both_backends_and_followed() {
+    if !need_root("dockerds_rules_are_found_in_both_backends_and_followed") {
+        return;
+    }
+    let t = Topo::new("natrec");
+    whoami_tcp(&t.ctr);
+    let _daemon = t.daemon(&[]);
+    let host = &t.host.name;
+    let sock = t.sock();
+    // A docker-mode process as dockerd starts it, handing its port to the daemon.
+    let publish = |host_ip: &str, port: u16, target: &str| {
+        Spawn::new(&[
+            "-proto",
+            "tcp",
+            "-host-ip",
+            host_ip,
+            "-host-port",
+            &port.to_string(),
+            "-container-ip",
+            target,
+            "-container-port",
+            "80",
+        ])
+        .wrap(&["ip", "netns", "exec", host])
+        .env("RPROXY_NAT", "on")
+        .env("RPROXY_SOCKET", &sock)
+        .spawn()
+        .ready()
+    };
+    let nat_of = |listen: &str| -> String {
+        let table = t.cli(&["ls"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|c| c[col("LISTEN")] == listen)
+            .map(|c| c[col("NAT")].to_string())
+            .unwrap_or_else(|| panic!("no {listen} in\n{table}"))
+    };
+    // rproxy's rules for a port (each carries the comment "rproxy <spec>").
+    let ours = |port: u16| {
+        t.ruleset()
+            .matches(&format!("comment \"rproxy 0.0.0.0:{port}:"))
+            .count()
+    };
+    let becomes = |listen: &str, want: &str| {
+        wait_until(
+            &format!("{listen} to become {want}"),
+            Duration::from_secs(5),
+            || nat_of(listen) == want,
+        )
+    };
+
+    // Docker 29, nftables backend: its rules exist before the proxy starts.
+    sh(&format!(
+        "ip netns exec {host} nft -f - <<'EOF'
+table ip docker-bridges {{
+  chain nat-prerouting-and-output {{
+    iifname != \"br0\" tcp dport 8081 counter dnat to {CTR}:80
+    iifname != \"br0\" tcp dport 8083 counter dnat to {CTR}:80
+  }}
+  chain nat-PREROUTING {{
+    type nat hook prerouting priority dstnat; policy accept;
+    fib daddr type local counter jump nat-prerouting-and-output
+  }}
+}}
+table ip6 docker-bridges {{
+  chain nat-prerouting-and-output {{
+    iifname != \"br0\" tcp dport 8084 counter dnat to [{CTR6}]:80
+  }}
+}}
+EOF"
+    ));
+    let _p1 = publish("0.0.0.0", 8081, CTR);
+    assert_eq!(nat_of("0.0.0.0:8081"), "dockerd");
+    assert_eq!(ours(8081), 0, "{}", t.ruleset());
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8081")), REMOTE_IP);
+    let _p4 = publish("::", 8084, CTR6);
+    assert_eq!(nat_of("[::]:8084"), "dockerd");
+    // 6→4 (`-host-ip :: -container-ip <IPv4>`): no dockerd rule, whatever the IPv4 one says.
+    let _p3 = publish("::", 8083, CTR);
+    assert_eq!(nat_of("[::]:8083"), "userland");
+
+    // An engine up to 27: the proxy first (rproxy's rules), then dockerd's (iptables-nft).
+    let _p2 = publish("0.0.0.0", 8082, CTR);
+    assert_eq!(nat_of("0.0.0.0:8082"), "kernel");
+    assert!(ours(8082) > 0, "{}", t.ruleset());
+    let rule = format!("! -i br0 -p tcp -m tcp --dport 8082 -j DNAT --to-destination {CTR}:80");
+    sh(&format!(
+        "ip netns exec {host} iptables -t nat -N DOCKER && \
+         ip netns exec {host} iptables -t nat -A DOCKER {rule} && \
+         ip netns exec {host} iptables -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"
+    ));
+    becomes("0.0.0.0:8082", "dockerd");
+    assert_eq!(ours(8082), 0, "{}", t.ruleset());
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8082")), REMOTE_IP);
+
+    // dockerd's rule goes while the port stays: rproxy's rules take over.
+    sh(&format!(
+        "ip netns exec {host} iptables -t nat -D DOCKER {rule}"
+    ));
+    becomes("0.0.0.0:8082", "kernel");
+    assert!(ours(8082) > 0, "{}", t.ruleset());
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8082")), REMOTE_IP);
 }
 
 #[test]

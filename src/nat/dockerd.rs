@@ -1,35 +1,76 @@
-//! Whether dockerd already translates a port: its iptables DNAT rule, read back over netlink
-//! from the nftables that iptables-nft writes, so rproxy adds no second set.
+//! Whether dockerd already translates a port: its DNAT rule, read back over netlink from the
+//! nftables where each engine keeps it, so rproxy adds no second set.
+//!
+//! - iptables backend (every engine; iptables-nft keeps the rules in nftables): chain `DOCKER`
+//!   of table `nat`, in `ip` and `ip6`;
+//! - nftables backend (Docker 29, `"firewall-backend": "nftables"`): chain
+//!   `nat-prerouting-and-output` of tables `ip docker-bridges` and `ip6 docker-bridges`.
+//!
+//! Engines up to 27 start the proxy before they add the rule, 28 and later after: one look at
+//! start-up is not enough, so the NAT thread looks again (see `worker`). A 6→4 binding (IPv6
+//! host address, IPv4 container) never has a dockerd rule. Not visible: iptables-legacy rules,
+//! and everything without CAP_NET_ADMIN.
 
 use super::netlink::{self, Attrs, Netlink};
 use super::rules;
-use crate::mapping::Mapping;
+use crate::mapping::{Mapping, Proto};
 
-/// Whether dockerd's own iptables rules already DNAT `m`'s port: a rule in the `DOCKER`
-/// chain of iptables' nat table (iptables-nft keeps it in nftables) that matches the protocol
-/// and destination port and translates. dockerd adds it before it starts the proxy. Then
-/// rproxy must not add a second set. Not visible: iptables-legacy rules, and everything
-/// without CAP_NET_ADMIN.
+/// (table, chain) of each backend's port DNAT rules.
+const PLACES: [(&str, &str); 2] = [
+    ("nat", "DOCKER"),
+    ("docker-bridges", "nat-prerouting-and-output"),
+];
+
+/// dockerd's DNAT rules at one moment, by family.
+#[derive(Default)]
+pub struct Rules {
+    v4: Vec<Vec<u8>>,
+    v6: Vec<Vec<u8>>,
+}
+
+impl Rules {
+    /// Reads every place, both families (a table or chain that does not exist has none).
+    pub fn read(nl: &mut Netlink) -> Rules {
+        let mut out = Rules::default();
+        for (family, into) in [
+            (netlink::NFPROTO_IPV4, &mut out.v4),
+            (netlink::NFPROTO_IPV6, &mut out.v6),
+        ] {
+            for (table, chain) in PLACES {
+                let mut filter = Attrs::default();
+                filter
+                    .str(rules::NFTA_RULE_TABLE, table)
+                    .str(rules::NFTA_RULE_CHAIN, chain);
+                if let Ok(found) = nl.dump(netlink::NFT_MSG_GETRULE, family, filter) {
+                    into.extend(found.into_iter().map(|r| r.attrs));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a rule translates `m`'s protocol and port for its clients' family.
+    pub fn dnat(&self, m: &Mapping) -> bool {
+        let rules = match (m.listen.is_ipv6(), m.target.is_ipv6()) {
+            (false, false) => &self.v4,
+            (true, true) => &self.v6,
+            // 6→4: dockerd writes no rule (NAT cannot change the family).
+            _ => return false,
+        };
+        let proto = match m.proto {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        };
+        rules
+            .iter()
+            .any(|r| rules::translates(r, proto, m.listen.port()))
+    }
+}
+
+/// Whether dockerd's own rules DNAT `m`'s port now (one look).
 pub fn dnats(m: &Mapping) -> bool {
-    let family = match m.target.is_ipv6() {
-        false => netlink::NFPROTO_IPV4,
-        true => netlink::NFPROTO_IPV6,
-    };
-    let mut filter = Attrs::default();
-    filter
-        .str(rules::NFTA_RULE_TABLE, "nat")
-        .str(rules::NFTA_RULE_CHAIN, "DOCKER");
-    let Ok(mut nl) = Netlink::open() else {
-        return false;
-    };
-    let Ok(docker_rules) = nl.dump(netlink::NFT_MSG_GETRULE, family, filter) else {
-        return false;
-    };
-    let proto = match m.proto {
-        crate::mapping::Proto::Tcp => libc::IPPROTO_TCP as u8,
-        crate::mapping::Proto::Udp => libc::IPPROTO_UDP as u8,
-    };
-    docker_rules
-        .iter()
-        .any(|r| rules::translates(&r.attrs, proto, m.listen.port()))
+    match Netlink::open() {
+        Ok(mut nl) => Rules::read(&mut nl).dnat(m),
+        Err(_) => false,
+    }
 }

@@ -32,7 +32,8 @@ use crate::options::Mode;
 pub enum Path {
     /// DNAT rules in the kernel (plus the listener, for loopback and hairpin clients).
     Kernel,
-    /// dockerd's own iptables rules DNAT it; rproxy adds none (the listener still runs).
+    /// dockerd's own rules (iptables or nftables backend) DNAT it; rproxy adds none (the
+    /// listener still runs).
     Dockerd,
     /// The userland listener only, and why.
     Userland(String),
@@ -55,6 +56,8 @@ impl Path {
 pub struct Nat {
     table: String,
     worker: Mutex<Option<mpsc::Sender<Job>>>,
+    /// dockerd's mappings whose path the thread changed since it answered `install`.
+    current: worker::Current,
 }
 
 impl Nat {
@@ -66,6 +69,7 @@ impl Nat {
         Nat {
             table: table.to_string(),
             worker: Mutex::new(None),
+            current: Default::default(),
         }
     }
 
@@ -80,7 +84,7 @@ impl Nat {
                 Err(mpsc::SendError(job)) => job,
             },
         };
-        let tx = worker::spawn(self.table.clone())
+        let tx = worker::spawn(self.table.clone(), self.current.clone())
             .map_err(|e| format!("cannot start the NAT thread: {e}"))?;
         let sent = tx.send(job).map_err(|_| "the NAT thread ended".to_string());
         *worker = Some(tx);
@@ -118,10 +122,17 @@ impl Nat {
         }
     }
 
-    /// Removes `m`'s rules if its path was ours. Does not wait: the thread removes them in
-    /// order with whatever is asked next.
+    /// `m`'s path now: `installed` (what `install` answered), unless the thread has since
+    /// followed dockerd's rules to another.
+    pub fn path_now(&self, m: &Mapping, installed: Option<Path>) -> Option<Path> {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        current.get(m).cloned().or(installed)
+    }
+
+    /// Removes `m`'s rules if its path was ours (or, dockerd's, may have become ours). Does
+    /// not wait: the thread removes them in order with whatever is asked next.
     pub fn remove(&self, m: &Mapping, path: Option<&Path>) {
-        if path == Some(&Path::Kernel) {
+        if matches!(path, Some(Path::Kernel | Path::Dockerd)) {
             if let Err(e) = self.send(Job::Remove(*m)) {
                 tracing::warn!("{m}: kernel NAT not removed: {e}");
             }

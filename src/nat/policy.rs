@@ -40,7 +40,7 @@ pub(super) fn install(
     let mode = m.options.nat;
     // Before opening our table: a port dockerd translates needs none.
     if from_dockerd && dockerd::dnats(m) {
-        tracing::info!("{m}: dockerd's iptables rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
+        tracing::info!("{m}: dockerd's own rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
         return Ok(Path::Dockerd);
     }
     ensure_open(state, table);
