@@ -60,6 +60,10 @@ pub struct Args {
     /// else none).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+    /// One series set per port: by default a published range (contiguous ports to one
+    /// target) is one set, summed, so a 1,000-port range costs what one port does.
+    #[arg(long)]
+    metrics_per_port: bool,
 }
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
@@ -79,6 +83,8 @@ struct ConfigFile {
     socket_lb: Option<toml::Spanned<String>>,
     /// Where to serve Prometheus metrics (`--metrics-addr` wins).
     metrics_addr: Option<SocketAddr>,
+    /// One series set per port instead of per published range (`--metrics-per-port` wins).
+    metrics_per_port: Option<bool>,
     /// dockerd's API socket (`--docker-host` wins).
     docker_host: Option<String>,
 }
@@ -129,6 +135,8 @@ pub struct Settings {
     flags: Flags,
     /// Where to serve /metrics.
     pub metrics_addr: Option<SocketAddr>,
+    /// Series per port rather than per published range.
+    pub metrics_per_port: bool,
     /// dockerd's API, for the socket hooks' hairpin rule.
     pub engine: Option<Engine>,
 }
@@ -216,6 +224,7 @@ impl Settings {
             base,
             flags,
             metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
+            metrics_per_port: args.metrics_per_port || file.metrics_per_port.unwrap_or(false),
         })
     }
 
@@ -239,6 +248,7 @@ struct Loaded {
     drain: Option<Duration>,
     control_socket: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    metrics_per_port: Option<bool>,
     docker_host: Option<String>,
 }
 
@@ -320,6 +330,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         drain,
         control_socket: file.control_socket,
         metrics_addr: file.metrics_addr,
+        metrics_per_port: file.metrics_per_port,
         docker_host: file.docker_host,
     })
 }

@@ -116,7 +116,12 @@ async fn run(settings: Settings) -> i32 {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("metrics at http://{addr}/metrics");
         }
-        tokio::spawn(crate::prometheus::serve(listener, handle, sup.clone()))
+        tokio::spawn(crate::prometheus::serve(
+            listener,
+            handle,
+            sup.clone(),
+            settings.metrics_per_port,
+        ))
     });
     tracing::info!(
         "daemon ready: {} mappings, control socket {}",

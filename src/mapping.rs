@@ -45,6 +45,52 @@ impl fmt::Display for Mapping {
     }
 }
 
+/// Groups mappings into published ranges: runs of contiguous host ports of one protocol and
+/// host address sent to the same contiguous run of ports of one target address (what
+/// `-p 8000-8999:80-1079` becomes), each run in port order; a mapping that extends no run is
+/// a run of its own. `of` gives each item's mapping.
+pub fn runs<T>(mut items: Vec<T>, of: impl Fn(&T) -> &Mapping) -> Vec<Vec<T>> {
+    let offset = |m: &Mapping| i32::from(m.target.port()) - i32::from(m.listen.port());
+    let group = |m: &Mapping| (m.proto, m.listen.ip(), m.target.ip(), offset(m));
+    items.sort_by_key(|t| {
+        let m = of(t);
+        (group(m), m.listen.port())
+    });
+    let mut out: Vec<Vec<T>> = Vec::new();
+    for t in items {
+        let joins = out.last().and_then(|run| run.last()).is_some_and(|last| {
+            let (a, b) = (of(last), of(&t));
+            group(a) == group(b) && a.listen.port().checked_add(1) == Some(b.listen.port())
+        });
+        match (joins, out.last_mut()) {
+            (true, Some(run)) => run.push(t),
+            _ => out.push(vec![t]),
+        }
+    }
+    out
+}
+
+/// A run's addresses as one: `127.0.0.1:8000-8999` (or the address, for one port).
+pub fn span(first: SocketAddr, last: SocketAddr) -> String {
+    match first == last {
+        true => first.to_string(),
+        false => format!("{first}-{}", last.port()),
+    }
+}
+
+/// A run of mappings as `rproxy` logs it: `tcp 0.0.0.0:8000-8999 -> 172.17.0.2:80-1079`.
+pub fn describe_run(run: &[Mapping]) -> String {
+    match (run.first(), run.last()) {
+        (Some(a), Some(b)) => format!(
+            "{} {} -> {}",
+            a.proto,
+            span(a.listen, b.listen),
+            span(a.target, b.target)
+        ),
+        _ => String::new(),
+    }
+}
+
 impl FromStr for Proto {
     type Err = String;
     fn from_str(s: &str) -> Result<Proto, String> {
@@ -199,6 +245,25 @@ pub fn describe(err: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_are_runs_of_contiguous_ports_to_one_target() {
+        let mut all = parse_publish("8000-8002:10.0.0.2:80-82", Options::default()).unwrap();
+        all.extend(parse_publish("8003:10.0.0.2:90", Options::default()).unwrap());
+        all.extend(parse_publish("8004:10.0.0.3:84", Options::default()).unwrap());
+        all.extend(parse_publish("8005-8006:10.0.0.3:85-86/udp", Options::default()).unwrap());
+        all.reverse();
+        let runs: Vec<String> = runs(all, |m| m).iter().map(|r| describe_run(r)).collect();
+        assert_eq!(
+            runs,
+            [
+                "tcp 0.0.0.0:8000-8002 -> 10.0.0.2:80-82",
+                "tcp 0.0.0.0:8003 -> 10.0.0.2:90",
+                "tcp 0.0.0.0:8004 -> 10.0.0.3:84",
+                "udp 0.0.0.0:8005-8006 -> 10.0.0.3:85-86",
+            ]
+        );
+    }
 
     fn one(spec: &str) -> String {
         let m = parse_publish(spec, Options::default()).unwrap_or_else(|e| panic!("{spec}: {e}"));

@@ -9,7 +9,11 @@
 //! go with their mapping.
 //!
 //! Labels: `proto`, `frontend` (listen address), `backend` (target address), and `reason` or
-//! `direction` where a metric needs one; never a client address.
+//! `direction` where a metric needs one; never a client address. A published range is one
+//! series set, not one per port ([`groups`]): dockerd publishes `-p 8000-8999:80-1079` as a
+//! thousand ports, each its own mapping, and a thousand series sets per metric would make
+//! every scrape megabytes and every mapping a few KB of the recorder's memory (Prometheus's
+//! own guidance: keep label values bounded). `--metrics-per-port` asks for one set per port.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -25,9 +29,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::backoff::Backoff;
 use crate::bpf::SocketLb;
-use crate::mapping::{describe, Mapping, Proto};
+use crate::mapping::{self, describe, Proto};
 use crate::nat::Path;
-use crate::stats::{Failure, Histogram, Timings, BUCKETS};
+use crate::stats::{Failure, Histogram, Stats, Timings, BUCKETS};
 use crate::supervisor::{Status, Supervisor};
 
 /// Installs the Prometheus recorder for the whole process. Call before mappings start, so
@@ -48,8 +52,56 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// The TCP duration histograms of every mapping, in the text format.
-fn histograms(statuses: &[Status]) -> String {
+/// The mappings one series set stands for: a run of contiguous host ports of one protocol and
+/// host address sent to the same contiguous run of ports of one target address (a published
+/// range, labelled `frontend="0.0.0.0:8000-8999"`, `backend="172.17.0.2:80-1079"`), or one
+/// mapping (labelled as its addresses). Runs form from what is mapped now: a range that grows
+/// or shrinks gets new labels, and a sum whose member went restarts lower, which Prometheus
+/// takes for a counter reset.
+struct Group<'a> {
+    labels: Vec<Label>,
+    members: Vec<&'a Status>,
+}
+
+impl Group<'_> {
+    /// The sum of `f` over the members.
+    fn sum(&self, f: impl Fn(&Status) -> u64) -> u64 {
+        self.members
+            .iter()
+            .fold(0u64, |acc, s| acc.saturating_add(f(s)))
+    }
+
+    fn labels_with(&self, key: &'static str, value: &'static str) -> Vec<Label> {
+        let mut l = self.labels.clone();
+        l.push(Label::new(key, value));
+        l
+    }
+}
+
+/// `statuses` as series sets: published ranges together, unless `per_port`.
+fn groups(statuses: &[Status], per_port: bool) -> Vec<Group<'_>> {
+    let all: Vec<&Status> = statuses.iter().collect();
+    let runs = match per_port {
+        true => all.into_iter().map(|s| vec![s]).collect(),
+        false => mapping::runs(all, |s| &s.mapping),
+    };
+    runs.into_iter()
+        .map(|members| {
+            let (first, last) = (&members[0].mapping, &members[members.len() - 1].mapping);
+            Group {
+                labels: vec![
+                    Label::new("proto", first.proto.to_string()),
+                    Label::new("frontend", mapping::span(first.listen, last.listen)),
+                    Label::new("backend", mapping::span(first.target, last.target)),
+                ],
+                members,
+            }
+        })
+        .collect()
+}
+
+/// The TCP duration histograms of every series set, in the text format.
+fn histograms(groups: &[Group<'_>]) -> String {
     type Pick = fn(&Timings) -> &Histogram;
     let families: [(&str, &str, Pick); 2] = [
         (
@@ -63,9 +115,9 @@ fn histograms(statuses: &[Status]) -> String {
             |t| &t.lifetime,
         ),
     ];
-    let tcp: Vec<_> = statuses
+    let tcp: Vec<_> = groups
         .iter()
-        .filter(|s| s.mapping.proto == Proto::Tcp)
+        .filter(|g| g.members[0].mapping.proto == Proto::Tcp)
         .collect();
     let mut out = String::new();
     if tcp.is_empty() {
@@ -73,9 +125,18 @@ fn histograms(statuses: &[Status]) -> String {
     }
     for (name, help, pick) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for s in &tcp {
-            let (cumulative, count, sum) = pick(&s.stats.timings).snapshot();
-            let l = labels(&s.mapping)
+        for g in &tcp {
+            let (mut cumulative, mut count, mut sum) = (vec![0u64; BUCKETS.len()], 0u64, 0f64);
+            for s in &g.members {
+                let (c, n, total) = pick(&s.stats.timings).snapshot();
+                for (acc, v) in cumulative.iter_mut().zip(c) {
+                    *acc = acc.saturating_add(v);
+                }
+                count = count.saturating_add(n);
+                sum += total;
+            }
+            let l = g
+                .labels
                 .iter()
                 .map(|l| format!("{}=\"{}\"", l.key(), l.value()))
                 .collect::<Vec<_>>()
@@ -89,20 +150,6 @@ fn histograms(statuses: &[Status]) -> String {
         }
     }
     out
-}
-
-fn labels(m: &Mapping) -> Vec<Label> {
-    vec![
-        Label::new("proto", m.proto.to_string()),
-        Label::new("frontend", m.listen.to_string()),
-        Label::new("backend", m.target.to_string()),
-    ]
-}
-
-fn with(m: &Mapping, key: &'static str, value: &'static str) -> Vec<Label> {
-    let mut l = labels(m);
-    l.push(Label::new(key, value));
-    l
 }
 
 fn describe_all() {
@@ -167,8 +214,14 @@ fn describe_all() {
     );
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervisor) {
+/// Serves `GET /metrics` on `listener` until the task is dropped; `per_port`: one series set
+/// per mapping, ranges not summed.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    sup: Supervisor,
+    per_port: bool,
+) {
     let mut backoff = Backoff::default();
     loop {
         let Some((stream, _)) = backoff.accepted("metrics", listener.accept().await).await else {
@@ -176,8 +229,11 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, sup: Supervi
         };
         let (handle, sup) = (handle.clone(), sup.clone());
         tokio::spawn(async move {
-            let answered =
-                tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle, &sup)).await;
+            let answered = tokio::time::timeout(
+                Duration::from_secs(10),
+                answer(stream, &handle, &sup, per_port),
+            )
+            .await;
             if let Ok(Err(e)) = answered {
                 tracing::debug!("metrics client: {}", describe(&e));
             }
@@ -190,6 +246,7 @@ async fn answer(
     mut stream: TcpStream,
     handle: &PrometheusHandle,
     sup: &Supervisor,
+    per_port: bool,
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -217,9 +274,10 @@ async fn answer(
         ("GET" | "HEAD", "/metrics") => {
             let statuses = sup.statuses();
             let kernel = sup.kernel_connections(&statuses).await;
-            sync(&statuses, &kernel, sup.socket_lb());
+            let groups = groups(&statuses, per_port);
+            sync(&statuses, &groups, &kernel, sup.socket_lb());
             handle.run_upkeep();
-            let body = handle.render() + &histograms(&statuses);
+            let body = handle.render() + &histograms(&groups);
             respond(&mut stream, "200 OK", &body, method == "HEAD").await
         }
         ("GET" | "HEAD", "/") => {
@@ -254,29 +312,32 @@ async fn respond(
     stream.shutdown().await
 }
 
-/// Copies every mapping's counters, the kernel paths' counters and the process's own figures
-/// into the recorder.
-fn sync(statuses: &[Status], kernel: &HashMap<String, u64>, hooks: &SocketLb) {
-    let (mut serving, mut stopped) = (0u64, 0u64);
-    for st in statuses {
-        let (m, s, path) = (&st.mapping, &*st.stats, st.path.as_ref());
-        if st.serving {
-            serving += 1;
-        } else {
-            stopped += 1;
-        }
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-        counter!("rproxy_bytes_total", with(m, "direction", "in")).absolute(get(&s.bytes_in));
-        counter!("rproxy_bytes_total", with(m, "direction", "out")).absolute(get(&s.bytes_out));
+/// Copies every series set's counters (its mappings' summed), the kernel paths' counters and
+/// the process's own figures into the recorder.
+fn sync(
+    statuses: &[Status],
+    groups: &[Group<'_>],
+    kernel: &HashMap<String, u64>,
+    hooks: &SocketLb,
+) {
+    for g in groups {
+        let get =
+            |c: fn(&Stats) -> &std::sync::atomic::AtomicU64| g.sum(|s| c(&s.stats).load(Relaxed));
+        let labels = || g.labels.clone();
+        counter!("rproxy_bytes_total", g.labels_with("direction", "in"))
+            .absolute(get(|s| &s.bytes_in));
+        counter!("rproxy_bytes_total", g.labels_with("direction", "out"))
+            .absolute(get(|s| &s.bytes_out));
         let failures = |name: &'static str, reasons: &[Failure]| {
             for &why in reasons {
-                counter!(name, with(m, "reason", why.label())).absolute(s.failures_of(why));
+                counter!(name, g.labels_with("reason", why.label()))
+                    .absolute(g.sum(|s| s.stats.failures_of(why)));
             }
         };
-        match m.proto {
+        match g.members[0].mapping.proto {
             Proto::Tcp => {
-                counter!("rproxy_tcp_connections_total", labels(m)).absolute(get(&s.total));
-                gauge!("rproxy_tcp_connections_active", labels(m)).set(get(&s.active) as f64);
+                counter!("rproxy_tcp_connections_total", labels()).absolute(get(|s| &s.total));
+                gauge!("rproxy_tcp_connections_active", labels()).set(get(|s| &s.active) as f64);
                 failures(
                     "rproxy_tcp_connect_failures_total",
                     &[
@@ -289,35 +350,51 @@ fn sync(statuses: &[Status], kernel: &HashMap<String, u64>, hooks: &SocketLb) {
                 );
             }
             Proto::Udp => {
-                counter!("rproxy_udp_datagrams_total", with(m, "direction", "in"))
-                    .absolute(get(&s.datagrams_in));
-                counter!("rproxy_udp_datagrams_total", with(m, "direction", "out"))
-                    .absolute(get(&s.datagrams_out));
-                gauge!("rproxy_udp_flows_active", labels(m)).set(get(&s.active) as f64);
-                counter!("rproxy_udp_flows_created_total", labels(m)).absolute(get(&s.total));
-                counter!("rproxy_udp_flows_expired_total", labels(m)).absolute(get(&s.expired));
-                counter!("rproxy_udp_flows_evicted_total", labels(m)).absolute(get(&s.evicted));
+                counter!(
+                    "rproxy_udp_datagrams_total",
+                    g.labels_with("direction", "in")
+                )
+                .absolute(get(|s| &s.datagrams_in));
+                counter!(
+                    "rproxy_udp_datagrams_total",
+                    g.labels_with("direction", "out")
+                )
+                .absolute(get(|s| &s.datagrams_out));
+                gauge!("rproxy_udp_flows_active", labels()).set(get(|s| &s.active) as f64);
+                counter!("rproxy_udp_flows_created_total", labels()).absolute(get(|s| &s.total));
+                counter!("rproxy_udp_flows_expired_total", labels()).absolute(get(|s| &s.expired));
+                counter!("rproxy_udp_flows_evicted_total", labels()).absolute(get(|s| &s.evicted));
                 failures("rproxy_udp_drops_total", &Failure::ALL);
             }
         }
-        let rules = if path == Some(&Path::Kernel) {
-            2.0
-        } else {
-            0.0
-        };
-        gauge!("rproxy_nat_rules", labels(m)).set(rules);
-        if path == Some(&Path::Kernel) {
-            let n = kernel.get(&m.spec()).copied().unwrap_or(0);
-            counter!("rproxy_nat_connections_total", labels(m)).absolute(n);
+        let kernel_path = |s: &Status| s.path == Some(Path::Kernel);
+        gauge!("rproxy_nat_rules", labels())
+            .set(g.sum(|s| if kernel_path(s) { 2 } else { 0 }) as f64);
+        if g.members.iter().any(|s| kernel_path(s)) {
+            let n = g.sum(|s| match kernel_path(s) {
+                true => kernel.get(&s.mapping.spec()).copied().unwrap_or(0),
+                false => 0,
+            });
+            counter!("rproxy_nat_connections_total", labels()).absolute(n);
         }
-        if st.socket_lb == Some(crate::bpf::Path::Socket) {
-            let (connections, datagrams) = hooks.counters(m);
-            counter!("rproxy_socket_lb_connections_total", labels(m)).absolute(connections);
-            if m.proto == Proto::Udp {
-                counter!("rproxy_socket_lb_datagrams_total", labels(m)).absolute(datagrams);
+        let hooked = |s: &Status| s.socket_lb == Some(crate::bpf::Path::Socket);
+        if g.members.iter().any(|s| hooked(s)) {
+            let counts: Vec<(u64, u64)> = g
+                .members
+                .iter()
+                .filter(|s| hooked(s))
+                .map(|s| hooks.counters(&s.mapping))
+                .collect();
+            let total =
+                |f: fn(&(u64, u64)) -> u64| counts.iter().map(f).fold(0u64, u64::saturating_add);
+            counter!("rproxy_socket_lb_connections_total", labels()).absolute(total(|c| c.0));
+            if g.members[0].mapping.proto == Proto::Udp {
+                counter!("rproxy_socket_lb_datagrams_total", labels()).absolute(total(|c| c.1));
             }
         }
     }
+    let serving = statuses.iter().filter(|s| s.serving).count();
+    let stopped = statuses.len() - serving;
     gauge!("rproxy_mappings", "state" => "serving").set(serving as f64);
     gauge!("rproxy_mappings", "state" => "stopped").set(stopped as f64);
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {

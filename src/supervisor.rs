@@ -348,6 +348,7 @@ impl Supervisor {
             .collect();
         let mut stopped = Vec::new();
         let mut started = Vec::new();
+        let (mut logged_start, mut logged_stop) = (Vec::new(), Vec::new());
         {
             let mut running = self.running();
             for k in &stop {
@@ -363,8 +364,8 @@ impl Supervisor {
                 let stats = Arc::new(Stats::with_timings(timings));
                 let (handle, stop) = Stop::new();
                 let task = tokio::spawn(p.frontend.serve(stats.clone(), stop));
-                tracing::info!("serving {} ({})", p.mapping, p.origin);
                 started.push(p.mapping);
+                logged_start.push((p.mapping, p.origin));
                 running.insert(
                     key(&p.mapping),
                     Running {
@@ -381,6 +382,7 @@ impl Supervisor {
             }
         }
         for r in stopped {
+            logged_stop.push((r.mapping, r.origin));
             if !kept_rules.contains(&key(&r.mapping)) {
                 // New connections stop being translated now; translated ones keep their
                 // conntrack entries.
@@ -391,9 +393,10 @@ impl Supervisor {
                 .socket_lb
                 .withdraw(&r.mapping, r.socket_lb.as_ref(), entry);
             r.stop.stop(drain);
-            tracing::info!("stopped {} ({})", r.mapping, r.origin);
             // The task finishes by itself once drained; nothing waits on it.
         }
+        log_runs("serving", &logged_start);
+        log_runs("stopped", &logged_stop);
         started
     }
 
@@ -463,6 +466,26 @@ impl Supervisor {
             self.inner.nat.connections().await
         } else {
             Default::default()
+        }
+    }
+}
+
+/// Logs what a change did, a line per published range: a 1,000-port range is one line, not a
+/// thousand that the log's rate limit would cut short (taking "daemon ready" with them).
+fn log_runs(verb: &str, done: &[(Mapping, Origin)]) {
+    let mut by_origin: std::collections::BTreeMap<String, Vec<Mapping>> = Default::default();
+    for (m, origin) in done {
+        by_origin.entry(origin.to_string()).or_default().push(*m);
+    }
+    for (origin, mappings) in by_origin {
+        for run in crate::mapping::runs(mappings, |m| m) {
+            match run.len() {
+                1 => tracing::info!("{verb} {} ({origin})", run[0]),
+                n => tracing::info!(
+                    "{verb} {} ({origin}, {n} ports)",
+                    crate::mapping::describe_run(&run)
+                ),
+            }
         }
     }
 }

@@ -15,6 +15,11 @@ use common::{
 /// A daemon serving `publish` with metrics on a free loopback port; returns it, the metrics
 /// address and the mappings' listen addresses (in `ls` order).
 fn daemon(dir: &Dir, publish: &[String]) -> (Proxy, SocketAddr, Vec<String>) {
+    daemon_with(dir, publish, &[])
+}
+
+/// As [`daemon`], with `extra` flags.
+fn daemon_with(dir: &Dir, publish: &[String], extra: &[&str]) -> (Proxy, SocketAddr, Vec<String>) {
     let sock = dir.0.join("ctl.sock");
     let sock = sock.to_str().unwrap();
     let mut argv = vec![
@@ -24,6 +29,7 @@ fn daemon(dir: &Dir, publish: &[String]) -> (Proxy, SocketAddr, Vec<String>) {
         "--metrics-addr",
         "127.0.0.1:0",
     ];
+    argv.extend(extra);
     for p in publish {
         argv.extend(["-p", p.as_str()]);
     }
@@ -440,4 +446,107 @@ fn ports_dockerd_publishes_show_up_through_the_daemon() {
             ) == Some(1.0)
         },
     );
+}
+
+/// A published range is one series set: a daemon with a 1,000-port TCP range and a 1,000-port
+/// UDP range serves a scrape of a few KB whose counters sum what went through any of its
+/// ports, labelled with the range; `--metrics-per-port` gives each port its own set again.
+#[test]
+fn a_published_range_is_one_series_set() {
+    let base = common::free_ports(2000);
+    let (front, back) = (base, base + 1000);
+    let (front_end, back_end) = (front + 999, back + 999);
+    // Backends for two ports of each range: the first and the sixth.
+    for p in [back, back + 5] {
+        tcp_echo(&format!("127.0.0.1:{p}"));
+        udp_echo(&format!("127.0.0.1:{p}"));
+    }
+    let publish = [
+        format!("127.0.0.1:{front}-{front_end}:127.0.0.1:{back}-{back_end}/tcp"),
+        format!("127.0.0.1:{front}-{front_end}:127.0.0.1:{back}-{back_end}/udp"),
+    ];
+    let frontend = format!("127.0.0.1:{front}-{front_end}");
+    let backend = format!("127.0.0.1:{back}-{back_end}");
+    let dir = Dir::new("ranges");
+    let (d, metrics, listens) = daemon_with(&dir, &publish, &[]);
+    assert_eq!(listens.len(), 2000);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for p in [front, front + 5] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(tcp_roundtrip(addr, b"range"), b"range");
+        assert_eq!(udp_roundtrip(&client, addr, b"range").0, b"range");
+    }
+    let ours = [
+        ("frontend", frontend.as_str()),
+        ("backend", backend.as_str()),
+    ];
+    wait_until("both connections summed", Duration::from_secs(10), || {
+        value(&scrape(metrics), "rproxy_tcp_connections_total", &ours) == Some(2.0)
+    });
+    let text = scrape(metrics);
+    let tcp = [("proto", "tcp"), ours[0], ours[1]];
+    let udp = [("proto", "udp"), ours[0], ours[1]];
+    assert_eq!(
+        value(&text, "rproxy_udp_flows_created_total", &udp),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &text,
+            "rproxy_bytes_total",
+            &[tcp[0], tcp[1], ("direction", "in")]
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        value(&text, "rproxy_tcp_connect_duration_seconds_count", &tcp),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&text, "rproxy_mappings", &[("state", "serving")]),
+        Some(2000.0)
+    );
+    let single = format!("127.0.0.1:{front}");
+    assert_eq!(
+        value(
+            &text,
+            "rproxy_tcp_connections_total",
+            &[("frontend", &single)]
+        ),
+        None,
+        "a per-port series beside the range's"
+    );
+    let rss = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let grouped = (text.len(), rss(d.child.id()));
+    drop(d);
+
+    // Per port, as asked: each port its own set, the range's gone.
+    let dir = Dir::new("ranges-per-port");
+    let (d, metrics, _) = daemon_with(&dir, &publish, &["--metrics-per-port"]);
+    let text = scrape(metrics);
+    for p in [front, front_end] {
+        let f = format!("127.0.0.1:{p}");
+        assert_eq!(
+            value(&text, "rproxy_tcp_connections_total", &[("frontend", &f)]),
+            Some(0.0),
+            "{f}"
+        );
+    }
+    assert_eq!(value(&text, "rproxy_tcp_connections_total", &ours), None);
+    let per_port = (text.len(), rss(d.child.id()));
+    eprintln!(
+        "1,000 TCP + 1,000 UDP mappings: scrape {} bytes and daemon VmRSS {} kB as two ranges, \
+         {} bytes and {} kB per port",
+        grouped.0, grouped.1, per_port.0, per_port.1
+    );
+    assert!(grouped.0 < 500_000, "scrape of {} bytes", grouped.0);
+    assert!(grouped.0 * 100 < per_port.0, "{grouped:?} vs {per_port:?}");
+    assert!(grouped.1 * 2 < per_port.1, "{grouped:?} vs {per_port:?}");
 }
