@@ -468,6 +468,39 @@ fn any_loopback_host_ip_is_served() {
     assert_eq!(from, addr, "the reply must come from 127.0.1.2");
 }
 
+/// Rootless Docker 29.5+ in "detach-netns" mode starts the proxy as `nsenter -n<netns> -F --
+/// <path> …`: nsenter enters the namespace and execs rproxy in its place, fds 3 and 4 passed
+/// through. Root here has no rootless namespace: entering our own does the same exec.
+#[test]
+fn started_through_nsenter_as_rootless_docker_29_5_does() {
+    if !need_root("started_through_nsenter_as_rootless_docker_29_5_does") {
+        return;
+    }
+    let echo = tcp_echo("127.0.0.1:0");
+    let (fd, addr) = docker_socket("tcp", "127.0.0.1:0", true);
+    let netns = format!("-n/proc/{}/ns/net", std::process::id());
+    let port = echo.port().to_string();
+    let p = Spawn::new(&[
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        &addr.port().to_string(),
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &port,
+        "-use-listen-fd",
+    ])
+    .wrap(&["nsenter", &netns, "-F", "--"])
+    .listen_fd(fd)
+    .spawn()
+    .ready();
+    assert_eq!(p.addr(), addr);
+    assert_eq!(tcp_roundtrip(addr, b"via nsenter"), b"via nsenter");
+}
+
 /// Docker 29 passes SCTP sockets on fd 4 too. This kernel has no SCTP (no SCTP socket can
 /// even be made to pass: a TCP one stands in), so the port fails on fd 3 with that reason.
 #[test]
