@@ -47,10 +47,10 @@ pub struct Network {
 /// A container on a network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
+    /// Its ID.
+    pub container: String,
     /// Its addresses on the network.
     pub addrs: Vec<IpAddr>,
-    /// Its network namespace (`NetworkSettings.SandboxKey`, a file under dockerd's exec root).
-    pub sandbox: PathBuf,
 }
 
 impl Engine {
@@ -73,7 +73,7 @@ impl Engine {
         &self.socket
     }
 
-    /// Every bridge network with its running members.
+    /// Every bridge network with its running members (two requests, plus one per network).
     pub fn networks(&self) -> io::Result<Vec<Network>> {
         let list: Vec<NetworkJson> = self.get(r#"/networks?filters={"driver":["bridge"]}"#)?;
         let mut out = Vec::new();
@@ -98,17 +98,9 @@ impl Engine {
                 if addrs.is_empty() || container.starts_with("ep-") {
                     continue;
                 }
-                let c: ContainerJson = match self.get(&format!("/containers/{container}/json")) {
-                    Ok(c) => c,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                };
-                if c.settings.sandbox_key.is_empty() {
-                    continue;
-                }
                 members.push(Member {
+                    container: container.clone(),
                     addrs,
-                    sandbox: PathBuf::from(c.settings.sandbox_key),
                 });
             }
             out.push(Network {
@@ -118,6 +110,19 @@ impl Engine {
             });
         }
         Ok(out)
+    }
+
+    /// The network namespace of `container` (`NetworkSettings.SandboxKey`, a file under
+    /// dockerd's exec root); None for a container that is gone or has none.
+    pub fn sandbox(&self, container: &str) -> io::Result<Option<PathBuf>> {
+        match self.get::<ContainerJson>(&format!("/containers/{container}/json")) {
+            Ok(c) if !c.settings.sandbox_key.is_empty() => {
+                Ok(Some(PathBuf::from(c.settings.sandbox_key)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// dockerd's network events (a container joining or leaving one, a network created or

@@ -15,9 +15,16 @@ impl Topology {
             .write(true)
             .open(LOCK_PATH)
             .map_err(|e| format!("{LOCK_PATH}: {e}"))?;
-        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            format!("another benchmark run holds {LOCK_PATH} (it owns {BRIDGE}); wait for it")
-        })?;
+        // Another run (the smoke test of a suite running beside this one) owns the bridge:
+        // wait for it rather than fail. The kernel drops the lock when its holder dies.
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((file, _)) => {
+                eprintln!("bench: another run holds {LOCK_PATH} (it owns {BRIDGE}); waiting");
+                Flock::lock(file, FlockArg::LockExclusive)
+                    .map_err(|(_, e)| format!("{LOCK_PATH}: {e}"))?
+            }
+        };
         let leftover = Path::new("/sys/class/net").join(BRIDGE).exists()
             || links().any(|(veth, ns)| {
                 Path::new("/sys/class/net").join(veth).exists()

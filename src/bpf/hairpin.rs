@@ -31,10 +31,14 @@ pub struct Peers {
     pub pairs: BTreeSet<(u64, u32)>,
 }
 
-/// Reads [`Peers`] from dockerd, remembering network numbers and namespace cookies.
+/// Reads [`Peers`] from dockerd, remembering network numbers, containers' namespaces and
+/// their cookies: a sync after an event asks dockerd only about containers it has not seen
+/// (a thousand containers starting at once must not cost a million requests).
 pub struct Learner {
     engine: Engine,
     numbers: HashMap<String, u32>,
+    /// Container ID → its namespace file, while that file exists.
+    sandboxes: HashMap<String, PathBuf>,
     /// (sandbox path, its nsfs inode) → netns cookie: a namespace is entered once.
     cookies: HashMap<(PathBuf, u64), u64>,
 }
@@ -45,6 +49,7 @@ impl Learner {
         Learner {
             engine,
             numbers: HashMap::new(),
+            sandboxes: HashMap::new(),
             cookies: HashMap::new(),
         }
     }
@@ -53,24 +58,32 @@ impl Learner {
     pub fn learn(&mut self) -> io::Result<Peers> {
         let networks = self.engine.networks()?;
         let mut peers = Peers::default();
-        let mut cookies = HashMap::new();
+        let (mut cookies, mut sandboxes) = (HashMap::new(), HashMap::new());
         for n in networks.iter().filter(|n| n.icc) {
             let next = u32::try_from(self.numbers.len() + 1).unwrap_or(u32::MAX);
             let number = *self.numbers.entry(n.id.clone()).or_insert(next);
             for m in &n.members {
+                let sandbox = match self.sandboxes.get(&m.container) {
+                    Some(path) if path.exists() => path.clone(),
+                    _ => match self.engine.sandbox(&m.container)? {
+                        Some(path) => path,
+                        None => continue,
+                    },
+                };
                 // A container gone between the two reads: its namespace file is gone too.
-                let Ok(inode) = std::fs::metadata(&m.sandbox).map(|md| md.ino()) else {
+                let Ok(inode) = std::fs::metadata(&sandbox).map(|md| md.ino()) else {
                     continue;
                 };
-                let key = (m.sandbox.clone(), inode);
+                sandboxes.insert(m.container.clone(), sandbox.clone());
+                let key = (sandbox.clone(), inode);
                 let cookie = match self.cookies.get(&key) {
                     Some(&c) => c,
-                    None => match sys::netns_cookie_at(&m.sandbox) {
+                    None => match sys::netns_cookie_at(&sandbox) {
                         Ok(c) => c,
                         Err(e) => {
                             tracing::debug!(
                                 "hairpin: cannot read {}: {}",
-                                m.sandbox.display(),
+                                sandbox.display(),
                                 describe(&e)
                             );
                             continue;
@@ -85,6 +98,7 @@ impl Learner {
             }
         }
         self.cookies = cookies;
+        self.sandboxes = sandboxes;
         Ok(peers)
     }
 }
