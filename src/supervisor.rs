@@ -288,6 +288,17 @@ impl Supervisor {
             )),
             false => None,
         };
+        if header
+            && matches!(s.origin, Origin::Shim(_) | Origin::Docker)
+            && self.inner.nat.dockerd_translates(&mapping).await
+        {
+            tracing::warn!(
+                "{mapping}: dockerd's iptables rules DNAT this port, so its remote clients reach \
+                 {} without the PROXY protocol header (a backend that expects one refuses \
+                 them); run dockerd with --iptables=false to send every client through the proxy",
+                mapping.target
+            );
+        }
         // Replaced by the same rules (only the NAT mode or other options changed): keep them.
         let old = current.get(&k).filter(|_| stopping.contains(&k));
         let inherit = !header

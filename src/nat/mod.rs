@@ -118,6 +118,12 @@ impl Nat {
         }
     }
 
+    /// Whether dockerd's own iptables rules DNAT `m`'s port (remote clients then reach the
+    /// target without passing the listener); false when that cannot be seen.
+    pub async fn dockerd_translates(&self, m: &Mapping) -> bool {
+        self.ask(|tx| Job::Dockerd(*m, tx)).await.unwrap_or(false)
+    }
+
     /// Removes `m`'s rules if its path was ours. Does not wait: the thread removes them in
     /// order with whatever is asked next.
     pub fn remove(&self, m: &Mapping, path: Option<&Path>) {

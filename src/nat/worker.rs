@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 use super::policy::{self, State};
-use super::Path;
+use super::{dockerd, Path};
 use crate::mapping::Mapping;
 use crate::options::Mode;
 
@@ -22,6 +22,8 @@ pub(super) enum Job {
     Remove(Mapping),
     /// Connections each mapping's rules translated, by spec.
     Counters(oneshot::Sender<HashMap<String, u64>>),
+    /// Whether dockerd's own iptables rules DNAT a mapping's port.
+    Dockerd(Mapping, oneshot::Sender<bool>),
     /// Delete the table; the thread then ends.
     Close(oneshot::Sender<()>),
 }
@@ -59,6 +61,9 @@ fn run(table: String, rx: mpsc::Receiver<Job>) {
             }
             Job::Install(m, from_dockerd, reply) => {
                 let _ = reply.send(policy::install(&mut state, &table, &m, from_dockerd));
+            }
+            Job::Dockerd(m, reply) => {
+                let _ = reply.send(dockerd::dnats(&m));
             }
             Job::Remove(m) => {
                 if let State::Open(t) = &mut state {
