@@ -260,6 +260,7 @@ mod tests {
             r#"{"request":"add"}"#,
             r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"nat":"sometimes"}}"#,
             r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"bogus":1}}"#,
+            r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"proxy_protocol":"v3"}}"#,
             "ls",
             "",
         ] {
@@ -271,7 +272,7 @@ mod tests {
 
     const GOOD: &[&str] = &[
         r#"{"request":"ls"}"#,
-        r#"{"request":"add","spec":"8080:10.0.0.2:80","options":{"nat":"on","connect_timeout_ms":500}}"#,
+        r#"{"request":"add","spec":"8080:10.0.0.2:80","options":{"nat":"on","connect_timeout_ms":500,"proxy_protocol":"v2"}}"#,
         r#"{"request":"rm","spec":"8080:10.0.0.2:80"}"#,
         r#"{"request":"register","spec":"127.0.0.1:8080:10.0.0.2:80/udp","options":{"udp_max_flows":10}}"#,
     ];
