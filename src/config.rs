@@ -14,6 +14,7 @@ use crate::engine::{self, Engine};
 use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::options::{self, Mode, Options};
+use crate::proxy_protocol::{self, PortRule, PortRules, Version};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
@@ -87,6 +88,10 @@ struct ConfigFile {
     metrics_per_port: Option<bool>,
     /// dockerd's API socket (`--docker-host` wins).
     docker_host: Option<String>,
+    /// The PROXY protocol for TCP ports dockerd hands over, by host port:
+    /// `[[proxy_protocol]] ports = "8000-8100" version = "v2"`.
+    #[serde(default)]
+    proxy_protocol: Vec<PortRuleEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +100,25 @@ struct MappingEntry {
     publish: toml::Spanned<String>,
     nat: Option<toml::Spanned<String>>,
     socket_lb: Option<toml::Spanned<String>>,
+    /// `"v1"`, `"v2"` or `"off"` (the default).
+    proxy_protocol: Option<toml::Spanned<String>>,
+}
+
+/// One `[[proxy_protocol]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortRuleEntry {
+    /// `"8080"`, `8080` or `"8000-8100"`.
+    ports: toml::Spanned<Ports>,
+    version: toml::Spanned<String>,
+}
+
+/// A port as a number or text, or a range as text.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Ports {
+    Number(i64),
+    Text(String),
 }
 
 /// The kernel-path modes given on the command line, which win over the file's defaults.
@@ -139,6 +163,16 @@ pub struct Settings {
     pub metrics_per_port: bool,
     /// dockerd's API, for the socket hooks' hairpin rule.
     pub engine: Option<Engine>,
+    /// The config file's `[[proxy_protocol]]` rules for ports shims hand over.
+    pub port_rules: PortRules,
+}
+
+/// What a reload reads: the config file's mappings and its rules for handed-over ports.
+pub struct Reread {
+    /// The mappings, resolved as at start-up.
+    pub mappings: Vec<Mapping>,
+    /// The `[[proxy_protocol]]` rules.
+    pub port_rules: PortRules,
 }
 
 impl Settings {
@@ -169,6 +203,7 @@ impl Settings {
             None => Loaded::default(),
         };
         let config = file.mappings;
+        let port_rules = file.port_rules;
         let defaults = file.defaults.unwrap_or(flags.over(base));
         let mut publish = Vec::new();
         for spec in &args.publish {
@@ -225,14 +260,22 @@ impl Settings {
             flags,
             metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
             metrics_per_port: args.metrics_per_port || file.metrics_per_port.unwrap_or(false),
+            port_rules,
         })
     }
 
-    /// Reads the config file again (SIGHUP): its mappings, resolved as at start-up.
-    pub fn reread(&self) -> Result<Vec<Mapping>, Vec<String>> {
+    /// Reads the config file again (SIGHUP): its mappings, resolved as at start-up, and its
+    /// rules for handed-over ports.
+    pub fn reread(&self) -> Result<Reread, Vec<String>> {
         match &self.config_path {
-            Some(path) => read(path, self.base, self.flags).map(|l| l.mappings),
-            None => Ok(Vec::new()),
+            Some(path) => read(path, self.base, self.flags).map(|l| Reread {
+                mappings: l.mappings,
+                port_rules: l.port_rules,
+            }),
+            None => Ok(Reread {
+                mappings: Vec::new(),
+                port_rules: PortRules::default(),
+            }),
         }
     }
 }
@@ -250,6 +293,7 @@ struct Loaded {
     metrics_addr: Option<SocketAddr>,
     metrics_per_port: Option<bool>,
     docker_host: Option<String>,
+    port_rules: PortRules,
 }
 
 /// Reads a config file over `base` (the environment's options); errors name the file and line.
@@ -289,14 +333,46 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
     let defaults = flags.over(file_defaults);
     let mut entries: Vec<(&toml::Spanned<String>, Options)> =
         file.publish.iter().map(|spec| (spec, defaults)).collect();
+    // Their own list: `mode` holds `errors` until the last mapping is resolved.
+    let mut pp_errors = Vec::new();
+    let mut version = |value: &toml::Spanned<String>| {
+        value.get_ref().parse::<Version>().map_err(|e| {
+            pp_errors.push(format!(
+                "{}:{}: {e}",
+                path.display(),
+                line_of(value.span().start)
+            ))
+        })
+    };
+    let mut own_versions = Vec::new();
     for e in &file.mapping {
+        own_versions.push(match &e.proxy_protocol {
+            None => Version::Off,
+            Some(v) => version(v).unwrap_or_default(),
+        });
+    }
+    let mut rules = Vec::new();
+    for r in &file.proxy_protocol {
+        let Ok(v) = version(&r.version) else { continue };
+        rules.push((r, v));
+    }
+    for (e, proxy_protocol) in file.mapping.iter().zip(own_versions) {
         let own = Options {
             nat: mode(&e.nat, defaults.nat),
             socket_lb: mode(&e.socket_lb, defaults.socket_lb),
+            proxy_protocol,
             ..defaults
         };
         entries.push((&e.publish, own));
     }
+    let port_rules = port_rules(&rules, &mut |at, e| {
+        pp_errors.push(format!(
+            "{}:{}: proxy_protocol: {e}",
+            path.display(),
+            line_of(at)
+        ))
+    });
+    errors.append(&mut pp_errors);
     let mut mappings = Vec::new();
     for (spec, options) in entries {
         match parse_publish(spec.get_ref(), options) {
@@ -332,7 +408,58 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         metrics_addr: file.metrics_addr,
         metrics_per_port: file.metrics_per_port,
         docker_host: file.docker_host,
+        port_rules,
     })
+}
+
+/// The `[[proxy_protocol]]` tables as rules; each problem goes to `error` with its offset in
+/// the file. Overlapping ranges are refused: which one wins would be a guess.
+fn port_rules(
+    entries: &[(&PortRuleEntry, Version)],
+    error: &mut dyn FnMut(usize, String),
+) -> PortRules {
+    let mut rules: Vec<PortRule> = Vec::new();
+    for (entry, version) in entries {
+        let at = entry.ports.span().start;
+        if !version.is_on() {
+            error(
+                entry.version.span().start,
+                "version must be \"v1\" or \"v2\" (ports without a table get none)".into(),
+            );
+            continue;
+        }
+        let parsed = match entry.ports.get_ref() {
+            Ports::Number(n) => u16::try_from(*n)
+                .ok()
+                .filter(|&p| p != 0)
+                .map(|p| (p, p))
+                .ok_or_else(|| format!("invalid port {n} (must be 1-65535)")),
+            Ports::Text(t) => proxy_protocol::parse_ports(t),
+        };
+        let (first, last) = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                error(at, format!("ports: {e}"));
+                continue;
+            }
+        };
+        if let Some(other) = rules.iter().find(|r| first <= r.last && r.first <= last) {
+            error(
+                at,
+                format!(
+                    "ports {first}-{last} overlap ports {}-{} of an earlier table",
+                    other.first, other.last
+                ),
+            );
+            continue;
+        }
+        rules.push(PortRule {
+            first,
+            last,
+            version: *version,
+        });
+    }
+    PortRules::new(rules)
 }
 
 #[cfg(test)]
@@ -367,6 +494,81 @@ nat = "require"
         assert_eq!(l.drain, Some(Duration::from_millis(2500)));
         assert_eq!(l.defaults.map(|d| d.nat), Some(Mode::On));
         assert_eq!(l.mappings[11].options.nat, Mode::Require);
+    }
+
+    #[test]
+    fn proxy_protocol_per_mapping_and_per_handed_over_port() {
+        let l = load(
+            r#"
+publish = ["8080:10.0.0.2:80"]
+
+[[mapping]]
+publish = "8443:10.0.0.5:443"
+proxy_protocol = "v2"
+
+[[proxy_protocol]]
+ports = "8000-8100"
+version = "v1"
+
+[[proxy_protocol]]
+ports = 9000
+version = "v2"
+"#,
+        )
+        .unwrap();
+        assert_eq!(l.mappings[0].options.proxy_protocol, Version::Off);
+        assert_eq!(l.mappings[1].options.proxy_protocol, Version::V2);
+        assert_eq!(l.port_rules.version_for(8050), Version::V1);
+        assert_eq!(l.port_rules.version_for(9000), Version::V2);
+        assert_eq!(l.port_rules.version_for(9001), Version::Off);
+    }
+
+    #[test]
+    fn bad_proxy_protocol_settings_name_their_line() {
+        for (text, line, why) in [
+            (
+                "[[mapping]]\npublish = \"1:10.0.0.2:1\"\nproxy_protocol = \"v3\"\n",
+                3,
+                "v1, v2 or off",
+            ),
+            (
+                "[[mapping]]\npublish = \"1:10.0.0.2:1/udp\"\nproxy_protocol = \"v1\"\n",
+                2,
+                "TCP only",
+            ),
+            (
+                "[[proxy_protocol]]\nports = \"9-3\"\nversion = \"v1\"\n",
+                2,
+                "ends before it starts",
+            ),
+            (
+                "[[proxy_protocol]]\nports = 70000\nversion = \"v1\"\n",
+                2,
+                "must be 1-65535",
+            ),
+            (
+                "[[proxy_protocol]]\nports = \"80\"\nversion = \"off\"\n",
+                3,
+                "must be \"v1\" or \"v2\"",
+            ),
+            (
+                "[[proxy_protocol]]\nports = \"80-90\"\nversion = \"v1\"\n\
+                 [[proxy_protocol]]\nports = \"85\"\nversion = \"v2\"\n",
+                5,
+                "overlap ports 80-90",
+            ),
+        ] {
+            let errors = load(text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {text}"));
+            let want = format!("rproxy.toml:{line}:");
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.starts_with(&want) && e.contains(why)),
+                "{text}: {errors:?} lacks {want}…{why}"
+            );
+        }
     }
 
     proptest! {

@@ -10,10 +10,10 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 
 use crate::bpf::SocketLb;
-use crate::config::{Args, Settings};
+use crate::config::{Args, Reread, Settings};
 use crate::control::server;
 use crate::env::Env;
-use crate::mapping::{describe, Mapping};
+use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Mode;
 use crate::signals::{Event, Signals};
@@ -129,15 +129,18 @@ async fn run(settings: Settings) -> i32 {
         settings.control_socket.display()
     );
     sd_notify("READY=1");
+    let port_rules: server::SharedRules =
+        std::sync::Arc::new(tokio::sync::Mutex::new(settings.port_rules.clone()));
     let control = tokio::spawn(server::serve(
         listener,
         sup.clone(),
         settings.drain,
         settings.defaults,
+        port_rules.clone(),
     ));
     loop {
         match signals.next().await {
-            Event::Reload => reload(&sup, &settings).await,
+            Event::Reload => reload(&sup, &settings, &port_rules).await,
             Event::Stop(name) => {
                 tracing::info!(
                     "{name}: stopping; open connections get {:?}",
@@ -209,14 +212,19 @@ fn control_listener(path: &Path) -> Result<UnixListener, String> {
 
 /// SIGHUP: re-read the config file; start what was added, stop what was removed (with the
 /// drain time), replace what changed on its listening socket, and leave every unchanged
-/// mapping — and its connections — alone. All of it or, when anything fails, none of it.
-async fn reload(sup: &Supervisor, settings: &Settings) {
+/// mapping — and its connections — alone. Ports shims handed over whose `[[proxy_protocol]]`
+/// rule changed are replaced on their socket too, so new connections get the new header.
+/// All of it or, when anything fails, none of it.
+async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::SharedRules) {
     let Some(path) = &settings.config_path else {
         tracing::info!("SIGHUP: no config file to reload");
         return;
     };
-    let wanted = match settings.reread() {
-        Ok(m) => m,
+    let Reread {
+        mappings: wanted,
+        port_rules: new_rules,
+    } = match settings.reread() {
+        Ok(r) => r,
         Err(errors) => {
             for e in errors {
                 tracing::error!("reload refused, nothing changed: {e}");
@@ -224,7 +232,9 @@ async fn reload(sup: &Supervisor, settings: &Settings) {
             return;
         }
     };
-    let (mut added, mut removed) = (0, 0);
+    let (mut added, mut removed, mut switched) = (0, 0, 0);
+    // Held across the change and the swap: no shim registers in between (see SharedRules).
+    let mut rules = port_rules.lock().await;
     let applied = sup
         .change(settings.drain, |current| {
             let running: BTreeSet<Mapping> = current
@@ -233,8 +243,8 @@ async fn reload(sup: &Supervisor, settings: &Settings) {
                 .map(|c| c.mapping)
                 .collect();
             let wanted_set: BTreeSet<Mapping> = wanted.iter().copied().collect();
-            let stop: Vec<Key> = running.difference(&wanted_set).map(key).collect();
-            let start: Vec<Start> = wanted_set
+            let mut stop: Vec<Key> = running.difference(&wanted_set).map(key).collect();
+            let mut start: Vec<Start> = wanted_set
                 .difference(&running)
                 .map(|m| Start {
                     mapping: *m,
@@ -243,14 +253,35 @@ async fn reload(sup: &Supervisor, settings: &Settings) {
                 })
                 .collect();
             (added, removed) = (start.len(), stop.len());
+            for c in current.values() {
+                if !matches!(c.origin, Origin::Shim(_)) || c.mapping.proto != Proto::Tcp {
+                    continue;
+                }
+                let version = new_rules.version_for(c.mapping.listen.port());
+                if version != c.mapping.options.proxy_protocol {
+                    let mut mapping = c.mapping;
+                    mapping.options.proxy_protocol = version;
+                    stop.push(key(&c.mapping));
+                    start.push(Start {
+                        mapping,
+                        socket: None,
+                        origin: c.origin,
+                    });
+                    switched += 1;
+                }
+            }
             Ok(Change { stop, start })
         })
         .await;
     match applied {
-        Ok(_) => tracing::info!(
-            "reloaded {}: {added} started, {removed} stopped (a changed mapping is both)",
-            path.display()
-        ),
+        Ok(_) => {
+            *rules = new_rules;
+            tracing::info!(
+                "reloaded {}: {added} started, {removed} stopped (a changed mapping is both), \
+                 {switched} handed-over ports with a new PROXY protocol setting",
+                path.display()
+            )
+        }
         Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
     }
 }

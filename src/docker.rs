@@ -174,8 +174,10 @@ pub fn main(
     match handoff {
         Err(refusal) => status.fail(&refusal),
         Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
-        Ok(Handoff::Registered(conn)) => {
+        Ok(Handoff::Registered(conn, proxy_protocol)) => {
             status.ready(&mapping);
+            // Taken back, the port keeps the header the daemon gave it.
+            mapping.options.proxy_protocol = proxy_protocol;
             match shim::wait(&conn) {
                 Ok(WaitEnd::Stopped(signal)) => {
                     tracing::info!("{signal}: stopping {mapping}");

@@ -23,6 +23,7 @@ pub mod mapping;
 pub mod nat;
 pub mod options;
 pub mod prometheus;
+pub mod proxy_protocol;
 pub mod shim;
 pub mod signals;
 pub mod stats;

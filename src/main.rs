@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use rproxy::control::{self, Request};
 use rproxy::env::{Env, Reader};
 use rproxy::options::{Mode, Overrides};
+use rproxy::proxy_protocol::Version;
 use rproxy::{config, daemon, docker, log, udp};
 
 /// rproxy — one process for every published port. Without a subcommand, rproxy takes
@@ -47,6 +48,11 @@ enum Command {
         /// require, or off (default: the daemon's --socket-lb).
         #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
         socket_lb: Option<Mode>,
+        /// Start every backend connection with a PROXY protocol header (v1: text, v2: binary)
+        /// carrying the client's address; TCP only, off by default. The backend must expect
+        /// it (nginx: `listen … proxy_protocol`, HAProxy: `accept-proxy`).
+        #[arg(long, value_name = "VERSION")]
+        proxy_protocol: Option<Version>,
     },
     /// Remove a mapping from the running daemon (same spec as `add`).
     Rm {
@@ -106,10 +112,12 @@ fn main() {
                 control_socket,
                 nat,
                 socket_lb,
+                proxy_protocol,
             } => {
                 let options = Overrides {
                     nat,
                     socket_lb,
+                    proxy_protocol,
                     ..Overrides::default()
                 };
                 let request = Request::Add { spec, options };

@@ -119,6 +119,12 @@ pub fn parse_publish(spec: &str, options: Options) -> Result<Vec<Mapping>, Strin
         Some((body, proto)) => (body, proto.parse::<Proto>()?),
         None => (spec, Proto::Tcp),
     };
+    if proto == Proto::Udp && options.proxy_protocol.is_on() {
+        return Err(format!(
+            "the PROXY protocol is TCP only: a udp mapping cannot have proxy_protocol {}",
+            options.proxy_protocol
+        ));
+    }
     let parts = split_fields(body)?;
     let (host_ip, host_ports, target_ip, target_ports) = match parts.as_slice() {
         [hp, tip, tp] => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), *hp, *tip, *tp),

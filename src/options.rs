@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::proxy_protocol::Version;
+
 /// How one mapping behaves. Defaults are docker-proxy's where it has one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Options {
@@ -30,6 +32,9 @@ pub struct Options {
     /// UDP flows per mapping before the least recently used is evicted; the descriptor limit
     /// may lower it further at run time.
     pub udp_max_flows: usize,
+    /// The PROXY protocol header each backend connection starts with (TCP only; off unless
+    /// a mapping asks).
+    pub proxy_protocol: Version,
 }
 
 impl Default for Options {
@@ -41,6 +46,7 @@ impl Default for Options {
             splice: true,
             udp_timeout: Duration::from_secs(90),
             udp_max_flows: 65_536,
+            proxy_protocol: Version::Off,
         }
     }
 }
@@ -68,6 +74,9 @@ pub struct Overrides {
     /// See [`Options::udp_max_flows`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_max_flows: Option<u64>,
+    /// See [`Options::proxy_protocol`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<Version>,
 }
 
 impl Overrides {
@@ -92,6 +101,7 @@ impl Overrides {
                 None => base.udp_max_flows,
                 Some(n) => UDP_MAX_FLOWS.check(n)?,
             },
+            proxy_protocol: self.proxy_protocol.unwrap_or(base.proxy_protocol),
         })
     }
 }

@@ -19,11 +19,14 @@ use socket2::Socket;
 use crate::control::{self, Reply, Request};
 use crate::mapping::{describe, Mapping};
 use crate::options::Overrides;
+use crate::proxy_protocol::Version;
 
 /// What became of the offer to the daemon.
 pub enum Handoff {
-    /// The daemon serves the mapping for as long as this connection stays open.
-    Registered(UnixStream),
+    /// The daemon serves the mapping for as long as this connection stays open, with this
+    /// PROXY protocol header (its rules' choice for the port), which this process keeps if
+    /// it takes the port back.
+    Registered(UnixStream, Version),
     /// No daemon (or hand-off disabled): serve the mapping in this process.
     NoDaemon,
 }
@@ -65,9 +68,9 @@ pub fn register(
         Ok(reply)
     };
     match exchange() {
-        Ok(Reply::Done { .. }) => {
+        Ok(Reply::Done { proxy_protocol, .. }) => {
             tracing::info!("{mapping} handed to the daemon at {}", path.display());
-            Ok(Handoff::Registered(stream))
+            Ok(Handoff::Registered(stream, proxy_protocol))
         }
         Ok(Reply::Error { message }) => Err(message),
         Ok(other) => {

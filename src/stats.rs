@@ -96,13 +96,41 @@ pub struct Stats {
     pub evicted: AtomicU64,
     /// Per-connection timings, when a metrics recorder is installed (no-ops otherwise).
     pub timings: Timings,
-    /// When the last "backend keeps failing" warning went out (ms since the Unix epoch), and
-    /// the failures since.
+    /// The rate of "backend keeps failing" warnings.
+    backend_down: Warnings,
+    /// The rate of "backend closed on the PROXY protocol header" warnings.
+    header_refused: Warnings,
+}
+
+/// One kind of warning's rate limit: when the last went out (ms since the Unix epoch), and
+/// the events since.
+#[derive(Debug, Default)]
+struct Warnings {
     warned_at: AtomicU64,
     unwarned: AtomicU64,
 }
 
-/// At most one backend-failure warning per mapping this often; the rest go to debug.
+impl Warnings {
+    /// Counts an event: Some(events since the last warning, this one included) when a
+    /// warning is due now, else None (log it at debug).
+    fn due(&self) -> Option<u64> {
+        self.unwarned.fetch_add(1, Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let last = self.warned_at.load(Relaxed);
+        if last != 0 && now.saturating_sub(last) < WARN_EVERY_MS {
+            return None;
+        }
+        // One task wins the slot; the others keep counting.
+        self.warned_at
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .ok()
+            .map(|_| self.unwarned.swap(0, Relaxed))
+    }
+}
+
+/// At most one warning of each kind per mapping this often; the rest go to debug.
 const WARN_EVERY_MS: u64 = 10_000;
 
 /// The two TCP duration histograms of a mapping. They live here, not in the metrics
@@ -234,19 +262,13 @@ impl Stats {
     /// Counts a backend failure for the rate-limited warning: Some(failures since the last
     /// warning, this one included) when a warning is due now, else None (log it at debug).
     pub fn warning_due(&self) -> Option<u64> {
-        self.unwarned.fetch_add(1, Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let last = self.warned_at.load(Relaxed);
-        if last != 0 && now.saturating_sub(last) < WARN_EVERY_MS {
-            return None;
-        }
-        // One task wins the slot; the others keep counting.
-        self.warned_at
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .ok()
-            .map(|_| self.unwarned.swap(0, Relaxed))
+        self.backend_down.due()
+    }
+
+    /// As [`Stats::warning_due`], for backends that closed on the PROXY protocol header: a
+    /// limit of its own, so failing connects never hide it (nor it them).
+    pub fn header_warning_due(&self) -> Option<u64> {
+        self.header_refused.due()
     }
 
     /// Adds to a counter (relaxed: counters are statistics, not synchronisation).

@@ -148,6 +148,26 @@ struct Prepared {
     socket: Socket,
 }
 
+/// What a kernel path (`what`, in `mode`) does for a mapping whose backend gets a PROXY
+/// protocol header: nothing, since its clients would reach the backend without the header.
+/// None when the mode is off; the reason, said once in the log, when on; an error when
+/// required.
+fn listener_only(m: &Mapping, mode: Mode, what: &str) -> Result<Option<String>, String> {
+    match mode {
+        Mode::Off => Ok(None),
+        Mode::Require => Err(format!(
+            "{what} required for {m}, but its backend gets a PROXY protocol header, which only \
+             the listener writes"
+        )),
+        Mode::On => {
+            let why =
+                format!("the listener writes the PROXY protocol header, which {what} would bypass");
+            tracing::info!("{m}: {what} not used: {why}");
+            Ok(Some(why))
+        }
+    }
+}
+
 impl Supervisor {
     /// A supervisor with nothing running, whose mappings get kernel NAT from `nat`, socket
     /// hooks from `socket_lb`, and record duration histograms when `histograms` (metrics are
@@ -258,17 +278,40 @@ impl Supervisor {
                 ));
             }
         }
+        // With a PROXY protocol header, the listener serves every client: neither DNAT nor
+        // the hooks could write the header.
+        let header = mapping.options.proxy_protocol.is_on();
+        let listener_only = match header {
+            true => Some((
+                listener_only(&mapping, mapping.options.nat, "kernel NAT")?,
+                listener_only(&mapping, mapping.options.socket_lb, "socket hooks")?,
+            )),
+            false => None,
+        };
+        if header
+            && matches!(s.origin, Origin::Shim(_) | Origin::Docker)
+            && self.inner.nat.dockerd_translates(&mapping).await
+        {
+            tracing::warn!(
+                "{mapping}: dockerd's iptables rules DNAT this port, so its remote clients reach \
+                 {} without the PROXY protocol header (a backend that expects one refuses \
+                 them); run dockerd with --iptables=false to send every client through the proxy",
+                mapping.target
+            );
+        }
         // Replaced by the same rules (only the NAT mode or other options changed): keep them.
         let old = current.get(&k).filter(|_| stopping.contains(&k));
-        let inherit = old.is_some_and(|o| {
-            o.mapping.spec() == mapping.spec()
-                && mapping.options.nat != Mode::Off
-                && self.path_of(&k) == Some(Path::Kernel)
-        });
-        let path = match inherit {
-            true => Some(Path::Kernel),
+        let inherit = !header
+            && old.is_some_and(|o| {
+                o.mapping.spec() == mapping.spec()
+                    && mapping.options.nat != Mode::Off
+                    && self.path_of(&k) == Some(Path::Kernel)
+            });
+        let path = match (inherit, &listener_only) {
+            (_, Some((nat, _))) => nat.clone().map(Path::Userland),
+            (true, None) => Some(Path::Kernel),
             // Rules only once the listener is up: it serves what DNAT leaves to it.
-            false => {
+            (false, None) => {
                 self.inner
                     .nat
                     .install(
@@ -289,6 +332,10 @@ impl Supervisor {
             replaces,
             socket: copy,
         };
+        if let Some((_, hooks)) = listener_only {
+            prepared.socket_lb = hooks.map(bpf::Path::Userland);
+            return Ok(prepared);
+        }
         match self.inner.socket_lb.publish(&mapping) {
             Ok(p) => prepared.socket_lb = p,
             Err(e) => {

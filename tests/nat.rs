@@ -837,3 +837,94 @@ fn nat_socket_hooks_and_listener_each_serve_their_clients() {
     assert_eq!(t.counts("tcp", v4), (1, 1));
     assert_eq!(t.socket_conns("tcp", v4), 2);
 }
+
+/// A server in the container on port 81 that reads a PROXY protocol v1 line and answers
+/// with it and the address it was really connected from.
+fn proxy_header_whoami(ns: &Netns) {
+    let listener = ns.run(|| TcpListener::bind("0.0.0.0:81").unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let peer = conn.peer_addr().unwrap().ip();
+            let mut reader = std::io::BufReader::new(conn);
+            let mut line = String::new();
+            let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+            let mut conn = reader.into_inner();
+            let _ = conn.write_all(format!("{} via {peer}", line.trim_end()).as_bytes());
+        }
+    });
+}
+
+#[test]
+fn a_mapping_with_a_proxy_header_stays_off_dnat_and_dockerds_dnat_is_named() {
+    let test = "a_mapping_with_a_proxy_header_stays_off_dnat_and_dockerds_dnat_is_named";
+    if !need_root(test) {
+        return;
+    }
+    let t = Topo::new("natpp");
+    proxy_header_whoami(&t.ctr);
+    let config = t.dir.0.join("rproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[mapping]]\npublish = \"8080:{CTR}:81\"\nproxy_protocol = \"v1\"\n\n\
+             [[proxy_protocol]]\nports = \"8081\"\nversion = \"v1\"\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let d = t.daemon(&["--nat=on", "--config", &cfg]);
+    // --nat would have DNATed the remote client (the container would see 10.70.2.2 and no
+    // header); with the header, the listener serves it and tells the container who it is.
+    let said = ask_tcp(&t.remote, &format!("{HOST_IP}:8080"));
+    assert!(
+        said.starts_with(&format!("PROXY TCP4 {REMOTE_IP} {HOST_IP} "))
+            && said.ends_with(&format!(" 8080 via {BRIDGE_IP}")),
+        "{said}"
+    );
+    assert_eq!(t.our_rules(), 0, "{}", t.ruleset());
+    let ls = t.cli(&["ls"]);
+    let row = ls
+        .lines()
+        .find(|l| l.contains("0.0.0.0:8080 "))
+        .unwrap_or_else(|| panic!("{ls}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cells[10], cells[14]), ("userland", "v1"), "{row}");
+
+    // dockerd's own DNAT for 8081 (iptables-nft, as dockerd writes it): its remote clients
+    // would reach the container past the proxy, without a header; the daemon says so when
+    // the shim hands the port over. Host clients still go through the proxy and get it.
+    let host = &t.host.name;
+    sh(&format!(
+        "ip netns exec {host} iptables -t nat -N DOCKER && \
+         ip netns exec {host} iptables -t nat -A DOCKER ! -i br0 -p tcp -m tcp --dport 8081 \
+           -j DNAT --to-destination {CTR}:81 && \
+         ip netns exec {host} iptables -t nat -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"
+    ));
+    let mut shim = Spawn::new(&[
+        "-proto",
+        "tcp",
+        "-host-ip",
+        "0.0.0.0",
+        "-host-port",
+        "8081",
+        "-container-ip",
+        CTR,
+        "-container-port",
+        "81",
+    ])
+    .wrap(&["ip", "netns", "exec", &t.host.name])
+    .env("RPROXY_SOCKET", &t.sock())
+    .spawn();
+    assert_eq!(shim.status(), b"0\n");
+    d.wait_log(
+        "dockerd's iptables rules DNAT this port",
+        Duration::from_secs(5),
+    );
+    let said = ask_tcp(&t.host, "127.0.0.1:8081");
+    assert!(
+        said.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 ")
+            && said.ends_with(&format!(" 8081 via {BRIDGE_IP}")),
+        "{said}"
+    );
+    drop(shim);
+}

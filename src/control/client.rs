@@ -87,7 +87,7 @@ pub fn main(request: Request, control_socket: Option<PathBuf>) -> i32 {
             print!("{}", format_table(&rows));
             0
         }
-        Ok(Reply::Done { mappings }) => {
+        Ok(Reply::Done { mappings, .. }) => {
             println!("{verb} {}", mappings.len());
             for m in mappings {
                 println!("  {m}");
@@ -122,6 +122,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "KERNEL_CONNS",
         "SOCKET",
         "SOCKET_CONNS",
+        "PROXY_PROTOCOL",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -143,6 +144,11 @@ pub fn format_table(rows: &[Row]) -> String {
             r.kernel_connections.to_string(),
             r.socket.clone(),
             r.socket_connections.to_string(),
+            match r.proxy_protocol.as_str() {
+                // A daemon of an older build sends none.
+                "" => "-".into(),
+                v => v.into(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -207,7 +213,8 @@ mod tests {
                 "kernel",
                 "6",
                 "socket",
-                "7"
+                "7",
+                "v2"
             ]
         );
     }

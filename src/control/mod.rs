@@ -23,6 +23,11 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::{Deserialize, Serialize};
 
 use crate::options::Overrides;
+use crate::proxy_protocol::Version;
+
+fn is_off(v: &Version) -> bool {
+    !v.is_on()
+}
 use crate::stats::Snapshot;
 
 /// Where the daemon listens unless told otherwise.
@@ -82,6 +87,11 @@ pub enum Reply {
     Done {
         /// The specs.
         mappings: Vec<String>,
+        /// `register`: the PROXY protocol header the daemon gives the port (from its
+        /// `[[proxy_protocol]]` rules), which the shim keeps if it takes the port back.
+        /// Absent when off, so a shim of an older build still reads the reply.
+        #[serde(default, skip_serializing_if = "is_off")]
+        proxy_protocol: Version,
     },
     /// The request was refused.
     Error {
@@ -183,6 +193,9 @@ pub struct Row {
     /// Connections the socket hooks sent straight to the target.
     #[serde(default)]
     pub socket_connections: u64,
+    /// The PROXY protocol header its backend connections start with: `-` (off), `v1`, `v2`.
+    #[serde(default)]
+    pub proxy_protocol: String,
 }
 
 /// A row with a distinct value in every field, for tests.
@@ -203,6 +216,7 @@ pub(crate) fn sample_row() -> Row {
         kernel_connections: 6,
         socket: "socket".into(),
         socket_connections: 7,
+        proxy_protocol: "v2".into(),
     }
 }
 
@@ -246,6 +260,7 @@ mod tests {
             r#"{"request":"add"}"#,
             r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"nat":"sometimes"}}"#,
             r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"bogus":1}}"#,
+            r#"{"request":"add","spec":"1:1.2.3.4:1","options":{"proxy_protocol":"v3"}}"#,
             "ls",
             "",
         ] {
@@ -257,7 +272,7 @@ mod tests {
 
     const GOOD: &[&str] = &[
         r#"{"request":"ls"}"#,
-        r#"{"request":"add","spec":"8080:10.0.0.2:80","options":{"nat":"on","connect_timeout_ms":500}}"#,
+        r#"{"request":"add","spec":"8080:10.0.0.2:80","options":{"nat":"on","connect_timeout_ms":500,"proxy_protocol":"v2"}}"#,
         r#"{"request":"rm","spec":"8080:10.0.0.2:80"}"#,
         r#"{"request":"register","spec":"127.0.0.1:8080:10.0.0.2:80/udp","options":{"udp_max_flows":10}}"#,
     ];

@@ -17,8 +17,9 @@ use tokio::sync::oneshot;
 use super::{Reply, Request, Row, MAX_REQUEST};
 use crate::backoff::Backoff;
 use crate::frontend;
-use crate::mapping::{describe, parse_publish, Mapping};
+use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::options::{Options, Overrides};
+use crate::proxy_protocol::{PortRules, Version};
 use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
 use crate::sys::fd::recv_with_fds;
 
@@ -31,6 +32,12 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections waiting for their request at once; registered shims do not count.
 pub const MAX_PENDING: usize = 64;
 
+/// The daemon's `[[proxy_protocol]]` rules for ports shims hand over, shared with the reload
+/// that replaces them. Held across a registration's start, and across a reload's change and
+/// the swap of the rules, so a port registers under the old rules (and the reload then
+/// updates it) or under the new ones, never in between.
+pub type SharedRules = Arc<tokio::sync::Mutex<PortRules>>;
+
 /// What every request is served with.
 struct Ctx {
     sup: Supervisor,
@@ -40,6 +47,8 @@ struct Ctx {
     defaults: Options,
     /// The daemon's own uid, which may change mappings besides root.
     own_uid: u32,
+    /// The PROXY protocol of ports shims hand over.
+    port_rules: SharedRules,
 }
 
 /// Connections still waiting for their request, oldest first, each with its eviction signal.
@@ -68,12 +77,19 @@ impl Pending {
 }
 
 /// Accepts control connections until the task is dropped; each is served on its own task.
-pub async fn serve(listener: UnixListener, sup: Supervisor, drain: Duration, defaults: Options) {
+pub async fn serve(
+    listener: UnixListener,
+    sup: Supervisor,
+    drain: Duration,
+    defaults: Options,
+    port_rules: SharedRules,
+) {
     let ctx = Arc::new(Ctx {
         sup,
         drain,
         defaults,
         own_uid: nix::unistd::geteuid().as_raw(),
+        port_rules,
     });
     let pending = Arc::new(Pending::default());
     let mut next_id = 0u64;
@@ -190,6 +206,10 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
             kernel_connections: kernel.get(&s.mapping.spec()).copied().unwrap_or(0),
             socket: s.socket_lb.as_ref().map_or("-", |p| p.label()).into(),
             socket_connections: sup.socket_lb().counters(&s.mapping).0,
+            proxy_protocol: match s.mapping.options.proxy_protocol {
+                Version::Off => "-".into(),
+                v => v.to_string(),
+            },
             spec: s.mapping.spec(),
             origin: s.origin.to_string(),
             state: if s.serving { "serving" } else { "stopped" }.into(),
@@ -223,6 +243,7 @@ async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String>
         .await?;
     Ok(Reply::Done {
         mappings: specs(&started),
+        proxy_protocol: Version::Off,
     })
 }
 
@@ -266,6 +287,7 @@ async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
         .await?;
     Ok(Reply::Done {
         mappings: specs(&stopped),
+        proxy_protocol: Version::Off,
     })
 }
 
@@ -308,11 +330,23 @@ async fn register(
 ) -> io::Result<()> {
     let origin = Origin::Shim(id);
     let started = async {
+        if options.proxy_protocol.is_some() {
+            return Err(
+                "register: a handed-over port's PROXY protocol comes from the daemon's \
+                 [[proxy_protocol]] rules"
+                    .to_string(),
+            );
+        }
         let options = options.apply(ctx.defaults)?;
-        let mapping = match parse_publish(spec, options)?.as_slice() {
+        let mut mapping = match parse_publish(spec, options)?.as_slice() {
             [m] => *m,
             _ => return Err("register takes exactly one port".to_string()),
         };
+        // Held until the mapping runs: a reload swaps the rules only around its own change.
+        let rules = ctx.port_rules.lock().await;
+        if mapping.proto == Proto::Tcp {
+            mapping.options.proxy_protocol = rules.version_for(mapping.listen.port());
+        }
         let fd = match (fds.pop(), fds.is_empty()) {
             (Some(fd), true) => fd,
             _ => return Err("register needs exactly one listening socket".into()),
@@ -347,6 +381,7 @@ async fn register(
         &mut stream,
         &Reply::Done {
             mappings: vec![mapping.spec()],
+            proxy_protocol: mapping.options.proxy_protocol,
         },
     )
     .await?;

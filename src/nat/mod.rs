@@ -122,6 +122,12 @@ impl Nat {
         }
     }
 
+    /// Whether dockerd's own rules DNAT `m`'s port (remote clients then reach the
+    /// target without passing the listener); false when that cannot be seen.
+    pub async fn dockerd_translates(&self, m: &Mapping) -> bool {
+        self.ask(|tx| Job::Dockerd(*m, tx)).await.unwrap_or(false)
+    }
+
     /// `m`'s path now: `installed` (what `install` answered), unless the thread has since
     /// followed dockerd's rules to another.
     pub fn path_now(&self, m: &Mapping, installed: Option<Path>) -> Option<Path> {

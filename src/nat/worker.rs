@@ -43,6 +43,8 @@ pub(super) enum Job {
     Remove(Mapping),
     /// Connections each mapping's rules translated, by spec.
     Counters(oneshot::Sender<HashMap<String, u64>>),
+    /// Whether dockerd's own iptables rules DNAT a mapping's port.
+    Dockerd(Mapping, oneshot::Sender<bool>),
     /// Delete the table; the thread then ends.
     Close(oneshot::Sender<()>),
 }
@@ -104,6 +106,9 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                     }
                 }
                 let _ = reply.send(result);
+            }
+            Job::Dockerd(m, reply) => {
+                let _ = reply.send(dockerd::dnats(&m));
             }
             Job::Remove(m) => {
                 let ours = match watched.remove(&m) {

@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
 use crate::backoff::Backoff;
 use crate::mapping::describe;
 use crate::options::Options;
+use crate::proxy_protocol::{self, Version};
 use crate::stats::{Failure, Stats};
 use crate::stop::Stop;
 
@@ -25,6 +27,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Relay with splice(2); false copies through user space.
     pub splice: bool,
+    /// The PROXY protocol header each backend connection starts with.
+    pub proxy_protocol: Version,
 }
 
 impl From<&Options> for Config {
@@ -32,9 +36,15 @@ impl From<&Options> for Config {
         Config {
             connect_timeout: o.connect_timeout,
             splice: o.splice,
+            proxy_protocol: o.proxy_protocol,
         }
     }
 }
+
+/// A backend that ends the connection this soon after the PROXY protocol header, without a
+/// byte back, is taken to have refused the header (nginx and HAProxy close at once on one
+/// they cannot read); later, it is the backend's own business.
+const HEADER_REFUSAL_WINDOW: Duration = Duration::from_secs(1);
 
 /// Accepts until `stop` fires, then gives open connections the drain time to finish and cuts
 /// the rest. Resource exhaustion (EMFILE, ENFILE, ENOBUFS, ENOMEM) backs off and retries
@@ -100,14 +110,43 @@ async fn handle(
     };
     stats.timings.connected(accepted.elapsed());
     tracing::debug!("{peer}: connected to {target}");
-    match relay::relay(
+    // The header before the relay starts: no byte of the client's (already waiting, or
+    // still to come) can reach the backend ahead of it, and it goes exactly once.
+    let header_sent = match config.proxy_protocol {
+        Version::Off => None,
+        version => match send_header(version, &client, peer, &mut backend).await {
+            Ok(()) => Some(std::time::Instant::now()),
+            Err(e) => {
+                stats.fail(Failure::of(&e));
+                let why = describe(&e);
+                match stats.header_warning_due() {
+                    Some(n) => tracing::warn!(
+                        "{peer}: cannot send the PROXY protocol {version} header to {target}: \
+                         {why}{}",
+                        since_last(n)
+                    ),
+                    None => tracing::debug!(
+                        "{peer}: cannot send the PROXY protocol {version} header to {target}: {why}"
+                    ),
+                }
+                let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+                return;
+            }
+        },
+    };
+    let first_end = std::sync::OnceLock::new();
+    let relayed = relay::relay(
         &mut client,
         &mut backend,
         config.splice,
         (&stats.bytes_in, &stats.bytes_out),
+        &first_end,
     )
-    .await
-    {
+    .await;
+    if let (Some(sent), Some(end)) = (header_sent, first_end.get()) {
+        refused_header(&stats, peer, target, config.proxy_protocol, sent, end);
+    }
+    match relayed {
         Ok((up, down)) => tracing::debug!("{peer}: closed after {up} bytes up, {down} down"),
         Err(e) => {
             tracing::debug!("{peer}: aborted: {}", describe(&e));
@@ -115,6 +154,62 @@ async fn handle(
             let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
             let _ = SockRef::from(&backend).set_linger(Some(Duration::ZERO));
         }
+    }
+}
+
+/// Writes the PROXY protocol header for `client` (whose peer is `peer`) to `backend`: the
+/// client as the proxy saw it, and the address it connected to (the accepted socket's own,
+/// which for a 0.0.0.0 listener is the host address the client used). The header is
+/// shorter than any send buffer, so on a fresh connection it goes out in one write.
+async fn send_header(
+    version: Version,
+    client: &TcpStream,
+    peer: SocketAddr,
+    backend: &mut TcpStream,
+) -> io::Result<()> {
+    let local = client.local_addr()?;
+    let header = proxy_protocol::header(version, peer, local);
+    backend.write_all(header.as_bytes()).await
+}
+
+/// Says (once per period, per mapping) that the backend ended the connection right after the
+/// header without answering: the sign of a backend that does not expect it, or not this
+/// version. A client that left first, or a backend that answered, is not that.
+fn refused_header(
+    stats: &Stats,
+    peer: SocketAddr,
+    target: SocketAddr,
+    version: Version,
+    sent: std::time::Instant,
+    end: &relay::FirstEnd,
+) {
+    let after = end.at.saturating_duration_since(sent);
+    if !end.from_b || end.bytes != 0 || after > HEADER_REFUSAL_WINDOW {
+        return;
+    }
+    let how = match &end.error {
+        Some(why) => format!("ended the connection ({why})"),
+        None => "closed the connection".into(),
+    };
+    let ms = after.as_millis();
+    match stats.header_warning_due() {
+        Some(n) => tracing::warn!(
+            "{peer}: {target} {how} {ms} ms after the PROXY protocol {version} header, without \
+             a byte back: does it expect the header, and this version? (nginx: `listen … \
+             proxy_protocol`; HAProxy: `accept-proxy`){}",
+            since_last(n)
+        ),
+        None => tracing::debug!(
+            "{peer}: {target} {how} {ms} ms after the PROXY protocol {version} header"
+        ),
+    }
+}
+
+/// The count a rate-limited warning carries: connections since the last one.
+fn since_last(n: u64) -> String {
+    match n {
+        0 | 1 => String::new(),
+        n => format!(" ({n} connections since the last warning)"),
     }
 }
 

@@ -17,6 +17,7 @@ use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 use std::task::{ready, Poll};
 
 use socket2::SockRef;
@@ -31,32 +32,70 @@ use crate::sys;
 /// splice, a splice that moves less switches back.
 const COPY_CHUNK: usize = 16 << 10;
 
+/// The direction of a relay that ended first: whose reads ended (EOF, or an error in that
+/// direction), after how many bytes, and the error if any. The PROXY protocol path uses it
+/// to tell a backend that hung up on the header from a client that left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstEnd {
+    /// b→a ended first (b closed or failed); false: a→b did.
+    pub from_b: bool,
+    /// Bytes that direction had moved.
+    pub bytes: u64,
+    /// Why it ended, when not at EOF.
+    pub error: Option<String>,
+    /// When.
+    pub at: std::time::Instant,
+}
+
 /// Relays until both directions reach EOF; returns bytes (a→b, b→a). `counters` (a→b, b→a)
 /// are bumped as bytes move, so live connections show up in statistics. With `splice` false,
-/// bytes are only ever copied.
+/// bytes are only ever copied. `first_end` is set when the first direction ends.
 pub async fn relay(
     a: &mut TcpStream,
     b: &mut TcpStream,
     splice: bool,
     counters: (&AtomicU64, &AtomicU64),
+    first_end: &OnceLock<FirstEnd>,
 ) -> io::Result<(u64, u64)> {
     let (a_read, a_write) = a.split();
     let (b_read, b_write) = b.split();
+    let end = |from_b: bool, (result, bytes): (io::Result<()>, u64)| {
+        let error = result.as_ref().err().map(crate::mapping::describe);
+        let _ = first_end.set(FirstEnd {
+            from_b,
+            bytes,
+            error,
+            at: std::time::Instant::now(),
+        });
+        result.map(|()| bytes)
+    };
     tokio::try_join!(
-        pump(a_read, b_write, splice, counters.0),
-        pump(b_read, a_write, splice, counters.1)
+        async { end(false, pump(a_read, b_write, splice, counters.0).await) },
+        async { end(true, pump(b_read, a_write, splice, counters.1).await) },
     )
 }
 
-/// One direction: `from` → `to` until EOF, then shutdown(write) on `to`.
+/// One direction: `from` → `to` until EOF, then shutdown(write) on `to`. Returns how it
+/// ended and the bytes moved until then.
 async fn pump(
+    from: ReadHalf<'_>,
+    to: WriteHalf<'_>,
+    splice: bool,
+    counter: &AtomicU64,
+) -> (io::Result<()>, u64) {
+    let mut total = 0u64;
+    let result = pump_counting(from, to, splice, counter, &mut total).await;
+    (result, total)
+}
+
+async fn pump_counting(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     mut splice: bool,
     counter: &AtomicU64,
-) -> io::Result<u64> {
+    total: &mut u64,
+) -> io::Result<()> {
     let mut streaming = false;
-    let mut total = 0u64;
     loop {
         let n = if streaming {
             match splice_once(from.as_ref(), to.as_ref()).await {
@@ -85,13 +124,13 @@ async fn pump(
         if n == 0 {
             break;
         }
-        total += n as u64;
+        *total += n as u64;
         counter.fetch_add(n as u64, Relaxed);
     }
     match SockRef::from(to.as_ref()).shutdown(Shutdown::Write) {
         // The peer may be gone already; its own direction reports that.
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(total),
+        _ => Ok(()),
     }
 }
 
