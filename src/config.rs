@@ -17,7 +17,9 @@ use crate::options::{self, Mode, Options};
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
 
-/// `rproxy daemon`'s flags.
+/// `rproxy daemon`'s flags. Values that need checking (times, addresses, modes) arrive as
+/// text and are checked in [`Settings::load`] with the config file and the environment, so
+/// `--check` lists every problem at once.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable;
@@ -26,33 +28,33 @@ pub struct Args {
     publish: Vec<String>,
     /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
     /// re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
     config: Option<PathBuf>,
     /// Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = clap::ValueHint::FilePath)]
     control_socket: Option<PathBuf>,
     /// Seconds (0 to 86400) open connections may take to finish when their mapping is removed
     /// or the daemon stops [default: 10].
-    #[arg(long, value_name = "SECS", value_parser = |s: &str| options::DRAIN_TIMEOUT.parse(s))]
-    drain_timeout: Option<Duration>,
+    #[arg(long, value_name = "SECS")]
+    drain_timeout: Option<String>,
     /// Kernel fast path: install nftables DNAT rules for each mapping (loopback and hairpin
     /// clients stay on the userland listener). `--nat` or `--nat=on` falls back to userland
     /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-    nat: Option<Mode>,
+    nat: Option<String>,
     /// Socket-level fast path: cgroup socket hooks send loopback and host clients of each
     /// mapping straight to its target (the listener serves the rest). `--socket-lb` or
     /// `--socket-lb=on` falls back to the listener with a warning when the kernel cannot
     /// have them; `--socket-lb=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-    socket_lb: Option<Mode>,
+    socket_lb: Option<String>,
     /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
     /// else none).
     #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: Option<String>,
 }
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
@@ -139,9 +141,16 @@ impl Settings {
                 .then(|| PathBuf::from(DEFAULT_CONFIG))
         });
         let flags = Flags {
-            nat: args.nat,
-            socket_lb: args.socket_lb,
+            nat: flag(&mut errors, "nat", &args.nat, str::parse),
+            socket_lb: flag(&mut errors, "socket-lb", &args.socket_lb, str::parse),
         };
+        let drain_flag = flag(&mut errors, "drain-timeout", &args.drain_timeout, |v| {
+            options::DRAIN_TIMEOUT.parse(v)
+        });
+        let metrics_flag = flag(&mut errors, "metrics-addr", &args.metrics_addr, |v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())
+        });
         let file = match &config_path {
             Some(path) => read(path, base, flags).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
@@ -158,10 +167,7 @@ impl Settings {
                 Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
             }
         }
-        let drain = args
-            .drain_timeout
-            .or(file.drain)
-            .unwrap_or(Duration::from_secs(10));
+        let drain = drain_flag.or(file.drain).unwrap_or(Duration::from_secs(10));
         let mut seen = BTreeSet::new();
         for m in publish.iter().chain(&config) {
             if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
@@ -185,7 +191,7 @@ impl Settings {
             defaults,
             base,
             flags,
-            metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
+            metrics_addr: metrics_flag.or(file.metrics_addr).or(env.metrics_addr),
         })
     }
 
@@ -196,6 +202,19 @@ impl Settings {
             None => Ok(Vec::new()),
         }
     }
+}
+
+/// A flag's value checked by `parse`; a bad one is added to `errors`, named.
+fn flag<T>(
+    errors: &mut Vec<String>,
+    name: &str,
+    value: &Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Option<T> {
+    let v = value.as_deref()?;
+    parse(v)
+        .map_err(|e| errors.push(format!("--{name} {v:?}: {e}")))
+        .ok()
 }
 
 /// A config file, resolved.

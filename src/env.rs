@@ -7,6 +7,7 @@
 //! a variable meant something, and silently serving with the default would hide the typo
 //! until it mattered. An empty value counts as unset (systemd's `Environment=RPROXY_X=`).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -46,10 +47,18 @@ pub struct Env {
 impl Env {
     /// Reads the variables `reader` uses; returns them with one message per bad value.
     pub fn read(reader: Reader) -> (Env, Vec<String>) {
+        Env::read_with(reader, &mut |name| std::env::var_os(name))
+    }
+
+    /// [`Env::read`] with the values from `lookup` (tests see which variables a mode asks for).
+    pub fn read_with(
+        reader: Reader,
+        lookup: &mut dyn FnMut(&str) -> Option<OsString>,
+    ) -> (Env, Vec<String>) {
         let mut env = Env::default();
         let mut problems = Vec::new();
         let mut get = |name: &'static str, parse: &mut dyn FnMut(&str) -> Result<(), String>| {
-            if let Err(e) = var(name, parse) {
+            if let Err(e) = var(name, lookup(name), parse) {
                 problems.push(e);
             }
         };
@@ -131,8 +140,12 @@ fn millis(d: std::time::Duration) -> u64 {
 
 /// Runs `parse` on the variable's value when it is set and not empty; the error names the
 /// variable and (shortened) value.
-fn var(name: &str, parse: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
-    let Some(raw) = std::env::var_os(name).filter(|v| !v.is_empty()) else {
+fn var(
+    name: &str,
+    value: Option<OsString>,
+    parse: &mut dyn FnMut(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(raw) = value.filter(|v| !v.is_empty()) else {
         return Ok(());
     };
     let Some(value) = raw.to_str() else {
@@ -153,6 +166,15 @@ fn shorten(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_values_from_any_source_are_named() {
+        let (_, problems) = Env::read_with(Reader::Daemon, &mut |name| {
+            (name == "RPROXY_UDP_TIMEOUT").then(|| "soon".into())
+        });
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("RPROXY_UDP_TIMEOUT=\"soon\""));
+    }
 
     #[test]
     fn long_values_are_shortened_on_a_char_boundary() {

@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod bpf;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -21,6 +22,7 @@ pub mod log;
 pub mod mapping;
 pub mod nat;
 pub mod options;
+pub mod output;
 pub mod prometheus;
 pub mod shim;
 pub mod signals;
