@@ -57,6 +57,82 @@ pub struct Args {
     metrics_addr: Option<String>,
 }
 
+/// One key of the config file, as rproxy.toml(5) describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Its name.
+    pub name: &'static str,
+    /// The value it takes.
+    pub value: &'static str,
+    /// What it does.
+    pub meaning: &'static str,
+}
+
+/// The config file's top-level keys (a test holds this list to what the parser accepts).
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "publish",
+        value: "array of strings",
+        meaning: "Mappings the daemon serves, one spec each (see SPECS).",
+    },
+    Key {
+        name: "mapping",
+        value: "array of tables",
+        meaning: "Mappings with options of their own: each [[mapping]] table has the keys \
+                  listed under MAPPING TABLES.",
+    },
+    Key {
+        name: "control_socket",
+        value: "path",
+        meaning: "Where the control socket listens. --control-socket wins; without either, \
+                  $RPROXY_SOCKET, else /run/rproxy/rproxy.sock.",
+    },
+    Key {
+        name: "drain_timeout",
+        value: "seconds",
+        meaning: "0 to 86400 (default 10): how long open connections of a removed mapping, or \
+                  of a stopping daemon, may take to finish. --drain-timeout wins.",
+    },
+    Key {
+        name: "nat",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "Kernel DNAT for every mapping without a mode of its own: on falls back to \
+                  the userland listener when the kernel path is unavailable, require fails \
+                  instead. --nat wins; without either, $RPROXY_NAT, else off.",
+    },
+    Key {
+        name: "socket_lb",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "Socket hooks for host clients of every mapping without a mode of its own, \
+                  as nat. --socket-lb wins; without either, $RPROXY_SOCKET_LB, else off.",
+    },
+    Key {
+        name: "metrics_addr",
+        value: "\"HOST:PORT\"",
+        meaning: "Serve Prometheus metrics at http://HOST:PORT/metrics. --metrics-addr wins; \
+                  without either, $RPROXY_METRICS_ADDR, else none.",
+    },
+];
+
+/// The keys of a `[[mapping]]` table.
+pub const MAPPING_KEYS: &[Key] = &[
+    Key {
+        name: "publish",
+        value: "string",
+        meaning: "One spec (a range is one spec); required.",
+    },
+    Key {
+        name: "nat",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "This mapping's kernel DNAT mode, over the file's and the command line's.",
+    },
+    Key {
+        name: "socket_lb",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "This mapping's socket-hook mode, over the file's and the command line's.",
+    },
+];
+
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +419,36 @@ nat = "require"
         assert_eq!(l.drain, Some(Duration::from_millis(2500)));
         assert_eq!(l.defaults.map(|d| d.nat), Some(Mode::On));
         assert_eq!(l.mappings[11].options.nat, Mode::Require);
+    }
+
+    /// The keys the parser expects, as its refusal of an unknown one lists them.
+    fn accepted_keys(text: &str) -> Vec<String> {
+        let errors = load(text).err().unwrap_or_default();
+        let message = errors.join(" ");
+        let expected = message.split("expected").nth(1).unwrap_or_default();
+        let mut keys: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// rproxy.toml(5) describes every key the parser takes, and no other.
+    #[test]
+    fn every_key_is_described() {
+        let names = |keys: &[Key]| {
+            let mut v: Vec<String> = keys.iter().map(|k| k.name.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(accepted_keys("no_such_key = 1\n"), names(KEYS));
+        assert_eq!(
+            accepted_keys("[[mapping]]\npublish = \"1:10.0.0.1:1\"\nno_such_key = 1\n"),
+            names(MAPPING_KEYS)
+        );
     }
 
     proptest! {

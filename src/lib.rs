@@ -19,6 +19,8 @@ pub mod env;
 pub mod frontend;
 pub mod goflags;
 pub mod log;
+#[cfg(test)]
+mod manual;
 pub mod mapping;
 pub mod nat;
 pub mod options;
