@@ -19,7 +19,9 @@ use crate::proxy_protocol::{self, PortRule, PortRules, Version};
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";
 
-/// `rproxy daemon`'s flags.
+/// `rproxy daemon`'s flags. Values that need checking (times, addresses, modes) arrive as
+/// text and are checked in [`Settings::load`] with the config file and the environment, so
+/// `--check` lists every problem at once.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable;
@@ -28,26 +30,26 @@ pub struct Args {
     publish: Vec<String>,
     /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
     /// re-read on SIGHUP.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
     config: Option<PathBuf>,
     /// Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = clap::ValueHint::FilePath)]
     control_socket: Option<PathBuf>,
     /// Seconds (0 to 86400) open connections may take to finish when their mapping is removed
     /// or the daemon stops [default: 10].
-    #[arg(long, value_name = "SECS", value_parser = |s: &str| options::DRAIN_TIMEOUT.parse(s))]
-    drain_timeout: Option<Duration>,
+    #[arg(long, value_name = "SECS")]
+    drain_timeout: Option<String>,
     /// Kernel fast path: install nftables DNAT rules for each mapping (loopback and hairpin
     /// clients stay on the userland listener). `--nat` or `--nat=on` falls back to userland
     /// with a warning when the kernel path is unavailable; `--nat=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-    nat: Option<Mode>,
+    nat: Option<String>,
     /// Socket-level fast path: cgroup socket hooks send loopback and host clients of each
     /// mapping straight to its target (the listener serves the rest). `--socket-lb` or
     /// `--socket-lb=on` falls back to the listener with a warning when the kernel cannot
     /// have them; `--socket-lb=require` fails instead.
     #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "on", require_equals = true)]
-    socket_lb: Option<Mode>,
+    socket_lb: Option<String>,
     /// dockerd's API socket, from which the socket hooks learn which containers share a
     /// network with icc on, to send their hairpin clients straight to the target (default:
     /// $DOCKER_HOST, else unix:///var/run/docker.sock; "" for none: containers then reach
@@ -60,12 +62,117 @@ pub struct Args {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR,
     /// else none).
     #[arg(long, value_name = "HOST:PORT")]
-    metrics_addr: Option<SocketAddr>,
+    metrics_addr: Option<String>,
     /// One series set per port: by default a published range (contiguous ports to one
     /// target) is one set, summed, so a 1,000-port range costs what one port does.
     #[arg(long)]
     metrics_per_port: bool,
 }
+
+/// One key of the config file, as rproxy.toml(5) describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Its name.
+    pub name: &'static str,
+    /// The value it takes.
+    pub value: &'static str,
+    /// What it does.
+    pub meaning: &'static str,
+}
+
+/// The config file's top-level keys (a test holds this list to what the parser accepts).
+pub const KEYS: &[Key] = &[
+    Key {
+        name: "publish",
+        value: "array of strings",
+        meaning: "Mappings the daemon serves, one spec each (see SPECS).",
+    },
+    Key {
+        name: "mapping",
+        value: "array of tables",
+        meaning: "Mappings with options of their own: each [[mapping]] table has the keys \
+                  listed under MAPPING TABLES.",
+    },
+    Key {
+        name: "control_socket",
+        value: "path",
+        meaning: "Where the control socket listens. --control-socket wins; without either, \
+                  $RPROXY_SOCKET, else /run/rproxy/rproxy.sock.",
+    },
+    Key {
+        name: "drain_timeout",
+        value: "seconds",
+        meaning: "0 to 86400 (default 10): how long open connections of a removed mapping, or \
+                  of a stopping daemon, may take to finish. --drain-timeout wins.",
+    },
+    Key {
+        name: "nat",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "Kernel DNAT for every mapping without a mode of its own: on falls back to \
+                  the userland listener when the kernel path is unavailable, require fails \
+                  instead. --nat wins; without either, $RPROXY_NAT, else off.",
+    },
+    Key {
+        name: "socket_lb",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "Socket hooks for host clients of every mapping without a mode of its own, \
+                  as nat. --socket-lb wins; without either, $RPROXY_SOCKET_LB, else off.",
+    },
+    Key {
+        name: "metrics_addr",
+        value: "\"HOST:PORT\"",
+        meaning: "Serve Prometheus metrics at http://HOST:PORT/metrics. --metrics-addr wins; \
+                  without either, $RPROXY_METRICS_ADDR, else none.",
+    },
+    Key {
+        name: "metrics_per_port",
+        value: "boolean",
+        meaning: "One series set per port (default false: a published range, contiguous \
+                  ports sent to one target, is one set, its counters summed). \
+                  --metrics-per-port wins.",
+    },
+    Key {
+        name: "docker_host",
+        value: "\"unix:///PATH\"",
+        meaning: "dockerd's API socket, from which the socket hooks learn which containers \
+                  share a bridge network with icc on, to send their hairpin clients straight \
+                  to the target. --docker-host wins; without either, $DOCKER_HOST, else \
+                  unix:///var/run/docker.sock; \"\" turns this off.",
+    },
+    Key {
+        name: "proxy_protocol",
+        value: "array of tables",
+        meaning: "PROXY protocol headers for TCP ports docker-mode processes hand over, by \
+                  host port: each [[proxy_protocol]] table has ports = \"8000-8100\" (or one \
+                  port) and version = \"v1\" | \"v2\"; ranges must not overlap.",
+    },
+];
+
+/// The keys of a `[[mapping]]` table.
+pub const MAPPING_KEYS: &[Key] = &[
+    Key {
+        name: "publish",
+        value: "string",
+        meaning: "One spec (a range is one spec); required.",
+    },
+    Key {
+        name: "nat",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "This mapping's kernel DNAT mode, over the file's and the command line's.",
+    },
+    Key {
+        name: "socket_lb",
+        value: "\"off\" | \"on\" | \"require\"",
+        meaning: "This mapping's socket-hook mode, over the file's and the command line's.",
+    },
+    Key {
+        name: "proxy_protocol",
+        value: "\"off\" | \"v1\" | \"v2\"",
+        meaning: "Start each backend connection with a PROXY protocol header carrying the \
+                  client's address (TCP only; default off). The mapping is then served by its \
+                  listener only (no kernel path would carry the header).",
+    },
+];
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
 #[derive(Debug, Default, Deserialize)]
@@ -192,9 +299,16 @@ impl Settings {
                 .then(|| PathBuf::from(DEFAULT_CONFIG))
         });
         let flags = Flags {
-            nat: args.nat,
-            socket_lb: args.socket_lb,
+            nat: flag(&mut errors, "nat", &args.nat, str::parse),
+            socket_lb: flag(&mut errors, "socket-lb", &args.socket_lb, str::parse),
         };
+        let drain_flag = flag(&mut errors, "drain-timeout", &args.drain_timeout, |v| {
+            options::DRAIN_TIMEOUT.parse(v)
+        });
+        let metrics_flag = flag(&mut errors, "metrics-addr", &args.metrics_addr, |v| {
+            v.parse::<SocketAddr>()
+                .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())
+        });
         let file = match &config_path {
             Some(path) => read(path, base, flags).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
@@ -212,10 +326,7 @@ impl Settings {
                 Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
             }
         }
-        let drain = args
-            .drain_timeout
-            .or(file.drain)
-            .unwrap_or(Duration::from_secs(10));
+        let drain = drain_flag.or(file.drain).unwrap_or(Duration::from_secs(10));
         let mut seen = BTreeSet::new();
         for m in publish.iter().chain(&config) {
             if m.listen.port() != 0 && !seen.insert((m.proto, m.listen)) {
@@ -258,7 +369,7 @@ impl Settings {
             defaults,
             base,
             flags,
-            metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
+            metrics_addr: metrics_flag.or(file.metrics_addr).or(env.metrics_addr),
             metrics_per_port: args.metrics_per_port || file.metrics_per_port.unwrap_or(false),
             port_rules,
         })
@@ -278,6 +389,19 @@ impl Settings {
             }),
         }
     }
+}
+
+/// A flag's value checked by `parse`; a bad one is added to `errors`, named.
+fn flag<T>(
+    errors: &mut Vec<String>,
+    name: &str,
+    value: &Option<String>,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Option<T> {
+    let v = value.as_deref()?;
+    parse(v)
+        .map_err(|e| errors.push(format!("--{name} {v:?}: {e}")))
+        .ok()
 }
 
 /// A config file, resolved.
@@ -569,6 +693,36 @@ version = "v2"
                 "{text}: {errors:?} lacks {want}…{why}"
             );
         }
+    }
+
+    /// The keys the parser expects, as its refusal of an unknown one lists them.
+    fn accepted_keys(text: &str) -> Vec<String> {
+        let errors = load(text).err().unwrap_or_default();
+        let message = errors.join(" ");
+        let expected = message.split("expected").nth(1).unwrap_or_default();
+        let mut keys: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// rproxy.toml(5) describes every key the parser takes, and no other.
+    #[test]
+    fn every_key_is_described() {
+        let names = |keys: &[Key]| {
+            let mut v: Vec<String> = keys.iter().map(|k| k.name.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(accepted_keys("no_such_key = 1\n"), names(KEYS));
+        assert_eq!(
+            accepted_keys("[[mapping]]\npublish = \"1:10.0.0.1:1\"\nno_such_key = 1\n"),
+            names(MAPPING_KEYS)
+        );
     }
 
     proptest! {

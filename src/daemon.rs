@@ -19,6 +19,94 @@ use crate::options::Mode;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
 
+/// `rproxy daemon --check`: resolves the flags, the config file and the environment as a
+/// start would, and prints what the daemon would serve; binds, opens and attaches nothing.
+/// Returns 0, or 2 after listing every problem (`problems`: the environment's, found before).
+pub fn check(args: Args, env: Env, mut problems: Vec<String>) -> i32 {
+    match Settings::load(&args, &env) {
+        Ok(settings) if problems.is_empty() => {
+            crate::output::print(&report(&settings));
+            return 0;
+        }
+        Ok(_) => {}
+        Err(mut errors) => problems.append(&mut errors),
+    }
+    for p in &problems {
+        eprintln!("rproxy: {p}");
+    }
+    let n = problems.len();
+    eprintln!(
+        "rproxy: {n} problem{}: the daemon would not start",
+        if n == 1 { "" } else { "s" }
+    );
+    2
+}
+
+/// What `--check` prints: the resolved settings, then one row per mapping.
+fn report(s: &Settings) -> String {
+    let secs = |d: Duration| format!("{} s", d.as_secs_f64());
+    let o = &s.defaults;
+    let mut head = vec![
+        (
+            "config file",
+            match &s.config_path {
+                Some(p) => p.display().to_string(),
+                None => format!("none ({} does not exist)", crate::config::DEFAULT_CONFIG),
+            },
+        ),
+        ("control socket", s.control_socket.display().to_string()),
+        ("drain timeout", secs(s.drain)),
+        (
+            "metrics",
+            s.metrics_addr
+                .map_or("off".into(), |a| format!("http://{a}/metrics")),
+        ),
+        (
+            "defaults",
+            format!(
+                "nat {}, socket-lb {}, connect timeout {}, UDP timeout {}, UDP flows {}, splice {}",
+                o.nat,
+                o.socket_lb,
+                secs(o.connect_timeout),
+                secs(o.udp_timeout),
+                o.udp_max_flows,
+                if o.splice { "on" } else { "off" },
+            ),
+        ),
+    ];
+    let mappings: Vec<(&Mapping, &str)> = s
+        .publish
+        .iter()
+        .map(|m| (m, "publish"))
+        .chain(s.config.iter().map(|m| (m, "config")))
+        .collect();
+    head.push(("mappings", mappings.len().to_string()));
+    let mut out = crate::control::client::columns(
+        &head
+            .into_iter()
+            .map(|(k, v)| vec![format!("{k}:"), v])
+            .collect::<Vec<_>>(),
+    );
+    if !mappings.is_empty() {
+        let mut table = vec![["PROTO", "LISTEN", "TARGET", "ORIGIN", "NAT", "SOCKET_LB"]
+            .map(String::from)
+            .to_vec()];
+        for (m, origin) in mappings {
+            table.push(vec![
+                m.proto.to_string(),
+                m.listen.to_string(),
+                m.target.to_string(),
+                origin.to_string(),
+                m.options.nat.to_string(),
+                m.options.socket_lb.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&crate::control::client::columns(&table));
+    }
+    out
+}
+
 /// Runs the daemon; returns the exit code.
 pub fn main(args: Args, env: Env) -> i32 {
     let settings = match Settings::load(&args, &env) {

@@ -103,35 +103,40 @@ impl Inherited {
 }
 
 /// Runs docker-proxy mode with `args` (argv without argv[0]) and the environment (with the
-/// problems found reading it); returns the exit code.
+/// problems found reading it); returns the exit code. `help` is what `-h` prints: the whole
+/// command line's help, subcommands included (the command line lives above this module).
 pub fn main(
     prog: &str,
     args: &[String],
     inherited: Inherited,
     env: Env,
     problems: Vec<String>,
+    help: fn() -> String,
 ) -> i32 {
     let Inherited { status, listen } = inherited;
     // Until a handler exists (signalfd in a shim, tokio's when serving), hold stop signals.
     signals::block();
     let flags = match Flags::parse(args) {
         Ok(opts) => opts,
+        // Go prints usage on stderr; a person asking for help wants it on stdout (`| less`),
+        // and dockerd never asks.
         Err(ParseError::Help) => {
-            eprint!("{}", goflags::usage(prog, FLAGS));
+            crate::output::print(&format!("{}\n", help()));
             return 0;
         }
         Err(ParseError::Invalid(msg)) => {
             eprintln!("{msg}");
             eprint!("{}", goflags::usage(prog, FLAGS));
+            eprintln!("(rproxy also has subcommands: see rproxy --help)");
             return 2;
         }
     };
     if flags.version {
-        println!(
-            "rproxy (commit {}) version {}",
+        crate::output::print(&format!(
+            "rproxy (commit {}) version {}\n",
             commit(),
             env!("CARGO_PKG_VERSION")
-        );
+        ));
         return 0;
     }
     // Bad environment: refused on fd 3, so `docker run` names the variable.

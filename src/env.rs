@@ -7,6 +7,7 @@
 //! a variable meant something, and silently serving with the default would hide the typo
 //! until it mattered. An empty value counts as unset (systemd's `Environment=RPROXY_X=`).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -46,13 +47,145 @@ pub struct Env {
     pub docker_host: Option<String>,
 }
 
+/// One variable as the manual and `--help` describe it.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    /// Its name.
+    pub name: &'static str,
+    /// The modes that read it.
+    pub readers: &'static [Reader],
+    /// What applies when it is unset or empty.
+    pub default: &'static str,
+    /// What it does, and the values it takes.
+    pub meaning: &'static str,
+}
+
+const ALL: &[Reader] = &[Reader::Docker, Reader::Daemon, Reader::Client];
+const SERVING: &[Reader] = &[Reader::Docker, Reader::Daemon];
+
+/// Every variable [`Env::read`] asks for, by mode (a test holds the two together), for the man
+/// page.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "RPROXY_LOG",
+        readers: ALL,
+        default: "warn (info on a terminal)",
+        meaning: "Log level: error, warn, info, debug, trace or off. The daemon also takes \
+                  tracing filter directives (rproxy=debug).",
+    },
+    Variable {
+        name: "RPROXY_LOG_FORMAT",
+        readers: ALL,
+        default: "text",
+        meaning: "text, or json: one JSON object per line (timestamp, level, message). The \
+                  daemon's --log-format wins.",
+    },
+    Variable {
+        name: "RPROXY_LOG_FILE",
+        readers: ALL,
+        default: "none",
+        meaning: "Append the log to this file instead of stderr or syslog.",
+    },
+    Variable {
+        name: "RPROXY_SYSLOG_SOCKET",
+        readers: ALL,
+        default: "/dev/log",
+        meaning: "The syslog socket the log goes to when stderr goes nowhere (as under dockerd).",
+    },
+    Variable {
+        name: "RPROXY_SOCKET",
+        readers: ALL,
+        default: "/run/rproxy/rproxy.sock",
+        meaning: "The daemon's control socket: where the daemon listens (unless \
+                  --control-socket), where ls/add/rm call it, and where a docker-mode process \
+                  looks for a daemon to hand its port to.",
+    },
+    Variable {
+        name: "RPROXY_CONNECT_TIMEOUT",
+        readers: SERVING,
+        default: "10",
+        meaning: "Seconds (0.001 to 3600) to connect to the target before the client is reset.",
+    },
+    Variable {
+        name: "RPROXY_UDP_TIMEOUT",
+        readers: SERVING,
+        default: "90",
+        meaning: "Seconds (0.001 to 86400) of silence in both directions after which a UDP \
+                  flow expires.",
+    },
+    Variable {
+        name: "RPROXY_UDP_MAX_FLOWS",
+        readers: SERVING,
+        default: "65536",
+        meaning: "UDP flows per port (1 to 1048576), lowered to fit the open-file limit; past \
+                  it the least recently used flow makes room.",
+    },
+    Variable {
+        name: "RPROXY_SPLICE",
+        readers: SERVING,
+        default: "1",
+        meaning: "0 relays TCP by copying through user space instead of splice(2).",
+    },
+    Variable {
+        name: "RPROXY_UDP_GSO",
+        readers: SERVING,
+        default: "1",
+        meaning: "0 sends UDP datagram by datagram instead of as segmented (GSO) runs.",
+    },
+    Variable {
+        name: "RPROXY_NAT",
+        readers: SERVING,
+        default: "off",
+        meaning: "Kernel DNAT beside the listener: on (userland when the kernel path is \
+                  unavailable), require (fail instead) or off. The daemon's --nat wins.",
+    },
+    Variable {
+        name: "RPROXY_SOCKET_LB",
+        readers: SERVING,
+        default: "off",
+        meaning: "Socket hooks that connect host clients straight to the target: on, require \
+                  or off; the daemon attaches them (a docker-mode process hands the wish over \
+                  with its port). The daemon's --socket-lb wins.",
+    },
+    Variable {
+        name: "RPROXY_HANDOFF",
+        readers: &[Reader::Docker],
+        default: "1",
+        meaning: "0: a docker-mode process serves its port itself even when a daemon runs.",
+    },
+    Variable {
+        name: "RPROXY_METRICS_ADDR",
+        readers: &[Reader::Daemon],
+        default: "none",
+        meaning: "HOST:PORT where the daemon serves Prometheus metrics (/metrics). Its \
+                  --metrics-addr wins.",
+    },
+    Variable {
+        name: "DOCKER_HOST",
+        readers: &[Reader::Daemon],
+        default: "unix:///var/run/docker.sock",
+        meaning: "dockerd's API socket (unix:// only), read as the docker CLI reads it: the \
+                  socket hooks learn from it which containers share a network with icc on, \
+                  to send their hairpin clients straight to the target. --docker-host and \
+                  docker_host win; \"\" there turns this off.",
+    },
+];
+
 impl Env {
     /// Reads the variables `reader` uses; returns them with one message per bad value.
     pub fn read(reader: Reader) -> (Env, Vec<String>) {
+        Env::read_with(reader, &mut |name| std::env::var_os(name))
+    }
+
+    /// [`Env::read`] with the values from `lookup` (tests see which variables a mode asks for).
+    pub fn read_with(
+        reader: Reader,
+        lookup: &mut dyn FnMut(&str) -> Option<OsString>,
+    ) -> (Env, Vec<String>) {
         let mut env = Env::default();
         let mut problems = Vec::new();
         let mut get = |name: &'static str, parse: &mut dyn FnMut(&str) -> Result<(), String>| {
-            if let Err(e) = var(name, parse) {
+            if let Err(e) = var(name, lookup(name), parse) {
                 problems.push(e);
             }
         };
@@ -140,8 +273,12 @@ fn millis(d: std::time::Duration) -> u64 {
 
 /// Runs `parse` on the variable's value when it is set and not empty; the error names the
 /// variable and (shortened) value.
-fn var(name: &str, parse: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
-    let Some(raw) = std::env::var_os(name).filter(|v| !v.is_empty()) else {
+fn var(
+    name: &str,
+    value: Option<OsString>,
+    parse: &mut dyn FnMut(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(raw) = value.filter(|v| !v.is_empty()) else {
         return Ok(());
     };
     let Some(value) = raw.to_str() else {
@@ -162,6 +299,36 @@ fn shorten(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manual's list is the list each mode reads: a new variable must be described.
+    #[test]
+    fn every_variable_read_is_described() {
+        for reader in [Reader::Docker, Reader::Daemon, Reader::Client] {
+            let mut asked = Vec::new();
+            Env::read_with(reader, &mut |name| {
+                asked.push(name.to_string());
+                None
+            });
+            let described: Vec<&str> = VARIABLES
+                .iter()
+                .filter(|v| v.readers.contains(&reader))
+                .map(|v| v.name)
+                .collect();
+            asked.sort();
+            let mut described_sorted = described.clone();
+            described_sorted.sort();
+            assert_eq!(asked, described_sorted, "{reader:?}");
+        }
+    }
+
+    #[test]
+    fn bad_values_from_any_source_are_named() {
+        let (_, problems) = Env::read_with(Reader::Daemon, &mut |name| {
+            (name == "RPROXY_UDP_TIMEOUT").then(|| "soon".into())
+        });
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("RPROXY_UDP_TIMEOUT=\"soon\""));
+    }
 
     #[test]
     fn long_values_are_shortened_on_a_char_boundary() {

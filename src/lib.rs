@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod bpf;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -19,9 +20,12 @@ pub mod env;
 pub mod frontend;
 pub mod goflags;
 pub mod log;
+#[cfg(test)]
+mod manual;
 pub mod mapping;
 pub mod nat;
 pub mod options;
+pub mod output;
 pub mod prometheus;
 pub mod proxy_protocol;
 pub mod shim;

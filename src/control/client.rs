@@ -11,6 +11,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::{read_reply, send_request, socket_path, Reply, Request, Row};
 use crate::mapping::describe;
+use crate::output::print;
 
 /// How long the daemon may take to accept, and then to answer. Generous: an `add` with
 /// kernel NAT waits for netlink; a daemon that takes longer is stuck.
@@ -74,8 +75,9 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, 
     }
 }
 
-/// `rproxy ls` / `add` / `rm`: prints the answer; exit 1 with the daemon's reason on failure.
-pub fn main(request: Request, control_socket: Option<PathBuf>) -> i32 {
+/// `rproxy ls` / `add` / `rm`: prints the answer (`ls` rows as a JSON array when `json`); exit
+/// 1 with the daemon's reason on failure.
+pub fn main(request: Request, control_socket: Option<PathBuf>, json: bool) -> i32 {
     let path = socket_path(control_socket);
     let verb = match &request {
         Request::Add { .. } => "added",
@@ -83,15 +85,26 @@ pub fn main(request: Request, control_socket: Option<PathBuf>) -> i32 {
         _ => "",
     };
     match call(&path, &request, TIMEOUT) {
+        Ok(Reply::Mappings { rows }) if json => match serde_json::to_string(&rows) {
+            Ok(text) => {
+                print(&format!("{text}\n"));
+                0
+            }
+            Err(e) => {
+                eprintln!("rproxy: cannot write the rows as JSON: {e}");
+                1
+            }
+        },
         Ok(Reply::Mappings { rows }) => {
-            print!("{}", format_table(&rows));
+            print(&format_table(&rows));
             0
         }
         Ok(Reply::Done { mappings, .. }) => {
-            println!("{verb} {}", mappings.len());
+            let mut text = format!("{verb} {}\n", mappings.len());
             for m in mappings {
-                println!("  {m}");
+                text.push_str(&format!("  {m}\n"));
             }
+            print(&text);
             0
         }
         Ok(other) => {
@@ -151,8 +164,21 @@ pub fn format_table(rows: &[Row]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| table.iter().map(|r| r[c].len()).max().unwrap_or(0))
+    columns(&table)
+}
+
+/// Rows of cells as left-aligned columns two spaces apart, one line each.
+pub fn columns(table: &[Vec<String>]) -> String {
+    let width = table.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..width)
+        .map(|c| {
+            table
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in table {
