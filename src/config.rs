@@ -60,6 +60,12 @@ pub struct Args {
     /// else none).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<SocketAddr>,
+    /// Take over from the daemon running on the control socket: receive every listening
+    /// socket (and each shim's registration), serve them, then let it drain its connections
+    /// and exit. No daemon there: start as usual. (SIGHUP after an upgrade, and SIGUSR2, make
+    /// a running daemon start its successor this way.)
+    #[arg(long)]
+    takeover: bool,
 }
 
 /// The config file. Unknown keys are errors: a typo must not silently drop a mapping.
@@ -131,6 +137,8 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// dockerd's API, for the socket hooks' hairpin rule.
     pub engine: Option<Engine>,
+    /// `--takeover`: start from the running daemon's sockets.
+    pub takeover: bool,
 }
 
 impl Settings {
@@ -216,6 +224,7 @@ impl Settings {
             base,
             flags,
             metrics_addr: args.metrics_addr.or(file.metrics_addr).or(env.metrics_addr),
+            takeover: args.takeover,
         })
     }
 

@@ -1900,14 +1900,15 @@ impl Harness {
                 "NAT",
                 "KERNEL_CONNS",
                 "SOCKET",
-                "SOCKET_CONNS"
+                "SOCKET_CONNS",
+                "PID"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 14, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 15, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))

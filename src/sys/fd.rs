@@ -92,11 +92,28 @@ pub fn take_inherited(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The most descriptors one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
 /// Reads what is available on a unix stream socket into `buf`, with any descriptors sent
-/// along (SCM_RIGHTS, at most 4 per call; received close-on-exec). Non-blocking: WouldBlock
-/// when nothing is there. Returns (bytes read, descriptors); 0 bytes is EOF.
+/// along (SCM_RIGHTS, at most 4 per call: the control socket's requests carry one; more
+/// are closed by the kernel; received close-on-exec). Non-blocking: WouldBlock when nothing
+/// is there. Returns (bytes read, descriptors); 0 bytes is EOF.
 pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    recv_fds::<4>(fd, buf)
+}
+
+/// As [`recv_with_fds`], with room for a whole message of [`MAX_FDS_PER_MESSAGE`]
+/// descriptors: a daemon handing its sockets over sends them in such batches.
+pub fn recv_with_many_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_fds::<MAX_FDS_PER_MESSAGE>(fd, buf)
+}
+
+fn recv_fds<const N: usize>(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; N]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         fd.as_raw_fd(),
