@@ -801,3 +801,58 @@ fn reap(pid: u32, timeout: Duration) -> Option<i32> {
         }
     }
 }
+
+/// More sockets than one SCM_RIGHTS message carries (253): 200 TCP and 200 UDP mappings,
+/// the control socket's listener. All arrive, each with its mapping.
+#[test]
+fn takeover_hands_over_more_sockets_than_one_message_carries() {
+    let dir = Dir::new("takeover-many");
+    let echo = tcp_echo("127.0.0.1:0");
+    let uecho = udp_echo("127.0.0.1:0");
+    let base = free_ports(200);
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    // One echo server behind every port: a config file with a line per mapping (a range
+    // would map to as many target ports).
+    let mut argv = vec![];
+    let specs: Vec<String> = (0..200u16)
+        .flat_map(|i| {
+            [
+                format!("127.0.0.1:{}:{echo}", base + i),
+                format!("127.0.0.1:{}:{uecho}/udp", base + i),
+            ]
+        })
+        .collect();
+    let config = dir.0.join("rproxy.toml");
+    write_config(&config, &specs);
+    let config = config.to_str().unwrap().to_string();
+    argv.extend(["--config", config.as_str()]);
+    // (400 "serving" lines: the log's rate limit hides "daemon ready"; ls tells instead.)
+    let mut old = Spawn::new(&daemon_args(&dir, sock, &argv))
+        .no_status_pipe()
+        .spawn();
+    let serving = |pid: u32| {
+        let (code, out, _) = cli(&dir, &["ls"]);
+        code == 0
+            && out
+                .lines()
+                .filter(|l| l.ends_with(&format!(" {pid}")))
+                .count()
+                == 400
+    };
+    wait_until("the old daemon", Duration::from_secs(10), || {
+        serving(old.child.id())
+    });
+    let mut argv2 = argv.clone();
+    argv2.push("--takeover");
+    let new = Spawn::new(&daemon_args(&dir, sock, &argv2))
+        .no_status_pipe()
+        .spawn();
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(serving(new.child.id()), "{:?}", rows(&dir));
+    for i in [0, 126, 127, 199] {
+        echo_ok(at(base + i));
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(udp_roundtrip(&client, at(base + i), b"many").0, b"many");
+    }
+}
