@@ -67,6 +67,12 @@ pub struct Args {
     /// target) is one set, summed, so a 1,000-port range costs what one port does.
     #[arg(long)]
     metrics_per_port: bool,
+    /// Take over from the daemon running on the control socket: receive every listening
+    /// socket (and each shim's registration), serve them, then let it drain its connections
+    /// and exit. No daemon there: start as usual. (SIGHUP after an upgrade, and SIGUSR2, make
+    /// a running daemon start its successor this way.)
+    #[arg(long)]
+    takeover: bool,
 }
 
 /// One key of the config file, as rproxy.toml(5) describes it.
@@ -270,6 +276,8 @@ pub struct Settings {
     pub metrics_per_port: bool,
     /// dockerd's API, for the socket hooks' hairpin rule.
     pub engine: Option<Engine>,
+    /// `--takeover`: start from the running daemon's sockets.
+    pub takeover: bool,
     /// The config file's `[[proxy_protocol]]` rules for ports shims hand over.
     pub port_rules: PortRules,
 }
@@ -372,6 +380,7 @@ impl Settings {
             metrics_addr: metrics_flag.or(file.metrics_addr).or(env.metrics_addr),
             metrics_per_port: args.metrics_per_port || file.metrics_per_port.unwrap_or(false),
             port_rules,
+            takeover: args.takeover,
         })
     }
 

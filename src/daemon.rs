@@ -1,23 +1,29 @@
 //! `rproxy daemon`: every mapping in one multi-thread runtime — from `--publish`, a config file,
 //! `rproxy add`, and docker-mode shims handing over dockerd's ports — with a control socket,
-//! reload on SIGHUP and a bounded drain on SIGTERM.
+//! reload on SIGHUP, a bounded drain on SIGTERM, and takeovers: a new daemon (`--takeover`,
+//! started by this one on SIGUSR2, or on SIGHUP after an upgrade) receives every socket and
+//! serves before this one stops accepting ([`crate::takeover`]).
 
 use std::collections::BTreeSet;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tokio::sync::mpsc;
 
 use crate::bpf::SocketLb;
 use crate::config::{Args, Reread, Settings};
-use crate::control::server;
+use crate::control::handover::{self, Giver};
+use crate::control::server::{self, Server};
 use crate::env::Env;
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Mode;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
+use crate::takeover;
 
 /// `rproxy daemon --check`: resolves the flags, the config file and the environment as a
 /// start would, and prints what the daemon would serve; binds, opens and attaches nothing.
@@ -135,15 +141,56 @@ pub fn main(args: Args, env: Env) -> i32 {
 }
 
 async fn run(settings: Settings) -> i32 {
-    let mut signals = match Signals::install() {
+    // Now, before an upgrade can replace the file.
+    let program = takeover::Program::current();
+    let mut signals = match Signals::install_daemon() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("rproxy: cannot handle signals: {}", describe(&e));
             return 1;
         }
     };
+    // A takeover first: the sockets (metrics' too) may be the running daemon's.
+    let received = match settings.takeover {
+        false => None,
+        true => match handover::receive(&settings.control_socket).await {
+            Ok(Some(r)) => {
+                tracing::info!(
+                    "taking over from pid {}: {} mappings",
+                    r.pid,
+                    r.mappings.len()
+                );
+                Some(r)
+            }
+            Ok(None) => {
+                tracing::info!(
+                    "--takeover: no daemon on {}; starting afresh",
+                    settings.control_socket.display()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("rproxy: takeover: {e}");
+                return 1;
+            }
+        },
+    };
+    let (old, pending, handed_control, handed_metrics, handed) = match received {
+        Some(r) => (
+            Some(r.pid),
+            Some(r.pending),
+            Some(r.control),
+            r.metrics,
+            Some(r.mappings),
+        ),
+        None => (None, None, None, None, None),
+    };
     // The recorder first, so every mapping's histograms are real.
-    let metrics = match settings.metrics_addr.map(metrics_endpoint).transpose() {
+    let metrics = match settings
+        .metrics_addr
+        .map(|addr| metrics_endpoint(addr, handed_metrics))
+        .transpose()
+    {
         Ok(m) => m,
         Err(e) => {
             eprintln!("rproxy: {e}");
@@ -155,7 +202,10 @@ async fn run(settings: Settings) -> i32 {
         SocketLb::new(settings.engine.clone()),
         metrics.is_some(),
     );
-    if settings.defaults.nat != Mode::Off {
+    if old.is_some() {
+        // The running daemon's table stands until it stops accepting.
+        sup.hold_nat();
+    } else if settings.defaults.nat != Mode::Off {
         // Open (and sweep) now: an unusable kernel path is reported at start-up.
         if let Err(e) = sup.nat().open(settings.defaults.nat).await {
             eprintln!("rproxy: {e}");
@@ -166,24 +216,29 @@ async fn run(settings: Settings) -> i32 {
         eprintln!("rproxy: {e}");
         return 1;
     }
-    let initial = [
-        (&settings.publish, Origin::Publish),
-        (&settings.config, Origin::Config),
-    ];
+    let port_rules: server::SharedRules =
+        std::sync::Arc::new(tokio::sync::Mutex::new(settings.port_rules.clone()));
+    let server = Server::new(
+        sup.clone(),
+        settings.drain,
+        settings.defaults,
+        port_rules.clone(),
+    );
+    let (initial, adopt) = match (old, handed) {
+        (Some(old), Some(handed)) => match takeover::plan(&settings, old, handed, &server) {
+            Ok((starts, adopt)) => (starts, adopt),
+            Err(e) => {
+                eprintln!("rproxy: takeover: {e}");
+                return 1;
+            }
+        },
+        _ => (own_mappings(&settings), Vec::new()),
+    };
     let started = sup
         .change(Duration::ZERO, |_| {
             Ok(Change {
                 stop: Vec::new(),
-                start: initial
-                    .iter()
-                    .flat_map(|(mappings, origin)| {
-                        mappings.iter().map(|m| Start {
-                            mapping: *m,
-                            socket: None,
-                            origin: *origin,
-                        })
-                    })
-                    .collect(),
+                start: initial,
             })
         })
         .await;
@@ -192,7 +247,11 @@ async fn run(settings: Settings) -> i32 {
         sup.stop_all(Duration::ZERO).await;
         return 1;
     }
-    let listener = match control_listener(&settings.control_socket) {
+    let listener = match handed_control {
+        Some(fd) => adopt_control(fd),
+        None => control_listener(&settings.control_socket),
+    };
+    let listener = match listener {
         Ok(l) => l,
         Err(e) => {
             eprintln!("rproxy: {e}");
@@ -200,6 +259,18 @@ async fn run(settings: Settings) -> i32 {
             return 1;
         }
     };
+    let (events, mut handed_over) = mpsc::unbounded_channel();
+    let giver = listener.as_fd().try_clone_to_owned().map(|control| Giver {
+        control,
+        metrics: metrics
+            .as_ref()
+            .and_then(|(l, _)| l.as_fd().try_clone_to_owned().ok()),
+        events,
+    });
+    match giver {
+        Ok(g) => server.accept_takeovers(g),
+        Err(e) => tracing::warn!("no takeover possible: {}", describe(&e)),
+    }
     let metrics = metrics.map(|(listener, handle)| {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!("metrics at http://{addr}/metrics");
@@ -211,56 +282,155 @@ async fn run(settings: Settings) -> i32 {
             settings.metrics_per_port,
         ))
     });
+    for a in adopt {
+        server.adopt(a.conn, a.key, a.origin, a.options);
+    }
+    let control = tokio::spawn(server.clone().serve(listener));
     tracing::info!(
         "daemon ready: {} mappings, control socket {}",
         sup.statuses().len(),
         settings.control_socket.display()
     );
-    sd_notify("READY=1");
-    let port_rules: server::SharedRules =
-        std::sync::Arc::new(tokio::sync::Mutex::new(settings.port_rules.clone()));
-    let control = tokio::spawn(server::serve(
-        listener,
-        sup.clone(),
-        settings.drain,
-        settings.defaults,
-        port_rules.clone(),
-    ));
-    loop {
-        match signals.next().await {
-            Event::Reload => reload(&sup, &settings, &port_rules).await,
-            Event::Stop(name) => {
-                tracing::info!(
-                    "{name}: stopping; open connections get {:?}",
-                    settings.drain
-                );
-                sd_notify("STOPPING=1");
-                break;
-            }
+    match (pending, old) {
+        (Some(pending), Some(old)) => {
+            // systemd: this process is the service now (NotifyAccess=all in the unit).
+            sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            tokio::spawn(finish_takeover(pending, old, sup.clone()));
         }
+        _ => sd_notify("READY=1"),
     }
+    let handover = loop {
+        tokio::select! {
+            event = signals.next() => match event {
+                Event::Reload => match &program {
+                    Some(p) if p.replaced() => {
+                        tracing::info!("SIGHUP: the program file was replaced: handing over to it");
+                        successor(p);
+                    }
+                    _ => reload(&sup, &settings, &port_rules).await,
+                },
+                Event::Successor => match &program {
+                    Some(p) => successor(p),
+                    None => tracing::warn!("SIGUSR2: cannot tell where this program is"),
+                },
+                Event::Stop(name) => {
+                    tracing::info!(
+                        "{name}: stopping; open connections get {:?}",
+                        settings.drain
+                    );
+                    sd_notify("STOPPING=1");
+                    break None;
+                }
+            },
+            Some(h) = handed_over.recv() => break Some(h),
+        }
+    };
     control.abort();
     if let Some(m) = metrics {
         m.abort();
     }
-    let _ = std::fs::remove_file(&settings.control_socket);
-    let tasks = sup.stop_all(settings.drain).await;
-    // A second signal cuts the drain short.
+    let tasks = match &handover {
+        // The control socket is the new daemon's now.
+        Some(h) => {
+            let tasks = sup.hand_over_all(settings.drain).await;
+            tracing::info!(
+                "handed every socket over to pid {}; finishing this process's connections \
+                 (up to {:?})",
+                h.to,
+                settings.drain
+            );
+            tasks
+        }
+        None => {
+            // Unless a takeover under way has made the socket another daemon's.
+            if !server.handing_over() {
+                let _ = std::fs::remove_file(&settings.control_socket);
+            }
+            sup.stop_all(settings.drain).await
+        }
+    };
+    // Shims serve their ports themselves now, or are the new daemon's.
+    server.release();
+    if let Some(h) = handover {
+        let _ = h.released.send(());
+    }
+    // A second stop signal cuts the drain short.
     let drained = async {
         for t in tasks {
             let _ = t.await;
         }
     };
+    let second = async {
+        loop {
+            if let Event::Stop(name) = signals.next().await {
+                return name;
+            }
+        }
+    };
     tokio::select! {
         _ = drained => {}
-        _ = signals.next() => tracing::info!("second signal: exiting without waiting"),
+        name = second => tracing::info!("{name}: exiting without waiting"),
     }
     0
 }
 
-/// Installs the metrics recorder and binds its endpoint.
+/// The mappings of the daemon's command line and config file.
+fn own_mappings(settings: &Settings) -> Vec<Start> {
+    let own = [
+        (&settings.publish, Origin::Publish),
+        (&settings.config, Origin::Config),
+    ];
+    own.iter()
+        .flat_map(|(mappings, origin)| {
+            mappings.iter().map(|m| Start {
+                mapping: *m,
+                socket: None,
+                origin: *origin,
+            })
+        })
+        .collect()
+}
+
+/// After a takeover: tells the old daemon we serve, installs the NAT rules once it stopped
+/// accepting (its table is gone then), and says when it has finished draining.
+async fn finish_takeover(conn: handover::Pending, old: u32, sup: Supervisor) {
+    match conn.serving().await {
+        Ok(mut stream) => {
+            tracing::info!("pid {old} stopped accepting; everything is served here");
+            sup.release_nat().await;
+            let mut byte = [0u8; 1];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut byte).await;
+            tracing::info!("pid {old} finished its connections and exited");
+        }
+        Err(e) => {
+            tracing::warn!("takeover: {e}");
+            sup.release_nat().await;
+        }
+    }
+}
+
+/// Starts this program anew to take over from this process.
+fn successor(program: &takeover::Program) {
+    match program.start_successor() {
+        Ok(pid) => tracing::info!("started pid {pid} to take over"),
+        Err(e) => tracing::error!("no takeover: {e}"),
+    }
+}
+
+/// The control socket's listener a previous daemon handed over.
+fn adopt_control(fd: OwnedFd) -> Result<UnixListener, String> {
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(|e| format!("the control socket handed over: {}", describe(&e)))
+}
+
+/// Installs the metrics recorder and binds its endpoint, or takes the listener a previous
+/// daemon `handed` over when it is on the same address.
 fn metrics_endpoint(
     addr: std::net::SocketAddr,
+    handed: Option<OwnedFd>,
 ) -> Result<
     (
         tokio::net::TcpListener,
@@ -268,10 +438,16 @@ fn metrics_endpoint(
     ),
     String,
 > {
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .and_then(tokio::net::TcpListener::from_std)
-        .map_err(|e| format!("metrics: cannot listen on {addr}: {}", describe(&e)))?;
+    let handed = handed
+        .map(std::net::TcpListener::from)
+        .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    let listener = match handed {
+        Some(l) => Ok(l),
+        None => std::net::TcpListener::bind(addr),
+    }
+    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    .and_then(tokio::net::TcpListener::from_std)
+    .map_err(|e| format!("metrics: cannot listen on {addr}: {}", describe(&e)))?;
     let handle = crate::prometheus::install()?;
     Ok((listener, handle))
 }
@@ -282,7 +458,8 @@ fn control_listener(path: &Path) -> Result<UnixListener, String> {
     let ctx = |e: std::io::Error| format!("control socket {}: {}", path.display(), describe(&e));
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(format!(
-            "another rproxy daemon is running on {}",
+            "another rproxy daemon is running on {} (`rproxy daemon --takeover` takes over \
+             from it)",
             path.display()
         ));
     }

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -17,7 +18,7 @@ use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Options;
-use crate::shim::{self, Handoff, WaitEnd};
+use crate::shim::{self, HandBack, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::supervisor::{Origin, Supervisor};
 use crate::sys::fd::{self as fds, FdKind};
@@ -84,11 +85,21 @@ pub const FLAGS: &[Flag] = &[
 pub struct Inherited {
     status: StatusPipe,
     listen: Result<OwnedFd, &'static str>,
+    /// A shim started over after handing its port back to a daemon ([`shim::restart`]): its
+    /// listening socket and its connection to the daemon. fds 3 and 4 are then not dockerd's.
+    resumed: Option<(OwnedFd, OwnedFd)>,
 }
 
 impl Inherited {
     /// Takes fds 3 and 4 as they were at exec: call first thing in `main`.
     pub fn take() -> Inherited {
+        if let Some(resumed) = shim::resumed() {
+            return Inherited {
+                status: StatusPipe(None),
+                listen: Err("a restarted shim has no fd 4"),
+                resumed: Some(resumed),
+            };
+        }
         // As docker-proxy does first thing: our children must not inherit these.
         fds::set_cloexec(STATUS_FD);
         fds::set_cloexec(LISTEN_FD);
@@ -98,7 +109,11 @@ impl Inherited {
             FdKind::Closed => Err("-use-listen-fd given but fd 4 is not open"),
             _ => Err("fd 4 is not a socket"),
         };
-        Inherited { status, listen }
+        Inherited {
+            status,
+            listen,
+            resumed: None,
+        }
     }
 }
 
@@ -113,7 +128,11 @@ pub fn main(
     problems: Vec<String>,
     help: fn() -> String,
 ) -> i32 {
-    let Inherited { status, listen } = inherited;
+    let Inherited {
+        status,
+        listen,
+        resumed,
+    } = inherited;
     // Until a handler exists (signalfd in a shim, tokio's when serving), hold stop signals.
     signals::block();
     let flags = match Flags::parse(args) {
@@ -153,6 +172,13 @@ pub fn main(
     }
     // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
     let _ = process::set_parent_death_signal(libc::SIGTERM);
+    let back = HandBack {
+        socket_path: env.socket.clone(),
+        options: env.overrides,
+    };
+    if let Some((socket, conn)) = resumed {
+        return resume(prog, &flags, options, socket, conn, &back);
+    }
 
     let socket = flags.mapping(options).and_then(|m| {
         let socket = match flags.use_listen_fd {
@@ -178,44 +204,117 @@ pub fn main(
     };
     match handoff {
         Err(refusal) => status.fail(&refusal),
-        Ok(Handoff::NoDaemon) => serve(mapping, socket, Some(status)),
+        Ok(Handoff::NoDaemon) => match serve(mapping, socket, Some(status), None) {
+            Served::Exit(code) => code,
+            // Never: without `back` there is no hand-back.
+            Served::HandedBack(_) => 0,
+        },
         Ok(Handoff::Registered(conn, proxy_protocol)) => {
             status.ready(&mapping);
             // Taken back, the port keeps the header the daemon gave it.
             mapping.options.proxy_protocol = proxy_protocol;
-            match shim::wait(&conn) {
-                Ok(WaitEnd::Stopped(signal)) => {
-                    tracing::info!("{signal}: stopping {mapping}");
-                    0
-                }
-                Ok(WaitEnd::DaemonGone) => {
-                    tracing::warn!(
-                        "the rproxy daemon went away; serving {mapping} in this process"
-                    );
-                    serve(mapping, socket, None)
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "waiting for the daemon failed ({}); serving {mapping} in this process",
-                        describe(&e)
-                    );
-                    serve(mapping, socket, None)
-                }
-            }
+            registered(mapping, socket, conn, &back)
         }
     }
 }
 
+/// A shim started over after handing its port back ([`shim::restart`]): the same flags,
+/// its socket and connection kept; it waits as a fresh shim does.
+fn resume(
+    prog: &str,
+    flags: &Flags,
+    options: Options,
+    socket: OwnedFd,
+    conn: OwnedFd,
+    back: &HandBack,
+) -> i32 {
+    // Executed through /proc/self/exe, whose name the kernel took for ours.
+    let name = std::path::Path::new(prog)
+        .file_name()
+        .map_or("rproxy".into(), |n| n.to_string_lossy());
+    let _ = process::set_name(&name);
+    let checked = flags
+        .mapping(options)
+        .and_then(|m| frontend::check(&m, socket).map(|s| (m, s)));
+    let (mut mapping, socket) = match checked {
+        Ok(ms) => ms,
+        Err(e) => {
+            tracing::error!("restarted shim: {e}");
+            return 1;
+        }
+    };
+    if let Some(local) = frontend::local_addr(&socket) {
+        mapping.listen = local;
+    }
+    tracing::info!("{mapping}: the daemon serves it again; waiting as a shim");
+    registered(mapping, socket, UnixStream::from(conn), back)
+}
+
+/// A registered shim: waits for dockerd's stop signal; when the daemon goes away, serves the
+/// port itself until a daemon takes it back, then starts over as a waiting shim.
+fn registered(mapping: Mapping, socket: Socket, mut conn: UnixStream, back: &HandBack) -> i32 {
+    loop {
+        match shim::wait(&conn) {
+            Ok(WaitEnd::Stopped(signal)) => {
+                tracing::info!("{signal}: stopping {mapping}");
+                return 0;
+            }
+            Ok(WaitEnd::DaemonGone) => tracing::warn!(
+                "the rproxy daemon went away; serving {mapping} in this process until a \
+                 daemon takes it back"
+            ),
+            Err(e) => tracing::error!(
+                "waiting for the daemon failed ({}); serving {mapping} in this process",
+                describe(&e)
+            ),
+        }
+        drop(conn);
+        let copy = match socket.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("cannot serve {mapping}: {}", describe(&e));
+                return 1;
+            }
+        };
+        conn = match serve(mapping, copy, None, Some(back)) {
+            Served::Exit(code) => return code,
+            Served::HandedBack(conn) => conn,
+        };
+        let e = shim::restart(&socket, &conn);
+        tracing::warn!(
+            "cannot start over as a waiting shim ({}); waiting in this process",
+            describe(&e)
+        );
+    }
+}
+
+/// How serving in this process ended.
+enum Served {
+    /// Stopped (SIGINT/SIGTERM) or failed: the exit code.
+    Exit(i32),
+    /// A daemon serves the port now, for as long as this connection stays open; this
+    /// process's own connections are finished.
+    HandedBack(UnixStream),
+}
+
 /// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM, with
 /// kernel NAT in this process's own table when its options ask. `status` is reported once
-/// the socket is registered with the runtime and the rules are in.
-fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
-    let fail = |status: Option<StatusPipe>, msg: &str| match status {
-        Some(s) => s.fail(msg),
-        None => {
-            tracing::error!("{msg}");
-            1
-        }
+/// the socket is registered with the runtime and the rules are in. With `back` (a shim whose
+/// daemon went away), also until a daemon takes the port back.
+fn serve(
+    mapping: Mapping,
+    socket: Socket,
+    status: Option<StatusPipe>,
+    back: Option<&HandBack>,
+) -> Served {
+    let fail = |status: Option<StatusPipe>, msg: &str| {
+        Served::Exit(match status {
+            Some(s) => s.fail(msg),
+            None => {
+                tracing::error!("{msg}");
+                1
+            }
+        })
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,6 +338,10 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
         // Kernel NAT, when asked, in this process's own table (deleted on the way out).
         let nat = Nat::new(&format!("rproxy-{}", std::process::id()));
         let sup = Supervisor::new(nat, SocketLb::disabled(), false);
+        let copy = match back.map(|_| socket.try_clone()).transpose() {
+            Ok(c) => c,
+            Err(e) => return fail(status, &format!("cannot keep the socket: {}", describe(&e))),
+        };
         let mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
             Ok(m) => m,
             Err(msg) => return fail(status, &msg),
@@ -247,10 +350,50 @@ fn serve(mapping: Mapping, socket: Socket, status: Option<StatusPipe>) -> i32 {
             Some(s) => s.ready(&mapping),
             None => tracing::info!("serving {mapping}"),
         }
-        let signal = signals.terminate().await;
-        tracing::info!("{signal}: stopping {mapping}");
-        sup.stop_all(Duration::ZERO).await;
-        0
+        let (Some(back), Some(socket)) = (back, copy) else {
+            let signal = signals.terminate().await;
+            tracing::info!("{signal}: stopping {mapping}");
+            sup.stop_all(Duration::ZERO).await;
+            return Served::Exit(0);
+        };
+        loop {
+            let conn = tokio::select! {
+                signal = signals.terminate() => {
+                    tracing::info!("{signal}: stopping {mapping}");
+                    sup.stop_all(Duration::ZERO).await;
+                    return Served::Exit(0);
+                }
+                conn = shim::watch_daemon(mapping, &socket, back) => conn,
+            };
+            tracing::info!(
+                "{mapping} handed back to the daemon; finishing this process's connections \
+                 (up to {:?})",
+                shim::HANDBACK_DRAIN
+            );
+            let tasks = sup.hand_over_all(shim::HANDBACK_DRAIN).await;
+            let drained = async {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            };
+            tokio::select! {
+                _ = drained => return Served::HandedBack(conn),
+                signal = signals.terminate() => {
+                    tracing::info!("{signal}: stopping {mapping}");
+                    return Served::Exit(0);
+                }
+                _ = shim::closed(&conn) => {
+                    tracing::warn!("the rproxy daemon went away again; serving {mapping} in this process");
+                }
+            }
+            let copy = match socket.try_clone() {
+                Ok(c) => c,
+                Err(e) => return fail(None, &format!("cannot serve {mapping}: {}", describe(&e))),
+            };
+            if let Err(msg) = sup.start(mapping, Some(copy), Origin::Docker).await {
+                return fail(None, &msg);
+            }
+        }
     })
 }
 

@@ -35,6 +35,7 @@ pub mod stop;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod takeover;
 pub mod tcp;
 #[cfg(test)]
 mod testing;

@@ -106,6 +106,22 @@ impl Overrides {
     }
 }
 
+impl From<&Options> for Overrides {
+    /// Every option, set: how a mapping's options travel to a daemon taking over.
+    fn from(o: &Options) -> Overrides {
+        let ms = |d: Duration| Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Overrides {
+            nat: Some(o.nat),
+            socket_lb: Some(o.socket_lb),
+            connect_timeout_ms: ms(o.connect_timeout),
+            splice: Some(o.splice),
+            udp_timeout_ms: ms(o.udp_timeout),
+            udp_max_flows: Some(o.udp_max_flows as u64),
+            proxy_protocol: Some(o.proxy_protocol),
+        }
+    }
+}
+
 /// Whether a mapping uses one of the kernel paths (nftables DNAT, socket hooks) beside its
 /// listener.
 #[derive(
@@ -274,6 +290,24 @@ pub fn parse_bool(text: &str) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A mapping's options travel to a daemon taking over as overrides; they must arrive
+    /// as they left, whatever the new daemon's defaults.
+    #[test]
+    fn options_survive_the_trip_as_overrides() {
+        let o = Options {
+            nat: Mode::Require,
+            socket_lb: Mode::On,
+            connect_timeout: Duration::from_millis(1),
+            splice: false,
+            udp_timeout: Duration::from_secs(86_400),
+            udp_max_flows: 1,
+            proxy_protocol: crate::proxy_protocol::Version::V2,
+        };
+        let wire = serde_json::to_string(&Overrides::from(&o)).unwrap();
+        let back: Overrides = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back.apply(Options::default()), Ok(o));
+    }
 
     #[test]
     fn seconds_are_checked_not_converted_blindly() {

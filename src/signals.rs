@@ -28,11 +28,13 @@ pub fn unblock() {
     let _ = nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set()), None);
 }
 
-/// tokio handlers for SIGINT, SIGTERM and SIGHUP (create inside the runtime).
+/// tokio handlers for SIGINT, SIGTERM and SIGHUP, and the daemon's SIGUSR2 (create inside
+/// the runtime).
 pub struct Signals {
     int: TokioSignal,
     term: TokioSignal,
     hup: TokioSignal,
+    usr2: Option<TokioSignal>,
 }
 
 /// What a signal asks of the process.
@@ -41,6 +43,8 @@ pub enum Event {
     Stop(&'static str),
     /// SIGHUP: re-read the configuration.
     Reload,
+    /// SIGUSR2 (the daemon): hand everything over to a new process of the program.
+    Successor,
 }
 
 impl Signals {
@@ -50,15 +54,36 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: None,
         })
+    }
+
+    /// The daemon's handlers: also SIGUSR2.
+    pub fn install_daemon() -> std::io::Result<Signals> {
+        let mut s = Signals::install()?;
+        s.usr2 = Some(signal(SignalKind::user_defined2())?);
+        Ok(s)
     }
 
     /// The next signal.
     pub async fn next(&mut self) -> Event {
+        let Signals {
+            int,
+            term,
+            hup,
+            usr2,
+        } = self;
+        let usr2 = async {
+            match usr2 {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = self.int.recv() => Event::Stop("SIGINT"),
-            _ = self.term.recv() => Event::Stop("SIGTERM"),
-            _ = self.hup.recv() => Event::Reload,
+            _ = int.recv() => Event::Stop("SIGINT"),
+            _ = term.recv() => Event::Stop("SIGTERM"),
+            _ = hup.recv() => Event::Reload,
+            _ = usr2 => Event::Successor,
         }
     }
 
@@ -68,6 +93,7 @@ impl Signals {
             match self.next().await {
                 Event::Stop(name) => return name,
                 Event::Reload => tracing::info!("SIGHUP ignored"),
+                Event::Successor => {}
             }
         }
     }

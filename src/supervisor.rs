@@ -7,10 +7,15 @@
 //! socket (the new one serves a copy of it), so a reload refuses no connection. The running
 //! set's lock is held only to read or swap it, never across a kernel call or an await; the
 //! kernel path answers from its own thread.
+//!
+//! A takeover (a new daemon taking this one's sockets) freezes the set: the snapshot handed
+//! over stays the truth until the new process serves, and every change asked meanwhile is
+//! refused with [`HANDING_OVER`] (shims and `rproxy add` try again, and reach the new one).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +56,12 @@ impl fmt::Display for Origin {
         })
     }
 }
+
+/// Why a change is refused while a takeover is under way.
+pub const HANDING_OVER: &str = "this daemon is handing its sockets over to a new process";
+
+/// The NAT path of a mapping started while the previous daemon's rules still stand.
+const NAT_HELD: &str = "until the previous daemon's rules are gone";
 
 /// What identifies a running mapping: its protocol and listen address.
 pub type Key = (Proto, SocketAddr);
@@ -106,10 +117,22 @@ pub struct Status {
     pub serving: bool,
 }
 
+/// A running mapping with a copy of its listening socket, for a takeover.
+pub struct Held {
+    /// The mapping.
+    pub mapping: Mapping,
+    /// Where it came from.
+    pub origin: Origin,
+    /// A copy of its listening socket.
+    pub socket: Socket,
+}
+
 struct Running {
     mapping: Mapping,
     origin: Origin,
     path: Option<Path>,
+    /// Started with its NAT held (see [`Supervisor::hold_nat`]): rules still to install.
+    nat_held: bool,
     socket_lb: Option<bpf::Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
@@ -132,6 +155,10 @@ struct Inner {
     socket_lb: SocketLb,
     /// Whether TCP mappings record their duration histograms (when metrics are served).
     histograms: bool,
+    /// A takeover is under way: changes are refused (set and read under `changes`).
+    frozen: AtomicBool,
+    /// New mappings start without their NAT rules (see [`Supervisor::hold_nat`]).
+    nat_held: AtomicBool,
 }
 
 /// A start that has everything but its task.
@@ -140,6 +167,7 @@ struct Prepared {
     mapping: Mapping,
     origin: Origin,
     path: Option<Path>,
+    nat_held: bool,
     /// The rules are the replaced mapping's, kept: it must not remove them.
     inherited_rules: bool,
     socket_lb: Option<bpf::Path>,
@@ -180,6 +208,8 @@ impl Supervisor {
                 nat,
                 socket_lb,
                 histograms,
+                frozen: AtomicBool::new(false),
+                nat_held: AtomicBool::new(false),
             }),
         }
     }
@@ -207,6 +237,9 @@ impl Supervisor {
         plan: impl FnOnce(&BTreeMap<Key, Current>) -> Result<Change, String>,
     ) -> Result<Vec<Mapping>, String> {
         let _one_at_a_time = self.inner.changes.lock().await;
+        if self.inner.frozen.load(Ordering::Relaxed) {
+            return Err(HANDING_OVER.into());
+        }
         let current: BTreeMap<Key, Current> = self
             .running()
             .iter()
@@ -307,9 +340,14 @@ impl Supervisor {
                     && mapping.options.nat != Mode::Off
                     && self.path_of(&k) == Some(Path::Kernel)
             });
+        let nat_held = !inherit
+            && listener_only.is_none()
+            && mapping.options.nat != Mode::Off
+            && self.inner.nat_held.load(Ordering::Relaxed);
         let path = match (inherit, &listener_only) {
             (_, Some((nat, _))) => nat.clone().map(Path::Userland),
             (true, None) => Some(Path::Kernel),
+            (false, None) if nat_held => Some(Path::Userland(NAT_HELD.into())),
             // Rules only once the listener is up: it serves what DNAT leaves to it.
             (false, None) => {
                 self.inner
@@ -327,6 +365,7 @@ impl Supervisor {
             mapping,
             origin: s.origin,
             path,
+            nat_held,
             inherited_rules: inherit,
             socket_lb: None,
             replaces,
@@ -419,6 +458,7 @@ impl Supervisor {
                         mapping: p.mapping,
                         origin: p.origin,
                         path: p.path,
+                        nat_held: p.nat_held,
                         socket_lb: p.socket_lb,
                         stats,
                         stop: handle,
@@ -476,16 +516,101 @@ impl Supervisor {
     /// Stops everything: listeners close now; returns the tasks, which end once their
     /// connections drained (or `drain` passed). Then deletes the NAT table.
     pub async fn stop_all(&self, drain: Duration) -> Vec<JoinHandle<()>> {
+        self.stop_everything(drain, false).await
+    }
+
+    /// As [`Supervisor::stop_all`], once another process serves the same sockets (a
+    /// takeover, a shim's port handed back): UDP flows relay their last replies first (as
+    /// shims' ports always do: the shim serves them next).
+    pub async fn hand_over_all(&self, drain: Duration) -> Vec<JoinHandle<()>> {
+        self.stop_everything(drain, true).await
+    }
+
+    async fn stop_everything(&self, drain: Duration, handover: bool) -> Vec<JoinHandle<()>> {
         let _one_at_a_time = self.inner.changes.lock().await;
         let all = std::mem::take(&mut *self.running());
         self.inner.nat.close().await;
         self.inner.socket_lb.close();
         all.into_values()
             .map(|r| {
-                r.stop.stop(drain);
+                // A shim's port: the shim serves it next, once the daemon lets go.
+                match handover || matches!(r.origin, Origin::Shim(_)) {
+                    true => r.stop.hand_over(drain),
+                    false => r.stop.stop(drain),
+                }
                 r.task
             })
             .collect()
+    }
+
+    /// Freezes the running set for a takeover and returns it, each mapping with a copy of
+    /// its listening socket: until [`Supervisor::thaw`], every change is refused with
+    /// [`HANDING_OVER`]. Err when a takeover is under way already.
+    pub async fn freeze(&self) -> Result<Vec<Held>, String> {
+        let _one_at_a_time = self.inner.changes.lock().await;
+        if self.inner.frozen.swap(true, Ordering::Relaxed) {
+            return Err("another takeover is under way".into());
+        }
+        let copies: Result<Vec<Held>, String> = self
+            .running()
+            .values()
+            .map(|r| {
+                let socket = r
+                    .socket
+                    .try_clone()
+                    .map_err(|e| format!("cannot copy the socket of {}: {e}", r.mapping))?;
+                Ok(Held {
+                    mapping: r.mapping,
+                    origin: r.origin,
+                    socket,
+                })
+            })
+            .collect();
+        if copies.is_err() {
+            self.inner.frozen.store(false, Ordering::Relaxed);
+        }
+        copies
+    }
+
+    /// Takes changes again (a takeover failed).
+    pub async fn thaw(&self) {
+        let _one_at_a_time = self.inner.changes.lock().await;
+        self.inner.frozen.store(false, Ordering::Relaxed);
+    }
+
+    /// Mappings started from now on leave their NAT rules for later
+    /// ([`Supervisor::release_nat`]): a new daemon taking over cannot have the table while
+    /// the previous one holds it. Their listeners serve remote clients meanwhile.
+    pub fn hold_nat(&self) {
+        self.inner.nat_held.store(true, Ordering::Relaxed);
+    }
+
+    /// Installs the NAT rules of the mappings started while held, and those of later
+    /// mappings at once again. A mapping whose rules cannot be had now stays in userland
+    /// (even with `require`: it serves already), and the log says why.
+    pub async fn release_nat(&self) {
+        let _one_at_a_time = self.inner.changes.lock().await;
+        self.inner.nat_held.store(false, Ordering::Relaxed);
+        let held: Vec<(Key, Mapping, Origin)> = self
+            .running()
+            .iter()
+            .filter(|(_, r)| r.nat_held)
+            .map(|(k, r)| (*k, r.mapping, r.origin))
+            .collect();
+        for (k, mapping, origin) in held {
+            let from_dockerd = matches!(origin, Origin::Shim(_) | Origin::Docker);
+            let path = match self.inner.nat.install(&mapping, from_dockerd).await {
+                Ok(path) => path,
+                Err(why) => {
+                    tracing::error!("{mapping}: no kernel NAT after the takeover: {why}");
+                    Some(Path::Userland(why))
+                }
+            };
+            if let Some(r) = self.running().get_mut(&k) {
+                r.path = path;
+                r.nat_held = false;
+            }
+        }
     }
 
     /// Every mapping with its counters, its NAT path and whether it still serves.

@@ -115,6 +115,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         the_daemon_lists_every_mapping_the_shims_hand_over(&h, "rproxy-test-daemon", range, pu);
     the_daemon_carries_the_traffic_of_handed_over_ports(&h, &handed);
     dockerds_processes_for_handed_over_ports_are_one_thread_shims(&h, &handed, &udp);
+    dockerds_ports_go_through_a_takeover_and_a_restart(&mut h, &handed);
     docker_rm_f_drops_every_handed_over_mapping(&h, handed);
     the_daemon_exits_0_on_sigterm_with_nothing_to_drain(&mut h);
 
@@ -720,6 +721,84 @@ fn dockerds_processes_for_handed_over_ports_are_one_thread_shims(
         );
     }
     h.step(&format!("{n} shims, 1 thread each"));
+}
+
+/// (h) A new daemon takes over (`rproxy daemon --takeover`), then the daemon restarts
+/// (SIGTERM, a new start): after each, dockerd's ports answer through the daemon (its
+/// counters), `rproxy ls` lists every mapping under the serving pid, and dockerd's processes
+/// are the same single-threaded shims (a takeover moves their registrations; after the
+/// restart they served their ports themselves, then handed them back and started over).
+fn dockerds_ports_go_through_a_takeover_and_a_restart(h: &mut Harness, handed: &HandedOver) {
+    let shims = |h: &Harness| -> BTreeSet<i32> {
+        h.rproxies_on(&handed.ports())
+            .iter()
+            .map(|p| p.pid)
+            .collect()
+    };
+    let before = shims(h);
+    let listed = |h: &Harness, pid: i32| {
+        let rows = h.rproxy_ls();
+        let got: BTreeSet<(String, String, String)> = rows
+            .iter()
+            .map(|r| (r.proto.clone(), r.listen.clone(), r.target.clone()))
+            .collect();
+        got == handed.want && rows.iter().all(|r| r.pid == pid as u32)
+    };
+    let one_thread = |h: &Harness| {
+        for pid in shims(h) {
+            assert_eq!(proc_threads(pid), Some(1), "shim {pid}\n{}", h.diag());
+        }
+    };
+
+    let mut old = h.rproxy_daemon.take().expect("the daemon");
+    h.start_rproxy_daemon_with(&["--takeover"]);
+    let status = poll(Duration::from_secs(10), || {
+        old.try_wait().unwrap().ok_or(())
+    });
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "the old daemon did not exit 0 after the takeover: {status:?}\n{}",
+        h.diag()
+    );
+    let new = h.rproxy_daemon_pid().unwrap();
+    assert!(listed(h, new), "{:#?}\n{}", h.rproxy_ls(), h.diag());
+    h.step(&format!("pid {new} took over from pid {}", old.id()));
+    the_daemon_carries_the_traffic_of_handed_over_ports(h, handed);
+    assert_eq!(shims(h), before, "the shims changed in the takeover");
+    one_thread(h);
+    assert!(
+        !h.rproxy_log().contains("daemon went away"),
+        "a shim noticed the takeover:\n{}",
+        h.rproxy_log()
+    );
+
+    let status = h.stop_rproxy_daemon();
+    assert!(matches!(status, Some(s) if s.success()), "{status:?}");
+    let (r0, pu) = (handed.range[0], handed.udp_port);
+    h.get_pages(
+        &[SocketAddr::from((Ipv4Addr::LOCALHOST, r0))],
+        " (the shim, daemon stopped)",
+    );
+    udp_check(SocketAddr::from((Ipv4Addr::LOCALHOST, pu)), h);
+    h.start_rproxy_daemon();
+    let next = h.rproxy_daemon_pid().unwrap();
+    poll(Duration::from_secs(15), || {
+        listed(h, next).then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("the shims did not come back\n{}", h.diag()));
+    // Each shim finishes its own connections, then starts over (a second or so).
+    poll(Duration::from_secs(15), || {
+        shims(h)
+            .iter()
+            .all(|p| proc_threads(*p) == Some(1))
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("shims still serving themselves\n{}", h.diag()));
+    h.step("daemon restarted: the shims handed their ports back");
+    the_daemon_carries_the_traffic_of_handed_over_ports(h, handed);
+    assert_eq!(shims(h), before, "the shims changed in the restart");
+    one_thread(h);
 }
 
 /// (h) `docker rm -f`: dockerd SIGINTs the shims, the daemon drops every mapping (and logs it),
@@ -1421,6 +1500,8 @@ struct LsRow {
     kernel: u64,
     socket: String,
     socket_conns: u64,
+    /// The process serving it.
+    pid: u32,
 }
 
 #[derive(Debug)]
@@ -1814,6 +1895,8 @@ impl Harness {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
+        // The log file is appended to: earlier daemons' lines are in it.
+        let earlier = self.daemon_log().matches("daemon ready").count();
         let child = cmd.spawn().expect("spawn rproxy daemon");
         self.step(&format!("rproxy daemon pid {}", child.id()));
         self.rproxy_daemon = Some(child);
@@ -1821,7 +1904,9 @@ impl Harness {
             if let Some(status) = self.rproxy_daemon.as_mut().unwrap().try_wait().unwrap() {
                 return Ok(Err(status));
             }
-            if self.rproxy_sock.exists() && self.daemon_log().contains("daemon ready") {
+            if self.rproxy_sock.exists()
+                && self.daemon_log().matches("daemon ready").count() > earlier
+            {
                 Ok(Ok(()))
             } else {
                 Err(())
@@ -1901,14 +1986,15 @@ impl Harness {
                 "KERNEL_CONNS",
                 "SOCKET",
                 "SOCKET_CONNS",
-                "PROXY_PROTOCOL"
+                "PROXY_PROTOCOL",
+                "PID"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 15, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 16, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))
@@ -1928,6 +2014,7 @@ impl Harness {
                     kernel: num(11),
                     socket: c[12].into(),
                     socket_conns: num(13),
+                    pid: num(14) as u32,
                 }
             })
             .collect()

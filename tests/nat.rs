@@ -928,3 +928,92 @@ fn a_mapping_with_a_proxy_header_stays_off_dnat_and_dockerds_dnat_is_named() {
     );
     drop(shim);
 }
+
+/// A new daemon taking over (`--takeover`) installs its own rules once the old one has
+/// deleted its table: remote clients are served all along (DNAT, then the listener for the
+/// moment in between, then DNAT again), and one set of rules stands afterwards, the new
+/// daemon's.
+#[test]
+fn a_takeover_hands_the_rules_to_the_new_daemon() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex};
+    if !need_root("a_takeover_hands_the_rules_to_the_new_daemon") {
+        return;
+    }
+    let t = Topo::new("nattk");
+    whoami_tcp(&t.ctr);
+    let spec = format!("8080:{CTR}:80");
+    let mut old = t.daemon(&["--nat", "-p", &spec]);
+    assert_eq!(t.our_rules(), 2);
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+
+    // A remote client connecting throughout; what the container saw, and what failed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, failed, seen) = (stop.clone(), failed.clone(), seen.clone());
+        let ns = format!("/var/run/netns/{}", t.remote.name);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(ns).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let addr: SocketAddr = format!("{HOST_IP}:8080").parse().unwrap();
+            while !stop.load(Relaxed) {
+                let asked =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(3)).and_then(|mut s| {
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        let mut who = String::new();
+                        s.read_to_string(&mut who)?;
+                        Ok(who)
+                    });
+                match asked {
+                    Ok(who) if !who.is_empty() => seen.lock().unwrap().push(who),
+                    _ => {
+                        failed.fetch_add(1, Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let sock = t.sock();
+    let new = Spawn::new(&[
+        "daemon",
+        "--control-socket",
+        &sock,
+        "--drain-timeout",
+        "0",
+        "--nat",
+        "-p",
+        &spec,
+        "--takeover",
+    ])
+    .wrap(&["ip", "netns", "exec", &t.host.name])
+    .no_status_pipe()
+    .spawn();
+    new.wait_log("everything is served here", Duration::from_secs(10));
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
+    wait_until("the new daemon's rules", Duration::from_secs(5), || {
+        t.cli(&["ls"]).contains("kernel")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Relaxed);
+    client.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let dnat = seen.iter().filter(|w| *w == REMOTE_IP).count();
+    let listener = seen.iter().filter(|w| *w == BRIDGE_IP).count();
+    println!(
+        "nat takeover: {dnat} connections through DNAT, {listener} through the listener, {} failed",
+        failed.load(Relaxed)
+    );
+    assert_eq!(failed.load(Relaxed), 0, "remote connections failed");
+    assert_eq!(dnat + listener, seen.len(), "{seen:?}");
+    assert_eq!(t.our_rules(), 2, "{}", t.ruleset());
+    assert!(t.ruleset().contains("flags owner"));
+    let ls = t.cli(&["ls"]);
+    assert!(ls.contains(&new.child.id().to_string()), "{ls}");
+    let (_, kernel) = t.counts("tcp", "0.0.0.0:8080");
+    assert_eq!(ask_tcp(&t.remote, &format!("{HOST_IP}:8080")), REMOTE_IP);
+    assert_eq!(t.counts("tcp", "0.0.0.0:8080").1, kernel + 1);
+}

@@ -212,6 +212,19 @@ fn check_contents(deb: &Path) {
             "{script} enables or starts the daemon:\n{text}"
         );
     }
+    // An upgrade reloads a running daemon (a takeover by the new binary), never restarts it.
+    let postinst = stdout(&run("dpkg-deb", &["-I", deb, "postinst"]));
+    assert!(
+        postinst.contains("systemctl reload rproxy.service")
+            && !postinst.contains("try-restart")
+            && !postinst.contains("invoke restart"),
+        "postinst:\n{postinst}"
+    );
+    let prerm = stdout(&run("dpkg-deb", &["-I", deb, "prerm"]));
+    assert!(
+        prerm.contains("remove") && !prerm.contains("upgrade"),
+        "prerm stops the daemon on upgrade:\n{prerm}"
+    );
     // The packaged unit and pages are the ones in packaging/.
     let x = Dir::new("package-x");
     must(

@@ -41,6 +41,7 @@ complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l log-format -d '
 json\t''"
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l metrics-addr -d 'Serve Prometheus metrics at http://HOST:PORT/metrics (default: $RPROXY_METRICS_ADDR, else none)' -r
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l metrics-per-port -d 'One series set per port: by default a published range (contiguous ports to one target) is one set, summed, so a 1,000-port range costs what one port does'
+complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l takeover -d 'Take over from the daemon running on the control socket: receive every listening socket (and each shim\'s registration), serve them, then let it drain its connections and exit. No daemon there: start as usual. (SIGHUP after an upgrade, and SIGUSR2, make a running daemon start its successor this way.)'
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l check -d 'Check the flags, the config file and the RPROXY_* environment, print the mappings they make and exit: 0 when all is well, 2 listing every problem. Binds nothing'
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -s h -l help -d 'Print help'
 complete -c rproxy -n "__fish_rproxy_using_subcommand ls" -l control-socket -d 'The daemon\'s control socket (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock)' -r -F

@@ -51,8 +51,30 @@ pub fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, String> {
     })
 }
 
-/// Runs one request and returns the daemon's reply (its refusals as Err).
+/// Runs one request and returns the daemon's reply (its refusals as Err). A daemon handing
+/// its sockets to a new process answers changes with `moved`: they are asked again (of the
+/// new process, once it serves) until `timeout`.
 pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match call_once(path, request, timeout)? {
+            Reply::Moved { pid } if std::time::Instant::now() < deadline => {
+                tracing::debug!("the daemon is handing over to pid {pid}; asking again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Reply::Moved { pid } => {
+                return Err(format!(
+                    "the rproxy daemon at {} was still handing over to pid {pid} after {} s",
+                    path.display(),
+                    timeout.as_secs()
+                ))
+            }
+            reply => return Ok(reply),
+        }
+    }
+}
+
+fn call_once(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, String> {
     let stream = connect(path, timeout)?;
     send_request(&stream, request, None)
         .map_err(|e| format!("cannot send to the daemon: {}", describe(&e)))?;
@@ -136,6 +158,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "SOCKET",
         "SOCKET_CONNS",
         "PROXY_PROTOCOL",
+        "PID",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -162,6 +185,7 @@ pub fn format_table(rows: &[Row]) -> String {
                 "" => "-".into(),
                 v => v.into(),
             },
+            r.pid.to_string(),
         ]);
     }
     columns(&table)
@@ -240,7 +264,8 @@ mod tests {
                 "6",
                 "socket",
                 "7",
-                "v2"
+                "v2",
+                "8"
             ]
         );
     }

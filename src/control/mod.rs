@@ -6,12 +6,15 @@
 //! - `add` / `rm` a spec → the mappings started or stopped, or why not;
 //! - `register` a spec with its listening socket attached (SCM_RIGHTS) → registered, or why
 //!   not; the mapping then lives exactly as long as this connection: the shim holds it open
-//!   while dockerd keeps the port published, and closing it (the shim exits) removes it.
+//!   while dockerd keeps the port published, and closing it (the shim exits) removes it;
+//! - `takeover` → every listening socket with its mapping, the control socket's own listener
+//!   and the shims' connections, for a new daemon that then serves them ([`handover`]).
 //!
 //! The daemon's side is [`server`], the command line's [`client`]; a shim speaks through
 //! [`send_request`] and [`read_reply`].
 
 pub mod client;
+pub mod handover;
 pub mod server;
 
 use std::io::{self, IoSlice, Read, Write};
@@ -72,6 +75,8 @@ pub enum Request {
         #[serde(default)]
         options: Overrides,
     },
+    /// Hand every socket over to the asking process, a new daemon (see [`handover`]).
+    Takeover {},
 }
 
 /// The daemon's answer.
@@ -98,6 +103,46 @@ pub enum Reply {
         /// Why, for the person at the terminal or `docker run`.
         message: String,
     },
+    /// A change arrived while the daemon hands its sockets over to a new process: ask again
+    /// in a moment (the new process answers then).
+    Moved {
+        /// The process taking over.
+        pid: u32,
+    },
+    /// `takeover`: what is handed over; the descriptors follow (see [`handover`]).
+    Handover {
+        /// The process handing over.
+        pid: u32,
+        /// How many descriptors follow, in batches of at most 253.
+        fds: usize,
+        /// The control socket's listener: its index among the descriptors.
+        control: usize,
+        /// The metrics endpoint's listener, when there is one.
+        #[serde(default)]
+        metrics: Option<usize>,
+        /// Every mapping.
+        mappings: Vec<Handed>,
+    },
+}
+
+/// One mapping handed over in a takeover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handed {
+    /// The mapping as a one-port spec.
+    pub spec: String,
+    /// Where it came from (`publish`, `config`, `add`, `shim`).
+    pub origin: String,
+    /// `add`: every option it runs with; `shim`: the options the shim's environment set
+    /// (laid over the new daemon's defaults, as a registration would be); otherwise none
+    /// (the new daemon's flags and config file decide).
+    #[serde(default)]
+    pub options: Overrides,
+    /// Its listening socket: its index among the descriptors.
+    pub socket: usize,
+    /// A shim's registration connection: its index among the descriptors.
+    #[serde(default)]
+    pub conn: Option<usize>,
 }
 
 impl Request {
@@ -196,6 +241,9 @@ pub struct Row {
     /// The PROXY protocol header its backend connections start with: `-` (off), `v1`, `v2`.
     #[serde(default)]
     pub proxy_protocol: String,
+    /// The process serving it (after a takeover, the new daemon).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// A row with a distinct value in every field, for tests.
@@ -217,6 +265,7 @@ pub(crate) fn sample_row() -> Row {
         socket: "socket".into(),
         socket_connections: 7,
         proxy_protocol: "v2".into(),
+        pid: 8,
     }
 }
 
@@ -242,14 +291,36 @@ mod tests {
                 spec: "[::]:8080:10.0.0.2:80/udp".into(),
                 options: Overrides::default(),
             },
+            Request::Takeover {},
         ];
         for r in requests {
             assert_eq!(Request::decode(r.encode().as_bytes()), Ok(r));
         }
-        let reply = Reply::Mappings {
-            rows: vec![sample_row()],
-        };
-        assert_eq!(Reply::decode(reply.encode().as_bytes()), Ok(reply));
+        let replies = [
+            Reply::Mappings {
+                rows: vec![sample_row()],
+            },
+            Reply::Moved { pid: 7 },
+            Reply::Handover {
+                pid: 7,
+                fds: 3,
+                control: 0,
+                metrics: None,
+                mappings: vec![Handed {
+                    spec: "127.0.0.1:8080:10.0.0.2:80/tcp".into(),
+                    origin: "shim".into(),
+                    options: Overrides {
+                        nat: Some(crate::options::Mode::On),
+                        ..Overrides::default()
+                    },
+                    socket: 1,
+                    conn: Some(2),
+                }],
+            },
+        ];
+        for reply in replies {
+            assert_eq!(Reply::decode(reply.encode().as_bytes()), Ok(reply));
+        }
     }
 
     #[test]

@@ -3,24 +3,31 @@
 //! for theirs (the oldest is dropped for a new one, so a pile of idle connections never
 //! locks `rproxy ls` out), and replies that cannot be written within [`REPLY_TIMEOUT`] are
 //! given up. A shim's registration is released however its connection ends.
+//!
+//! The daemon keeps a copy of each shim's connection: a takeover hands it, with the port, to
+//! the new daemon, which [adopts](Server::adopt) it — the shim never notices. When the
+//! daemon stops, it [lets go](Server::release) of every connection at once, so the shims
+//! serve their ports themselves while it drains.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
+use super::handover::{self, Giver, ShimConn};
 use super::{Reply, Request, Row, MAX_REQUEST};
 use crate::backoff::Backoff;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::options::{Options, Overrides};
 use crate::proxy_protocol::{PortRules, Version};
-use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
+use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor, HANDING_OVER};
 use crate::sys::fd::recv_with_fds;
 
 /// How long a client may take to send its request line.
@@ -49,6 +56,30 @@ struct Ctx {
     own_uid: u32,
     /// The PROXY protocol of ports shims hand over.
     port_rules: SharedRules,
+    /// Connection ids, which shims' origins carry.
+    next_id: AtomicU64,
+    /// The registered shims, by id.
+    shims: Mutex<HashMap<u64, Shim>>,
+    /// True once every registration must let go of its connection.
+    release: watch::Sender<bool>,
+    /// What a takeover hands over besides the mappings (None: no takeover yet possible).
+    giver: OnceLock<Giver>,
+    /// The process a takeover under way hands over to (0: none), for `moved`.
+    taker: AtomicU32,
+}
+
+/// A registered shim, as a takeover hands it over.
+struct Shim {
+    /// A copy of its connection.
+    conn: OwnedFd,
+    /// The options its environment set.
+    options: Overrides,
+}
+
+/// The daemon's control socket server: cheap to clone (shared).
+#[derive(Clone)]
+pub struct Server {
+    ctx: Arc<Ctx>,
 }
 
 /// Connections still waiting for their request, oldest first, each with its eviction signal.
@@ -76,30 +107,86 @@ impl Pending {
     }
 }
 
-/// Accepts control connections until the task is dropped; each is served on its own task.
-pub async fn serve(
-    listener: UnixListener,
-    sup: Supervisor,
-    drain: Duration,
-    defaults: Options,
-    port_rules: SharedRules,
-) {
-    let ctx = Arc::new(Ctx {
-        sup,
-        drain,
-        defaults,
-        own_uid: nix::unistd::geteuid().as_raw(),
-        port_rules,
-    });
+impl Server {
+    /// A server changing `sup`: `rm` gives connections `drain`, mappings naming no options
+    /// get `defaults`, ports shims hand over get the PROXY protocol `port_rules` give them.
+    pub fn new(
+        sup: Supervisor,
+        drain: Duration,
+        defaults: Options,
+        port_rules: SharedRules,
+    ) -> Server {
+        Server {
+            ctx: Arc::new(Ctx {
+                sup,
+                drain,
+                defaults,
+                own_uid: nix::unistd::geteuid().as_raw(),
+                port_rules,
+                next_id: AtomicU64::new(0),
+                shims: Mutex::default(),
+                release: watch::Sender::new(false),
+                giver: OnceLock::new(),
+                taker: AtomicU32::new(0),
+            }),
+        }
+    }
+
+    /// Lets a new daemon take everything over (`takeover`), with these sockets besides the
+    /// mappings. Set once.
+    pub fn accept_takeovers(&self, giver: Giver) {
+        let _ = self.ctx.giver.set(giver);
+    }
+
+    /// The origin of a shim registration not made here (handed over by a previous daemon).
+    pub fn shim_origin(&self) -> Origin {
+        Origin::Shim(self.ctx.next_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Takes over a shim's registration from a previous daemon: `conn` is its connection,
+    /// the mapping runs already under `key` and `origin` (from [`Server::shim_origin`]).
+    /// From here on it is as if the shim had registered here.
+    pub fn adopt(&self, conn: OwnedFd, key: Key, origin: Origin, options: Overrides) {
+        let stream = std::os::unix::net::UnixStream::from(conn);
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| UnixStream::from_std(stream));
+        match stream {
+            Ok(stream) => {
+                let ctx = self.ctx.clone();
+                tokio::spawn(async move { hold(stream, &ctx, key, origin, options).await });
+            }
+            Err(e) => {
+                tracing::warn!("cannot keep a shim's connection: {}", describe(&e));
+                let _ = Registration::new(self.ctx.clone(), key, origin);
+            }
+        }
+    }
+
+    /// Whether a takeover is under way (the control socket may be another daemon's).
+    pub fn handing_over(&self) -> bool {
+        self.ctx.taker.load(Ordering::Relaxed) != 0
+    }
+
+    /// Lets go of every shim's connection (the daemon stops, or another one holds them now).
+    pub fn release(&self) {
+        self.ctx.release.send_replace(true);
+    }
+
+    /// Accepts control connections until the task is dropped; each is served on its own task.
+    pub async fn serve(self, listener: UnixListener) {
+        serve(listener, self.ctx).await
+    }
+}
+
+async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
     let pending = Arc::new(Pending::default());
-    let mut next_id = 0u64;
     let mut backoff = Backoff::default();
     loop {
         let Some((stream, _)) = backoff.accepted("control", listener.accept().await).await else {
             continue;
         };
-        next_id += 1;
-        let id = next_id;
+        let id = ctx.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let evicted = pending.add(id);
         let (ctx, pending) = (ctx.clone(), pending.clone());
         tokio::spawn(async move {
@@ -158,7 +245,7 @@ async fn handle(
     mut stream: UnixStream,
     request: Request,
     fds: Vec<OwnedFd>,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     id: u64,
 ) -> io::Result<()> {
     let uid = stream.peer_cred()?.uid();
@@ -179,9 +266,40 @@ async fn handle(
         Request::Register { spec, options } => {
             return register(stream, ctx, &spec, options, fds, id).await
         }
+        Request::Takeover {} => return takeover(stream, ctx).await,
     };
-    let answer = answer.unwrap_or_else(|message| Reply::Error { message });
+    let answer = answer.unwrap_or_else(|message| refusal(ctx, message));
     reply(&mut stream, &answer).await
+}
+
+/// A refused change as the client gets it: while a takeover is under way, `moved` (ask
+/// again).
+fn refusal(ctx: &Ctx, message: String) -> Reply {
+    match ctx.taker.load(Ordering::Relaxed) {
+        pid if pid != 0 && message == HANDING_OVER => Reply::Moved { pid },
+        _ => Reply::Error { message },
+    }
+}
+
+/// `takeover`: hands everything to the asking process (see [`handover`]).
+async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
+    let Some(giver) = ctx.giver.get() else {
+        let message = "this daemon cannot hand over yet (still starting)".into();
+        return reply(&mut stream, &Reply::Error { message }).await;
+    };
+    let to = stream.peer_cred()?.pid().map_or(0, |p| p as u32);
+    ctx.taker.store(to, Ordering::Relaxed);
+    let shim = |id: u64| {
+        let shims = ctx.shims.lock().unwrap_or_else(|e| e.into_inner());
+        let s = shims.get(&id)?;
+        Some(ShimConn {
+            conn: s.conn.try_clone().ok()?,
+            options: s.options,
+        })
+    };
+    let given = handover::give(stream, to, &ctx.sup, giver, shim).await;
+    ctx.taker.store(0, Ordering::Relaxed);
+    given
 }
 
 async fn reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
@@ -197,6 +315,7 @@ async fn reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {
 
 /// `ls`: every mapping with its counters and kernel path.
 async fn rows(sup: &Supervisor) -> Vec<Row> {
+    let pid = std::process::id();
     let statuses = sup.statuses();
     let kernel = sup.kernel_connections(&statuses).await;
     statuses
@@ -214,6 +333,7 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
             origin: s.origin.to_string(),
             state: if s.serving { "serving" } else { "stopped" }.into(),
             stats: s.stats.snapshot(),
+            pid,
         })
         .collect()
 }
@@ -292,16 +412,31 @@ async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
 }
 
 /// Releases a shim's mapping however its connection's task ends: the shim closed, the
-/// reply could not be written, the task was dropped.
+/// reply could not be written, the task was dropped. Not when the daemon let go of the
+/// connection ([`Server::release`]): the mapping stops with the rest, or lives on in the
+/// daemon that took it over.
 struct Registration {
-    sup: Supervisor,
+    ctx: Arc<Ctx>,
     key: Key,
     origin: Origin,
 }
 
+impl Registration {
+    fn new(ctx: Arc<Ctx>, key: Key, origin: Origin) -> Registration {
+        Registration { ctx, key, origin }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
-        let (sup, key, origin) = (self.sup.clone(), self.key, self.origin);
+        if let Origin::Shim(id) = self.origin {
+            let mut shims = self.ctx.shims.lock().unwrap_or_else(|e| e.into_inner());
+            shims.remove(&id);
+        }
+        if *self.ctx.release.borrow() {
+            return;
+        }
+        let (sup, key, origin) = (self.ctx.sup.clone(), self.key, self.origin);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -322,7 +457,7 @@ impl Drop for Registration {
 /// `register` + socket: serve it for as long as the shim keeps this connection open.
 async fn register(
     mut stream: UnixStream,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     spec: &str,
     options: Overrides,
     mut fds: Vec<OwnedFd>,
@@ -370,25 +505,48 @@ async fn register(
     .await;
     let mapping = match started {
         Ok(m) => m,
-        Err(message) => return reply(&mut stream, &Reply::Error { message }).await,
+        Err(message) => return reply(&mut stream, &refusal(ctx, message)).await,
     };
-    let _registration = Registration {
-        sup: ctx.sup.clone(),
-        key: key(&mapping),
-        origin,
-    };
-    reply(
+    if let Some(pid) = stream.peer_cred().ok().and_then(|c| c.pid()) {
+        tracing::debug!("{mapping}: registered by pid {pid}");
+    }
+    let answered = reply(
         &mut stream,
         &Reply::Done {
             mappings: vec![mapping.spec()],
             proxy_protocol: mapping.options.proxy_protocol,
         },
     )
-    .await?;
+    .await;
+    if let Err(e) = answered {
+        let _ = Registration::new(ctx.clone(), key(&mapping), origin);
+        return Err(e);
+    }
+    hold(stream, ctx, key(&mapping), origin, options).await
+}
+
+/// Keeps a registered shim's mapping while its connection stays open, and a copy of the
+/// connection for a takeover; or until the daemon lets go of it.
+async fn hold(
+    stream: UnixStream,
+    ctx: &Arc<Ctx>,
+    key: Key,
+    origin: Origin,
+    options: Overrides,
+) -> io::Result<()> {
+    let _registration = Registration::new(ctx.clone(), key, origin);
+    if let (Origin::Shim(id), Ok(conn)) = (origin, stream.as_fd().try_clone_to_owned()) {
+        let mut shims = ctx.shims.lock().unwrap_or_else(|e| e.into_inner());
+        shims.insert(id, Shim { conn, options });
+    }
+    let mut release = ctx.release.subscribe();
     // The shim never writes again: readable means it closed (dockerd stopped it).
     let mut byte = [0u8; 1];
     loop {
-        stream.readable().await?;
+        tokio::select! {
+            readable = stream.readable() => readable?,
+            _ = release.wait_for(|r| *r) => return Ok(()),
+        }
         match stream.try_read(&mut byte) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             // EOF, an error, or a protocol violation: the registration ends.

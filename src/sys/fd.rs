@@ -68,8 +68,44 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Lets `fd` survive an exec (clears close-on-exec): a shim handing its port back to a
+/// daemon starts over as a fresh process that keeps its listening socket and connection.
+pub fn clear_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we borrow; only its descriptor flags change.
+    unsafe {
+        let flags = cvt(libc::fcntl(fd, libc::F_GETFD))?;
+        cvt(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+    }
+    Ok(())
+}
+
 /// Inherited numbers already taken, one bit per number below 64.
 static TAKEN: AtomicU64 = AtomicU64::new(0);
+
+/// Numbers from 64 on already taken by [`take_passed`].
+static TAKEN_HIGH: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes ownership of socket `fd` that this program passed to itself across an exec (its
+/// number named in the environment), once; None when it is not an open socket or was taken.
+/// As for [`take_inherited`], call it before this process opens anything.
+pub fn take_passed(fd: RawFd) -> Option<OwnedFd> {
+    if fd_kind(fd) != FdKind::Socket {
+        return None;
+    }
+    if fd < 64 {
+        return take_inherited(fd);
+    }
+    let mut taken = TAKEN_HIGH.lock().unwrap_or_else(|e| e.into_inner());
+    if taken.contains(&fd) {
+        return None;
+    }
+    taken.push(fd);
+    // SAFETY: the number is an open socket (checked) that the program before the exec left
+    // open for us and named; it is taken only once (the list above), so this OwnedFd is its
+    // only owner.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// Takes ownership of descriptor `fd` inherited from the parent (dockerd passes the status
 /// pipe as 3 and the listening socket as 4), if it is open.
@@ -92,11 +128,28 @@ pub fn take_inherited(fd: RawFd) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The most descriptors one SCM_RIGHTS message may carry (the kernel's SCM_MAX_FD).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
 /// Reads what is available on a unix stream socket into `buf`, with any descriptors sent
-/// along (SCM_RIGHTS, at most 4 per call; received close-on-exec). Non-blocking: WouldBlock
-/// when nothing is there. Returns (bytes read, descriptors); 0 bytes is EOF.
+/// along (SCM_RIGHTS, at most 4 per call: the control socket's requests carry one; more
+/// are closed by the kernel; received close-on-exec). Non-blocking: WouldBlock when nothing
+/// is there. Returns (bytes read, descriptors); 0 bytes is EOF.
 pub fn recv_with_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    recv_fds::<4>(fd, buf)
+}
+
+/// As [`recv_with_fds`], with room for a whole message of [`MAX_FDS_PER_MESSAGE`]
+/// descriptors: a daemon handing its sockets over sends them in such batches.
+pub fn recv_with_many_fds(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    recv_fds::<MAX_FDS_PER_MESSAGE>(fd, buf)
+}
+
+fn recv_fds<const N: usize>(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; N]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         fd.as_raw_fd(),

@@ -1,4 +1,4 @@
-//! The process: its descriptor limit, and its parent's death.
+//! The process: its descriptor limit, its parent's death, and its name.
 
 use std::io;
 use std::mem::zeroed;
@@ -36,5 +36,17 @@ pub fn nofile_limit() -> io::Result<u64> {
 pub fn set_parent_death_signal(signal: libc::c_int) -> io::Result<()> {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number by value; no pointers are involved.
     cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Sets this thread's name as `ps` and `/proc/PID/comm` show it (the kernel keeps 15 bytes).
+/// A process that re-executes itself through /proc/self/exe would otherwise be called "exe".
+pub fn set_name(name: &str) -> io::Result<()> {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the buffer
+    // we own (the last byte stays 0).
+    cvt(unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) })?;
     Ok(())
 }

@@ -67,7 +67,7 @@ pub async fn serve(
             }
             // Reap finished connections so the set stays the size of what is open.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            drain = stop.wait() => break drain,
+            stopping = stop.wait() => break stopping.drain,
         }
     };
     drop(listener);

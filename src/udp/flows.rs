@@ -79,6 +79,11 @@ impl<F> FlowTable<F> {
         self.flows.is_empty()
     }
 
+    /// The most recent activity of any flow (ms, from [`now_ms`]); None when there is none.
+    pub fn last_activity(&self) -> Option<u64> {
+        self.flows.values().map(|e| e.activity.last()).max()
+    }
+
     /// The flow for `key`.
     pub fn get(&self, key: &FlowKey) -> Option<&Entry<F>> {
         self.flows.get(key)

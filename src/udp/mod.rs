@@ -368,8 +368,11 @@ async fn relay(
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait() => {
-                // Flows close with the table; UDP has nothing to drain.
+            stopping = stop.wait() => {
+                if stopping.handover {
+                    linger(&mut ctx, &mut expired_rx, stopping.drain).await;
+                }
+                // Flows close with the table.
                 ctx.stats.active.store(0, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
@@ -409,6 +412,43 @@ async fn relay(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// How long a handed-over mapping's flows must have been silent before this process lets
+/// them go: their replies in flight have arrived by then.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// After a handover (another process reads the frontend now): keeps the flows relaying the
+/// replies to what they forwarded, until all have been silent for [`QUIET`], or `drain` is
+/// over. Nothing new is read: datagrams that arrive from now on open flows in the new
+/// process (toward the target from a new source port).
+async fn linger(
+    ctx: &mut Dispatch,
+    expired: &mut mpsc::UnboundedReceiver<(FlowKey, u64)>,
+    drain: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + drain;
+    let quiet_ms = QUIET.as_millis() as u64;
+    while let Some(last) = ctx.table.last_activity() {
+        let silent = now_ms().saturating_sub(last);
+        if silent >= quiet_ms {
+            break;
+        }
+        let wake =
+            (tokio::time::Instant::now() + Duration::from_millis(quiet_ms - silent)).min(deadline);
+        tokio::select! {
+            Some((key, id)) = expired.recv() => {
+                if ctx.table.remove(&key, id).is_some() {
+                    Stats::sub(&ctx.stats.active, 1);
+                    Stats::add(&ctx.stats.expired, 1);
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
         }
     }
 }

@@ -76,6 +76,8 @@ pub struct Spawn {
     pub stderr_null: bool,
     /// Commands rproxy runs under (`ip netns exec NS`, `setpriv …`), outermost first.
     pub wrappers: Vec<String>,
+    /// The program to run instead of [`rproxy`] (a copy of it, as an upgrade installs).
+    pub program: Option<String>,
 }
 
 impl Spawn {
@@ -96,6 +98,7 @@ impl Spawn {
             shell_prefix: Vec::new(),
             stderr_null: false,
             wrappers: Vec::new(),
+            program: None,
         }
     }
 
@@ -162,6 +165,7 @@ impl Spawn {
     }
 
     pub fn spawn(self) -> Proxy {
+        let program = self.program.clone().unwrap_or_else(|| rproxy().to_string());
         let mut cmd = match self.shell_prefix.is_empty() {
             false => {
                 let mut c = self.command("sh");
@@ -170,12 +174,12 @@ impl Spawn {
                         "{} && exec \"$0\" \"$@\"",
                         self.shell_prefix.join(" && ")
                     ))
-                    .arg(rproxy())
+                    .arg(&program)
                     .args(&self.args);
                 c
             }
             true => {
-                let mut c = self.command(rproxy());
+                let mut c = self.command(&program);
                 c.args(&self.args);
                 c
             }

@@ -1,0 +1,198 @@
+//! Restart and upgrade without an outage: a new daemon takes over the running one's sockets.
+//!
+//! `rproxy daemon --takeover` asks the running daemon for everything it serves
+//! ([`crate::control::handover`]), serves it — its own `--publish` and config file deciding
+//! which of the old `--publish`/config mappings stay, `rproxy add` mappings and shims'
+//! ports carried over as they were — and only then lets the old one stop accepting, drain
+//! its connections and exit. Every listening socket stays open throughout, so no connection
+//! is refused; established ones finish in the process that accepted them.
+//!
+//! A running daemon starts its successor itself ([`Program::start_successor`]) on SIGUSR2,
+//! and on SIGHUP when its program file was replaced (a package upgrade): the successor is the
+//! file now on disk, with the same arguments.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+
+use crate::config::Settings;
+use crate::control::server::Server;
+use crate::control::Handed;
+use crate::frontend;
+use crate::mapping::{describe, parse_publish, Mapping};
+use crate::options::{Options, Overrides};
+use crate::supervisor::{key, Key, Origin, Start};
+
+/// A shim's registration carried over: adopt it once its mapping runs.
+pub struct Adopt {
+    /// Its mapping's key.
+    pub key: Key,
+    /// The origin its mapping runs under.
+    pub origin: Origin,
+    /// The shim's connection.
+    pub conn: OwnedFd,
+    /// The options the shim's environment set.
+    pub options: Overrides,
+}
+
+/// The first change of a daemon taking over: this daemon's own mappings (on the old
+/// daemon's sockets where it had them), then what was handed over and is not this daemon's
+/// to decide (`rproxy add` mappings, shims' ports). The old daemon's `--publish` and config
+/// mappings that this one does not have are left to it: it drains them.
+pub fn plan(
+    settings: &Settings,
+    old: u32,
+    received: Vec<(Handed, OwnedFd, Option<OwnedFd>)>,
+    server: &Server,
+) -> Result<(Vec<Start>, Vec<Adopt>), String> {
+    let mut handed: HashMap<Key, (String, String, Overrides, OwnedFd, Option<OwnedFd>)> =
+        HashMap::new();
+    for (h, socket, conn) in received {
+        let m = one(&h.spec, Options::default())?;
+        handed.insert(key(&m), (h.spec, h.origin, h.options, socket, conn));
+    }
+    let mut starts = Vec::new();
+    let own = [
+        (&settings.publish, Origin::Publish),
+        (&settings.config, Origin::Config),
+    ];
+    for (mappings, origin) in own {
+        for m in mappings {
+            let socket = match handed.remove(&key(m)) {
+                Some((spec, from, _, _, _)) if from == "shim" => {
+                    return Err(format!(
+                        "{} {} is published by dockerd ({spec}, handed over by a shim to pid \
+                         {old}), and this daemon's {origin} mappings have it too",
+                        m.proto, m.listen
+                    ))
+                }
+                Some((_, _, _, socket, _)) => Some(checked(m, socket)?),
+                None => None,
+            };
+            starts.push(Start {
+                mapping: *m,
+                socket,
+                origin,
+            });
+        }
+    }
+    let mut adopt = Vec::new();
+    for (_, (spec, from, options, socket, conn)) in handed {
+        match (from.as_str(), conn) {
+            ("add", _) => {
+                let m = one(&spec, options.apply(Options::default())?)?;
+                let socket = Some(checked(&m, socket)?);
+                starts.push(Start {
+                    mapping: m,
+                    socket,
+                    origin: Origin::Control,
+                });
+            }
+            ("shim", Some(conn)) => {
+                let m = one(&spec, options.apply(settings.defaults)?)?;
+                let socket = Some(checked(&m, socket)?);
+                let origin = server.shim_origin();
+                starts.push(Start {
+                    mapping: m,
+                    socket,
+                    origin,
+                });
+                adopt.push(Adopt {
+                    key: key(&m),
+                    origin,
+                    conn,
+                    options,
+                });
+            }
+            (from, _) => tracing::info!(
+                "takeover: {spec} ({from} of pid {old}) is not one of this daemon's mappings; \
+                 pid {old} drains it"
+            ),
+        }
+    }
+    Ok((starts, adopt))
+}
+
+/// The one mapping of a one-port spec.
+fn one(spec: &str, options: Options) -> Result<Mapping, String> {
+    match parse_publish(spec, options)?.as_slice() {
+        [m] => Ok(*m),
+        _ => Err(format!(
+            "the handover lists {spec:?}, which is not one port"
+        )),
+    }
+}
+
+/// A handed-over socket, checked to serve `m` on its own address.
+fn checked(m: &Mapping, socket: OwnedFd) -> Result<socket2::Socket, String> {
+    let socket = frontend::check(m, socket)
+        .map_err(|why| format!("the socket handed over for {m}: {why}"))?;
+    match frontend::local_addr(&socket) {
+        Some(local) if local == m.listen => Ok(socket),
+        local => Err(format!(
+            "the socket handed over for {m} is bound to {}",
+            local.map_or("nothing".into(), |a| a.to_string())
+        )),
+    }
+}
+
+/// This daemon's program and arguments, as started: what its successor runs.
+pub struct Program {
+    path: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Program {
+    /// The program this process runs, and its arguments (None when the kernel cannot say
+    /// where it is).
+    pub fn current() -> Option<Program> {
+        let path = std::env::current_exe().ok()?;
+        Some(Program {
+            path,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+
+    /// Whether the file this process was started from has been replaced (a package upgrade
+    /// installs a new file under the same name), so a successor would run another program.
+    pub fn replaced(&self) -> bool {
+        match (
+            std::fs::metadata(&self.path),
+            std::fs::metadata("/proc/self/exe"),
+        ) {
+            (Ok(on_disk), Ok(running)) => {
+                (on_disk.dev(), on_disk.ino()) != (running.dev(), running.ino())
+            }
+            _ => false,
+        }
+    }
+
+    /// Starts the program file (the new one after an upgrade) as `daemon … --takeover`, in
+    /// this process's environment (so it reaches systemd's notify socket too). A thread
+    /// waits for it: if it fails before taking over, the log says so here, and this daemon
+    /// carries on.
+    pub fn start_successor(&self) -> Result<u32, String> {
+        let mut args = self.args.clone();
+        if !args.iter().any(|a| a == "--takeover") {
+            args.push("--takeover".into());
+        }
+        let mut child = std::process::Command::new(&self.path)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {}", self.path.display(), describe(&e)))?;
+        let pid = child.id();
+        let _ = std::thread::Builder::new()
+            .name("rproxy-successor".into())
+            .spawn(move || match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => tracing::error!(
+                    "the new daemon (pid {pid}) ended: {status}; this one keeps serving"
+                ),
+                Err(e) => tracing::warn!("cannot wait for pid {pid}: {}", describe(&e)),
+            });
+        Ok(pid)
+    }
+}
