@@ -2014,7 +2014,7 @@ impl Harness {
                     kernel: num(11),
                     socket: c[12].into(),
                     socket_conns: num(13),
-                    pid: num(14) as u32,
+                    pid: num(15) as u32,
                 }
             })
             .collect()

@@ -734,7 +734,15 @@ fn the_unit_verifies_and_accepts_a_new_main_pid() {
     // As installed, with this build's binary where the unit expects it.
     let dir = Dir::new("takeover-unit");
     let path = dir.0.join("rproxy.service");
-    std::fs::write(&path, unit.replace("/usr/local/bin/rproxy", rproxy())).unwrap();
+    // Its manual is the package's (tests/package.rs verifies the unit as installed, pages
+    // and all); here the unit alone, with this build's binary.
+    let unit: String = unit
+        .replace("/usr/bin/rproxy", rproxy())
+        .lines()
+        .filter(|l| !l.starts_with("Documentation="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, unit).unwrap();
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
