@@ -353,6 +353,8 @@ async fn run(settings: Settings) -> i32 {
     server.release();
     if let Some(h) = handover {
         let _ = h.released.send(());
+        // Exit (a drain of nothing) only once the new daemon heard it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), h.told).await;
     }
     // A second stop signal cuts the drain short.
     let drained = async {

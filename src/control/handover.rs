@@ -60,6 +60,9 @@ pub struct HandedOver {
     pub to: u32,
     /// Send once nothing is accepted here any more (and the NAT table is gone).
     pub released: oneshot::Sender<()>,
+    /// Ready once the new daemon has been told: this process must not exit before (with no
+    /// connection to drain it would, and the new one would read an end instead).
+    pub told: oneshot::Receiver<()>,
 }
 
 /// A shim's registration as the old daemon hands it over.
@@ -157,12 +160,18 @@ pub async fn give(
         return Ok(());
     }
     let (released, stopped) = oneshot::channel();
-    if giver.events.send(HandedOver { to, released }).is_err() {
+    let (tell, told) = oneshot::channel();
+    if giver
+        .events
+        .send(HandedOver { to, released, told })
+        .is_err()
+    {
         // The daemon is stopping anyway.
         return Ok(());
     }
     let _ = stopped.await;
     write_line(&mut stream, "released").await?;
+    let _ = tell.send(());
     // Held until this process exits: its end tells the new daemon the drain is over.
     std::future::pending::<()>().await;
     Ok(())
