@@ -667,6 +667,7 @@ table ip docker-bridges {{
   chain nat-prerouting-and-output {{
     iifname != \"br0\" tcp dport 8081 counter dnat to {CTR}:80
     iifname != \"br0\" tcp dport 8083 counter dnat to {CTR}:80
+    iifname != \"br0\" ip daddr {HOST_IP} tcp dport 8085 counter dnat to {CTR}:80
   }}
   chain nat-PREROUTING {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -689,6 +690,13 @@ EOF"
     // 6→4 (`-host-ip :: -container-ip <IPv4>`): no dockerd rule, whatever the IPv4 one says.
     let _p3 = publish("::", 8083, CTR);
     assert_eq!(nat_of("[::]:8083"), "userland");
+    // A rule for one host address (`-p HOST_IP:8085:80`) covers that address only: a
+    // mapping on every address gets rproxy's rules, one on that address is dockerd's.
+    let _p5 = publish("0.0.0.0", 8085, CTR);
+    assert_eq!(nat_of("0.0.0.0:8085"), "kernel");
+    drop(_p5);
+    let _p6 = publish(HOST_IP, 8085, CTR);
+    assert_eq!(nat_of(&format!("{HOST_IP}:8085")), "dockerd");
 
     // An engine up to 27: the proxy first (rproxy's rules), then dockerd's (iptables-nft).
     let _p2 = publish("0.0.0.0", 8082, CTR);

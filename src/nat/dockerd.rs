@@ -61,9 +61,11 @@ impl Rules {
             Proto::Tcp => libc::IPPROTO_TCP as u8,
             Proto::Udp => libc::IPPROTO_UDP as u8,
         };
+        // dockerd writes `-d H` for a port published on one host address.
+        let daddr = Some(m.listen.ip()).filter(|ip| !ip.is_unspecified());
         rules
             .iter()
-            .any(|r| rules::translates(r, proto, m.listen.port()))
+            .any(|r| rules::translates(r, proto, m.listen.port(), daddr))
     }
 }
 

@@ -213,16 +213,20 @@ pub fn comment_of(userdata: &[u8]) -> Option<String> {
 }
 
 /// Whether a rule read back (its NFT_MSG_NEWRULE attributes) matches `meta l4proto PROTO`
-/// and `th dport PORT` and translates (a `nat` expression, or iptables-nft's `DNAT` target).
-pub fn translates(rule: &[u8], proto: u8, port: u16) -> bool {
+/// and `th dport PORT` and translates (a `nat` expression, or iptables-nft's `DNAT` target)
+/// every destination `daddr` covers: a rule without a destination address covers all, one
+/// with (`-d H`, `ip daddr H`) only that address, so not a wildcard mapping (`daddr` None).
+pub fn translates(rule: &[u8], proto: u8, port: u16, daddr: Option<IpAddr>) -> bool {
     use super::netlink::{attrs, be_u32, find, string};
     #[derive(PartialEq)]
     enum Loaded {
         L4proto,
         Dport,
+        Daddr,
         Other,
     }
     let (mut loaded, mut proto_ok, mut port_ok, mut nat) = (Loaded::Other, false, false, false);
+    let mut rule_daddr: Option<Vec<u8>> = None;
     let exprs = find(rule, NFTA_RULE_EXPRESSIONS).unwrap_or_default();
     for (_, e) in attrs(exprs).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
         let name = find(e, NFTA_EXPR_NAME).map(string).unwrap_or_default();
@@ -238,6 +242,8 @@ pub fn translates(rule: &[u8], proto: u8, port: u16) -> bool {
             "payload" => {
                 loaded = match (u32_at(2), u32_at(3), u32_at(4)) {
                     (Some(2), Some(2), Some(2)) => Loaded::Dport, // transport header + 2, 2 bytes
+                    // Network header: the IPv4 (16, 4 bytes) or IPv6 (24, 16) destination.
+                    (Some(1), Some(16), Some(4)) | (Some(1), Some(24), Some(16)) => Loaded::Daddr,
                     _ => Loaded::Other,
                 }
             }
@@ -246,6 +252,7 @@ pub fn translates(rule: &[u8], proto: u8, port: u16) -> bool {
                 match loaded {
                     Loaded::L4proto => proto_ok |= value == Some(&[proto][..]),
                     Loaded::Dport => port_ok |= value == Some(&port.to_be_bytes()[..]),
+                    Loaded::Daddr => rule_daddr = value.map(<[u8]>::to_vec),
                     Loaded::Other => {}
                 }
             }
@@ -253,7 +260,13 @@ pub fn translates(rule: &[u8], proto: u8, port: u16) -> bool {
             _ => {}
         }
     }
-    proto_ok && port_ok && nat
+    let covered = match (daddr, rule_daddr) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(IpAddr::V4(a)), Some(r)) => r == a.octets(),
+        (Some(IpAddr::V6(a)), Some(r)) => r == a.octets(),
+    };
+    proto_ok && port_ok && nat && covered
 }
 
 fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
@@ -430,9 +443,19 @@ mod tests {
         let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
         let rule = &for_mapping(&m, Some("docker0"))[0];
         let bytes = rule.encode("nat").bytes().to_vec();
-        assert!(translates(&bytes, 6, 8080));
-        assert!(!translates(&bytes, 6, 8081), "another port");
-        assert!(!translates(&bytes, 17, 8080), "another protocol");
+        assert!(translates(&bytes, 6, 8080, None));
+        assert!(!translates(&bytes, 6, 8081, None), "another port");
+        assert!(!translates(&bytes, 17, 8080, None), "another protocol");
+        // A rule for one host address covers that address, not every one.
+        let one = parse_publish("192.0.2.7:8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
+        let bytes = attrs_bytes(&for_mapping(&one, None)[1].encode("rproxy"));
+        let at = |ip: &str| Some(ip.parse().unwrap());
+        assert!(translates(&bytes, 6, 8080, at("192.0.2.7")));
+        assert!(
+            !translates(&bytes, 6, 8080, at("192.0.2.8")),
+            "another address"
+        );
+        assert!(!translates(&bytes, 6, 8080, None), "a wildcard mapping");
     }
 
     #[test]
