@@ -18,6 +18,7 @@ use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Options;
+use crate::proxy_protocol::Version;
 use crate::shim::{self, HandBack, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::supervisor::{Origin, Supervisor};
@@ -86,8 +87,9 @@ pub struct Inherited {
     status: StatusPipe,
     listen: Result<OwnedFd, &'static str>,
     /// A shim started over after handing its port back to a daemon ([`shim::restart`]): its
-    /// listening socket and its connection to the daemon. fds 3 and 4 are then not dockerd's.
-    resumed: Option<(OwnedFd, OwnedFd)>,
+    /// listening socket, its connection to the daemon and the header that daemon gave it.
+    /// fds 3 and 4 are then not dockerd's.
+    resumed: Option<(OwnedFd, OwnedFd, Version)>,
 }
 
 impl Inherited {
@@ -176,7 +178,11 @@ pub fn main(
         socket_path: env.socket.clone(),
         options: env.overrides,
     };
-    if let Some((socket, conn)) = resumed {
+    if let Some((socket, conn, proxy_protocol)) = resumed {
+        let options = Options {
+            proxy_protocol,
+            ..options
+        };
         return resume(prog, &flags, options, socket, conn, &back);
     }
 
@@ -207,7 +213,7 @@ pub fn main(
         Ok(Handoff::NoDaemon) => match serve(mapping, socket, Some(status), None) {
             Served::Exit(code) => code,
             // Never: without `back` there is no hand-back.
-            Served::HandedBack(_) => 0,
+            Served::HandedBack(..) => 0,
         },
         Ok(Handoff::Registered(conn, proxy_protocol)) => {
             status.ready(&mapping);
@@ -252,7 +258,7 @@ fn resume(
 
 /// A registered shim: waits for dockerd's stop signal; when the daemon goes away, serves the
 /// port itself until a daemon takes it back, then starts over as a waiting shim.
-fn registered(mapping: Mapping, socket: Socket, mut conn: UnixStream, back: &HandBack) -> i32 {
+fn registered(mut mapping: Mapping, socket: Socket, mut conn: UnixStream, back: &HandBack) -> i32 {
     loop {
         match shim::wait(&conn) {
             Ok(WaitEnd::Stopped(signal)) => {
@@ -278,9 +284,12 @@ fn registered(mapping: Mapping, socket: Socket, mut conn: UnixStream, back: &Han
         };
         conn = match serve(mapping, copy, None, Some(back)) {
             Served::Exit(code) => return code,
-            Served::HandedBack(conn) => conn,
+            Served::HandedBack(conn, proxy_protocol) => {
+                mapping.options.proxy_protocol = proxy_protocol;
+                conn
+            }
         };
-        let e = shim::restart(&socket, &conn);
+        let e = shim::restart(&socket, &conn, mapping.options.proxy_protocol);
         tracing::warn!(
             "cannot start over as a waiting shim ({}); waiting in this process",
             describe(&e)
@@ -294,7 +303,7 @@ enum Served {
     Exit(i32),
     /// A daemon serves the port now, for as long as this connection stays open; this
     /// process's own connections are finished.
-    HandedBack(UnixStream),
+    HandedBack(UnixStream, Version),
 }
 
 /// Serves the mapping in this process on a current-thread runtime until SIGINT/SIGTERM, with
@@ -342,7 +351,7 @@ fn serve(
             Ok(c) => c,
             Err(e) => return fail(status, &format!("cannot keep the socket: {}", describe(&e))),
         };
-        let mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
+        let mut mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
             Ok(m) => m,
             Err(msg) => return fail(status, &msg),
         };
@@ -363,8 +372,11 @@ fn serve(
                     sup.stop_all(Duration::ZERO).await;
                     return Served::Exit(0);
                 }
-                conn = shim::watch_daemon(mapping, &socket, back) => conn,
+                taken = shim::watch_daemon(mapping, &socket, back) => taken,
             };
+            let (conn, proxy_protocol) = conn;
+            // Should that daemon go too, the port keeps the header it gave.
+            mapping.options.proxy_protocol = proxy_protocol;
             tracing::info!(
                 "{mapping} handed back to the daemon; finishing this process's connections \
                  (up to {:?})",
@@ -377,7 +389,7 @@ fn serve(
                 }
             };
             tokio::select! {
-                _ = drained => return Served::HandedBack(conn),
+                _ = drained => return Served::HandedBack(conn, proxy_protocol),
                 signal = signals.terminate() => {
                     tracing::info!("{signal}: stopping {mapping}");
                     return Served::Exit(0);

@@ -40,8 +40,8 @@ pub const HANDBACK_DRAIN: Duration = Duration::from_secs(10);
 /// How long a registration is tried again while a daemon hands over to a new one.
 const MOVED_PATIENCE: Duration = Duration::from_secs(4);
 
-/// Names, across a shim's [`restart`], its listening socket and its connection:
-/// `<socket fd>,<connection fd>`.
+/// Names, across a shim's [`restart`], its listening socket, its connection and the PROXY
+/// protocol header the daemon gave its port: `<socket fd>,<connection fd>,<off|v1|v2>`.
 pub const RESUME_VAR: &str = "RPROXY_SHIM_RESUME";
 
 /// What became of the offer to the daemon.
@@ -187,9 +187,14 @@ pub fn wait(stream: &UnixStream) -> io::Result<WaitEnd> {
 }
 
 /// Looks for a daemon every [`WATCH_INTERVAL`] while this process serves `mapping` itself,
-/// and offers it the port; returns the connection of the registration it accepted. A
+/// and offers it the port; returns the connection of the registration it accepted and the
+/// PROXY protocol header the daemon gives the port (kept should it go away again). A
 /// daemon that refuses is asked again less and less often (up to once a minute).
-pub async fn watch_daemon(mapping: Mapping, socket: &Socket, back: &HandBack) -> UnixStream {
+pub async fn watch_daemon(
+    mapping: Mapping,
+    socket: &Socket,
+    back: &HandBack,
+) -> (UnixStream, Version) {
     let path = control::socket_path(back.socket_path.clone());
     let mut pause = WATCH_INTERVAL;
     let mut refusals = 0u32;
@@ -206,10 +211,7 @@ pub async fn watch_daemon(mapping: Mapping, socket: &Socket, back: &HandBack) ->
         let offered =
             tokio::task::spawn_blocking(move || register(&mapping, &copy, Some(p), options)).await;
         match offered {
-            // The header the daemon's rules give the port applies while it serves it; this
-            // process, started over as a waiting shim, takes its options from its flags and
-            // environment again.
-            Ok(Ok(Handoff::Registered(conn, _))) => return conn,
+            Ok(Ok(Handoff::Registered(conn, proxy_protocol))) => return (conn, proxy_protocol),
             Ok(Err(refusal)) => {
                 if refusals == 0 {
                     tracing::warn!(
@@ -243,13 +245,17 @@ pub async fn closed(conn: &UnixStream) {
 /// them with a daemon): a fresh process image, so nothing the serving left behind (its
 /// runtime, buffers, pipes) stays. The process, its parent (dockerd) and its pid stay; stop
 /// signals that arrive meanwhile wait, blocked, for the new image. Returns only on failure.
-pub fn restart(socket: &Socket, conn: &UnixStream) -> io::Error {
+pub fn restart(socket: &Socket, conn: &UnixStream, proxy_protocol: Version) -> io::Error {
     let keep = |fd: &dyn AsFd| clear_cloexec(fd.as_fd());
     if let Err(e) = keep(socket).and_then(|()| keep(conn)) {
         return e;
     }
     signals::block();
-    let resume = format!("{RESUME_VAR}={},{}", socket.as_raw_fd(), conn.as_raw_fd());
+    let resume = format!(
+        "{RESUME_VAR}={},{},{proxy_protocol}",
+        socket.as_raw_fd(),
+        conn.as_raw_fd()
+    );
     let cstring = |bytes: &[u8]| CString::new(bytes).ok();
     let args: Option<Vec<CString>> = std::env::args_os().map(|a| cstring(a.as_bytes())).collect();
     let mut env: Vec<CString> = std::env::vars_os()
@@ -273,9 +279,14 @@ pub fn restart(socket: &Socket, conn: &UnixStream) -> io::Error {
 /// The listening socket and connection a shim kept across its [`restart`], taken from the
 /// descriptors [`RESUME_VAR`] names; call first thing, as for inherited descriptors. None
 /// when this process is not such a restart.
-pub fn resumed() -> Option<(OwnedFd, OwnedFd)> {
+pub fn resumed() -> Option<(OwnedFd, OwnedFd, Version)> {
     let value = std::env::var_os(RESUME_VAR)?;
-    let (socket, conn) = value.to_str()?.split_once(',')?;
-    let fd = |s: &str| s.parse::<RawFd>().ok().and_then(take_passed);
-    Some((fd(socket)?, fd(conn)?))
+    let mut parts = value.to_str()?.split(',');
+    let fd = |s: Option<&str>| s?.parse::<RawFd>().ok().and_then(take_passed);
+    let (socket, conn) = (fd(parts.next())?, fd(parts.next())?);
+    let version = parts
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_default();
+    Some((socket, conn, version))
 }

@@ -628,6 +628,23 @@ fn handed_over_ports_get_the_daemons_choice_by_host_port() {
     let mut want = expected_header(2, me, at(base));
     want.extend_from_slice(b"alone");
     assert_eq!(received.recv_timeout(TIMEOUT).unwrap(), want);
+
+    // A daemon comes back, its rules now saying v1: the shim hands the port back to it and
+    // starts over (a new image) as a waiting shim. When that daemon dies too, the shim serves
+    // with the header this daemon gave it, not the first one's nor none.
+    std::fs::write(&path, rules("v1")).unwrap();
+    let d = daemon(&dir, &["--config", path.to_str().unwrap()]);
+    inside.wait_log("the daemon serves it again", TIMEOUT);
+    let me = send_and_close(at(base), b"back");
+    let mut want = expected_header(1, me, at(base));
+    want.extend_from_slice(b"back");
+    assert_eq!(received.recv_timeout(TIMEOUT).unwrap(), want);
+    drop(d);
+    inside.wait_log("went away", TIMEOUT);
+    let me = send_and_close(at(base), b"alone again");
+    let mut want = expected_header(1, me, at(base));
+    want.extend_from_slice(b"alone again");
+    assert_eq!(received.recv_timeout(TIMEOUT).unwrap(), want);
     drop((inside, outside, dual));
 }
 
