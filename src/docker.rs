@@ -355,9 +355,9 @@ fn serve(
             Ok(m) => m,
             Err(msg) => return fail(status, &msg),
         };
-        match status {
-            Some(s) => s.ready(&mapping),
-            None => tracing::info!("serving {mapping}"),
+        // The supervisor has said "serving" already.
+        if let Some(s) = status {
+            s.ready(&mapping);
         }
         let (Some(back), Some(socket)) = (back, copy) else {
             let signal = signals.terminate().await;

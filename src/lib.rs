@@ -19,6 +19,7 @@ pub mod engine;
 pub mod env;
 pub mod frontend;
 pub mod goflags;
+pub mod interfaces;
 pub mod log;
 #[cfg(test)]
 mod manual;

@@ -244,13 +244,7 @@ fn target(m: &Mapping, id: u32, network: u32) -> Vec<u8> {
 /// interface but loopback, which the programs recognise by itself.
 pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
-    for ifa in nix::ifaddrs::getifaddrs().map_err(io::Error::from)? {
-        let Some(addr) = ifa.address else { continue };
-        let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-            (Some(v4), _) => IpAddr::V4(v4.ip()),
-            (_, Some(v6)) => IpAddr::V6(v6.ip()),
-            _ => continue,
-        };
+    for (_, ip) in crate::interfaces::addresses()? {
         if !ip.is_loopback() && !out.contains(&ip) {
             out.push(ip);
         }

@@ -18,19 +18,12 @@ pub fn interface_toward(target: SocketAddr) -> io::Result<Option<String>> {
         // The target is one of this host's own addresses.
         return Ok(None);
     }
-    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    for ifa in addrs {
-        let Some(addr) = ifa.address else { continue };
-        let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
-            (Some(v4), _) => IpAddr::V4(v4.ip()),
-            (_, Some(v6)) => IpAddr::V6(v6.ip()),
-            _ => continue,
-        };
+    for (name, ip) in crate::interfaces::addresses()? {
         if ip == source {
-            if ifa.interface_name == "lo" {
+            if name == "lo" {
                 return Ok(None);
             }
-            return Ok(Some(ifa.interface_name));
+            return Ok(Some(name));
         }
     }
     Err(io::Error::new(
