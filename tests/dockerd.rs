@@ -1036,8 +1036,13 @@ fn hairpin_is_direct_only_on_the_targets_network_with_icc(h: &Harness, p_icc: u1
     .map(|(name, icc, port)| {
         let (client, web) = (format!("{name}-client"), format!("{name}-web"));
         let words = |line: String| h.docker_ok(&line.split(' ').collect::<Vec<_>>());
+        // The icc network with IPv6 too (dockerd runs with --ipv6 where the host has it).
+        let v6 = match (icc, h.ipv6) {
+            (true, true) => " --ipv6 --subnet fd7e:77::/64",
+            _ => "",
+        };
         words(format!(
-            "network create --opt com.docker.network.bridge.enable_icc={icc} {name}"
+            "network create --opt com.docker.network.bridge.enable_icc={icc}{v6} {name}"
         ));
         words(format!(
             "run -d --name {client} --network {name} {IMAGE} sleep 3600"
@@ -1066,13 +1071,14 @@ fn hairpin_is_direct_only_on_the_targets_network_with_icc(h: &Harness, p_icc: u1
             _ => panic!("{container}: no address in {text:?}"),
         }
     };
-    let row = |port: u16| {
-        let listen = format!("0.0.0.0:{port}");
+    let row_at = |listen: &str| {
+        let listen = listen.to_string();
         h.rproxy_ls()
             .into_iter()
             .find(|r| r.listen == listen)
             .unwrap_or_else(|| panic!("{listen} not handed over\n{}", h.diag()))
     };
+    let row = |port: u16| row_at(&format!("0.0.0.0:{port}"));
     let fetch = |net: &Net, host: IpAddr| {
         let script = format!(
             "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {host} {}",
@@ -1130,6 +1136,40 @@ fn hairpin_is_direct_only_on_the_targets_network_with_icc(h: &Harness, p_icc: u1
         "{}: hairpin from {icc_client} went straight to the target",
         icc.name
     ));
+
+    // The same over IPv6: the container dials its network's IPv6 gateway, dockerd's `::`
+    // proxy's port, and reaches the target's IPv6 address straight.
+    if h.ipv6 {
+        let text = h.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.GlobalIPv6Address}} {{.IPv6Gateway}}{{end}}",
+            &icc.client,
+        ]);
+        let mut f = text.split_whitespace().map(|s| s.parse::<IpAddr>());
+        let (client6, gw6) = match (f.next(), f.next()) {
+            (Some(Ok(ip)), Some(Ok(gw))) => (ip, gw),
+            _ => panic!("{}: no IPv6 address in {text:?}", icc.client),
+        };
+        let listen6 = format!("[::]:{}", icc.port);
+        let before = row_at(&listen6);
+        for _ in 0..3 {
+            fetch(icc, gw6);
+        }
+        let after = row_at(&listen6);
+        assert_eq!(after.total, before.total, "through the listener: {after:?}");
+        assert_eq!(after.socket_conns, before.socket_conns + 3, "{after:?}");
+        let seen = h.docker(&["logs", &icc.web]).stderr;
+        assert!(
+            seen.contains(&format!("[{client6}]:")),
+            "{} did not see {client6} as the client: {seen}",
+            icc.web
+        );
+        h.step(&format!(
+            "{}: IPv6 hairpin from {client6} went straight to {}",
+            icc.name, after.target
+        ));
+    }
 
     // The container's own loopback is its own: refused there, nothing counted.
     let own = h.docker(&[
