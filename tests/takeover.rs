@@ -207,28 +207,6 @@ fn report(what: &str, tcp: &TcpTally, udp: &UdpTally, when: Instant) -> u64 {
     spanning
 }
 
-/// `rproxy ls` rows, each column by its header.
-fn rows(dir: &Dir) -> Vec<HashMap<String, String>> {
-    let (code, out, err) = cli(dir, &["ls"]);
-    assert_eq!(code, 0, "ls failed: {err}");
-    let mut lines = out.lines();
-    let header: Vec<String> = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split_whitespace().map(String::from))
-                .collect()
-        })
-        .collect()
-}
-
 fn proc_status(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -404,7 +382,7 @@ fn takeover_under_load_refuses_and_breaks_nothing() {
     );
 
     // Everything is the new process's, each mapping where it came from.
-    let rows = rows(&dir);
+    let rows = ls_table(&dir);
     let mut origins: Vec<&str> = rows.iter().map(|r| r["ORIGIN"].as_str()).collect();
     origins.sort();
     assert_eq!(
@@ -498,7 +476,7 @@ fn a_daemon_restart_with_shims_refuses_and_breaks_nothing() {
 /// The shims re-registered with daemon `pid`, are single-threaded processes with a fresh
 /// shim's memory again (`fresh`: their RssAnon before), and the daemon carries their traffic.
 fn shims_are_back(dir: &Dir, shims: &[&Proxy], fresh: &[u64], pid: u32) {
-    let rows = rows(dir);
+    let rows = ls_table(dir);
     assert_eq!(rows.len(), shims.len(), "{rows:?}");
     for r in &rows {
         assert_eq!(
@@ -536,7 +514,7 @@ fn shims_are_back(dir: &Dir, shims: &[&Proxy], fresh: &[u64], pid: u32) {
         );
     }
     assert!(
-        total(&self::rows(dir)) > before,
+        total(&ls_table(dir)) > before,
         "the daemon did not carry the traffic"
     );
 }
@@ -609,7 +587,7 @@ fn sighup_after_an_upgrade_and_sigusr2_hand_over_to_a_new_process() {
     let _shim = shim(&dir, "tcp", base + 1, echo, None);
     let load = Load::start(&[at(base), at(base + 1)], &[], 1);
     let pid_of = |dir: &Dir| -> u32 {
-        let rows = rows(dir);
+        let rows = ls_table(dir);
         assert_eq!(rows.len(), 2, "{rows:?}");
         assert_eq!(rows[0]["PID"], rows[1]["PID"]);
         rows[0]["PID"].parse().unwrap()
@@ -668,7 +646,7 @@ fn a_failed_takeover_changes_nothing() {
     let said = new.stderr_text(Duration::from_millis(200));
     assert!(said.contains("published by dockerd"), "{said}");
     old.wait_log("still serving everything here", Duration::from_secs(5));
-    let rows = rows(&dir);
+    let rows = ls_table(&dir);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["PID"], old.child.id().to_string());
     echo_ok(at(base));
@@ -857,7 +835,7 @@ fn takeover_hands_over_more_sockets_than_one_message_carries() {
         .no_status_pipe()
         .spawn();
     assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
-    assert!(serving(new.child.id()), "{:?}", rows(&dir));
+    assert!(serving(new.child.id()), "{:?}", ls_table(&dir));
     for i in [0, 126, 127, 199] {
         echo_ok(at(base + i));
         let client = UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -577,6 +577,28 @@ pub fn cli_as(dir: &Dir, args: &[&str], uid: Option<u32>) -> (i32, String, Strin
     )
 }
 
+/// `rproxy ls` rows, each column by its header.
+pub fn ls_table(dir: &Dir) -> Vec<std::collections::HashMap<String, String>> {
+    let (code, out, err) = cli(dir, &["ls"]);
+    assert_eq!(code, 0, "ls failed: {err}");
+    let mut lines = out.lines();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split_whitespace().map(String::from))
+                .collect()
+        })
+        .collect()
+}
+
 /// `rproxy ls` rows as (proto, listen, target, origin, active).
 pub fn ls(dir: &Dir) -> Vec<(String, String, String, String, u64)> {
     let (code, out, err) = cli(dir, &["ls"]);
