@@ -18,30 +18,9 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 const TEST: &str = "socket_lb";
 
-/// `rproxy ls` as (listen, column → value) maps, by header.
-fn table(dir: &Dir) -> Vec<std::collections::HashMap<String, String>> {
-    let (code, out, err) = cli(dir, &["ls"]);
-    assert_eq!(code, 0, "ls: {err}");
-    let mut lines = out.lines();
-    let header: Vec<String> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .cloned()
-                .zip(l.split_whitespace().map(String::from))
-                .collect()
-        })
-        .collect()
-}
-
+/// The `rproxy ls` row of the mapping listening on `listen`, each column by its header.
 fn row(dir: &Dir, listen: &str) -> std::collections::HashMap<String, String> {
-    table(dir)
+    ls_table(dir)
         .into_iter()
         .find(|r| r["LISTEN"] == listen)
         .unwrap_or_else(|| panic!("no mapping on {listen}"))
@@ -77,8 +56,10 @@ fn kernel_peer(local: SocketAddr) -> Option<String> {
     let out = Command::new("ss")
         .args([
             "-Htn",
+            // Established only: a TIME-WAIT socket of an earlier connection (this test's, or
+            // a parallel one's) may hold the same local port towards another peer.
             "state",
-            "all",
+            "established",
             &format!("( sport = :{} )", local.port()),
         ])
         .output()
@@ -213,7 +194,7 @@ fn host_clients_connect_straight_to_the_target() {
     expected_socket += 1;
     // Nothing went through the listeners; the hooks counted every connection.
     let mut socket_conns = 0;
-    for r in table(&dir) {
+    for r in ls_table(&dir) {
         assert_eq!(
             r["TOTAL"], "0",
             "{} relayed in userland: {r:?}",
