@@ -430,34 +430,17 @@ fn takeover_under_load_refuses_and_breaks_nothing() {
 /// end up as they were, one thread and a fresh process's memory.
 #[test]
 fn a_daemon_restart_with_shims_refuses_and_breaks_nothing() {
-    let dir = Dir::new("takeover-restart");
-    let echo = tcp_echo("127.0.0.1:0");
-    let uecho = udp_echo("127.0.0.1:0");
-    let base = free_ports(2);
-    let mut old = daemon(&dir, &[]);
-    let tcp_shim = shim(&dir, "tcp", base, echo, None);
-    let u = UdpSocket::bind(at(base + 1)).unwrap();
-    let udp_shim = shim(&dir, "udp", base + 1, uecho, Some(u.into()));
-    let shims = [&tcp_shim, &udp_shim];
-    let fresh: Vec<u64> = shims
-        .iter()
-        .map(|s| proc_status(s.child.id(), "RssAnon:"))
-        .collect();
-    let load = Load::start(&[at(base)], &[at(base + 1)], 3);
-    std::thread::sleep(Duration::from_secs(1));
-
-    old.signal(Signal::SIGTERM);
+    let mut t = ShimsUnderLoad::start("takeover-restart");
+    let shims = [&t.tcp_shim, &t.udp_shim];
+    t.old.signal(Signal::SIGTERM);
     let stopped = Instant::now();
     for s in shims {
         s.wait_log("daemon went away", Duration::from_secs(5));
     }
-    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
-    std::thread::sleep(Duration::from_millis(500));
-    let new = daemon(&dir, &[]);
-    for s in shims {
-        s.wait_log("the daemon serves it again", Duration::from_secs(15));
-    }
+    assert_eq!(t.old.wait_exit(Duration::from_secs(10)), Some(0));
+    let new = next_daemon(&t.dir, &shims);
     let back = stopped.elapsed();
+    let (dir, fresh, load) = (&t.dir, &t.fresh, t.load);
     std::thread::sleep(Duration::from_secs(1));
     let (tcp, udp) = load.finish();
     let spanning = report("restart", &tcp, &udp, stopped);
@@ -470,7 +453,57 @@ fn a_daemon_restart_with_shims_refuses_and_breaks_nothing() {
         (0, 0),
         "UDP requests unanswered"
     );
-    shims_are_back(&dir, &shims, &fresh, new.child.id());
+    shims_are_back(dir, &shims, fresh, new.child.id());
+}
+
+/// A daemon with a TCP and a UDP shim, and clients using both continuously (for a second
+/// already): what a restart or a crash of the daemon is tried on.
+struct ShimsUnderLoad {
+    dir: Dir,
+    old: Proxy,
+    tcp_shim: Proxy,
+    udp_shim: Proxy,
+    /// The shims' RssAnon as first registered.
+    fresh: Vec<u64>,
+    load: Load,
+}
+
+impl ShimsUnderLoad {
+    fn start(name: &str) -> ShimsUnderLoad {
+        let dir = Dir::new(name);
+        let echo = tcp_echo("127.0.0.1:0");
+        let uecho = udp_echo("127.0.0.1:0");
+        let base = free_ports(2);
+        let old = daemon(&dir, &[]);
+        let tcp_shim = shim(&dir, "tcp", base, echo, None);
+        let u = UdpSocket::bind(at(base + 1)).unwrap();
+        let udp_shim = shim(&dir, "udp", base + 1, uecho, Some(u.into()));
+        let fresh = [&tcp_shim, &udp_shim]
+            .iter()
+            .map(|s| proc_status(s.child.id(), "RssAnon:"))
+            .collect();
+        let load = Load::start(&[at(base)], &[at(base + 1)], 3);
+        std::thread::sleep(Duration::from_secs(1));
+        ShimsUnderLoad {
+            dir,
+            old,
+            tcp_shim,
+            udp_shim,
+            fresh,
+            load,
+        }
+    }
+}
+
+/// The next daemon, once the shims serve their ports themselves; returns when every shim
+/// waits on it again.
+fn next_daemon(dir: &Dir, shims: &[&Proxy]) -> Proxy {
+    std::thread::sleep(Duration::from_millis(500));
+    let new = daemon(dir, &[]);
+    for s in shims {
+        s.wait_log("the daemon serves it again", Duration::from_secs(15));
+    }
+    new
 }
 
 /// The shims re-registered with daemon `pid`, are single-threaded processes with a fresh
@@ -524,33 +557,16 @@ fn shims_are_back(dir: &Dir, shims: &[&Proxy], fresh: &[u64], pid: u32) {
 /// the shims go back to the new daemon.
 #[test]
 fn shims_serve_through_a_crash_and_go_back_to_the_next_daemon() {
-    let dir = Dir::new("takeover-crash");
-    let echo = tcp_echo("127.0.0.1:0");
-    let uecho = udp_echo("127.0.0.1:0");
-    let base = free_ports(2);
-    let old = daemon(&dir, &[]);
-    let tcp_shim = shim(&dir, "tcp", base, echo, None);
-    let u = UdpSocket::bind(at(base + 1)).unwrap();
-    let udp_shim = shim(&dir, "udp", base + 1, uecho, Some(u.into()));
-    let shims = [&tcp_shim, &udp_shim];
-    let fresh: Vec<u64> = shims
-        .iter()
-        .map(|s| proc_status(s.child.id(), "RssAnon:"))
-        .collect();
-    let load = Load::start(&[at(base)], &[at(base + 1)], 3);
-    std::thread::sleep(Duration::from_secs(1));
-    old.signal(Signal::SIGKILL);
+    let t = ShimsUnderLoad::start("takeover-crash");
+    let shims = [&t.tcp_shim, &t.udp_shim];
+    t.old.signal(Signal::SIGKILL);
     let crashed = Instant::now();
     for s in shims {
         s.wait_log("daemon went away", Duration::from_secs(5));
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let new = daemon(&dir, &[]);
-    for s in shims {
-        s.wait_log("the daemon serves it again", Duration::from_secs(15));
-    }
+    let new = next_daemon(&t.dir, &shims);
     std::thread::sleep(Duration::from_secs(1));
-    let (tcp, udp) = load.finish();
+    let (tcp, udp) = t.load.finish();
     report("crash", &tcp, &udp, crashed);
     assert_eq!(tcp.refused.load(Relaxed), 0, "refused connections");
     assert_eq!(udp.refused.load(Relaxed), 0, "UDP refused");
@@ -559,8 +575,7 @@ fn shims_serve_through_a_crash_and_go_back_to_the_next_daemon() {
         tcp.broken.load(Relaxed) <= 3,
         "more broke than the crash cut"
     );
-    shims_are_back(&dir, &shims, &fresh, new.child.id());
-    drop(old);
+    shims_are_back(&t.dir, &shims, &t.fresh, new.child.id());
 }
 
 /// The running program file replaced (as a package upgrade does): SIGHUP starts the new
