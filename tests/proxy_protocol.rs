@@ -509,35 +509,6 @@ fn rproxy_add_ls_and_reload_switch_versions_for_new_connections() {
     assert_eq!(received.recv_timeout(TIMEOUT).unwrap(), b"plain");
 }
 
-/// A docker-mode process (as dockerd spawns it) for `host_ip`:`port`, handing its socket
-/// (`fd`, else bound by itself) to the daemon of `dir`.
-fn shim_at(
-    dir: &Dir,
-    host_ip: &str,
-    port: u16,
-    target: SocketAddr,
-    fd: Option<std::os::fd::OwnedFd>,
-) -> Proxy {
-    let (port, tport, tip) = (
-        port.to_string(),
-        target.port().to_string(),
-        target.ip().to_string(),
-    );
-    let mut argv = vec!["-proto", "tcp", "-host-ip", host_ip, "-host-port", &port];
-    argv.extend(["-container-ip", &tip, "-container-port", &tport]);
-    if fd.is_some() {
-        argv.push("-use-listen-fd");
-    }
-    let mut spawn = Spawn::new(&argv).env("RPROXY_SOCKET", dir.sock().to_str().unwrap());
-    if let Some(fd) = fd {
-        spawn = spawn.listen_fd(fd);
-    }
-    let mut p = spawn.spawn();
-    assert_eq!(String::from_utf8_lossy(&p.status()), "0\n");
-    p.wait_log("handed to the daemon", TIMEOUT);
-    p
-}
-
 #[test]
 fn handed_over_ports_get_the_daemons_choice_by_host_port() {
     let test = "handed_over_ports_get_the_daemons_choice_by_host_port";
@@ -556,8 +527,8 @@ fn handed_over_ports_get_the_daemons_choice_by_host_port() {
     let d = daemon(&dir, &["--config", path.to_str().unwrap()]);
 
     // In the range: the header. Outside it (base + 3): none, never on by default.
-    let inside = shim_at(&dir, "127.0.0.1", base, backend, None);
-    let outside = shim_at(&dir, "127.0.0.1", base + 3, backend, None);
+    let inside = shim_on(&dir, "tcp", "127.0.0.1", base, backend, None);
+    let outside = shim_on(&dir, "tcp", "127.0.0.1", base + 3, backend, None);
     let me = send_and_close(at(base), b"in");
     let mut want = expected_header(2, me, at(base));
     want.extend_from_slice(b"in");
@@ -575,7 +546,14 @@ fn handed_over_ports_get_the_daemons_choice_by_host_port() {
             .bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, base + 1)).into())
             .and_then(|()| s.listen(16));
         match bound {
-            Ok(()) => Some(shim_at(&dir, "::", base + 1, backend, Some(s.into()))),
+            Ok(()) => Some(shim_on(
+                &dir,
+                "tcp",
+                "::",
+                base + 1,
+                backend,
+                Some(s.into()),
+            )),
             Err(e) => {
                 skip(test, &format!("cannot bind [::]:{}: {e}", base + 1));
                 None

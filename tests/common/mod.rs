@@ -618,19 +618,25 @@ pub fn ls(dir: &Dir) -> Vec<(String, String, String, String, u64)> {
         .collect()
 }
 
-/// A docker-mode process spawned as dockerd does, pointed at the daemon.
+/// A docker-mode process spawned as dockerd does for 127.0.0.1:`port`, pointed at the
+/// daemon; returns once it handed its port over.
 pub fn shim(dir: &Dir, proto: &str, port: u16, target: SocketAddr, fd: Option<OwnedFd>) -> Proxy {
+    shim_on(dir, proto, "127.0.0.1", port, target, fd)
+}
+
+/// As [`shim`], for `host_ip`:`port`.
+pub fn shim_on(
+    dir: &Dir,
+    proto: &str,
+    host_ip: &str,
+    port: u16,
+    target: SocketAddr,
+    fd: Option<OwnedFd>,
+) -> Proxy {
     let port = port.to_string();
     let tport = target.port().to_string();
     let tip = target.ip().to_string();
-    let mut argv = vec![
-        "-proto",
-        proto,
-        "-host-ip",
-        "127.0.0.1",
-        "-host-port",
-        &port,
-    ];
+    let mut argv = vec!["-proto", proto, "-host-ip", host_ip, "-host-port", &port];
     argv.extend(["-container-ip", &tip, "-container-port", &tport]);
     if fd.is_some() {
         argv.push("-use-listen-fd");
