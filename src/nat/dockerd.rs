@@ -11,6 +11,8 @@
 //! host address, IPv4 container) never has a dockerd rule. Not visible: iptables-legacy rules,
 //! and everything without CAP_NET_ADMIN.
 
+use std::time::{Duration, Instant};
+
 use super::netlink::{self, Attrs, Netlink};
 use super::rules;
 use crate::mapping::{Mapping, Proto};
@@ -69,10 +71,33 @@ impl Rules {
     }
 }
 
-/// Whether dockerd's own rules DNAT `m`'s port now (one look).
-pub fn dnats(m: &Mapping) -> bool {
-    match Netlink::open() {
-        Ok(mut nl) => Rules::read(&mut nl).dnat(m),
-        Err(_) => false,
+/// How long one read of dockerd's rules answers for: installs that come together (a range
+/// of a thousand ports handed over at once) share a read instead of each dumping every
+/// chain. A rule that changes meanwhile is caught by the next look (see `worker`).
+const FRESH: Duration = Duration::from_millis(100);
+
+/// dockerd's rules as last read, read again once older than [`FRESH`].
+#[derive(Default)]
+pub struct Recent {
+    read: Option<(Instant, Rules)>,
+}
+
+impl Recent {
+    /// The rules, read now unless a read is fresh; None when netlink cannot be had.
+    pub fn rules(&mut self) -> Option<&Rules> {
+        let stale = self
+            .read
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() > FRESH);
+        if stale {
+            let mut nl = Netlink::open().ok()?;
+            self.read = Some((Instant::now(), Rules::read(&mut nl)));
+        }
+        self.read.as_ref().map(|(_, rules)| rules)
+    }
+
+    /// Whether dockerd's own rules DNAT `m`'s port (false when they cannot be read).
+    pub fn dnat(&mut self, m: &Mapping) -> bool {
+        self.rules().is_some_and(|r| r.dnat(m))
     }
 }

@@ -2,8 +2,9 @@
 //! else rproxy's table, else (NAT `on`) the listener alone with the reason; `require` turns
 //! every fallback into an error. Runs on the NAT thread, which owns the [`State`].
 
+use super::dockerd::Recent;
 use super::table::Table;
-use super::{dockerd, Path};
+use super::Path;
 use crate::mapping::Mapping;
 use crate::options::Mode;
 
@@ -30,16 +31,18 @@ pub(super) fn ensure_open(state: &mut State, table: &str) {
     }
 }
 
-/// The path `m` gets (see the module); `from_dockerd`: dockerd publishes it.
+/// The path `m` gets (see the module); `from_dockerd`: dockerd publishes it, and `dockerd`
+/// has its rules.
 pub(super) fn install(
     state: &mut State,
     table: &str,
     m: &Mapping,
     from_dockerd: bool,
+    dockerd: &mut Recent,
 ) -> Result<Path, String> {
     let mode = m.options.nat;
     // Before opening our table: a port dockerd translates needs none.
-    if from_dockerd && dockerd::dnats(m) {
+    if from_dockerd && dockerd.dnat(m) {
         tracing::info!("{m}: dockerd's own rules already DNAT it (run dockerd with --iptables=false to let rproxy own NAT)");
         return Ok(Path::Dockerd);
     }

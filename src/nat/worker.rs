@@ -63,6 +63,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
     // Jobs that arrived while gathering counter requests, in their order.
     let mut later = VecDeque::new();
     let mut watched: HashMap<Mapping, Watched> = HashMap::new();
+    let mut recent = dockerd::Recent::default();
     loop {
         let next = watched.values().map(|w| w.next).min();
         let job = match later.pop_front() {
@@ -75,7 +76,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(job) => job,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        look_again(&mut state, &table, &mut watched, &current);
+                        look_again(&mut state, &table, &mut watched, &current, &mut recent);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -93,7 +94,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 });
             }
             Job::Install(m, from_dockerd, reply) => {
-                let result = policy::install(&mut state, &table, &m, from_dockerd);
+                let result = policy::install(&mut state, &table, &m, from_dockerd, &mut recent);
                 if let Ok(path @ (Path::Kernel | Path::Dockerd)) = &result {
                     if from_dockerd {
                         lock(&current).insert(m, path.clone());
@@ -108,7 +109,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 let _ = reply.send(result);
             }
             Job::Dockerd(m, reply) => {
-                let _ = reply.send(dockerd::dnats(&m));
+                let _ = reply.send(recent.dnat(&m));
             }
             Job::Remove(m) => {
                 let ours = match watched.remove(&m) {
@@ -162,12 +163,12 @@ fn look_again(
     table: &str,
     watched: &mut HashMap<Mapping, Watched>,
     current: &Current,
+    recent: &mut dockerd::Recent,
 ) {
     let now = Instant::now();
-    let Ok(mut nl) = super::netlink::Netlink::open() else {
+    let Some(rules) = recent.rules() else {
         return;
     };
-    let rules = dockerd::Rules::read(&mut nl);
     let mut dropped = Vec::new();
     for (m, w) in watched.iter_mut().filter(|(_, w)| w.next <= now) {
         w.pause = (w.pause * 2).min(MAX_PAUSE);
