@@ -34,15 +34,7 @@ fn daemon_with(dir: &Dir, publish: &[String], extra: &[&str]) -> (Proxy, SocketA
         argv.extend(["-p", p.as_str()]);
     }
     let d = Spawn::new(&argv).no_status_pipe().spawn();
-    let line = d.wait_log("metrics at http://", Duration::from_secs(10));
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    d.wait_log("daemon ready", Duration::from_secs(10));
+    let addr = d.metrics_addr();
     let ls = Command::new(rproxy())
         .args(["ls", "--control-socket", sock])
         .output()

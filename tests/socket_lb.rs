@@ -624,15 +624,7 @@ fn metrics_count_what_the_hooks_redirected() {
     ])
     .no_status_pipe()
     .spawn();
-    let line = d.wait_log("metrics at http://", Duration::from_secs(10));
-    let metrics: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    d.wait_log("daemon ready", Duration::from_secs(10));
+    let metrics = d.metrics_addr();
     for i in 0..3 {
         let to = SocketAddr::from(([127, 0, 0, 1], base));
         exchange(to, false, format!("m{i}").as_bytes()).unwrap();

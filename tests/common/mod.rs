@@ -287,6 +287,20 @@ impl Proxy {
         self.listen.expect("proxy address unknown")
     }
 
+    /// Waits for the daemon to say where it serves metrics (`--metrics-addr`, port 0
+    /// resolved), then to be ready; returns that address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_log("metrics at http://", Duration::from_secs(10));
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+        self.wait_log("daemon ready", Duration::from_secs(10));
+        addr
+    }
+
     /// Waits for a stderr line containing `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
