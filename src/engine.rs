@@ -73,7 +73,7 @@ impl Engine {
         &self.socket
     }
 
-    /// Every bridge network with its running members (two requests, plus one per network).
+    /// Every bridge network with its running members (one request for the list, then one per network).
     pub fn networks(&self) -> io::Result<Vec<Network>> {
         let list: Vec<NetworkJson> = self.get(r#"/networks?filters={"driver":["bridge"]}"#)?;
         let mut out = Vec::new();
