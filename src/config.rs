@@ -56,6 +56,13 @@ pub struct Args {
     /// published ports through the listeners).
     #[arg(long, value_name = "HOST")]
     docker_host: Option<String>,
+    /// Serve the published ports of dockerd's containers, read from its API (see
+    /// --docker-host), when dockerd runs without a userland proxy ("userland-proxy": false):
+    /// the socket hooks carry host clients (127.0.0.1, [::1], host addresses) and hairpin
+    /// clients, dockerd's DNAT remote ones, with no process per port. Turns the socket hooks
+    /// on as --socket-lb=on does, unless --socket-lb or the config file says otherwise.
+    #[arg(long)]
+    docker_ports: bool,
     /// Log lines as text or as JSON objects (default: $RPROXY_LOG_FORMAT, else text).
     #[arg(long, value_name = "FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
@@ -146,6 +153,15 @@ pub const KEYS: &[Key] = &[
                   unix:///var/run/docker.sock; \"\" turns this off.",
     },
     Key {
+        name: "docker_ports",
+        value: "boolean",
+        meaning: "Serve the published ports of dockerd's running containers, read from its \
+                  API (docker_host), with no process per port: for dockerd run with \
+                  \"userland-proxy\": false. Turns the socket hooks on (as socket_lb = \"on\") \
+                  unless socket_lb, --socket-lb or $RPROXY_SOCKET_LB says otherwise. \
+                  --docker-ports wins.",
+    },
+    Key {
         name: "proxy_protocol",
         value: "array of tables",
         meaning: "PROXY protocol headers for TCP ports docker-mode processes hand over, by \
@@ -201,6 +217,8 @@ struct ConfigFile {
     metrics_per_port: Option<bool>,
     /// dockerd's API socket (`--docker-host` wins).
     docker_host: Option<String>,
+    /// Serve dockerd's published ports (`--docker-ports` wins).
+    docker_ports: Option<bool>,
     /// The PROXY protocol for TCP ports dockerd hands over, by host port:
     /// `[[proxy_protocol]] ports = "8000-8100" version = "v2"`.
     #[serde(default)]
@@ -234,14 +252,31 @@ enum Ports {
     Text(String),
 }
 
-/// The kernel-path modes given on the command line, which win over the file's defaults.
+/// The kernel-path modes given on the command line, which win over the file's defaults, and
+/// what decides the socket hooks' default.
 #[derive(Debug, Clone, Copy, Default)]
 struct Flags {
     nat: Option<Mode>,
     socket_lb: Option<Mode>,
+    /// `--docker-ports`.
+    docker_ports: bool,
+    /// The environment set no socket-hook mode (RPROXY_SOCKET_LB).
+    socket_lb_unset: bool,
 }
 
 impl Flags {
+    /// The environment's options `base`, with the socket hooks on when dockerd's ports are
+    /// served (`docker_ports`, by flag or file) and the environment did not choose.
+    fn base(self, base: Options, docker_ports: bool) -> Options {
+        match docker_ports && self.socket_lb_unset {
+            true => Options {
+                socket_lb: Mode::On,
+                ..base
+            },
+            false => base,
+        }
+    }
+
     /// `base` with the modes given here.
     fn over(self, base: Options) -> Options {
         Options {
@@ -274,8 +309,10 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// Series per port rather than per published range.
     pub metrics_per_port: bool,
-    /// dockerd's API, for the socket hooks' hairpin rule.
+    /// dockerd's API, for the socket hooks' hairpin rule and `docker_ports`.
     pub engine: Option<Engine>,
+    /// Serve the published ports of dockerd's containers.
+    pub docker_ports: bool,
     /// `--takeover`: start from the running daemon's sockets.
     pub takeover: bool,
     /// The config file's `[[proxy_protocol]]` rules for ports shims hand over.
@@ -309,6 +346,8 @@ impl Settings {
         let flags = Flags {
             nat: flag(&mut errors, "nat", &args.nat, str::parse),
             socket_lb: flag(&mut errors, "socket-lb", &args.socket_lb, str::parse),
+            docker_ports: args.docker_ports,
+            socket_lb_unset: env.overrides.socket_lb.is_none(),
         };
         let drain_flag = flag(&mut errors, "drain-timeout", &args.drain_timeout, |v| {
             options::DRAIN_TIMEOUT.parse(v)
@@ -326,7 +365,10 @@ impl Settings {
         };
         let config = file.mappings;
         let port_rules = file.port_rules;
-        let defaults = file.defaults.unwrap_or(flags.over(base));
+        let docker_ports = args.docker_ports || file.docker_ports.unwrap_or(false);
+        let defaults = file
+            .defaults
+            .unwrap_or(flags.over(flags.base(base, docker_ports)));
         let mut publish = Vec::new();
         for spec in &args.publish {
             match parse_publish(spec, defaults) {
@@ -359,11 +401,17 @@ impl Settings {
                 })
                 .ok(),
         };
+        if docker_ports && engine.is_none() {
+            errors.push(format!(
+                "docker_ports needs dockerd's API, but {from} turns it off ({docker_host:?})"
+            ));
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Settings {
             engine,
+            docker_ports,
             publish,
             config,
             config_path,
@@ -426,6 +474,7 @@ struct Loaded {
     metrics_addr: Option<SocketAddr>,
     metrics_per_port: Option<bool>,
     docker_host: Option<String>,
+    docker_ports: Option<bool>,
     port_rules: PortRules,
 }
 
@@ -458,6 +507,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
             default
         }),
     };
+    let base = flags.base(base, flags.docker_ports || file.docker_ports == Some(true));
     let file_defaults = Options {
         nat: mode(&file.nat, base.nat),
         socket_lb: mode(&file.socket_lb, base.socket_lb),
@@ -541,6 +591,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         metrics_addr: file.metrics_addr,
         metrics_per_port: file.metrics_per_port,
         docker_host: file.docker_host,
+        docker_ports: file.docker_ports,
         port_rules,
     })
 }

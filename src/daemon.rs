@@ -22,7 +22,7 @@ use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Mode;
 use crate::signals::{Event, Signals};
-use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor};
+use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor};
 use crate::takeover;
 
 /// `rproxy daemon --check`: resolves the flags, the config file and the environment as a
@@ -62,6 +62,13 @@ fn report(s: &Settings) -> String {
         ),
         ("control socket", s.control_socket.display().to_string()),
         ("drain timeout", secs(s.drain)),
+        (
+            "docker ports",
+            match (&s.engine, s.docker_ports) {
+                (Some(e), true) => format!("from dockerd at {}", e.socket().display()),
+                _ => "off".into(),
+            },
+        ),
         (
             "metrics",
             s.metrics_addr
@@ -286,6 +293,7 @@ async fn run(settings: Settings) -> i32 {
         server.adopt(a.conn, a.key, a.origin, a.options);
     }
     let control = tokio::spawn(server.clone().serve(listener));
+    follow_dockerd(&settings, &sup).await;
     tracing::info!(
         "daemon ready: {} mappings, control socket {}",
         sup.statuses().len(),
@@ -386,11 +394,39 @@ fn own_mappings(settings: &Settings) -> Vec<Start> {
         .flat_map(|(mappings, origin)| {
             mappings.iter().map(|m| Start {
                 mapping: *m,
-                socket: None,
-                origin: *origin,
+                listener: Listener::Bind,
+                origin: origin.clone(),
             })
         })
         .collect()
+}
+
+/// `--docker-ports`: follows dockerd's containers on a thread of its own, and waits a moment
+/// for its first read of them, so that the daemon is ready (or a takeover done) only once it
+/// serves what dockerd publishes. dockerd not answering delays nothing further.
+async fn follow_dockerd(settings: &Settings, sup: &Supervisor) {
+    const FIRST_READ: Duration = Duration::from_secs(10);
+    let Some(engine) = settings.engine.clone().filter(|_| settings.docker_ports) else {
+        return;
+    };
+    let follower = crate::follower::Follower::new(
+        engine,
+        sup.clone(),
+        tokio::runtime::Handle::current(),
+        settings.defaults,
+        settings.drain,
+    );
+    match follower.spawn() {
+        Ok(first) => {
+            if tokio::time::timeout(FIRST_READ, first).await.is_err() {
+                tracing::warn!("docker ports: dockerd's containers not read within {FIRST_READ:?}");
+            }
+        }
+        Err(e) => tracing::error!(
+            "docker ports: cannot start following dockerd: {}",
+            describe(&e)
+        ),
+    }
 }
 
 /// After a takeover: tells the old daemon we serve, installs the NAT rules once it stopped
@@ -515,7 +551,7 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
                 .difference(&running)
                 .map(|m| Start {
                     mapping: *m,
-                    socket: None,
+                    listener: Listener::Bind,
                     origin: Origin::Config,
                 })
                 .collect();
@@ -531,8 +567,8 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
                     stop.push(key(&c.mapping));
                     start.push(Start {
                         mapping,
-                        socket: None,
-                        origin: c.origin,
+                        listener: Listener::Bind,
+                        origin: c.origin.clone(),
                     });
                     switched += 1;
                 }

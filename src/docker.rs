@@ -21,7 +21,7 @@ use crate::options::Options;
 use crate::proxy_protocol::Version;
 use crate::shim::{self, HandBack, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
-use crate::supervisor::{Origin, Supervisor};
+use crate::supervisor::{Listener, Origin, Supervisor};
 use crate::sys::fd::{self as fds, FdKind};
 use crate::sys::process;
 
@@ -351,7 +351,7 @@ fn serve(
             Ok(c) => c,
             Err(e) => return fail(status, &format!("cannot keep the socket: {}", describe(&e))),
         };
-        let mut mapping = match sup.start(mapping, Some(socket), Origin::Docker).await {
+        let mut mapping = match sup.start(mapping, Listener::Socket(socket), Origin::Docker).await {
             Ok(m) => m,
             Err(msg) => return fail(status, &msg),
         };
@@ -402,7 +402,7 @@ fn serve(
                 Ok(c) => c,
                 Err(e) => return fail(None, &format!("cannot serve {mapping}: {}", describe(&e))),
             };
-            if let Err(msg) = sup.start(mapping, Some(copy), Origin::Docker).await {
+            if let Err(msg) = sup.start(mapping, Listener::Socket(copy), Origin::Docker).await {
                 return fail(None, &msg);
             }
         }

@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod docker;
 pub mod engine;
 pub mod env;
+pub mod follower;
 pub mod frontend;
 pub mod goflags;
 pub mod interfaces;

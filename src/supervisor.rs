@@ -31,7 +31,7 @@ use crate::stats::{Stats, Timings};
 use crate::stop::{Stop, StopHandle};
 
 /// Where a mapping came from; decides who may remove it (reload only touches `Config`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// `--publish` on the daemon's command line.
     Publish,
@@ -43,6 +43,27 @@ pub enum Origin {
     Shim(u64),
     /// A docker-mode process serving its own port.
     Docker,
+    /// A published port of the named container, read from dockerd's API (`--docker-ports`).
+    Container(Arc<str>),
+}
+
+impl Origin {
+    /// Whether dockerd published the port: its own rules may translate it, and only dockerd
+    /// may take it away.
+    pub fn is_dockerds(&self) -> bool {
+        matches!(
+            self,
+            Origin::Shim(_) | Origin::Docker | Origin::Container(_)
+        )
+    }
+
+    /// The container whose port it is, if it is one the daemon follows.
+    pub fn container(&self) -> Option<&str> {
+        match self {
+            Origin::Container(name) => Some(name),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Origin {
@@ -52,7 +73,7 @@ impl fmt::Display for Origin {
             Origin::Config => "config",
             Origin::Control => "add",
             Origin::Shim(_) => "shim",
-            Origin::Docker => "docker",
+            Origin::Docker | Origin::Container(_) => "docker",
         })
     }
 }
@@ -71,13 +92,23 @@ pub fn key(m: &Mapping) -> Key {
     (m.proto, m.listen)
 }
 
+/// Where a started mapping's listening socket comes from.
+pub enum Listener {
+    /// Bound here, or taken over from the mapping this start replaces on the same address.
+    Bind,
+    /// Handed over (dockerd's fd 4, a shim's, a previous daemon's) or bound by the caller.
+    Socket(Socket),
+    /// None: the address is dockerd's, and the kernel paths (the socket hooks, dockerd's
+    /// DNAT) serve its clients. A start that replaces such a mapping has none either.
+    None,
+}
+
 /// A mapping to start, as part of a [`Change`].
 pub struct Start {
     /// What to serve.
     pub mapping: Mapping,
-    /// Its listening socket when handed over (a shim's, fd 4); None: bound here, or taken
-    /// over from the mapping this start replaces.
-    pub socket: Option<Socket>,
+    /// Its listening socket.
+    pub listener: Listener,
     /// Who asked.
     pub origin: Origin,
 }
@@ -93,12 +124,14 @@ pub struct Change {
 }
 
 /// A running mapping as seen by a [`Change`]'s planner.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Current {
     /// The mapping, with its real listen address.
     pub mapping: Mapping,
     /// Where it came from.
     pub origin: Origin,
+    /// Whether it has a listening socket (see [`Listener::None`]).
+    pub listener: bool,
 }
 
 /// A running mapping as reported by `ls` and the metrics.
@@ -115,6 +148,8 @@ pub struct Status {
     pub stats: Arc<Stats>,
     /// False once its serving task ended (its socket failed).
     pub serving: bool,
+    /// Whether it has a listening socket (see [`Listener::None`]).
+    pub listener: bool,
 }
 
 /// A running mapping with a copy of its listening socket, for a takeover.
@@ -136,9 +171,10 @@ struct Running {
     socket_lb: Option<bpf::Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
-    task: JoinHandle<()>,
+    /// Its listener's task; None without a listener.
+    task: Option<JoinHandle<()>>,
     /// A copy of the listening socket, which a replacing mapping takes over.
-    socket: Socket,
+    socket: Option<Socket>,
 }
 
 /// The running mappings; cheap to clone (shared).
@@ -159,11 +195,13 @@ struct Inner {
     frozen: AtomicBool,
     /// New mappings start without their NAT rules (see [`Supervisor::hold_nat`]).
     nat_held: AtomicBool,
+    /// Everything was stopped: the process is ending, changes are refused.
+    stopped: AtomicBool,
 }
 
 /// A start that has everything but its task.
 struct Prepared {
-    frontend: Frontend,
+    frontend: Option<Frontend>,
     mapping: Mapping,
     origin: Origin,
     path: Option<Path>,
@@ -173,7 +211,7 @@ struct Prepared {
     socket_lb: Option<bpf::Path>,
     /// The mapping this one replaces on the same address, whose hook entry it overwrote.
     replaces: Option<(Mapping, Option<bpf::Path>)>,
-    socket: Socket,
+    socket: Option<Socket>,
 }
 
 /// What a kernel path (`what`, in `mode`) does for a mapping whose backend gets a PROXY
@@ -210,6 +248,7 @@ impl Supervisor {
                 histograms,
                 frozen: AtomicBool::new(false),
                 nat_held: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
             }),
         }
     }
@@ -240,12 +279,19 @@ impl Supervisor {
         if self.inner.frozen.load(Ordering::Relaxed) {
             return Err(HANDING_OVER.into());
         }
+        if self.is_stopped() {
+            return Err("the daemon is stopping".into());
+        }
         let current: BTreeMap<Key, Current> = self
             .running()
             .iter()
             .map(|(k, r)| {
-                let (mapping, origin) = (r.mapping, r.origin);
-                (*k, Current { mapping, origin })
+                let current = Current {
+                    mapping: r.mapping,
+                    origin: r.origin.clone(),
+                    listener: r.socket.is_some(),
+                };
+                (*k, current)
             })
             .collect();
         let change = plan(&current)?;
@@ -290,17 +336,22 @@ impl Supervisor {
         stopping: &BTreeSet<Key>,
     ) -> Result<Prepared, String> {
         let k = key(&s.mapping);
-        let replaced = stopping.contains(&k).then(|| self.listener_of(&k));
-        let socket = match (s.socket, replaced) {
-            (Some(socket), _) => socket,
-            (None, Some(copy)) => copy?,
-            (None, None) => frontend::bind(&s.mapping)?,
+        let socket = match s.listener {
+            Listener::Socket(socket) => Some(socket),
+            Listener::None => None,
+            Listener::Bind if stopping.contains(&k) => Some(self.listener_of(&k)?),
+            Listener::Bind => Some(frontend::bind(&s.mapping)?),
         };
-        let copy = socket
-            .try_clone()
-            .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
-        let frontend = Frontend::new(s.mapping, socket)?;
-        let mapping = frontend.mapping();
+        let (frontend, copy) = match socket {
+            Some(socket) => {
+                let copy = socket
+                    .try_clone()
+                    .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
+                (Some(Frontend::new(s.mapping, socket)?), Some(copy))
+            }
+            None => (None, None),
+        };
+        let mapping = frontend.as_ref().map_or(s.mapping, Frontend::mapping);
         if key(&mapping) != k {
             // Port 0, now resolved: the kernel chose a free port, but not necessarily one we
             // do not already serve through a socket someone handed over.
@@ -321,10 +372,7 @@ impl Supervisor {
             )),
             false => None,
         };
-        if header
-            && matches!(s.origin, Origin::Shim(_) | Origin::Docker)
-            && self.inner.nat.dockerd_translates(&mapping).await
-        {
+        if header && s.origin.is_dockerds() && self.inner.nat.dockerd_translates(&mapping).await {
             tracing::warn!(
                 "{mapping}: dockerd's iptables rules DNAT this port, so its remote clients reach \
                  {} without the PROXY protocol header (a backend that expects one refuses \
@@ -352,10 +400,7 @@ impl Supervisor {
             (false, None) => {
                 self.inner
                     .nat
-                    .install(
-                        &mapping,
-                        matches!(s.origin, Origin::Shim(_) | Origin::Docker),
-                    )
+                    .install(&mapping, s.origin.is_dockerds())
                     .await?
             }
         };
@@ -410,6 +455,8 @@ impl Supervisor {
             .get(k)
             .ok_or_else(|| format!("{} {} is not running", k.0, k.1))?;
         r.socket
+            .as_ref()
+            .ok_or_else(|| format!("{} {} has no listening socket to take over", k.0, k.1))?
             .try_clone()
             .map_err(|e| format!("cannot take over {} {}: {e}", k.0, k.1))
     }
@@ -449,9 +496,11 @@ impl Supervisor {
                 };
                 let stats = Arc::new(Stats::with_timings(timings));
                 let (handle, stop) = Stop::new();
-                let task = tokio::spawn(p.frontend.serve(stats.clone(), stop));
+                let task = p
+                    .frontend
+                    .map(|f| tokio::spawn(f.serve(stats.clone(), stop)));
                 started.push(p.mapping);
-                logged_start.push((p.mapping, p.origin));
+                logged_start.push((p.mapping, p.origin.clone()));
                 running.insert(
                     key(&p.mapping),
                     Running {
@@ -469,7 +518,7 @@ impl Supervisor {
             }
         }
         for r in stopped {
-            logged_stop.push((r.mapping, r.origin));
+            logged_stop.push((r.mapping, r.origin.clone()));
             if !kept_rules.contains(&key(&r.mapping)) {
                 // New connections stop being translated now; translated ones keep their
                 // conntrack entries.
@@ -491,12 +540,12 @@ impl Supervisor {
     pub async fn start(
         &self,
         mapping: Mapping,
-        socket: Option<Socket>,
+        listener: Listener,
         origin: Origin,
     ) -> Result<Mapping, String> {
         let start = Start {
             mapping,
-            socket,
+            listener,
             origin,
         };
         let started = self
@@ -526,13 +575,19 @@ impl Supervisor {
         self.stop_everything(drain, true).await
     }
 
+    /// Whether everything was stopped (the process is ending).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::Relaxed)
+    }
+
     async fn stop_everything(&self, drain: Duration, handover: bool) -> Vec<JoinHandle<()>> {
         let _one_at_a_time = self.inner.changes.lock().await;
+        self.inner.stopped.store(true, Ordering::Relaxed);
         let all = std::mem::take(&mut *self.running());
         self.inner.nat.close().await;
         self.inner.socket_lb.close();
         all.into_values()
-            .map(|r| {
+            .filter_map(|r| {
                 // A shim's port: the shim serves it next, once the daemon lets go.
                 match handover || matches!(r.origin, Origin::Shim(_)) {
                     true => r.stop.hand_over(drain),
@@ -545,7 +600,9 @@ impl Supervisor {
 
     /// Freezes the running set for a takeover and returns it, each mapping with a copy of
     /// its listening socket: until [`Supervisor::thaw`], every change is refused with
-    /// [`HANDING_OVER`]. Err when a takeover is under way already.
+    /// [`HANDING_OVER`]. Mappings without a listener are left out: they are dockerd's
+    /// ports, which the new daemon reads from dockerd itself. Err when a takeover is under
+    /// way already.
     pub async fn freeze(&self) -> Result<Vec<Held>, String> {
         let _one_at_a_time = self.inner.changes.lock().await;
         if self.inner.frozen.swap(true, Ordering::Relaxed) {
@@ -554,14 +611,14 @@ impl Supervisor {
         let copies: Result<Vec<Held>, String> = self
             .running()
             .values()
-            .map(|r| {
-                let socket = r
-                    .socket
+            .filter_map(|r| Some((r, r.socket.as_ref()?)))
+            .map(|(r, socket)| {
+                let socket = socket
                     .try_clone()
                     .map_err(|e| format!("cannot copy the socket of {}: {e}", r.mapping))?;
                 Ok(Held {
                     mapping: r.mapping,
-                    origin: r.origin,
+                    origin: r.origin.clone(),
                     socket,
                 })
             })
@@ -595,11 +652,10 @@ impl Supervisor {
             .running()
             .iter()
             .filter(|(_, r)| r.nat_held)
-            .map(|(k, r)| (*k, r.mapping, r.origin))
+            .map(|(k, r)| (*k, r.mapping, r.origin.clone()))
             .collect();
         for (k, mapping, origin) in held {
-            let from_dockerd = matches!(origin, Origin::Shim(_) | Origin::Docker);
-            let path = match self.inner.nat.install(&mapping, from_dockerd).await {
+            let path = match self.inner.nat.install(&mapping, origin.is_dockerds()).await {
                 Ok(path) => path,
                 Err(why) => {
                     tracing::error!("{mapping}: no kernel NAT after the takeover: {why}");
@@ -619,11 +675,12 @@ impl Supervisor {
             .values()
             .map(|r| Status {
                 mapping: r.mapping,
-                origin: r.origin,
+                origin: r.origin.clone(),
                 path: self.inner.nat.path_now(&r.mapping, r.path.clone()),
                 socket_lb: r.socket_lb.clone(),
                 stats: r.stats.clone(),
-                serving: !r.task.is_finished(),
+                serving: r.task.as_ref().is_none_or(|t| !t.is_finished()),
+                listener: r.socket.is_some(),
             })
             .collect()
     }
@@ -647,7 +704,11 @@ impl Supervisor {
 fn log_runs(verb: &str, done: &[(Mapping, Origin)]) {
     let mut by_origin: std::collections::BTreeMap<String, Vec<Mapping>> = Default::default();
     for (m, origin) in done {
-        by_origin.entry(origin.to_string()).or_default().push(*m);
+        let from = match origin.container() {
+            Some(name) => format!("{origin} {name}"),
+            None => origin.to_string(),
+        };
+        by_origin.entry(from).or_default().push(*m);
     }
     for (origin, mappings) in by_origin {
         for run in crate::mapping::runs(mappings, |m| m) {

@@ -23,7 +23,7 @@ use crate::control::Handed;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::options::{Options, Overrides};
-use crate::supervisor::{key, Key, Origin, Start};
+use crate::supervisor::{key, Key, Listener, Origin, Start};
 
 /// A shim's registration carried over: adopt it once its mapping runs.
 pub struct Adopt {
@@ -47,11 +47,10 @@ pub fn plan(
     received: Vec<(Handed, OwnedFd, Option<OwnedFd>)>,
     server: &Server,
 ) -> Result<(Vec<Start>, Vec<Adopt>), String> {
-    let mut handed: HashMap<Key, (String, String, Overrides, OwnedFd, Option<OwnedFd>)> =
-        HashMap::new();
+    let mut handed: HashMap<Key, (Handed, OwnedFd, Option<OwnedFd>)> = HashMap::new();
     for (h, socket, conn) in received {
         let m = one(&h.spec, Options::default())?;
-        handed.insert(key(&m), (h.spec, h.origin, h.options, socket, conn));
+        handed.insert(key(&m), (h, socket, conn));
     }
     let mut starts = Vec::new();
     let own = [
@@ -60,44 +59,43 @@ pub fn plan(
     ];
     for (mappings, origin) in own {
         for m in mappings {
-            let socket = match handed.remove(&key(m)) {
-                Some((spec, from, _, _, _)) if from == "shim" => {
+            let listener = match handed.remove(&key(m)) {
+                Some((h, _, _)) if h.origin == "shim" || h.origin == "docker" => {
                     return Err(format!(
-                        "{} {} is published by dockerd ({spec}, handed over by a shim to pid \
-                         {old}), and this daemon's {origin} mappings have it too",
-                        m.proto, m.listen
+                        "{} {} is published by dockerd ({}, handed over by pid {old}), and \
+                         this daemon's {origin} mappings have it too",
+                        m.proto, m.listen, h.spec
                     ))
                 }
-                Some((_, _, _, socket, _)) => Some(checked(m, socket)?),
-                None => None,
+                Some((_, socket, _)) => Listener::Socket(checked(m, socket)?),
+                None => Listener::Bind,
             };
             starts.push(Start {
                 mapping: *m,
-                socket,
-                origin,
+                listener,
+                origin: origin.clone(),
             });
         }
     }
     let mut adopt = Vec::new();
-    for (_, (spec, from, options, socket, conn)) in handed {
-        match (from.as_str(), conn) {
-            ("add", _) => {
+    for (_, (h, socket, conn)) in handed {
+        let (spec, from, options) = (h.spec, h.origin, h.options);
+        match (from.as_str(), conn, h.container) {
+            ("add", _, _) => {
                 let m = one(&spec, options.apply(Options::default())?)?;
-                let socket = Some(checked(&m, socket)?);
                 starts.push(Start {
+                    listener: Listener::Socket(checked(&m, socket)?),
                     mapping: m,
-                    socket,
                     origin: Origin::Control,
                 });
             }
-            ("shim", Some(conn)) => {
+            ("shim", Some(conn), _) => {
                 let m = one(&spec, options.apply(settings.defaults)?)?;
-                let socket = Some(checked(&m, socket)?);
                 let origin = server.shim_origin();
                 starts.push(Start {
+                    listener: Listener::Socket(checked(&m, socket)?),
                     mapping: m,
-                    socket,
-                    origin,
+                    origin: origin.clone(),
                 });
                 adopt.push(Adopt {
                     key: key(&m),
@@ -106,7 +104,17 @@ pub fn plan(
                     options,
                 });
             }
-            (from, _) => tracing::info!(
+            // A container's port this daemon also follows: its follower's first read of
+            // dockerd keeps it, or changes it as dockerd says.
+            ("docker", _, Some(name)) if settings.docker_ports => {
+                let m = one(&spec, settings.defaults)?;
+                starts.push(Start {
+                    listener: Listener::Socket(checked(&m, socket)?),
+                    mapping: m,
+                    origin: Origin::Container(name.into()),
+                });
+            }
+            (from, _, _) => tracing::info!(
                 "takeover: {spec} ({from} of pid {old}) is not one of this daemon's mappings; \
                  pid {old} drains it"
             ),

@@ -169,6 +169,699 @@ fn dockerd_ports_with_the_socket_hooks_skip_the_proxies() {
     );
 }
 
+/// dockerd without a userland proxy (`--userland-proxy=false`, IPv6 and ip6tables on) and
+/// the daemon following its API (`--docker-ports`): first what dockerd alone leaves out
+/// ([::1], 6→4), then every host client served through the socket hooks with no listener
+/// and no process per port, remote clients through dockerd's DNAT (and our listener for an
+/// IPv4-only container's IPv6 clients), hairpin, UDP, and the daemon keeping up with
+/// containers, dockerd and itself coming and going; last a 500-port range.
+#[test]
+fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
+    let Some(tools) = preflight() else { return };
+    let mut h = Harness::start(
+        tools,
+        &["--userland-proxy=false", "--experimental", "--ip6tables"],
+    );
+    if !h.ipv6 {
+        common::skip(
+            "dockerd_without_a_userland_proxy_is_served_by_the_daemon",
+            "no IPv6 here: the gap it closes is IPv6's",
+        );
+        return;
+    }
+    h.build_image();
+    h.step("image built");
+    let ports = h.reserve_ports(5);
+    let set = ProxyOff::run(&h, &ports);
+    dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(&h, &set);
+    let engine = format!("--docker-host=unix://{}", h.sock.display());
+    h.start_rproxy_daemon_with(&["--docker-ports", "--socket-lb=on", &engine]);
+    the_daemon_serves_host_clients_with_no_listener_and_no_process(&h, &set);
+    remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(&h, &set);
+    hairpin_follows_icc_without_a_userland_proxy(&h, ports[3], ports[4]);
+    the_daemon_follows_containers_dockerd_and_itself(&mut h, &set);
+    a_500_port_range_costs_no_process(&h);
+    the_ports_are_dockerds_alone_after_the_daemons_sigkill(&mut h, &set);
+    let graceful = h.stop_daemons();
+    assert!(
+        graceful,
+        "dockerd did not shut down within 20 s\n{}",
+        h.diag()
+    );
+}
+
+/// The containers of the proxy-off test: `web` (IPv4 and IPv6, on the default bridge) with
+/// TCP `p_web`, `echo` (UDP `p_udp` to udpecho), and `web4` on an IPv4-only network with
+/// TCP `p_v4`.
+#[derive(Clone, Copy)]
+struct ProxyOff {
+    p_web: u16,
+    p_udp: u16,
+    p_v4: u16,
+    web: ContainerNet,
+    web4: ContainerNet,
+}
+
+impl ProxyOff {
+    const WEB: &'static str = "rproxy-test-pw";
+    const ECHO: &'static str = "rproxy-test-pecho";
+    const WEB4: &'static str = "rproxy-test-pw4";
+    const V4NET: &'static str = "rproxy-test-v4only";
+
+    fn run(h: &Harness, ports: &[u16]) -> ProxyOff {
+        let (p_web, p_udp, p_v4) = (ports[0], ports[1], ports[2]);
+        h.docker_ok(&web_run(Self::WEB, &[&format!("{p_web}:80")]));
+        h.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            Self::ECHO,
+            "--stop-timeout",
+            "1",
+            "-p",
+            &format!("{p_udp}:7/udp"),
+            IMAGE,
+            "/udpecho",
+            "7",
+        ]);
+        h.docker_ok(&["network", "create", Self::V4NET]);
+        let mut v4 = web_run(Self::WEB4, &[]);
+        let publish = format!("{p_v4}:80");
+        v4.splice(4..4, ["--network", Self::V4NET, "-p", &publish]);
+        h.docker_ok(&v4);
+        let set = ProxyOff {
+            p_web,
+            p_udp,
+            p_v4,
+            web: h.container_net(Self::WEB),
+            web4: h.container_net(Self::WEB4),
+        };
+        assert!(set.web.ipv6.is_some(), "{:?}", set.web);
+        assert!(set.web4.ipv6.is_none(), "{:?}", set.web4);
+        set
+    }
+
+    /// The same containers, their addresses read again (after they restarted).
+    fn reread(&self, h: &Harness) -> ProxyOff {
+        ProxyOff {
+            web: h.container_net(Self::WEB),
+            web4: h.container_net(Self::WEB4),
+            ..*self
+        }
+    }
+
+    /// The rows `ls` should show for these containers: (proto, listen, target, container).
+    fn rows(&self) -> BTreeSet<(String, String, String, String)> {
+        let web6 = self.web.ipv6.expect("IPv6");
+        let row = |proto: &str, listen: String, target: String, name: &str| {
+            (proto.to_string(), listen, target, name.to_string())
+        };
+        [
+            row(
+                "tcp",
+                format!("0.0.0.0:{}", self.p_web),
+                format!("{}:80", self.web.ip),
+                Self::WEB,
+            ),
+            row(
+                "tcp",
+                format!("[::]:{}", self.p_web),
+                format!("[{web6}]:80"),
+                Self::WEB,
+            ),
+            row(
+                "tcp",
+                format!("0.0.0.0:{}", self.p_v4),
+                format!("{}:80", self.web4.ip),
+                Self::WEB4,
+            ),
+            // dockerd lists no IPv6 address for the IPv4-only container: the daemon adds it.
+            row(
+                "tcp",
+                format!("[::]:{}", self.p_v4),
+                format!("{}:80", self.web4.ip),
+                Self::WEB4,
+            ),
+        ]
+        .into_iter()
+        .chain(self.echo_rows())
+        .collect()
+    }
+
+    fn echo_rows(&self) -> Vec<(String, String, String, String)> {
+        let echo = |h: &str| format!("{h}:{}", self.p_udp);
+        vec![
+            (
+                "udp".into(),
+                echo("0.0.0.0"),
+                String::new(),
+                Self::ECHO.into(),
+            ),
+            ("udp".into(), echo("[::]"), String::new(), Self::ECHO.into()),
+        ]
+    }
+}
+
+/// `ls`'s rows of origin `docker`, as (proto, listen, target, container); UDP targets
+/// blanked (the echo container's address is not needed).
+fn docker_rows(h: &Harness) -> BTreeSet<(String, String, String, String)> {
+    h.rproxy_ls()
+        .into_iter()
+        .filter(|r| r.origin == "docker")
+        .map(|r| {
+            let target = if r.proto == "udp" {
+                String::new()
+            } else {
+                r.target
+            };
+            (r.proto, r.listen, target, r.container)
+        })
+        .collect()
+}
+
+/// Waits until the daemon serves exactly `want` (as [`docker_rows`]).
+fn wait_docker_rows(h: &Harness, want: &BTreeSet<(String, String, String, String)>, what: &str) {
+    let got = poll(Duration::from_secs(10), || {
+        let got = docker_rows(h);
+        (got == *want).then_some(()).ok_or(got)
+    });
+    if let Err(got) = got {
+        panic!("{what}: ls shows {got:#?}, not {want:#?}\n{}", h.diag());
+    }
+}
+
+/// Without the daemon, dockerd alone: 127.0.0.1 answers (DNAT and route_localnet), [::1] does
+/// not (dockerd binds `[::]:PORT` to reserve it and never accepts), nor [::1] of the IPv4-only
+/// container; no process serves any port. The gap the daemon closes.
+fn dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(h: &Harness, set: &ProxyOff) {
+    let v4 = |p| SocketAddr::from((Ipv4Addr::LOCALHOST, p));
+    let v6 = |p| SocketAddr::from((Ipv6Addr::LOCALHOST, p));
+    h.get_pages(&[v4(set.p_web), v4(set.p_v4)], " (dockerd alone)");
+    for addr in [v6(set.p_web), v6(set.p_v4)] {
+        let got = http_get(addr, Duration::from_secs(1));
+        assert!(
+            got.is_err(),
+            "dockerd alone served http://{addr}/ ({got:?}): the gap this test documents is gone"
+        );
+        h.step(&format!(
+            "dockerd alone: http://{addr}/ unanswered ({got:?})"
+        ));
+    }
+    let ports = [set.p_web, set.p_udp, set.p_v4];
+    assert!(
+        proxy_processes()
+            .iter()
+            .all(|p| !ports.iter().any(|q| p.host_port == q.to_string())),
+        "a userland proxy runs: {:#?}",
+        proxy_processes()
+    );
+}
+
+/// With the daemon: `ls` lists every published port (and `[::]` for the IPv4-only container)
+/// with origin docker and the container's name; 127.0.0.1, [::1] and the bridge's IPv4 and
+/// IPv6 addresses all get the page with no connection through a listener (the hooks count
+/// them); UDP from unbound sockets to 127.0.0.1 and [::1] echoes; no process runs with
+/// `-host-port` in its argv.
+fn the_daemon_serves_host_clients_with_no_listener_and_no_process(h: &Harness, set: &ProxyOff) {
+    wait_docker_rows(h, &set.rows(), "the daemon read dockerd's containers");
+    let rows = h.rproxy_ls();
+    for r in rows.iter().filter(|r| r.origin == "docker") {
+        assert_eq!(r.socket, "socket", "{r:?}\n{}", h.diag());
+    }
+    let gw6 = set.web.ipv6_gateway.expect("an IPv6 gateway");
+    let mut targets = Vec::new();
+    for port in [set.p_web, set.p_v4] {
+        targets.extend([
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+            SocketAddr::new(set.web.gateway, port),
+            SocketAddr::new(gw6, port),
+        ]);
+    }
+    h.get_pages(&targets, " (socket hooks, no userland proxy)");
+    let rows = h.rproxy_ls();
+    let tcp: Vec<&LsRow> = rows
+        .iter()
+        .filter(|r| r.origin == "docker" && r.proto == "tcp")
+        .collect();
+    for r in &tcp {
+        assert_eq!(r.total, 0, "through a listener: {r:?}\n{}", h.diag());
+    }
+    let straight: u64 = tcp.iter().map(|r| r.socket_conns).sum();
+    assert!(
+        straight >= targets.len() as u64,
+        "the hooks counted {straight} of {} connections: {tcp:#?}",
+        targets.len()
+    );
+    h.step(&format!(
+        "{straight} host connections went straight to the containers"
+    ));
+    for addr in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, set.p_udp)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_udp)),
+    ] {
+        unbound_udp_echo(addr, h);
+        h.step(&format!(
+            "UDP echo via {addr} (an unbound socket, the hooks)"
+        ));
+    }
+    let ports = [set.p_web, set.p_udp, set.p_v4];
+    let proxies: Vec<ProxyProc> = proxy_processes()
+        .into_iter()
+        .filter(|p| ports.iter().any(|q| p.host_port == q.to_string()))
+        .collect();
+    assert!(proxies.is_empty(), "processes per port: {proxies:#?}");
+}
+
+/// A UDP round trip from an unbound socket (the kernel picks the source, as most clients
+/// let it) connected to `addr`.
+fn unbound_udp_echo(addr: SocketAddr, h: &Harness) {
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = UdpSocket::bind(any).unwrap();
+    sock.connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let echoed = poll(Duration::from_secs(20), || {
+        sock.send(b"rproxy unbound").map_err(|e| e.to_string())?;
+        let n = sock.recv(&mut buf).map_err(|e| e.to_string())?;
+        (&buf[..n] == b"rproxy unbound")
+            .then_some(())
+            .ok_or_else(|| format!("echo {:?}", &buf[..n]))
+    });
+    if let Err(e) = echoed {
+        panic!("no UDP echo via {addr}: {e}\n{}", h.diag());
+    }
+    // Replies read as coming from the address dialled (the hooks restore it).
+    assert_eq!(sock.peer_addr().unwrap(), addr);
+}
+
+/// A client on a link of its own into the host (a namespace routed through a veth pair):
+/// dockerd's DNAT carries it to the dual-stack container over IPv4 and IPv6 (the daemon adds
+/// nothing there), and to the IPv4-only container over IPv6 the daemon's own `[::]` listener
+/// carries it (6→4), counted in `ls`.
+fn remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(
+    h: &Harness,
+    set: &ProxyOff,
+) {
+    let link = RemoteLink::new("pdn");
+    let v4_row = |h: &Harness| {
+        let listen = format!("[::]:{}", set.p_v4);
+        h.rproxy_ls()
+            .into_iter()
+            .find(|r| r.listen == listen)
+            .unwrap_or_else(|| panic!("{listen} not served\n{}", h.diag()))
+    };
+    let before = v4_row(h);
+    for (addr, via) in [
+        (SocketAddr::new(link.host4, set.p_web), "dockerd's DNAT"),
+        (SocketAddr::new(link.host6, set.p_web), "dockerd's DNAT"),
+        (
+            SocketAddr::new(link.host6, set.p_v4),
+            "the daemon's listener, 6→4",
+        ),
+    ] {
+        let page = h.page.clone();
+        let got = link.ns.run(move || http_get(addr, Duration::from_secs(10)));
+        assert_eq!(
+            got.as_ref(),
+            Ok(&page),
+            "remote http://{addr}/\n{}",
+            h.diag()
+        );
+        h.step(&format!("remote client: http://{addr}/ ok ({via})"));
+    }
+    let after = v4_row(h);
+    assert_eq!(after.total, before.total + 1, "{after:?}\n{}", h.diag());
+    assert_eq!(after.pid, h.rproxy_daemon_pid().unwrap() as u32);
+}
+
+/// A namespace with a veth link into the host, addressed on both families, routed by the
+/// host: a client that is not on the host.
+struct RemoteLink {
+    ns: common::Netns,
+    host4: IpAddr,
+    host6: IpAddr,
+}
+
+impl RemoteLink {
+    fn new(tag: &str) -> RemoteLink {
+        let ns = common::Netns::new(tag);
+        let (host_if, ns_if) = (format!("rpx{tag}h"), format!("rpx{tag}n"));
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        common::sh(&format!(
+            "ip link add {host_if} type veth peer name {ns_if} netns {n} && \
+             ip addr add 10.250.77.1/24 dev {host_if} && \
+             ip addr add fd7e:250::1/64 dev {host_if} nodad && ip link set {host_if} up && \
+             ip -n {n} addr add 10.250.77.2/24 dev {ns_if} && \
+             ip -n {n} addr add fd7e:250::2/64 dev {ns_if} nodad && \
+             ip -n {n} link set {ns_if} up && \
+             ip -n {n} route add default via 10.250.77.1 && \
+             ip -n {n} -6 route add default via fd7e:250::1",
+            n = ns.name
+        ));
+        RemoteLink {
+            ns,
+            host4: "10.250.77.1".parse().unwrap(),
+            host6: "fd7e:250::1".parse().unwrap(),
+        }
+    }
+}
+
+/// Hairpin without a userland proxy: a container on the target's own network with icc on
+/// reaches the published port through its gateway straight (the target sees its address);
+/// with icc off the hooks leave it alone and dockerd refuses it, as without the daemon.
+fn hairpin_follows_icc_without_a_userland_proxy(h: &Harness, p_icc: u16, p_off: u16) {
+    let mut seen_straight = 0;
+    for (net, icc, port) in [
+        ("rproxy-test-pnoicc", false, p_off),
+        ("rproxy-test-picc", true, p_icc),
+    ] {
+        let (client, web) = (format!("{net}-client"), format!("{net}-web"));
+        h.docker_ok(&[
+            "network",
+            "create",
+            "--opt",
+            &format!("com.docker.network.bridge.enable_icc={icc}"),
+            net,
+        ]);
+        h.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &client,
+            "--network",
+            net,
+            IMAGE,
+            "sleep",
+            "3600",
+        ]);
+        h.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &web,
+            "--network",
+            net,
+            "-p",
+            &format!("{port}:80"),
+            IMAGE,
+            "httpd",
+            "-f",
+            "-vv",
+            "-p",
+            "80",
+            "-h",
+            "/www",
+        ]);
+        let listen = format!("0.0.0.0:{port}");
+        let row = || {
+            poll(Duration::from_secs(10), || {
+                h.rproxy_ls()
+                    .into_iter()
+                    .find(|r| r.listen == listen)
+                    .ok_or(())
+            })
+            .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()))
+        };
+        let gw = h.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
+            &client,
+        ]);
+        let me = h.docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &client,
+        ]);
+        let fetch = || {
+            let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {gw} {port}");
+            h.docker(&["exec", &client, "sh", "-c", &script])
+        };
+        let before = row();
+        if icc {
+            // Once the hairpin rule has learnt the new network (its events come in bursts).
+            let got = poll(Duration::from_secs(15), || {
+                let out = fetch();
+                let counted = row().socket_conns > before.socket_conns;
+                (out.stdout.contains(h.page.trim_end()) && counted)
+                    .then_some(())
+                    .ok_or(out)
+            });
+            if let Err(out) = got {
+                panic!("{client} -> {gw}:{port} not straight: {out}\n{}", h.diag());
+            }
+            let logs = h.docker(&["logs", &web]).stderr;
+            assert!(
+                logs.contains(&format!("[::ffff:{me}]:")),
+                "{web} saw: {logs}"
+            );
+            seen_straight += 1;
+            h.step(&format!("{net}: hairpin from {me} went straight to {web}"));
+        } else {
+            let out = fetch();
+            assert!(
+                !out.stdout.contains(h.page.trim_end()),
+                "icc off, yet {client} reached {web}: {out}"
+            );
+            assert_eq!(
+                row().socket_conns,
+                before.socket_conns,
+                "the hooks carried it"
+            );
+            h.step(&format!(
+                "{net}: icc off, the hooks left it to dockerd, which refused it"
+            ));
+        }
+        h.docker_ok(&["rm", "-f", &client, &web]);
+        h.docker_ok(&["network", "rm", net]);
+    }
+    assert_eq!(seen_straight, 1);
+}
+
+/// Lifecycle: every start and death was followed well within 100 ms of dockerd's event (the
+/// daemon logs each delay); `docker restart` is followed; SIGHUP, a takeover and a restart of
+/// the daemon rebuild the same set; dockerd restarted with a container that comes back
+/// (`--restart always`) is read again on its return; `docker rm -f` removes the entries.
+fn the_daemon_follows_containers_dockerd_and_itself(h: &mut Harness, set: &ProxyOff) {
+    let want = set.rows();
+    let ls_pids = |h: &Harness| -> BTreeSet<u32> { h.rproxy_ls().iter().map(|r| r.pid).collect() };
+    // docker restart: the entries go and come back (same addresses here, all followed).
+    h.docker_ok(&["restart", "-t", "1", ProxyOff::WEB4]);
+    wait_docker_rows(h, &want, "after docker restart");
+    h.get_pages(
+        &[SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4))],
+        " (after docker restart)",
+    );
+    // SIGHUP: nothing of dockerd's changes.
+    let pid = h.rproxy_daemon_pid().unwrap();
+    let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    poll(Duration::from_secs(5), || {
+        h.daemon_log().contains("reloaded").then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("no reload\n{}", h.diag()));
+    assert_eq!(docker_rows(h), want, "after SIGHUP");
+    // A takeover, then a restart: the same set, served by the new process.
+    let mut old = h.rproxy_daemon.take().expect("the daemon");
+    h.take_over_rproxy_daemon();
+    let status = poll(Duration::from_secs(10), || {
+        old.try_wait().unwrap().ok_or(())
+    });
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "{status:?}\n{}",
+        h.diag()
+    );
+    wait_docker_rows(h, &want, "after a takeover");
+    let new = h.rproxy_daemon_pid().unwrap() as u32;
+    assert_eq!(ls_pids(h), BTreeSet::from([new]));
+    h.get_pages(
+        &[
+            SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_web)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4)),
+        ],
+        " (after a takeover)",
+    );
+    let status = h.stop_rproxy_daemon();
+    assert!(matches!(status, Some(s) if s.success()), "{status:?}");
+    h.start_rproxy_daemon();
+    wait_docker_rows(h, &want, "after a restart of the daemon");
+    h.get_pages(
+        &[SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4))],
+        " (after a restart of the daemon)",
+    );
+    h.step("SIGHUP, a takeover and a restart kept the same set");
+
+    // dockerd restarted: its containers stop with it, the two with --restart always come
+    // back (the echo container does not), and the daemon reads them once dockerd answers.
+    for name in [ProxyOff::WEB, ProxyOff::WEB4] {
+        h.docker_ok(&["update", "--restart", "always", name]);
+    }
+    h.restart_dockerd();
+    poll(Duration::from_secs(30), || {
+        [ProxyOff::WEB, ProxyOff::WEB4]
+            .iter()
+            .all(|n| h.docker_ok(&["inspect", "-f", "{{.State.Running}}", n]) == "true")
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("the containers did not come back\n{}", h.diag()));
+    let back = set.reread(h);
+    let after: BTreeSet<_> = back
+        .rows()
+        .into_iter()
+        .filter(|r| r.3 != ProxyOff::ECHO)
+        .collect();
+    wait_docker_rows(h, &after, "after dockerd's restart");
+    h.get_pages(
+        &[SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_web))],
+        " (after dockerd's restart)",
+    );
+    h.step("dockerd restarted: the daemon read it again");
+
+    // Every follow within 100 ms of dockerd's event.
+    let delays: Vec<f64> = h
+        .daemon_log()
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l
+                .split_once("mappings, ")
+                .or_else(|| l.split_once("gone, "))?;
+            rest.split(" ms after dockerd's event").next()?.parse().ok()
+        })
+        .collect();
+    assert!(delays.len() >= 4, "{delays:?}\n{}", h.diag());
+    let worst = delays.iter().copied().fold(0.0, f64::max);
+    assert!(
+        worst < 100.0,
+        "a container followed {worst} ms after its event: {delays:?}"
+    );
+    h.step(&format!(
+        "{} container events followed, the slowest {worst:.1} ms after dockerd's event",
+        delays.len()
+    ));
+
+    h.docker_ok(&["rm", "-f", ProxyOff::WEB]);
+    let left: BTreeSet<_> = after
+        .into_iter()
+        .filter(|r| r.3 == ProxyOff::WEB4)
+        .collect();
+    wait_docker_rows(h, &left, "after docker rm -f");
+    let gone = http_get(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_web)),
+        Duration::ZERO,
+    );
+    assert!(gone.is_err(), "{gone:?}");
+    h.step("docker rm -f took the entries away");
+}
+
+/// `docker run -p 21000-21499:21000-21499` (a free range like it): 1,000 entries (each port,
+/// IPv4 and IPv6), no process for any of them; how long until the daemon serves them all and
+/// until `docker rm -f` has them all gone, and the daemon's RSS with them.
+fn a_500_port_range_costs_no_process(h: &Harness) {
+    let base = free_run(500, true, &h.ports);
+    let range = format!("{base}-{}", base + 499);
+    let name = "rproxy-test-prange";
+    let started = Instant::now();
+    let publish = format!("{range}:{range}");
+    let args = [
+        "run", "-d", "--name", name, "-p", &publish, IMAGE, "sleep", "3600",
+    ];
+    let out = h.docker_timeout(&args, Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "docker run -p {publish}: {out}\n{}",
+        h.diag()
+    );
+    let run = started.elapsed();
+    let count = |h: &Harness| h.rproxy_ls().iter().filter(|r| r.container == name).count();
+    poll(Duration::from_secs(30), || {
+        (count(h) == 1000).then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{} entries, not 1,000\n{}", count(h), h.diag()));
+    let served = started.elapsed();
+    let pid = h.rproxy_daemon_pid().unwrap();
+    let rss = proc_field(pid, "status", "VmRSS:").unwrap_or(0);
+    let proxies = proxy_processes()
+        .into_iter()
+        .filter(|p| {
+            p.host_port
+                .parse::<u16>()
+                .is_ok_and(|q| (base..base + 500).contains(&q))
+        })
+        .count();
+    assert_eq!(proxies, 0, "processes for the range");
+    // dockerd removes its iptables rules one call at a time: over a minute for the range.
+    let removing = Instant::now();
+    let out = h.docker_timeout(&["rm", "-f", name], Duration::from_secs(300));
+    assert!(
+        out.status.success(),
+        "docker rm -f {name}: {out}\n{}",
+        h.diag()
+    );
+    let rm = removing.elapsed();
+    poll(Duration::from_secs(30), || {
+        (count(h) == 0).then_some(()).ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{} entries left\n{}", count(h), h.diag()));
+    // The daemon's own figures: from dockerd's start and die events to the change done.
+    let log = h.daemon_log();
+    let after_event = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("container {name}: {what}")))
+            .find_map(|l| {
+                l.split(", ")
+                    .last()?
+                    .split(" ms after")
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no \"{what}\" line for {name}\n{}", h.diag()))
+    };
+    let (up, down) = (after_event("1000 mappings"), after_event("gone"));
+    h.step(&format!(
+        "500-port range {range}: docker run {:.1} s, all 1,000 entries served {:.1} s after \
+         it started ({up:.1} ms after dockerd's start event); docker rm -f {:.1} s (entries \
+         gone {down:.1} ms after the die event); daemon RSS {rss} kB; 0 processes",
+        run.as_secs_f64(),
+        served.as_secs_f64(),
+        rm.as_secs_f64()
+    ));
+}
+
+/// SIGKILL of the daemon: no program stays attached, its `[::]` listener is gone, and the
+/// ports behave as dockerd alone serves them (127.0.0.1 answers, [::1] does not).
+fn the_ports_are_dockerds_alone_after_the_daemons_sigkill(h: &mut Harness, set: &ProxyOff) {
+    let web4 = SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4));
+    h.get_pages(&[web4], " (before the SIGKILL)");
+    let pid = h.rproxy_daemon_pid().expect("the daemon");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    if let Some(mut child) = h.rproxy_daemon.take() {
+        let _ = child.wait();
+    }
+    h.wait_none(
+        Duration::from_secs(5),
+        "socket programs left after SIGKILL",
+        attached_programs,
+    );
+    h.get_pages(
+        &[SocketAddr::from((Ipv4Addr::LOCALHOST, set.p_v4))],
+        " (dockerd alone again)",
+    );
+    let got = http_get(web4, Duration::ZERO);
+    assert!(
+        got.is_err(),
+        "[::1] still served after the SIGKILL: {got:?}"
+    );
+    h.step("daemon killed: nothing attached, dockerd alone serves its ports again");
+}
+
 // ================================================================================================
 // The scenarios, in the order the tests run them. Each takes what it needs (the harness, ports,
 // container names, containers an earlier scenario started) and returns what a later one needs.
@@ -751,7 +1444,7 @@ fn dockerds_ports_go_through_a_takeover_and_a_restart(h: &mut Harness, handed: &
     };
 
     let mut old = h.rproxy_daemon.take().expect("the daemon");
-    h.start_rproxy_daemon_with(&["--takeover"]);
+    h.take_over_rproxy_daemon();
     let status = poll(Duration::from_secs(10), || {
         old.try_wait().unwrap().ok_or(())
     });
@@ -1517,8 +2210,12 @@ struct Harness {
     rproxy_sock: PathBuf,
     /// Our `rproxy daemon` (scenario h only).
     rproxy_daemon: Option<Child>,
+    /// The flags it was last started with (a restart or takeover uses them again).
+    daemon_flags: Vec<String>,
+    /// dockerd's own flags (beside the fixed ones), for a restart.
+    dockerd_flags: Vec<String>,
     /// Host state dockerd changes and we put back: FORWARD policy and forwarding sysctls.
-    forward_policy: Option<String>,
+    forward_policy: [Option<String>; 2],
     sysctls: Vec<(PathBuf, String)>,
 }
 
@@ -1542,9 +2239,11 @@ struct LsRow {
     socket_conns: u64,
     /// The process serving it.
     pid: u32,
+    /// The container whose published port it is (`--docker-ports`), else "-".
+    container: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct ContainerNet {
     ip: IpAddr,
     gateway: IpAddr,
@@ -1570,7 +2269,7 @@ impl Harness {
         if !ipv6 {
             eprintln!("note: no IPv6 loopback here; running dockerd without --ipv6, v6 checks off");
         }
-        let forward_policy = iptables_forward_policy();
+        let forward_policy = [forward_policy("iptables"), forward_policy("ip6tables")];
         let sysctls = [
             "/proc/sys/net/ipv4/ip_forward",
             "/proc/sys/net/ipv6/conf/all/forwarding",
@@ -1597,6 +2296,8 @@ impl Harness {
             containerd: None,
             dockerd: None,
             rproxy_daemon: None,
+            daemon_flags: Vec::new(),
+            dockerd_flags: dockerd_flags.iter().map(|f| f.to_string()).collect(),
             forward_policy,
             sysctls,
         };
@@ -1866,8 +2567,9 @@ impl Harness {
         let text = self.docker_ok(&[
             "inspect",
             "-f",
-            "{{.NetworkSettings.IPAddress}} {{.NetworkSettings.Gateway}} \
-             {{.NetworkSettings.GlobalIPv6Address}} {{.NetworkSettings.IPv6Gateway}}",
+            // Its one network's (the default bridge's, or a network of its own).
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{.Gateway}} \
+             {{.GlobalIPv6Address}} {{.IPv6Gateway}}{{end}}",
             name,
         ]);
         let mut f = text.split_whitespace();
@@ -1909,13 +2611,44 @@ impl Harness {
     }
 
     /// Starts `rproxy daemon` on dockerd's RPROXY_SOCKET, with a config file of our own (so
-    /// /etc/rproxy/rproxy.toml cannot add mappings), and waits until it is ready.
+    /// /etc/rproxy/rproxy.toml cannot add mappings), and waits until it is ready; with the
+    /// flags it last had.
     fn start_rproxy_daemon(&mut self) {
-        self.start_rproxy_daemon_with(&[]);
+        let flags = self.daemon_flags.clone();
+        self.spawn_rproxy_daemon(&flags);
     }
 
-    /// Our daemon, on dockerd's RPROXY_SOCKET, with `extra` flags.
+    /// Our daemon, on dockerd's RPROXY_SOCKET, with `extra` flags (kept for restarts).
     fn start_rproxy_daemon_with(&mut self, extra: &[&str]) {
+        self.daemon_flags = extra.iter().map(|f| f.to_string()).collect();
+        self.start_rproxy_daemon();
+    }
+
+    /// A new daemon with the same flags and `--takeover`, taking over from ours (whose Child
+    /// the caller took).
+    fn take_over_rproxy_daemon(&mut self) {
+        let mut flags = self.daemon_flags.clone();
+        flags.push("--takeover".into());
+        self.spawn_rproxy_daemon(&flags);
+    }
+
+    /// dockerd stopped (SIGTERM) and started again with the same flags.
+    fn restart_dockerd(&mut self) {
+        if let Some(mut dockerd) = self.dockerd.take() {
+            assert!(
+                stop_child(&mut dockerd, "dockerd", Duration::from_secs(20)),
+                "dockerd did not stop\n{}",
+                self.diag()
+            );
+        }
+        self.step("dockerd stopped");
+        let rproxy = PathBuf::from(&self.rproxy_arg);
+        let flags = self.dockerd_flags.clone();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        self.start_dockerd(&rproxy, &flags);
+    }
+
+    fn spawn_rproxy_daemon(&mut self, extra: &[String]) {
         let d = &self.dir;
         let config = d.join("rproxy.toml");
         fs::write(&config, "publish = []\n").unwrap();
@@ -2027,14 +2760,15 @@ impl Harness {
                 "SOCKET",
                 "SOCKET_CONNS",
                 "PROXY_PROTOCOL",
-                "PID"
+                "PID",
+                "CONTAINER"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 16, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 17, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))
@@ -2055,6 +2789,7 @@ impl Harness {
                     socket: c[12].into(),
                     socket_conns: num(13),
                     pid: num(15) as u32,
+                    container: c[16].into(),
                 }
             })
             .collect()
@@ -2129,17 +2864,20 @@ impl Harness {
     }
 
     fn restore_host_state(&self) {
-        if let Some(orig) = &self.forward_policy {
-            if iptables_forward_policy().as_ref() != Some(orig) {
+        // dockerd --ip6tables sets ip6tables' policy too: left at DROP, it would drop the
+        // IPv6 traffic of later bridges (br_netfilter) that no dockerd rule accepts.
+        for (tool, orig) in ["iptables", "ip6tables"].iter().zip(&self.forward_policy) {
+            let Some(orig) = orig else { continue };
+            if forward_policy(tool).as_ref() != Some(orig) {
                 let out = run(
-                    Command::new("iptables")
+                    Command::new(tool)
                         .env("PATH", search_path())
                         .args(["-P", "FORWARD", orig]),
                     Duration::from_secs(10),
                     &self.dir,
                 );
                 if !out.status.success() {
-                    eprintln!("cleanup: iptables -P FORWARD {orig}: {out}");
+                    eprintln!("cleanup: {tool} -P FORWARD {orig}: {out}");
                 }
             }
         }
@@ -2217,8 +2955,9 @@ fn stop_child(child: &mut Child, name: &str, grace: Duration) -> bool {
     false
 }
 
-fn iptables_forward_policy() -> Option<String> {
-    let out = Command::new("iptables")
+/// The FORWARD chain's policy, as `tool` (iptables or ip6tables) shows it.
+fn forward_policy(tool: &str) -> Option<String> {
+    let out = Command::new(tool)
         .env("PATH", search_path())
         .args(["-S", "FORWARD"])
         .stdin(Stdio::null())

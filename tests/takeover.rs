@@ -834,10 +834,16 @@ fn takeover_hands_over_more_sockets_than_one_message_carries() {
         .spawn();
     let serving = |pid: u32| {
         let (code, out, _) = cli(&dir, &["ls"]);
+        let pid_at = out
+            .lines()
+            .next()
+            .and_then(|h| h.split_whitespace().position(|c| c == "PID"));
         code == 0
             && out
                 .lines()
-                .filter(|l| l.ends_with(&format!(" {pid}")))
+                .filter(|l| {
+                    pid_at.and_then(|i| l.split_whitespace().nth(i)) == Some(&pid.to_string())
+                })
                 .count()
                 == 400
     };

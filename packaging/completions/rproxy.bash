@@ -108,7 +108,7 @@ _rproxy() {
             return 0
             ;;
         rproxy__subcmd__daemon)
-            opts="-p -h --publish --config --control-socket --drain-timeout --nat --socket-lb --docker-host --log-format --metrics-addr --metrics-per-port --takeover --check --help"
+            opts="-p -h --publish --config --control-socket --drain-timeout --nat --socket-lb --docker-host --docker-ports --log-format --metrics-addr --metrics-per-port --takeover --check --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

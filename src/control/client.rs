@@ -159,6 +159,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "SOCKET_CONNS",
         "PROXY_PROTOCOL",
         "PID",
+        "CONTAINER",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -186,6 +187,10 @@ pub fn format_table(rows: &[Row]) -> String {
                 v => v.into(),
             },
             r.pid.to_string(),
+            match r.container.as_str() {
+                "" => "-".into(),
+                name => name.into(),
+            },
         ]);
     }
     columns(&table)
@@ -265,7 +270,8 @@ mod tests {
                 "socket",
                 "7",
                 "v2",
-                "8"
+                "8",
+                "web"
             ]
         );
     }

@@ -117,6 +117,7 @@ pub async fn give(
             mappings.push(Handed {
                 spec: h.mapping.spec(),
                 origin: h.origin.to_string(),
+                container: h.origin.container().map(str::to_string),
                 options,
                 socket,
                 conn,

@@ -143,6 +143,9 @@ pub struct Handed {
     /// A shim's registration connection: its index among the descriptors.
     #[serde(default)]
     pub conn: Option<usize>,
+    /// `docker`: the container whose published port it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl Request {
@@ -244,6 +247,17 @@ pub struct Row {
     /// The process serving it (after a takeover, the new daemon).
     #[serde(default)]
     pub pid: u32,
+    /// `docker`: the container whose published port it is; empty otherwise.
+    #[serde(default)]
+    pub container: String,
+    /// Whether it has a listening socket of its own (dockerd's ports served by the kernel
+    /// paths alone have none).
+    #[serde(default = "yes")]
+    pub listener: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A row with a distinct value in every field, for tests.
@@ -266,6 +280,8 @@ pub(crate) fn sample_row() -> Row {
         socket_connections: 7,
         proxy_protocol: "v2".into(),
         pid: 8,
+        container: "web".into(),
+        listener: false,
     }
 }
 
@@ -314,6 +330,7 @@ mod tests {
                         ..Overrides::default()
                     },
                     socket: 1,
+                    container: None,
                     conn: Some(2),
                 }],
             },

@@ -27,7 +27,7 @@ use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::options::{Options, Overrides};
 use crate::proxy_protocol::{PortRules, Version};
-use crate::supervisor::{key, Change, Key, Origin, Start, Supervisor, HANDING_OVER};
+use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor, HANDING_OVER};
 use crate::sys::fd::recv_with_fds;
 
 /// How long a client may take to send its request line.
@@ -330,10 +330,12 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
                 v => v.to_string(),
             },
             spec: s.mapping.spec(),
+            container: s.origin.container().unwrap_or_default().to_string(),
             origin: s.origin.to_string(),
             state: if s.serving { "serving" } else { "stopped" }.into(),
             stats: s.stats.snapshot(),
             pid,
+            listener: s.listener,
         })
         .collect()
 }
@@ -354,7 +356,7 @@ async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String>
                     .iter()
                     .map(|m| Start {
                         mapping: *m,
-                        socket: None,
+                        listener: Listener::Bind,
                         origin: Origin::Control,
                     })
                     .collect(),
@@ -383,6 +385,13 @@ async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
                     return Err(format!(
                         "{} {} maps to {}, not {}",
                         m.proto, m.listen, c.mapping.target, m.target
+                    ));
+                }
+                if let Some(name) = c.origin.container() {
+                    return Err(format!(
+                        "{} {} is published by dockerd for container {name}: stop or remove \
+                         the container, or its port mapping, with docker instead",
+                        m.proto, m.listen
                     ));
                 }
                 if let Origin::Shim(_) = c.origin {
@@ -436,7 +445,7 @@ impl Drop for Registration {
         if *self.ctx.release.borrow() {
             return;
         }
-        let (sup, key, origin) = (self.ctx.sup.clone(), self.key, self.origin);
+        let (sup, key, origin) = (self.ctx.sup.clone(), self.key, self.origin.clone());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -500,7 +509,28 @@ async fn register(
                 ))
             }
         }
-        ctx.sup.start(mapping, Some(socket), origin).await
+        // A shim's registration wins over what the daemon serves for the same container
+        // port from dockerd's API (`--docker-ports`): the shim holds the listening socket.
+        let start = Start {
+            mapping,
+            listener: Listener::Socket(socket),
+            origin: origin.clone(),
+        };
+        let started = ctx.sup.change(Duration::ZERO, |current| {
+            let stop = current
+                .get(&key(&mapping))
+                .filter(|c| c.origin.container().is_some())
+                .map(|_| key(&mapping));
+            Ok(Change {
+                stop: stop.into_iter().collect(),
+                start: vec![start],
+            })
+        });
+        started
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "nothing started".to_string())
     }
     .await;
     let mapping = match started {
@@ -534,7 +564,7 @@ async fn hold(
     origin: Origin,
     options: Overrides,
 ) -> io::Result<()> {
-    let _registration = Registration::new(ctx.clone(), key, origin);
+    let _registration = Registration::new(ctx.clone(), key, origin.clone());
     if let (Origin::Shim(id), Ok(conn)) = (origin, stream.as_fd().try_clone_to_owned()) {
         let mut shims = ctx.shims.lock().unwrap_or_else(|e| e.into_inner());
         shims.insert(id, Shim { conn, options });
