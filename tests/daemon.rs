@@ -499,3 +499,60 @@ fn a_refused_registration_reaches_fd_3() {
     assert!(ls(&dir).is_empty());
     TcpListener::bind(at(base)).expect("the refused shim left its port bound");
 }
+
+/// `--docker-ports` with no dockerd to follow — its socket missing, or a stale socket file
+/// nobody accepts on — says so once and serves everything else: the daemon is ready at once
+/// and its own mappings work. Without dockerd's API at all, it refuses to start.
+#[test]
+fn docker_ports_without_dockerd_warn_and_serve_the_rest() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let (none, stale) = (Dir::new("dports-none"), Dir::new("dports-stale"));
+    drop(std::os::unix::net::UnixListener::bind(stale.0.join("docker.sock")).unwrap());
+    for dir in [none, stale] {
+        let tag = dir.0.display().to_string();
+        let docker = dir.0.join("docker.sock");
+        let port = free_ports(1);
+        let host = format!("unix://{}", docker.display());
+        let publish = format!("127.0.0.1:{port}:{echo}");
+        let sock = dir.sock();
+        let argv = [
+            "daemon",
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--docker-ports",
+            "--socket-lb=off",
+            "--docker-host",
+            &host,
+            "-p",
+            &publish,
+        ];
+        let started = Instant::now();
+        let p = Spawn::new(&argv).no_status_pipe().spawn();
+        let warning = p.wait_log("docker ports:", Duration::from_secs(10));
+        assert!(
+            warning.contains("WARN") && warning.contains("does not answer"),
+            "{warning}"
+        );
+        p.wait_log("daemon ready", Duration::from_secs(10));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{tag}: ready late"
+        );
+        echo_through(at(port), b"served without dockerd");
+        let rows = ls_table(&dir);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["ORIGIN"], "publish");
+        assert_eq!(rows[0]["CONTAINER"], "-");
+    }
+    let (code, _, err) = {
+        let out = Command::new(rproxy())
+            .args(["daemon", "--check", "--docker-ports", "--docker-host", ""])
+            .env_remove("RPROXY_SOCKET")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("docker_ports needs dockerd's API"), "{err}");
+}
