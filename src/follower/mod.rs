@@ -272,10 +272,12 @@ impl Follower {
             .get(id)
             .map(|s| s.keys.clone())
             .unwrap_or_default();
-        let dockerd = self.engine.pid().ok();
+        let engine = &self.engine;
+        // Asked only when a port is new to the daemon.
+        let proxied = || engine.pid().map(proxies::served).unwrap_or_default();
         let mut kept = BTreeSet::new();
         let planned = self.change(|current| {
-            let plan = plan(&wanted, &origin, &had, current, dockerd);
+            let plan = plan(&wanted, &origin, &had, current, proxied);
             kept = plan.serves;
             Ok(plan.change)
         });
@@ -321,18 +323,19 @@ struct Plan {
 
 /// The change that makes one container's mappings `wanted` (under `origin`), given the keys
 /// it `had` and the `current` set: a key someone else serves (a shim's registration, the
-/// config file) or a userland proxy of dockerd's holds is left alone; a new one gets a
-/// listener when its address is free, none when dockerd holds it.
+/// config file) or a userland proxy of dockerd's holds (`proxied`, asked once if need be)
+/// is left alone; a new one gets a listener when its address is free, none when dockerd
+/// holds it.
 fn plan(
     wanted: &[Wanted],
     origin: &Origin,
     had: &BTreeSet<Key>,
     current: &std::collections::BTreeMap<Key, Current>,
-    dockerd: Option<u32>,
+    proxied: impl Fn() -> BTreeSet<Key>,
 ) -> Plan {
     let mut change = Change::default();
     let mut serves = BTreeSet::new();
-    let mut proxied: Option<BTreeSet<Key>> = None;
+    let mut held: Option<BTreeSet<Key>> = None;
     let wanted_keys: BTreeSet<Key> = wanted.iter().map(|w| key(&w.mapping)).collect();
     for k in had.difference(&wanted_keys) {
         if current
@@ -367,9 +370,8 @@ fn plan(
                 continue;
             }
             None => {
-                let proxied =
-                    proxied.get_or_insert_with(|| dockerd.map(proxies::served).unwrap_or_default());
-                if proxied.contains(&k) {
+                let held = held.get_or_insert_with(&proxied);
+                if held.contains(&k) {
                     tracing::debug!(
                         "docker ports: {} is served by dockerd's userland proxy; leaving it",
                         w.mapping
@@ -412,4 +414,130 @@ fn listener(w: &Wanted) -> Option<Listener> {
 /// The first 12 characters of a container ID, as docker shows it.
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::mapping::{parse_publish, Mapping};
+
+    fn mapping(spec: &str) -> Mapping {
+        parse_publish(spec, Options::default()).unwrap()[0]
+    }
+
+    fn listed(spec: &str) -> Wanted {
+        Wanted {
+            mapping: mapping(spec),
+            listed: true,
+        }
+    }
+
+    fn current(entries: &[(&str, Origin, bool)]) -> BTreeMap<Key, Current> {
+        entries
+            .iter()
+            .map(|(spec, origin, listener)| {
+                let m = mapping(spec);
+                let c = Current {
+                    mapping: m,
+                    origin: origin.clone(),
+                    listener: *listener,
+                };
+                (key(&m), c)
+            })
+            .collect()
+    }
+
+    fn web() -> Origin {
+        Origin::Container("web".into())
+    }
+
+    /// (starts with their listener kind, stops)
+    fn summary(p: &Plan) -> (Vec<(String, &'static str)>, Vec<Key>) {
+        let starts = p
+            .change
+            .start
+            .iter()
+            .map(|s| {
+                let kind = match s.listener {
+                    Listener::None => "none",
+                    Listener::Bind => "bind",
+                    Listener::Socket(_) => "socket",
+                };
+                (s.mapping.spec(), kind)
+            })
+            .collect();
+        (starts, p.change.stop.clone())
+    }
+
+    #[test]
+    fn dockerds_addresses_get_no_listener_and_others_keep_theirs() {
+        let wanted = [
+            listed("0.0.0.0:8080:172.17.0.2:80"),
+            listed("[::]:8080:[fd00::2]:80"),
+        ];
+        // A shim registered the IPv6 one: it stays the shim's.
+        let now = current(&[("[::]:8080:[fd00::2]:80", Origin::Shim(1), true)]);
+        let p = plan(&wanted, &web(), &BTreeSet::new(), &now, BTreeSet::new);
+        assert_eq!(
+            summary(&p),
+            (
+                vec![("0.0.0.0:8080:172.17.0.2:80/tcp".into(), "none")],
+                vec![]
+            )
+        );
+        assert_eq!(p.serves.len(), 1);
+    }
+
+    #[test]
+    fn a_port_dockerds_proxy_serves_is_left_alone() {
+        let wanted = [listed("0.0.0.0:8080:172.17.0.2:80")];
+        let proxied = || BTreeSet::from([key(&mapping("0.0.0.0:8080:1.1.1.1:1"))]);
+        let p = plan(&wanted, &web(), &BTreeSet::new(), &BTreeMap::new(), proxied);
+        assert_eq!(summary(&p), (vec![], vec![]));
+        assert!(p.serves.is_empty());
+    }
+
+    #[test]
+    fn what_is_served_already_is_kept_and_what_changed_is_replaced() {
+        let same = "0.0.0.0:8080:172.17.0.2:80";
+        let moved = "[::]:8080:172.17.0.2:80";
+        let now = current(&[
+            (same, web(), false),
+            (moved, web(), true),
+            ("0.0.0.0:9:172.17.0.2:9", web(), false),
+        ]);
+        let had: BTreeSet<Key> = now.keys().copied().collect();
+        // The container restarted with a new address; port 9 is no longer published.
+        let wanted = [listed(same), listed("[::]:8080:172.17.0.3:80")];
+        let p = plan(&wanted, &web(), &had, &now, || {
+            panic!("no new port: no need to ask")
+        });
+        let (starts, mut stops) = summary(&p);
+        stops.sort();
+        assert_eq!(
+            starts,
+            vec![("[::]:8080:172.17.0.3:80/tcp".to_string(), "bind")]
+        );
+        assert_eq!(
+            stops,
+            vec![key(&mapping("0.0.0.0:9:1.1.1.1:9")), key(&mapping(moved))]
+        );
+        assert_eq!(p.serves.len(), 2);
+    }
+
+    #[test]
+    fn a_gone_container_stops_only_what_is_still_its_own() {
+        let now = current(&[
+            ("0.0.0.0:8080:172.17.0.2:80", web(), false),
+            ("0.0.0.0:8081:172.17.0.2:81", Origin::Shim(3), true),
+        ]);
+        let had: BTreeSet<Key> = now.keys().copied().collect();
+        let p = plan(&[], &web(), &had, &now, BTreeSet::new);
+        assert_eq!(
+            summary(&p),
+            (vec![], vec![key(&mapping("0.0.0.0:8080:1.1.1.1:1"))])
+        );
+    }
 }
