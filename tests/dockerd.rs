@@ -191,12 +191,15 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     }
     h.build_image();
     h.step("image built");
-    let ports = h.reserve_ports(5);
+    let ports = h.reserve_ports(6);
     let set = ProxyOff::run(&h, &ports);
     dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(&h, &set);
     let engine = format!("--docker-host=unix://{}", h.sock.display());
-    h.start_rproxy_daemon_with(&["--docker-ports", "--socket-lb=on", &engine]);
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, ports[5]));
+    let metrics_flag = format!("--metrics-addr={metrics}");
+    h.start_rproxy_daemon_with(&["--docker-ports", "--socket-lb=on", &engine, &metrics_flag]);
     the_daemon_serves_host_clients_with_no_listener_and_no_process(&h, &set);
+    the_metrics_count_dockerds_ports_like_any_mapping(&h, &set, metrics);
     remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(&h, &set);
     hairpin_follows_icc_without_a_userland_proxy(&h, ports[3], ports[4]);
     the_daemon_follows_containers_dockerd_and_itself(&mut h, &set);
@@ -431,6 +434,27 @@ fn the_daemon_serves_host_clients_with_no_listener_and_no_process(h: &Harness, s
         .filter(|p| ports.iter().any(|q| p.host_port == q.to_string()))
         .collect();
     assert!(proxies.is_empty(), "processes per port: {proxies:#?}");
+}
+
+/// The daemon's metrics have series for dockerd's ports, labelled by their addresses like any
+/// mapping's, with the connections the hooks sent straight to the container.
+fn the_metrics_count_dockerds_ports_like_any_mapping(h: &Harness, set: &ProxyOff, at: SocketAddr) {
+    let mut s = TcpStream::connect_timeout(&at, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("metrics at {at}: {e}\n{}", h.diag()));
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let series = format!(
+        "rproxy_socket_lb_connections_total{{proto=\"tcp\",frontend=\"0.0.0.0:{}\",backend=\"{}:80\"}}",
+        set.p_web, set.web.ip
+    );
+    let count: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    assert!(count >= 2, "{series} {count}");
+    h.step(&format!("metrics: {series} {count}"));
 }
 
 /// A UDP round trip from an unbound socket (the kernel picks the source, as most clients
