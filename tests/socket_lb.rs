@@ -83,26 +83,15 @@ fn the_kernel_verifier_accepts_every_program() {
     assert_eq!(loaded.len(), 9, "{loaded:?}");
 }
 
-/// The programs as bytes: any change to them is deliberate (RPROXY_BLESS=1 rewrites the
-/// golden files after a review of the difference).
+/// The programs as a reviewer reads them (mnemonics, one instruction a line): any change to
+/// them is deliberate, and shows in the golden files' diff (RPROXY_BLESS=1 rewrites them
+/// after a review of the difference).
 #[test]
 fn the_bytecode_is_what_was_reviewed() {
-    use rproxy::bpf::insn::Code;
     use rproxy::bpf::programs::Hook;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/bpf");
     for hook in Hook::ALL {
-        let code = hook.code();
-        let mut text = String::new();
-        for (i, insn) in code.insns.iter().enumerate() {
-            let b = Code::bytes(&[*insn]);
-            let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
-            let map = code
-                .maps
-                .iter()
-                .find(|m| m.at == i)
-                .map_or(String::new(), |m| format!("  ; map {}", m.map));
-            text.push_str(&format!("{i:4}: {}{map}\n", hex.join(" ")));
-        }
+        let text = hook.code().render();
         let path = dir.join(format!("{}.txt", hook.name()));
         if std::env::var_os("RPROXY_BLESS").is_some() {
             std::fs::create_dir_all(&dir).unwrap();
