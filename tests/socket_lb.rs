@@ -1234,3 +1234,55 @@ fn udp_from_loopback_to_a_routed_target_gets_the_listener() {
     let _ = dns.kill();
     let _ = dns.wait();
 }
+
+/// An unconnected IPv6 UDP socket: to [::1] of a mapping with an IPv4 target (6→4) the
+/// kernel refuses what a sendmsg6 program rewrites to an IPv4-mapped address (ENOTSUPP), so
+/// those datagrams are the listener's; connect() then send() still goes straight. To
+/// ::ffff:127.0.0.1 of an IPv4 mapping (the kernel's IPv4 path, sendmsg4) the reply reads
+/// as from the published address, as through the listener.
+#[test]
+fn unconnected_ipv6_udp_to_an_ipv4_target_works_as_through_the_listener() {
+    if !need_root("unconnected_ipv6_udp_to_an_ipv4_target_works_as_through_the_listener") {
+        return;
+    }
+    if !has_ipv6() {
+        skip(TEST, "no IPv6 here");
+        return;
+    }
+    let dir = Dir::new("slb-udp64");
+    let (_d, metrics) = daemon_with_metrics(&dir);
+    let uecho = udp_echo("127.0.0.1:0");
+    let base = free_ports(4);
+    let (six_to_four, mapped) = ((base, base + 1), (base + 2, base + 3));
+    publish_both(
+        &dir,
+        &[
+            (format!("[::]:{base}"), uecho, "udp"),
+            (format!("0.0.0.0:{}", base + 2), uecho, "udp"),
+        ],
+    );
+    let datagrams = |m: &str| metric(metrics, "rproxy_socket_lb_datagrams_total", m);
+    let dual = |connected: bool| {
+        move |to, msg: &[u8]| udp_client(to, msg, &|s: &Socket| s.set_only_v6(false), connected)
+    };
+    same_as_listener("sendto [::1], 6→4", "::1", six_to_four, dual(false));
+    let m = format!("[::]:{}", six_to_four.1);
+    assert_eq!(count(&dir, &m, "TOTAL"), 1, "{m}: not through the listener");
+    assert_eq!(datagrams(&m), Some(0.0), "{m}: counted by the hooks");
+    same_as_listener("connect [::1], 6→4", "::1", six_to_four, dual(true));
+    assert_eq!(
+        count(&dir, &m, "SOCKET_CONNS"),
+        1,
+        "{m}: connect() not straight"
+    );
+    assert_eq!(count(&dir, &m, "TOTAL"), 1, "{m}");
+    same_as_listener(
+        "sendto ::ffff:127.0.0.1",
+        "::ffff:127.0.0.1",
+        mapped,
+        dual(false),
+    );
+    let m = format!("0.0.0.0:{}", mapped.1);
+    assert_eq!(datagrams(&m), Some(1.0), "{m}: not straight");
+    assert_eq!(count(&dir, &m, "TOTAL"), 0, "{m}");
+}

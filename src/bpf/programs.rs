@@ -14,7 +14,10 @@
 //!   (SO_BINDTODEVICE); sending from (bound to, or for a datagram IP_PKTINFO) no address,
 //!   loopback if the target is loopback too (the kernel refuses a loopback source towards
 //!   anything else), or a host address (`local4`/`local6`) — not one the host does not have
-//!   (IP_TRANSPARENT); a hairpin socket bound to nothing. These checks run only once a
+//!   (IP_TRANSPARENT); a hairpin socket bound to nothing. sendmsg6 never writes an
+//!   IPv4-mapped address (the kernel refuses the datagram: ENOTSUPP), so 6→4 datagrams are
+//!   the listener's; an IPv6 socket's datagram to ::ffff:a.b.c.d runs sendmsg4, which notes
+//!   its reverse entry IPv4-mapped, as recvmsg6 reads it. These checks run only once a
 //!   published address matched;
 //! - recvmsg4/recvmsg6 and getpeername4/getpeername6: a reply or peer address that is a
 //!   target this socket was sent to reads as the published address it dialled;
@@ -44,6 +47,7 @@ use super::insn::{Alu, Code, Cond, Helper, Label, Program, Reg, Size};
 const USER_IP4: i16 = 4;
 const USER_IP6: i16 = 8;
 const USER_PORT: i16 = 24;
+const FAMILY: i16 = 28;
 const PROTOCOL: i16 = 36;
 const MSG_SRC_IP4: i16 = 40;
 const MSG_SRC_IP6: i16 = 44;
@@ -87,6 +91,7 @@ const V4_MAPPED_WORD: i32 = 0xffff_0000_u32 as i32;
 /// ::1's last word, read as a little-endian u32.
 const LOOPBACK6_WORD: i32 = 0x0100_0000;
 
+const AF_INET6: i32 = 10;
 const SOL_IPV6: i32 = 41;
 const IPV6_V6ONLY: i32 = 26;
 
@@ -537,17 +542,51 @@ fn translate4(call: Call) -> Program {
         .store(Size::W, Reg::R6, USER_IP4, Reg::R2)
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
-    remember_and_count(&mut p, (Reg::R8, T_ADDR), call.counter(), out);
+    let seen = match call {
+        Call::Connect => Reg::R8,
+        Call::Sendmsg => {
+            seen_by_a_dual_stack_socket(&mut p);
+            Reg::R7
+        }
+    };
+    remember_and_count(&mut p, (seen, T_ADDR), call.counter(), out);
     allow(&mut p, out);
     p
 }
 
+/// sendmsg4 also runs for an IPv6 socket's datagram to ::ffff:a.b.c.d (the kernel sends it
+/// by its IPv4 path), but recvmsg6 reads that socket's replies, as from IPv4-mapped
+/// addresses: for such a socket the reverse entry is noted in that form — REV_VALUE made
+/// ::ffff:published, and R7 pointed at ::ffff:target (in SRC, no longer needed) for the
+/// key (else at the Target). Needs R6 = ctx, R8 = the Target.
+fn seen_by_a_dual_stack_socket(p: &mut Program) {
+    let ipv4_socket = p.new_label();
+    p.mov(Reg::R7, Reg::R8)
+        .load(Size::W, Reg::R2, Reg::R6, FAMILY)
+        .jump_imm(Cond::Ne, Reg::R2, AF_INET6, ipv4_socket);
+    for (slot, from) in [(REV_VALUE, (Reg::R10, REV_VALUE)), (SRC, (Reg::R8, T_ADDR))] {
+        p.load(Size::W, Reg::R2, from.0, from.1)
+            .store(Size::W, Reg::R10, slot + 12, Reg::R2)
+            .store_imm(Size::W, Reg::R10, slot, 0)
+            .store_imm(Size::W, Reg::R10, slot + 4, 0)
+            .store_imm(Size::W, Reg::R10, slot + 8, V4_MAPPED_WORD);
+    }
+    stack_ptr(p, Reg::R7, SRC);
+    p.label(ipv4_socket);
+}
+
 /// connect6 / sendmsg6: IPv6 services, IPv4-mapped destinations (served by IPv4 mappings),
 /// and 6→4 targets (IPv6 mapping, IPv4 target) only where the socket is not IPv6-only.
+/// sendmsg6 writes no IPv4-mapped address: the kernel refuses the datagram (ENOTSUPP), so
+/// 6→4 datagrams are the listener's (connect() then send() is not); a datagram to an
+/// IPv4-mapped address never comes here (the kernel sends it by its IPv4 path, sendmsg4).
 fn translate6(call: Call) -> Program {
     let mut p = Program::new();
     let out = p.new_label();
-    let mapped = p.new_label();
+    let mapped = match call {
+        Call::Connect => p.new_label(),
+        Call::Sendmsg => out,
+    };
     let write = p.new_label();
     p.mov(Reg::R6, Reg::R1);
     zero(&mut p, REV_VALUE, 5);
@@ -584,11 +623,15 @@ fn translate6(call: Call) -> Program {
     v6_source_fits(&mut p, out);
     p.goto(write);
     p.label(six_to_four);
-    six_to_four_fits(&mut p, out);
-    p.goto(write);
-    // An IPv4-mapped destination: the IPv4 services, the target written back mapped.
-    p.label(mapped);
-    translate_mapped(&mut p, call, out);
+    if call == Call::Connect {
+        six_to_four_fits(&mut p, out);
+        p.goto(write);
+        // An IPv4-mapped destination: the IPv4 services, the target written back mapped.
+        p.label(mapped);
+        translate_mapped(&mut p, out);
+    } else {
+        p.goto(out);
+    }
     // Write the (IPv6 or IPv4-mapped) target as the Target holds it.
     p.label(write);
     for w in 0..4 {
@@ -606,7 +649,7 @@ fn translate6(call: Call) -> Program {
     p
 }
 
-/// 6→4: jumps to `out` unless the socket can reach an IPv4-mapped address: bound
+/// 6→4 (connect6): jumps to `out` unless the socket can reach an IPv4-mapped address: bound
 /// to nothing (one bound to an IPv6 address cannot), and not IPv6-only — what it set, if it
 /// set anything since the hooks were attached; else the namespace's default, known for the
 /// host's only (another namespace's socket goes to the listener). Needs the source in SRC.
@@ -635,9 +678,9 @@ fn six_to_four_fits(p: &mut Program, out: Label) {
     p.label(decided).jump_imm(Cond::Ne, Reg::R2, 0, out);
 }
 
-/// To ::ffff:a.b.c.d of an IPv4 mapping: the IPv4 target written IPv4-mapped, the reverse
-/// entry noted as the socket sees it; then to `out` (which allows).
-fn translate_mapped(p: &mut Program, call: Call, out: Label) {
+/// connect6 to ::ffff:a.b.c.d of an IPv4 mapping: the IPv4 target written IPv4-mapped, the
+/// reverse entry noted as the socket sees it; then to `out` (which allows).
+fn translate_mapped(p: &mut Program, out: Label) {
     p.load(Size::W, Reg::R2, Reg::R10, SVC_KEY + 12)
         .store(Size::W, Reg::R10, SVC_KEY, Reg::R2);
     key_port_protocol(p, 4);
@@ -645,7 +688,7 @@ fn translate_mapped(p: &mut Program, call: Call, out: Label) {
     p.mov(Reg::R8, Reg::R0);
     in_scope(p, Dialled::Mapped, out);
     no_bound_device(p, out);
-    load_source6(p, call);
+    load_source6(p, Call::Connect);
     mapped_source_fits(p, out);
     // The IPv4 Target has its address in its first word; the hook writes ::ffff:a.b.c.d.
     p.store_imm(Size::W, Reg::R6, USER_IP6, 0)
@@ -656,7 +699,7 @@ fn translate_mapped(p: &mut Program, call: Call, out: Label) {
         .load(Size::W, Reg::R2, Reg::R8, T_PORT)
         .store(Size::W, Reg::R6, USER_PORT, Reg::R2);
     // The socket sees the target as ::ffff:a.b.c.d, and its replies come from that.
-    remember_and_count(p, (Reg::R6, USER_IP6), call.counter(), out);
+    remember_and_count(p, (Reg::R6, USER_IP6), CONNECTIONS, out);
     p.goto(out);
 }
 
