@@ -1286,3 +1286,57 @@ fn unconnected_ipv6_udp_to_an_ipv4_target_works_as_through_the_listener() {
     assert_eq!(datagrams(&m), Some(1.0), "{m}: not straight");
     assert_eq!(count(&dir, &m, "TOTAL"), 0, "{m}");
 }
+
+/// IPV6_V6ONLY as the kernel has it decides 6→4, not as last asked: a change the kernel
+/// refuses (the socket is already bound) is not taken for the socket's setting. An IPv6-only
+/// socket that then asks to be dual-stack goes through the listener (the kernel would not
+/// let it reach an IPv4-mapped address); a dual-stack one that then asks to be IPv6-only
+/// still goes straight.
+#[test]
+fn ipv6_v6only_set_too_late_is_not_taken() {
+    if !need_root("ipv6_v6only_set_too_late_is_not_taken") {
+        return;
+    }
+    if !has_ipv6() {
+        skip(TEST, "no IPv6 here");
+        return;
+    }
+    let dir = Dir::new("slb-v6late");
+    let _d = daemon(&dir, &[]);
+    let echo = tcp_echo("127.0.0.1:0");
+    let base = free_ports(2);
+    publish_both(&dir, &[(format!("[::]:{base}"), echo, "tcp")]);
+    let m = format!("[::]:{}", base + 1);
+    let late = |first: bool| -> Box<Setup> {
+        Box::new(move |s: &Socket| {
+            s.set_only_v6(first)?;
+            s.bind(&SockAddr::from(SocketAddr::from(([0u16; 8], 0))))?;
+            let refused = s.set_only_v6(!first).unwrap_err();
+            assert_eq!(refused.raw_os_error(), Some(libc::EINVAL), "{refused}");
+            Ok(())
+        })
+    };
+    let tcp = |setup: Box<Setup>| move |to, msg: &[u8]| tcp_client(to, msg, &*setup);
+    same_as_listener(
+        "IPv6-only, dual-stack too late",
+        "::1",
+        (base, base + 1),
+        tcp(late(true)),
+    );
+    assert_eq!(
+        (count(&dir, &m, "SOCKET_CONNS"), count(&dir, &m, "TOTAL")),
+        (0, 1),
+        "{m}: (straight, through the listener)"
+    );
+    same_as_listener(
+        "dual-stack, IPv6-only too late",
+        "::1",
+        (base, base + 1),
+        tcp(late(false)),
+    );
+    assert_eq!(
+        (count(&dir, &m, "SOCKET_CONNS"), count(&dir, &m, "TOTAL")),
+        (1, 1),
+        "{m}: (straight, through the listener)"
+    );
+}

@@ -22,7 +22,8 @@
 //! - recvmsg4/recvmsg6 and getpeername4/getpeername6: a reply or peer address that is a
 //!   target this socket was sent to reads as the published address it dialled;
 //! - setsockopt: notes what IPV6_V6ONLY each socket set, for 6→4 (an IPv6 socket can reach
-//!   an IPv4 target only as an IPv4-mapped address, which an IPv6-only socket cannot).
+//!   an IPv4 target only as an IPv4-mapped address, which an IPv6-only socket cannot), when
+//!   the kernel takes it (not once the socket has a port).
 //!
 //! Maps and layouts (all little-endian hosts; addresses and ports in network order, as the
 //! kernel shows them in `struct bpf_sock_addr`):
@@ -57,6 +58,7 @@ const SOCK_ADDR_SK: i16 = 64;
 const SK_BOUND_DEV_IF: i16 = 0;
 const SK_SRC_IP4: i16 = 24;
 const SK_SRC_IP6: i16 = 28;
+const SK_SRC_PORT: i16 = 44;
 
 /// `struct bpf_sockopt` field offsets.
 const SOCKOPT_SK: i16 = 0;
@@ -742,7 +744,9 @@ fn restore(v6: bool) -> Program {
 }
 
 /// setsockopt: remembers the IPV6_V6ONLY value a socket sets, in its own storage slot, and
-/// lets the call go on to the kernel untouched.
+/// lets the call go on to the kernel untouched. The program runs before the kernel's own
+/// handling, so it notes only a change the kernel will take: on a socket with no port yet,
+/// an int.
 fn note_v6only() -> Program {
     let mut p = Program::new();
     let out = p.new_label();
@@ -758,7 +762,11 @@ fn note_v6only() -> Program {
         .jump(Cond::Gt, Reg::R2, Reg::R8, out)
         .load(Size::W, Reg::R9, Reg::R7, 0)
         .load(Size::DW, Reg::R2, Reg::R6, SOCKOPT_SK)
-        .jump_imm(Cond::Eq, Reg::R2, 0, out);
+        .jump_imm(Cond::Eq, Reg::R2, 0, out)
+        // The kernel refuses IPV6_V6ONLY once the socket has a port (bound, or connected):
+        // what it asks then is not what it is.
+        .load(Size::W, Reg::R3, Reg::R2, SK_SRC_PORT)
+        .jump_imm(Cond::Ne, Reg::R3, 0, out);
     p.load_map(Reg::R1, "v6only");
     // BPF_SK_STORAGE_GET_F_CREATE.
     p.mov_imm(Reg::R3, 0)
