@@ -411,9 +411,20 @@ fn cgroup_v2_root() -> std::path::PathBuf {
         .expect("a cgroup v2 mount")
 }
 
+/// A process of a test's, killed when the test ends, passed or failed (a failing test would
+/// otherwise leave it behind, holding the test's output open).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A DNS server in its own process (python3, on every machine of this kind): answers every
 /// A query with 192.0.2.7, from `ip`:PORT.
-fn dns_server(ip: &str) -> (std::process::Child, SocketAddr) {
+fn dns_server(ip: &str) -> (Reaped, SocketAddr) {
     const SERVER: &str = r#"
 import socket, struct
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -433,7 +444,7 @@ while True:
     s.sendto(header + question + answer, peer)
 "#;
     let (child, port) = python_server(&SERVER.replace("HOST", ip));
-    (child, SocketAddr::new(ip.parse().unwrap(), port))
+    (Reaped(child), SocketAddr::new(ip.parse().unwrap(), port))
 }
 
 /// Resolvers check where a reply came from: `dig @127.0.0.1 -p PORT` gets its answer through
@@ -451,7 +462,7 @@ fn dig_and_recvmmsg_accept_the_replies() {
         );
         return;
     }
-    let (mut server, dns) = dns_server("127.0.0.1");
+    let (_server, dns) = dns_server("127.0.0.1");
     let dir = Dir::new("slb-dig");
     let port = free_ports(1);
     let _d = daemon(
@@ -517,8 +528,6 @@ fn dig_and_recvmmsg_accept_the_replies() {
     assert_eq!(got, vec![published; 3], "recvmmsg sources");
     let r = row(&dir, &format!("0.0.0.0:{port}"));
     assert_eq!(r["TOTAL"], "0", "through the listener: {r:?}");
-    let _ = server.kill();
-    let _ = server.wait();
 }
 
 /// Without the privilege to load programs: `--socket-lb` warns once and the listener serves;
@@ -1117,7 +1126,7 @@ fn udp_from_loopback_to_a_routed_target_gets_the_listener() {
     let (_d, metrics) = daemon_with_metrics(&dir);
     let uecho = udp_echo("127.0.0.1:0");
     let ip4 = c.ip4.to_string();
-    let (mut dns, dns_at) = c.ns.run(move || dns_server(&ip4));
+    let (_dns, dns_at) = c.ns.run(move || dns_server(&ip4));
     let base = free_ports(8);
     let (v4, v6, lo, named) = (
         (base, base + 1),
@@ -1231,8 +1240,6 @@ fn udp_from_loopback_to_a_routed_target_gets_the_listener() {
     assert_eq!(count(&dir, &on(lo, false), "TOTAL"), 0);
     assert_eq!(datagrams(&on(v4, false)), Some(1.0));
     assert_eq!(datagrams(&on(lo, false)), Some(1.0));
-    let _ = dns.kill();
-    let _ = dns.wait();
 }
 
 /// An unconnected IPv6 UDP socket: to [::1] of a mapping with an IPv4 target (6→4) the
