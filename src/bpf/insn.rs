@@ -146,6 +146,21 @@ pub enum Helper {
     GetNetnsCookie = 122,
 }
 
+impl Helper {
+    /// The helper's name without its `bpf_` prefix, as bpftool prints a call; None for a
+    /// number the builder never emits.
+    fn name_of(id: i32) -> Option<&'static str> {
+        Some(match id {
+            1 => "map_lookup_elem",
+            2 => "map_update_elem",
+            46 => "get_socket_cookie",
+            107 => "sk_storage_get",
+            122 => "get_netns_cookie",
+            _ => return None,
+        })
+    }
+}
+
 // Instruction classes and modes.
 const LD: u8 = 0x00;
 const LDX: u8 = 0x01;
@@ -198,6 +213,133 @@ impl Insn {
     }
 }
 
+/// Registers as bpftool names them: `r` for 64 bits, `w` for the low 32 (JMP32).
+fn reg_name(n: u8, wide: bool) -> String {
+    format!("{}{n}", if wide { 'r' } else { 'w' })
+}
+
+/// `*(u32 *)(r6 + 4)`: a memory operand.
+fn mem(size: u8, base: u8, off: i16) -> String {
+    let width = match size {
+        0x00 => "u32",
+        0x08 => "u16",
+        0x10 => "u8",
+        _ => "u64",
+    };
+    let sign = if off < 0 { '-' } else { '+' };
+    format!("*({width} *)(r{base} {sign} {})", off.unsigned_abs())
+}
+
+/// The operator of an ALU operation, as in `r2 += 4`; None for one the builder never emits.
+fn alu_op(op: u8) -> Option<&'static str> {
+    Some(match op {
+        0x00 => "+=",
+        0x10 => "-=",
+        0x40 => "|=",
+        0x50 => "&=",
+        0x60 => "<<=",
+        0x70 => ">>=",
+        0xa0 => "^=",
+        0xb0 => "=",
+        _ => return None,
+    })
+}
+
+/// The comparison of a conditional jump, as in `if r0 == 0x0`.
+fn jump_op(op: u8) -> Option<&'static str> {
+    Some(match op {
+        0x10 => "==",
+        0x20 => ">",
+        0x30 => ">=",
+        0x40 => "&",
+        0x50 => "!=",
+        0xa0 => "<",
+        0xb0 => "<=",
+        _ => return None,
+    })
+}
+
+impl Insn {
+    fn dst(self) -> u8 {
+        self.regs & 0x0f
+    }
+
+    fn src(self) -> u8 {
+        self.regs >> 4
+    }
+
+    /// This instruction in bpftool's notation. `map`: the map a 64-bit load names; `next`:
+    /// the instruction after it (a 64-bit load's second half). An encoding the builder never
+    /// emits shows as its raw fields, so nothing is hidden.
+    pub fn render(self, map: Option<&str>, next: Option<&Insn>) -> String {
+        self.mnemonic(map, next).unwrap_or_else(|| {
+            format!(
+                "(code {:#04x} dst r{} src r{} off {} imm {})",
+                self.code,
+                self.dst(),
+                self.src(),
+                self.off,
+                self.imm
+            )
+        })
+    }
+
+    fn mnemonic(self, map: Option<&str>, next: Option<&Insn>) -> Option<String> {
+        let (class, op, size) = (self.code & 0x07, self.code & 0xf0, self.code & 0x18);
+        let dst = reg_name(self.dst(), true);
+        let src_x = self.code & SRC_X != 0;
+        Some(match class {
+            ALU64 => {
+                let operand = match src_x {
+                    true => reg_name(self.src(), true),
+                    false => self.imm.to_string(),
+                };
+                format!("{dst} {} {operand}", alu_op(op)?)
+            }
+            LDX if self.code & 0xe0 == MEM => {
+                format!("{dst} = {}", mem(size, self.src(), self.off))
+            }
+            STX if self.code & 0xe0 == MEM => {
+                format!("{} = r{}", mem(size, self.dst(), self.off), self.src())
+            }
+            STX if self.code & 0xe0 == ATOMIC && self.imm == 0 => {
+                format!(
+                    "lock {} += r{}",
+                    mem(size, self.dst(), self.off),
+                    self.src()
+                )
+            }
+            ST if self.code & 0xe0 == MEM => {
+                format!("{} = {}", mem(size, self.dst(), self.off), self.imm)
+            }
+            LD if self.code == LD | IMM | Size::DW.bits() => match (self.src(), map) {
+                (PSEUDO_MAP_FD, Some(name)) => format!("{dst} = map[{name}]"),
+                (0, _) => {
+                    let high = next.map_or(0, |n| n.imm as u32);
+                    let value = u64::from(high) << 32 | u64::from(self.imm as u32);
+                    format!("{dst} = {value:#x} ll")
+                }
+                _ => return None,
+            },
+            JMP if op == JA && !src_x => format!("goto {:+}", self.off),
+            JMP if op == CALL => format!("call {}", Helper::name_of(self.imm)?),
+            JMP if op == EXIT => "exit".to_string(),
+            JMP | JMP32 => {
+                let wide = class == JMP;
+                let left = reg_name(self.dst(), wide);
+                // JMP sign-extends its immediate to 64 bits; JMP32 compares the low 32.
+                let right = match (src_x, wide) {
+                    (true, _) => reg_name(self.src(), wide),
+                    (false, true) => format!("{:#x}", i64::from(self.imm) as u64),
+                    (false, false) => format!("{:#x}", self.imm as u32),
+                };
+                format!("if {left} {} {right} goto {:+}", jump_op(op)?, self.off)
+            }
+            _ => return None,
+        })
+    }
+}
+
 /// A place in a program, to jump to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Label(u32);
@@ -240,6 +382,29 @@ impl Code {
             insns.get_mut(r.at)?.imm = fd_of(r.map)?;
         }
         Some(insns)
+    }
+
+    /// The program as a reviewer reads it: one line per instruction, its index then its
+    /// mnemonic in bpftool's notation (`r2 = *(u32 *)(r6 + 4)`, `if r0 == 0x0 goto +12`,
+    /// `call map_lookup_elem`, `r1 = map[services4]`). A 64-bit load fills two slots and
+    /// shows once, at the first. The golden files hold this, so a change to a program reads
+    /// as a diff of instructions rather than of bytes.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut i = 0;
+        while let Some(insn) = self.insns.get(i) {
+            let map = self.maps.iter().find(|m| m.at == i).map(|m| m.map);
+            out.push_str(&format!(
+                "{i:4}: {}\n",
+                insn.render(map, self.insns.get(i + 1))
+            ));
+            i += if insn.code == LD | IMM | Size::DW.bits() {
+                2
+            } else {
+                1
+            };
+        }
+        out
     }
 
     /// The program as the bytes bpf(2) loads (after relocation).
@@ -419,6 +584,58 @@ mod tests {
         })
         .collect();
         assert_eq!(bytes, expect);
+    }
+
+    /// Every form the builder emits, rendered as bpftool prints it.
+    #[test]
+    fn renders_each_instruction_as_bpftool_does() {
+        let mut p = Program::new();
+        let out = p.new_label();
+        p.mov(Reg::R6, Reg::R1)
+            .load(Size::W, Reg::R2, Reg::R6, 4)
+            .store(Size::DW, Reg::R10, -8, Reg::R0)
+            .store_imm(Size::W, Reg::R10, -88, 0)
+            .alu_imm(Alu::And, Reg::R2, 0xff)
+            .alu(Alu::Or, Reg::R2, Reg::R3)
+            .jump_imm(Cond::Eq, Reg::R0, 0, out)
+            .jump32_imm(Cond::Eq, Reg::R2, 0xffff_0000_u32 as i32, out)
+            .jump_imm(Cond::Ne, Reg::R2, -1, out)
+            .jump(Cond::Eq, Reg::R7, Reg::R1, out)
+            .jump_imm(Cond::Set, Reg::R2, 1, out)
+            .load_map(Reg::R1, "services4")
+            .call(Helper::MapLookupElem)
+            .atomic_add64(Reg::R0, 8, Reg::R1)
+            .goto(out)
+            .label(out)
+            .mov_imm(Reg::R0, 1)
+            .exit();
+        let text = p.finish().unwrap().render();
+        let expect = [
+            "   0: r6 = r1",
+            "   1: r2 = *(u32 *)(r6 + 4)",
+            "   2: *(u64 *)(r10 - 8) = r0",
+            "   3: *(u32 *)(r10 - 88) = 0",
+            "   4: r2 &= 255",
+            "   5: r2 |= r3",
+            "   6: if r0 == 0x0 goto +9",
+            "   7: if w2 == 0xffff0000 goto +8",
+            "   8: if r2 != 0xffffffffffffffff goto +7",
+            "   9: if r7 == r1 goto +6",
+            "  10: if r2 & 0x1 goto +5",
+            "  11: r1 = map[services4]",
+            "  13: call map_lookup_elem",
+            "  14: lock *(u64 *)(r0 + 8) += r1",
+            "  15: goto +0",
+            "  16: r0 = 1",
+            "  17: exit",
+        ];
+        assert_eq!(text.lines().collect::<Vec<_>>(), expect);
+        // What the builder never emits still shows, field by field.
+        let odd = Insn::new(0x87, Reg::R1, Reg::R0, 0, 0);
+        assert_eq!(
+            odd.render(None, None),
+            "(code 0x87 dst r1 src r0 off 0 imm 0)"
+        );
     }
 
     #[test]
