@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_code)]
 
+pub mod allow;
 pub mod backoff;
 pub mod bpf;
 pub mod cli;

@@ -110,7 +110,10 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
         "daemon phase ports: TCP {}-{}, UDP {pu}",
         range[0], range[9]
     ));
-    h.start_rproxy_daemon();
+    // With --docker-ports too (and so the socket hooks on): under a dockerd whose proxy is
+    // rproxy, the shims' registrations win and everything below holds as without it.
+    let engine = format!("--docker-host=unix://{}", h.sock.display());
+    h.start_rproxy_daemon_with(&["--docker-ports", &engine]);
     let handed =
         the_daemon_lists_every_mapping_the_shims_hand_over(&h, "rproxy-test-daemon", range, pu);
     the_daemon_carries_the_traffic_of_handed_over_ports(&h, &handed);
