@@ -1,5 +1,5 @@
 //! docker-proxy mode: the contract dockerd holds its userland proxy to
-//! (../shared/spec/docker-proxy-contract.md): Go-style flags, the fd-3 status pipe, the fd-4
+//! (docs/docker-proxy-contract.md): Go-style flags, the fd-3 status pipe, the fd-4
 //! inherited socket, exit codes and signals.
 
 use std::fs::File;

@@ -1,7 +1,7 @@
 //! End to end with a real dockerd (root only): dockerd is started with
 //! `--userland-proxy-path=<rproxy>` and every published port must then be served by rproxy
-//! processes, exactly as dockerd would use docker-proxy (../shared/spec/docker-proxy-contract.md,
-//! sections 1-4, 8 and 10).
+//! processes, exactly as dockerd would use docker-proxy (docs/docker-proxy-contract.md,
+//! sections 1-5, 8 and 9).
 //!
 //! Everything runs against a private containerd and dockerd (own roots, sockets and config file)
 //! and an image imported from a tarball (no registry is needed): /bin/busybox from
