@@ -499,3 +499,46 @@ fn a_refused_registration_reaches_fd_3() {
     assert!(ls(&dir).is_empty());
     TcpListener::bind(at(base)).expect("the refused shim left its port bound");
 }
+
+/// The daemon makes the directories its control socket needs (as /run/rproxy without
+/// systemd's RuntimeDirectory) and removes them when it exits, once empty; a directory that
+/// was there before, or that holds something else by then, stays.
+#[test]
+fn the_daemon_removes_the_directory_it_made_for_its_socket() {
+    let dir = Dir::new("sockdir");
+    let made = dir.0.join("run").join("rproxy");
+    let sock = made.join("ctl.sock");
+    let start = |sock: &std::path::Path| {
+        let p = Spawn::new(&["daemon", "--control-socket", sock.to_str().unwrap()])
+            .no_status_pipe()
+            .spawn();
+        p.wait_log("daemon ready", Duration::from_secs(10));
+        p
+    };
+    let mut p = start(&sock);
+    assert!(sock.exists(), "no control socket at {}", sock.display());
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        !dir.0.join("run").exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&dir.0).unwrap().collect::<Vec<_>>()
+    );
+
+    // Made by the daemon, but someone else put a file there meanwhile: it stays, with the file.
+    let mut p = start(&sock);
+    std::fs::write(made.join("other"), "not the daemon's").unwrap();
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(!sock.exists() && made.join("other").exists());
+
+    // There before the daemon: it stays, empty.
+    std::fs::remove_file(made.join("other")).unwrap();
+    let mut p = start(&sock);
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        !sock.exists() && made.is_dir(),
+        "the directory that was there went"
+    );
+}
