@@ -219,6 +219,9 @@ pub async fn receive(path: &Path) -> Result<Option<Received>, String> {
         }
         Err(e) => return Err(format!("cannot reach {}: {}", path.display(), describe(&e))),
     };
+    if let Err(why) = super::check_server(&stream) {
+        return Err(format!("not taking over from {}: {why}", path.display()));
+    }
     let ask = async {
         write_line(&mut stream, &Request::Takeover {}.encode()).await?;
         read_handover(&stream).await
