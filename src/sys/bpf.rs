@@ -213,8 +213,15 @@ pub struct Refused {
     pub log: String,
 }
 
+/// How much of the verifier's account a refusal carries (the kernel keeps the end of it
+/// since Linux 6.4, the beginning before).
+const VERIFIER_LOG: usize = 1 << 16;
+
 /// BPF_PROG_LOAD of `insns` (encoded instructions) as `prog_type` for `attach_type`, under
-/// `license`; a refusal carries the verifier's log.
+/// `license`; a refusal carries the verifier's log. The load itself asks for no log: a log
+/// that does not fit its buffer fails the load with ENOSPC (every kernel reports the
+/// truncation so), however valid the program. Only a refused program is loaded again, with
+/// a log, to say why.
 pub fn prog_load(
     prog_type: u32,
     attach_type: u32,
@@ -223,25 +230,33 @@ pub fn prog_load(
     name: &str,
 ) -> Result<OwnedFd, Refused> {
     let license = CString::new(license).unwrap_or_default();
-    let mut log = vec![0u8; 1 << 16];
-    let count = (insns.len() / 8) as u32;
-    let result = Attr::new()
-        .u32(0, prog_type)
-        .u32(4, count)
-        .ptr(8, insns.as_ptr())
-        .ptr(16, license.as_ptr())
-        .u32(24, 1)
-        .u32(28, log.len() as u32)
-        .ptr(32, log.as_mut_ptr())
-        .name(48, name)
-        .u32(68, attach_type)
-        .call_fd(PROG_LOAD);
-    result.map_err(|error| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        Refused {
-            error,
-            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+    let load = |log: Option<&mut [u8]>| {
+        let mut attr = Attr::new();
+        attr.u32(0, prog_type)
+            .u32(4, (insns.len() / 8) as u32)
+            .ptr(8, insns.as_ptr())
+            .ptr(16, license.as_ptr())
+            .name(48, name)
+            .u32(68, attach_type);
+        if let Some(log) = log {
+            attr.u32(24, 1)
+                .u32(28, log.len() as u32)
+                .ptr(32, log.as_mut_ptr());
         }
+        attr.call_fd(PROG_LOAD)
+    };
+    let error = match load(None) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    let mut log = vec![0u8; VERIFIER_LOG];
+    if let Ok(fd) = load(Some(&mut log)) {
+        return Ok(fd);
+    }
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    Err(Refused {
+        error,
+        log: String::from_utf8_lossy(&log[..end]).into_owned(),
     })
 }
 
@@ -365,5 +380,48 @@ mod tests {
             Some(vec![7u8; 16]),
             "changed by a refusal"
         );
+    }
+
+    /// A cgroup/connect4 program of `n` moves and an exit: valid, and its verifier log at
+    /// level 1 is a line per instruction.
+    fn long_program(n: usize) -> Vec<u8> {
+        let mut insns = Vec::new();
+        for _ in 0..n {
+            insns.extend([0xb7, 0x00, 0, 0, 1, 0, 0, 0]); // r0 = 1
+        }
+        insns.extend([0x95, 0, 0, 0, 0, 0, 0, 0]); // exit
+        insns
+    }
+
+    /// A valid program loads however long the verifier's account of it would be.
+    #[test]
+    fn a_valid_program_with_a_long_log_loads() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP: loading a program needs root (CAP_BPF)");
+        }
+        let loaded = prog_load(18, 10, &long_program(8000), "GPL", "rpx_test");
+        if let Err(r) = &loaded {
+            panic!("refused: {} ({} bytes of log)", r.error, r.log.len());
+        }
+    }
+
+    /// A refused program still comes with the verifier's reason.
+    #[test]
+    fn a_refusal_says_why() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP: loading a program needs root (CAP_BPF)");
+        }
+        // exit without setting r0.
+        let insns = [0x95, 0, 0, 0, 0, 0, 0, 0];
+        let Err(refused) = prog_load(18, 10, &insns, "GPL", "rpx_test") else {
+            panic!("the verifier accepted an exit with r0 unset");
+        };
+        assert_eq!(
+            refused.error.raw_os_error(),
+            Some(libc::EACCES),
+            "{}",
+            refused.error
+        );
+        assert!(refused.log.contains("R0 !read_ok"), "{}", refused.log);
     }
 }
