@@ -119,6 +119,9 @@ fn docker_mode_usage_errors_point_at_the_subcommands() {
         "{stderr}"
     );
     assert!(stderr.contains("rproxy --help"), "{stderr}");
+    // The usage names the flag dockerd 28+ passes and the daemon the ports can go to.
+    assert!(stderr.contains("-use-listen-fd"), "{stderr}");
+    assert!(stderr.contains("rproxy daemon"), "{stderr}");
 }
 
 /// Runs `rproxy daemon --check ARGS` with `env`; returns (status, stdout, stderr).
