@@ -124,6 +124,31 @@ fn docker_mode_usage_errors_point_at_the_subcommands() {
     assert!(stderr.contains("rproxy daemon"), "{stderr}");
 }
 
+/// `rproxy add` checks its spec before it looks for a daemon: a bad one exits 2 (a usage
+/// error, as clap's own) and is quoted, whether or not a daemon runs.
+#[test]
+fn add_with_a_bad_spec_exits_2_and_quotes_it() {
+    let dir = Dir::new("cli-badspec");
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    for spec in [
+        "nonsense",
+        "8080:10.0.0.2",
+        "70000:10.0.0.2:80",
+        "1:2:3:4:5",
+    ] {
+        let (code, _, _, stderr) = run(&["add", "--control-socket", sock, spec]);
+        assert_eq!(code, Some(2), "{spec}: {stderr}");
+        assert!(stderr.contains(&format!("{spec:?}")), "{spec}: {stderr}");
+        assert!(!stderr.contains("no rproxy daemon"), "{spec}: {stderr}");
+    }
+    let _d = daemon(&dir, &[]);
+    let (code, _, _, stderr) = run(&["add", "--control-socket", sock, "nonsense"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("\"nonsense\""), "{stderr}");
+    assert!(ls(&dir).is_empty());
+}
+
 /// Runs `rproxy daemon --check ARGS` with `env`; returns (status, stdout, stderr).
 fn check(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(rproxy());
