@@ -149,6 +149,31 @@ fn add_with_a_bad_spec_exits_2_and_quotes_it() {
     assert!(ls(&dir).is_empty());
 }
 
+/// Built from a git checkout, `--version` names the commit it was built from.
+#[test]
+fn version_names_the_commit() {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    let head = match head {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => return skip("version_names_the_commit", "not built from a git checkout"),
+    };
+    if std::env::var_os("RPROXY_TEST_BINARY").is_some() {
+        return skip(
+            "version_names_the_commit",
+            "RPROXY_TEST_BINARY: another build",
+        );
+    }
+    let (code, _, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.starts_with("rproxy (commit ") && stdout.contains(&head),
+        "{stdout:?} does not name {head}"
+    );
+}
+
 /// Runs `rproxy daemon --check ARGS` with `env`; returns (status, stdout, stderr).
 fn check(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(rproxy());
