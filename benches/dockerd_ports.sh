@@ -47,7 +47,8 @@ for _ in $(seq 100); do [ -S "$TMP/ctd.sock" ] && break; sleep 0.1; done
 
 start_dockerd() { # proxy-path [env...]
     local proxy=$1; shift
-    echo '{}' > "$TMP/daemon.json"
+    # dockerd 20.10 would write its identity key to /etc/docker/key.json: keep it in $TMP.
+    echo "{ \"deprecated-key-path\": \"$TMP/key.json\" }" > "$TMP/daemon.json"
     env "$@" dockerd --config-file "$TMP/daemon.json" --data-root "$TMP/data" --exec-root "$TMP/exec" \
         --pidfile "$TMP/dockerd.pid" -H "unix://$SOCK" --containerd "$TMP/ctd.sock" \
         --userland-proxy-path "$proxy" --ipv6 --fixed-cidr-v6 fd00:bec:1::/64 \

@@ -254,11 +254,12 @@ async fn run(settings: Settings) -> i32 {
         sup.stop_all(Duration::ZERO).await;
         return 1;
     }
+    // A socket handed over lives in the directory the first daemon made: not ours to remove.
     let listener = match handed_control {
-        Some(fd) => adopt_control(fd),
+        Some(fd) => adopt_control(fd).map(|l| (l, MadeDirs::default())),
         None => control_listener(&settings.control_socket),
     };
-    let listener = match listener {
+    let (listener, made_dirs) = match listener {
         Ok(l) => l,
         Err(e) => {
             eprintln!("rproxy: {e}");
@@ -353,6 +354,7 @@ async fn run(settings: Settings) -> i32 {
             // Unless a takeover under way has made the socket another daemon's.
             if !server.handing_over() {
                 let _ = std::fs::remove_file(&settings.control_socket);
+                made_dirs.remove();
             }
             sup.stop_all(settings.drain).await
         }
@@ -491,8 +493,9 @@ fn metrics_endpoint(
 }
 
 /// Binds the control socket: mode 0600, its directory created; a stale socket file left by a
-/// crash is replaced, a live daemon is not.
-fn control_listener(path: &Path) -> Result<UnixListener, String> {
+/// crash is replaced, a live daemon is not. Also returns the directories it made, for the
+/// daemon to remove at exit: without systemd's RuntimeDirectory, /run/rproxy would outlive it.
+fn control_listener(path: &Path) -> Result<(UnixListener, MadeDirs), String> {
     let ctx = |e: std::io::Error| format!("control socket {}: {}", path.display(), describe(&e));
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(format!(
@@ -501,16 +504,53 @@ fn control_listener(path: &Path) -> Result<UnixListener, String> {
             path.display()
         ));
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(ctx)?;
+    let made = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => MadeDirs::create(dir).map_err(ctx)?,
+        None => MadeDirs::default(),
+    };
+    let bound = std::fs::remove_file(path)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(()),
+            _ => Err(e),
+        })
+        .and_then(|()| UnixListener::bind(path))
+        .and_then(|l| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map(|()| l)
+        });
+    match bound {
+        Ok(listener) => Ok((listener, made)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            made.remove();
+            Err(ctx(e))
+        }
     }
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(ctx(e)),
-        _ => {}
+}
+
+/// The directories [`control_listener`] created for the socket, innermost first.
+#[derive(Default)]
+struct MadeDirs(Vec<std::path::PathBuf>);
+
+impl MadeDirs {
+    /// Creates `dir` and whichever of its parents are missing.
+    fn create(dir: &Path) -> std::io::Result<MadeDirs> {
+        let missing = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists());
+        let made = MadeDirs(missing.map(Path::to_path_buf).collect());
+        std::fs::create_dir_all(dir)?;
+        Ok(made)
     }
-    let listener = UnixListener::bind(path).map_err(ctx)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(ctx)?;
-    Ok(listener)
+
+    /// Removes them innermost first, stopping at the first that is not empty (someone else
+    /// put a file there: it is theirs now) or is gone.
+    fn remove(&self) {
+        for dir in &self.0 {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
 }
 
 /// SIGHUP: re-read the config file; start what was added, stop what was removed (with the

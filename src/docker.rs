@@ -1,5 +1,5 @@
 //! docker-proxy mode: the contract dockerd holds its userland proxy to
-//! (../shared/spec/docker-proxy-contract.md): Go-style flags, the fd-3 status pipe, the fd-4
+//! (docs/docker-proxy-contract.md): Go-style flags, the fd-3 status pipe, the fd-4
 //! inherited socket, exit codes and signals.
 
 use std::fs::File;
@@ -148,7 +148,11 @@ pub fn main(
         Err(ParseError::Invalid(msg)) => {
             eprintln!("{msg}");
             eprint!("{}", goflags::usage(prog, FLAGS));
-            eprintln!("(rproxy also has subcommands: see rproxy --help)");
+            eprintln!(
+                "(rproxy also has subcommands: `rproxy daemon` serves many ports in one \
+                 process, and processes like this one hand their ports to it; see rproxy \
+                 --help)"
+            );
             return 2;
         }
     };
@@ -413,14 +417,16 @@ fn commit() -> &'static str {
     option_env!("RPROXY_COMMIT").unwrap_or("unknown")
 }
 
-/// The flags of one docker-proxy invocation.
+/// The flags of one docker-proxy invocation. The ports and the container address are None
+/// when not given: Go's defaults (-1, 0.0.0.0) are no values anyone chose, and a message
+/// must not quote them.
 #[derive(Debug)]
 struct Flags {
     proto: String,
     host_ip: IpAddr,
-    host_port: i64,
-    container_ip: IpAddr,
-    container_port: i64,
+    host_port: Option<i64>,
+    container_ip: Option<IpAddr>,
+    container_port: Option<i64>,
     use_listen_fd: bool,
     version: bool,
 }
@@ -429,28 +435,31 @@ impl Flags {
     fn parse(args: &[String]) -> Result<Flags, ParseError> {
         let p = goflags::parse(FLAGS, args)?;
         // Go 28+ parses the addresses as flag values, so a bad one is a usage error (exit 2).
-        let ip = |name: &str| -> Result<IpAddr, ParseError> {
-            let text = p.str(name).unwrap_or("0.0.0.0");
+        let ip = |name: &str| -> Result<Option<IpAddr>, ParseError> {
+            let Some(text) = p.str(name) else {
+                return Ok(None);
+            };
             let ip: IpAddr = text.parse().map_err(|_| {
                 ParseError::Invalid(format!(
                     "invalid value {text:?} for flag -{name}: invalid IP address: {text}"
                 ))
             })?;
             // dockerd 28+ unmaps IPv4-mapped host addresses; do the same for hand-written ones.
-            Ok(ip.to_canonical())
+            Ok(Some(ip.to_canonical()))
         };
         Ok(Flags {
             proto: p.str("proto").unwrap_or("tcp").to_string(),
-            host_ip: ip("host-ip")?,
-            host_port: p.int("host-port").unwrap_or(-1),
+            host_ip: ip("host-ip")?.unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            host_port: p.int("host-port"),
             container_ip: ip("container-ip")?,
-            container_port: p.int("container-port").unwrap_or(-1),
+            container_port: p.int("container-port"),
             use_listen_fd: p.bool("use-listen-fd"),
             version: p.bool("v") || p.bool("version"),
         })
     }
 
     /// Checks the flags make a mapping (with `options`); every failure here goes to fd 3.
+    /// Every problem is named, the host side's first.
     fn mapping(&self, options: Options) -> Result<Mapping, String> {
         let proto = match self.proto.as_str() {
             "tcp" => Proto::Tcp,
@@ -458,41 +467,73 @@ impl Flags {
             "sctp" => return Err(sctp_unsupported()),
             other => return Err(format!("unsupported protocol {other}")),
         };
-        if self.container_ip.is_unspecified() {
-            return Err(format!(
-                "no container address: -container-ip is {} (give the container's IP)",
-                self.container_ip
-            ));
-        }
-        let container_port = port(self.container_port)
-            .filter(|&p| p != 0)
-            .ok_or_else(|| {
-                format!(
-                    "invalid container port {} (must be 1-65535)",
-                    self.container_port
-                )
-            })?;
-        // 6→4 is normal (dockerd's `::` proxy targets IPv4 containers); 4→6 never comes from
-        // dockerd and means the caller mixed up addresses.
-        if self.host_ip.is_ipv4() && self.container_ip.is_ipv6() {
-            return Err(format!(
-                "backend family mismatch: IPv4 host address {} cannot target IPv6 container address {}",
-                self.host_ip, self.container_ip
-            ));
-        }
-        let host_port = if self.use_listen_fd {
-            // The port is in the passed socket; the flag is informational.
-            port(self.host_port).unwrap_or(0)
-        } else {
-            port(self.host_port)
-                .ok_or_else(|| format!("invalid host port {} (must be 0-65535)", self.host_port))?
+        let (listen, target) = match (self.listen_port(), self.target(), self.families()) {
+            (Ok(port), Ok(target), Ok(())) => (SocketAddr::new(self.host_ip, port), target),
+            (listen, target, family) => {
+                let problems = [listen.err(), target.err(), family.err()];
+                return Err(problems
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "));
+            }
         };
         Ok(Mapping {
             proto,
-            listen: SocketAddr::new(self.host_ip, host_port),
-            target: SocketAddr::new(self.container_ip, container_port),
+            listen,
+            target,
             options,
         })
+    }
+
+    /// The port to listen on: -host-port's, or, with -use-listen-fd, whatever the passed
+    /// socket has (the flag is informational then).
+    fn listen_port(&self) -> Result<u16, String> {
+        match (self.host_port, self.use_listen_fd) {
+            (given, true) => Ok(given.and_then(port).unwrap_or(0)),
+            (None, false) => Err("no host port: give -host-port (0 takes any free port)".into()),
+            (Some(given), false) => {
+                port(given).ok_or_else(|| format!("invalid host port {given} (must be 0-65535)"))
+            }
+        }
+    }
+
+    /// 6→4 is normal (dockerd's `::` proxy targets IPv4 containers); 4→6 never comes from
+    /// dockerd and means the caller mixed up addresses.
+    fn families(&self) -> Result<(), String> {
+        match self.container_ip {
+            Some(ip) if self.host_ip.is_ipv4() && ip.is_ipv6() => Err(format!(
+                "backend family mismatch: IPv4 host address {} cannot target IPv6 container \
+                 address {ip}",
+                self.host_ip
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The container's address and port, or every problem with them.
+    fn target(&self) -> Result<SocketAddr, String> {
+        let ip = match self.container_ip {
+            None => Err("no container address: give -container-ip".to_string()),
+            Some(ip) if ip.is_unspecified() => Err(format!(
+                "no container address: -container-ip is {ip} (give the container's IP)"
+            )),
+            Some(ip) => Ok(ip),
+        };
+        let port = match self.container_port {
+            None => Err("no container port: give -container-port (1-65535)".to_string()),
+            Some(given) => port(given)
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("invalid container port {given} (must be 1-65535)")),
+        };
+        match (ip, port) {
+            (Ok(ip), Ok(port)) => Ok(SocketAddr::new(ip, port)),
+            (ip, port) => Err([ip.err(), port.err()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ")),
+        }
     }
 }
 

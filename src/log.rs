@@ -3,6 +3,12 @@
 //! (/dev/log, which journald serves) instead. `RPROXY_LOG_FILE` overrides both;
 //! `RPROXY_LOG` sets the filter (default: warnings; info on a terminal). All output is rate-limited so a flood of
 //! failing connections cannot flood the journal.
+//!
+//! Logging never waits: lines are written from whichever thread logs, runtime threads
+//! included, so a reader that stops reading (journald stalled behind its stream socket, a
+//! paused pager) must not stop the proxy. Writes to stderr and syslog are non-blocking; a
+//! line that cannot go at once is dropped and counted, and the next line that can says how
+//! many were lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
@@ -26,9 +32,62 @@ const RATE: f64 = 50.0;
 const BURST: f64 = 200.0;
 
 enum Dest {
-    Stderr,
+    Stderr(Stderr),
     File(File),
     Syslog { socket: UnixDatagram, path: PathBuf },
+}
+
+/// stderr, written without waiting for its reader.
+enum Stderr {
+    /// A socket (journald's stream, under systemd): sent with MSG_DONTWAIT.
+    Socket,
+    /// A pipe or terminal: written through a non-blocking description of its own, opened
+    /// anew through /proc (setting O_NONBLOCK on fd 2 itself would change it for whoever
+    /// shares it: the shell, dockerd).
+    Own(File),
+    /// A regular file, or a pipe or terminal that could not be opened anew: written as is.
+    Plain,
+}
+
+impl Stderr {
+    fn new() -> Stderr {
+        match fd_kind(2) {
+            FdKind::Socket => Stderr::Socket,
+            FdKind::Fifo | FdKind::CharDevice => {
+                use std::os::unix::fs::OpenOptionsExt;
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open("/proc/self/fd/2")
+                    .map_or(Stderr::Plain, Stderr::Own)
+            }
+            _ => Stderr::Plain,
+        }
+    }
+
+    /// Writes what it can of `line` now: the bytes written (all of them, or fewer when the
+    /// reader is behind).
+    fn write(&mut self, line: &[u8]) -> usize {
+        let mut done = 0;
+        while done < line.len() {
+            let wrote = match self {
+                Stderr::Socket => {
+                    let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT
+                        | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+                    nix::sys::socket::send(2, &line[done..], flags).map_err(io::Error::from)
+                }
+                Stderr::Own(f) => f.write(&line[done..]),
+                Stderr::Plain => io::stderr().write(&line[done..]),
+            };
+            match wrote {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        done
+    }
 }
 
 struct Limiter {
@@ -40,6 +99,10 @@ struct Limiter {
 struct Inner {
     dest: Dest,
     limiter: Limiter,
+    /// Lines dropped because the destination was not taking them, not yet reported.
+    dropped: u64,
+    /// The last line went out in part: the next starts on a line of its own.
+    cut: bool,
 }
 
 #[derive(Clone)]
@@ -131,7 +194,7 @@ pub fn init(light: bool, settings: &Settings, format: Option<Format>) -> Vec<Str
     let filter = settings.filter.as_deref().unwrap_or(default);
     let (dest, problems) = choose_dest(settings);
     let syslog = matches!(dest, Dest::Syslog { .. });
-    let ansi = matches!(dest, Dest::Stderr) && io::stderr().is_terminal();
+    let ansi = matches!(dest, Dest::Stderr(_)) && io::stderr().is_terminal();
     let sink = Sink(Arc::new(Mutex::new(Inner {
         dest,
         limiter: Limiter {
@@ -139,6 +202,8 @@ pub fn init(light: bool, settings: &Settings, format: Option<Format>) -> Vec<Str
             last: Instant::now(),
             suppressed: 0,
         },
+        dropped: 0,
+        cut: false,
     })));
     if light {
         let _ = tracing::subscriber::set_global_default(Light {
@@ -189,7 +254,7 @@ fn choose_dest(settings: &Settings) -> (Dest, Vec<String>) {
             }
         }
     }
-    (Dest::Stderr, problems)
+    (Dest::Stderr(Stderr::new()), problems)
 }
 
 impl Inner {
@@ -209,15 +274,42 @@ impl Inner {
                 l.suppressed
             );
             l.suppressed = 0;
-            self.write(Level::WARN, note.as_bytes());
+            self.write_or_count(Level::WARN, note.as_bytes());
         }
-        self.write(level, line);
+        if self.dropped > 0 {
+            let note = format!(
+                "WARN {} log lines dropped: the log's reader did not keep up\n",
+                self.dropped
+            );
+            if !self.write(Level::WARN, note.as_bytes()) {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        self.write_or_count(level, line);
     }
 
-    /// Writes one line; false when it had to be dropped (syslog queue full).
+    fn write_or_count(&mut self, level: Level, line: &[u8]) {
+        if !self.write(level, line) {
+            self.dropped += 1;
+        }
+    }
+
+    /// Writes one line without waiting; false when it (or part of it) had to be dropped.
     fn write(&mut self, level: Level, line: &[u8]) -> bool {
         match &mut self.dest {
-            Dest::Stderr => io::stderr().write_all(line).is_ok(),
+            Dest::Stderr(stderr) => {
+                if self.cut {
+                    if stderr.write(b"\n") == 0 {
+                        return false;
+                    }
+                    self.cut = false;
+                }
+                let wrote = stderr.write(line);
+                self.cut = wrote > 0 && wrote < line.len();
+                wrote == line.len()
+            }
             Dest::File(f) => f.write_all(line).is_ok(),
             Dest::Syslog { socket, path } => {
                 // Facility daemon (3); severity from the level.

@@ -511,11 +511,14 @@ mod tests {
         );
     }
 
-    /// The mappings a config file makes, loaded as `rproxy daemon --config FILE` would.
+    /// The mappings a config file makes, loaded as `rproxy daemon --config FILE` would. The
+    /// file lives in a directory of its own (tests run in parallel), removed before returning.
     fn mappings_of(text: &str) -> usize {
-        let dir = std::env::temp_dir().join(format!("rproxy-manual-{}", std::process::id()));
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rproxy-manual-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("{:x}.toml", text.len()));
+        let path = dir.join("rproxy.toml");
         std::fs::write(&path, text).unwrap();
         let args = <crate::cli::Cli as clap::Parser>::try_parse_from([
             "rproxy",
@@ -528,7 +531,7 @@ mod tests {
             panic!("not the daemon");
         };
         let loaded = config::Settings::load(&settings, &crate::env::Env::default());
-        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir_all(&dir);
         let settings = loaded.unwrap_or_else(|e| panic!("{e:?}"));
         settings.publish.len() + settings.config.len()
     }

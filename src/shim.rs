@@ -111,6 +111,10 @@ fn offer(mapping: &Mapping, socket: &Socket, path: &std::path::Path, options: Ov
             return Offer::Done(Ok(Handoff::NoDaemon));
         }
     };
+    if let Err(why) = control::check_server(&stream) {
+        untrusted(path, &why, mapping);
+        return Offer::Done(Ok(Handoff::NoDaemon));
+    }
     let exchange = || -> io::Result<Reply> {
         // dockerd waits 16 s for fd 3: leave time to serve the port here instead.
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -143,6 +147,18 @@ fn offer(mapping: &Mapping, socket: &Socket, path: &std::path::Path, options: Ov
             Ok(Handoff::NoDaemon)
         }
     })
+}
+
+/// Says (once per process at warning level: a shim serving its port looks for a daemon
+/// every second) that the control socket's server is not one to hand the port to.
+fn untrusted(path: &std::path::Path, why: &control::UntrustedServer, mapping: &Mapping) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let first = !SAID.swap(true, std::sync::atomic::Ordering::Relaxed);
+    let path = path.display();
+    match first {
+        true => tracing::warn!("not handing {mapping} to {path}: {why}; serving it here"),
+        false => tracing::debug!("not handing {mapping} to {path}: {why}; serving it here"),
+    }
 }
 
 /// Why a registered shim stopped waiting.

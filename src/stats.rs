@@ -178,11 +178,16 @@ pub const BUCKETS: [f64; 19] = [
 ];
 
 /// A Prometheus histogram: a count per bucket (the last one past every bound) and the sum.
-/// Recording costs a search of 19 bounds and two atomic additions.
+/// Recording costs a search of 19 bounds, an atomic addition and a compare-and-swap.
+///
+/// The sum is a counter and must never go down (Prometheus would read a reset): it is kept in
+/// microseconds, which 64 bits hold for 584,000 years of summed durations (nanoseconds: 584
+/// years, a few months of a thousand connections open at all times), and saturates rather
+/// than wraps.
 #[derive(Debug, Default)]
 pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
+    sum_micros: AtomicU64,
 }
 
 impl Histogram {
@@ -191,8 +196,11 @@ impl Histogram {
         let secs = d.as_secs_f64();
         let i = BUCKETS.partition_point(|&bound| bound < secs);
         self.counts[i].fetch_add(1, Relaxed);
-        self.sum_nanos
-            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        // To the nearest microsecond: a 50 µs connect must not count as 0.
+        let micros = u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX);
+        let _ = self
+            .sum_micros
+            .fetch_update(Relaxed, Relaxed, |sum| Some(sum.saturating_add(micros)));
     }
 
     /// (cumulative count per bound of [`BUCKETS`], count, sum in seconds), as Prometheus
@@ -208,7 +216,7 @@ impl Histogram {
             })
             .collect();
         let count = cumulative.pop().unwrap_or(0);
-        let sum = Duration::from_nanos(self.sum_nanos.load(Relaxed)).as_secs_f64();
+        let sum = Duration::from_micros(self.sum_micros.load(Relaxed)).as_secs_f64();
         (cumulative, count, sum)
     }
 }
@@ -298,6 +306,33 @@ mod tests {
         assert_eq!(cumulative[BUCKETS.len() - 1], 2);
         assert_eq!(count, 3);
         assert!((sum - 7200.0011).abs() < 1e-9, "{sum}");
+    }
+
+    /// The sum is a Prometheus counter: it never goes down, however long the connections
+    /// (10^10 s each here, which nanoseconds in 64 bits cannot hold twice).
+    #[test]
+    fn the_sum_never_goes_down() {
+        let h = Histogram::default();
+        let mut last = 0.0;
+        for d in [
+            Duration::from_secs(10_000_000_000),
+            Duration::from_secs(10_000_000_000),
+            Duration::from_millis(1),
+            Duration::MAX,
+            Duration::from_millis(1),
+        ] {
+            h.record(d);
+            let sum = h.snapshot().2;
+            assert!(
+                sum >= last,
+                "the sum went from {last} to {sum} s after {d:?}"
+            );
+            last = sum;
+        }
+        let h = Histogram::default();
+        h.record(Duration::from_secs(10_000_000_000));
+        h.record(Duration::from_secs(10_000_000_000));
+        assert!((h.snapshot().2 - 2e10).abs() < 1.0, "{}", h.snapshot().2);
     }
 
     #[test]

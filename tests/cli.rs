@@ -119,6 +119,59 @@ fn docker_mode_usage_errors_point_at_the_subcommands() {
         "{stderr}"
     );
     assert!(stderr.contains("rproxy --help"), "{stderr}");
+    // The usage names the flag dockerd 28+ passes and the daemon the ports can go to.
+    assert!(stderr.contains("-use-listen-fd"), "{stderr}");
+    assert!(stderr.contains("rproxy daemon"), "{stderr}");
+}
+
+/// `rproxy add` checks its spec before it looks for a daemon: a bad one exits 2 (a usage
+/// error, as clap's own) and is quoted, whether or not a daemon runs.
+#[test]
+fn add_with_a_bad_spec_exits_2_and_quotes_it() {
+    let dir = Dir::new("cli-badspec");
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    for spec in [
+        "nonsense",
+        "8080:10.0.0.2",
+        "70000:10.0.0.2:80",
+        "1:2:3:4:5",
+    ] {
+        let (code, _, _, stderr) = run(&["add", "--control-socket", sock, spec]);
+        assert_eq!(code, Some(2), "{spec}: {stderr}");
+        assert!(stderr.contains(&format!("{spec:?}")), "{spec}: {stderr}");
+        assert!(!stderr.contains("no rproxy daemon"), "{spec}: {stderr}");
+    }
+    let _d = daemon(&dir, &[]);
+    let (code, _, _, stderr) = run(&["add", "--control-socket", sock, "nonsense"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("\"nonsense\""), "{stderr}");
+    assert!(ls(&dir).is_empty());
+}
+
+/// Built from a git checkout, `--version` names the commit it was built from.
+#[test]
+fn version_names_the_commit() {
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    let head = match head {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => return skip("version_names_the_commit", "not built from a git checkout"),
+    };
+    if std::env::var_os("RPROXY_TEST_BINARY").is_some() {
+        return skip(
+            "version_names_the_commit",
+            "RPROXY_TEST_BINARY: another build",
+        );
+    }
+    let (code, _, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stdout.starts_with("rproxy (commit ") && stdout.contains(&head),
+        "{stdout:?} does not name {head}"
+    );
 }
 
 /// Runs `rproxy daemon --check ARGS` with `env`; returns (status, stdout, stderr).

@@ -556,3 +556,100 @@ fn docker_ports_without_dockerd_warn_and_serve_the_rest() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("docker_ports needs dockerd's API"), "{err}");
 }
+
+/// The daemon makes the directories its control socket needs (as /run/rproxy without
+/// systemd's RuntimeDirectory) and removes them when it exits, once empty; a directory that
+/// was there before, or that holds something else by then, stays.
+#[test]
+fn the_daemon_removes_the_directory_it_made_for_its_socket() {
+    let dir = Dir::new("sockdir");
+    let made = dir.0.join("run").join("rproxy");
+    let sock = made.join("ctl.sock");
+    let start = |sock: &std::path::Path| {
+        let p = Spawn::new(&["daemon", "--control-socket", sock.to_str().unwrap()])
+            .no_status_pipe()
+            .spawn();
+        p.wait_log("daemon ready", Duration::from_secs(10));
+        p
+    };
+    let mut p = start(&sock);
+    assert!(sock.exists(), "no control socket at {}", sock.display());
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        !dir.0.join("run").exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&dir.0).unwrap().collect::<Vec<_>>()
+    );
+
+    // Made by the daemon, but someone else put a file there meanwhile: it stays, with the file.
+    let mut p = start(&sock);
+    std::fs::write(made.join("other"), "not the daemon's").unwrap();
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(!sock.exists() && made.join("other").exists());
+
+    // There before the daemon: it stays, empty.
+    std::fs::remove_file(made.join("other")).unwrap();
+    let mut p = start(&sock);
+    p.signal(Signal::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(
+        !sock.exists() && made.is_dir(),
+        "the directory that was there went"
+    );
+}
+
+/// A shim hands dockerd's listening socket, and `--takeover` asks for every socket, only
+/// from a daemon run by root or by the client's own user (SO_PEERCRED of the server): a
+/// process of another user listening at the control path gets nothing. Here that process is
+/// an rproxy daemon run as uid 65534 on a path root uses.
+#[test]
+fn sockets_go_only_to_a_daemon_of_root_or_the_same_user() {
+    if !need_root("sockets_go_only_to_a_daemon_of_root_or_the_same_user") {
+        return;
+    }
+    let dir = Dir::new("servercred");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    let nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let mut other = Spawn::new(&["daemon", "--control-socket", sock])
+        .wrap(&nobody)
+        .no_status_pipe()
+        .spawn();
+    other.wait_log("daemon ready", Duration::from_secs(10));
+
+    // A shim as dockerd runs it (root): it serves its port itself.
+    let echo = tcp_echo("127.0.0.1:0");
+    let port = free_ports(1);
+    let mut shim = Spawn::forward_at("tcp", "127.0.0.1", port, echo)
+        .env("RPROXY_SOCKET", sock)
+        .spawn();
+    assert_eq!(String::from_utf8_lossy(&shim.status()), "0\n");
+    assert!(ls(&dir).is_empty(), "the port went to uid 65534's daemon");
+    echo_through(at(port), b"served by the shim");
+    let said = shim.wait_log("uid 65534", Duration::from_secs(5));
+    assert!(said.contains("serving"), "{said}");
+    drop(shim);
+
+    // --takeover (root) refuses to take the sockets of uid 65534's daemon.
+    let mut taker = Spawn::new(&["daemon", "--control-socket", sock, "--takeover"])
+        .no_status_pipe()
+        .spawn();
+    assert_eq!(taker.wait_exit(Duration::from_secs(10)), Some(1));
+    let said = taker.stderr_text(Duration::from_millis(200));
+    assert!(said.contains("uid 65534"), "{said}");
+    assert_eq!(
+        other.child.try_wait().unwrap(),
+        None,
+        "the other daemon handed over"
+    );
+    other.signal(Signal::SIGTERM);
+    assert_eq!(other.wait_exit(Duration::from_secs(5)), Some(0));
+}

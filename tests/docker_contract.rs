@@ -238,6 +238,66 @@ fn startup_failures_reach_fd_3() {
     expect_failure(&with(&["-use-listen-fd"]), "fd 4 is not open");
 }
 
+/// Each start-up failure names what was given, host side first: a port out of range is
+/// reported as such even when the container flags are missing too, and a flag that was not
+/// given is said to be missing, never shown with a value it does not have (Go's -1).
+#[test]
+fn startup_failures_name_what_was_given() {
+    let said = |argv: &[&str]| -> String {
+        let (code, status, _, stderr) = run(argv);
+        assert_eq!(code, Some(1), "{argv:?}: {stderr}");
+        String::from_utf8_lossy(&status).into_owned()
+    };
+    let status = said(&["-host-port", "99999"]);
+    assert!(
+        status.starts_with("1\ninvalid host port 99999 (must be 0-65535)"),
+        "{status:?}"
+    );
+    let status = said(&["-host-port", "8080", "-container-ip", "127.0.0.1"]);
+    assert!(
+        status.contains("no container port: give -container-port"),
+        "{status:?}"
+    );
+    let status = said(&["-container-ip", "127.0.0.1", "-container-port", "80"]);
+    assert!(
+        status.contains("no host port: give -host-port"),
+        "{status:?}"
+    );
+    let status = said(&["-host-port", "8080", "-container-port", "80"]);
+    assert!(
+        status.contains("no container address: give -container-ip"),
+        "{status:?}"
+    );
+    for argv in [
+        &["-host-port", "99999"][..],
+        &["-host-port", "8080", "-container-ip", "127.0.0.1"],
+        &["-container-ip", "127.0.0.1", "-container-port", "80"],
+    ] {
+        let status = said(argv);
+        assert!(!status.contains("-1"), "{argv:?}: {status:?}");
+        assert!(!status.contains("0.0.0.0"), "{argv:?}: {status:?}");
+    }
+    // Given, a value is quoted as given.
+    let status = said(&[
+        "-host-port",
+        "8080",
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        "-1",
+    ]);
+    assert!(status.contains("invalid container port -1"), "{status:?}");
+    let status = said(&[
+        "-host-port",
+        "8080",
+        "-container-ip",
+        "0.0.0.0",
+        "-container-port",
+        "80",
+    ]);
+    assert!(status.contains("-container-ip is 0.0.0.0"), "{status:?}");
+}
+
 #[test]
 fn bad_fd_4_is_reported() {
     let base = [

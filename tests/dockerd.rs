@@ -1,7 +1,7 @@
 //! End to end with a real dockerd (root only): dockerd is started with
 //! `--userland-proxy-path=<rproxy>` and every published port must then be served by rproxy
-//! processes, exactly as dockerd would use docker-proxy (../shared/spec/docker-proxy-contract.md,
-//! sections 1-4, 8 and 10).
+//! processes, exactly as dockerd would use docker-proxy (docs/docker-proxy-contract.md,
+//! sections 1-5, 8 and 9).
 //!
 //! Everything runs against a private containerd and dockerd (own roots, sockets and config file)
 //! and an image imported from a tarball (no registry is needed): /bin/busybox from
@@ -2452,8 +2452,15 @@ impl Harness {
     /// how kernel NAT pairs with dockerd's own iptables rules.
     fn start_dockerd(&mut self, rproxy: &Path, extra: &[&str]) {
         let d = &self.dir;
-        // An empty config file: the host's /etc/docker/daemon.json must not clash with our flags.
-        fs::write(d.join("daemon.json"), "{}\n").unwrap();
+        // Our own config file: the host's /etc/docker/daemon.json must not clash with our flags.
+        // It names the one file dockerd 20.10 writes outside --data-root, its identity key
+        // (by default /etc/docker/key.json, which would outlive the test); later engines keep
+        // the key in the data root and ignore the setting.
+        let config = format!(
+            "{{ \"deprecated-key-path\": {:?} }}\n",
+            d.join("key.json").to_str().unwrap()
+        );
+        fs::write(d.join("daemon.json"), config).unwrap();
         let log = File::create(d.join("dockerd.log")).unwrap();
         let mut cmd = dies_with_test(&self.tools.dockerd);
         cmd.arg("--config-file")
@@ -2501,6 +2508,7 @@ impl Harness {
                 );
                 if out.status.success() {
                     self.step(&format!("dockerd {} ready", out.stdout.trim()));
+                    self.dockerd_keeps_its_key_in_the_work_dir(out.stdout.trim());
                     return;
                 }
             }
@@ -2509,6 +2517,19 @@ impl Harness {
             }
             sleep(Duration::from_millis(250));
         }
+    }
+
+    /// dockerd 20.10 writes its identity key at start: in the work dir, removed with it, and
+    /// not in /etc/docker, where it would stay after the test. Later engines keep it under
+    /// --data-root (inside the work dir too), so there is nothing to check there.
+    fn dockerd_keeps_its_key_in_the_work_dir(&self, version: &str) {
+        if !version.starts_with("20.") {
+            return;
+        }
+        assert!(
+            self.dir.join("key.json").exists(),
+            "dockerd {version} wrote its key outside the work dir (/etc/docker/key.json?)"
+        );
     }
 
     /// The image: static busybox + applets, /www/index.html, /udpecho.

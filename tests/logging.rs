@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
@@ -181,4 +182,91 @@ fn json_lines_in_both_modes() {
     assert_eq!(event["level"], "INFO", "{line}");
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// A process whose stderr is a pipe nobody reads (journald stalled on its stream socket, a
+/// `| less` left paused) keeps serving: log lines that cannot be written at once are dropped
+/// and counted, never waited for on a runtime thread. The pipe is shrunk to one page so a
+/// few lines fill it; once it is read again, the next line says how many were dropped.
+#[test]
+fn a_stalled_stderr_drops_lines_and_blocks_nothing() {
+    let echo = tcp_echo("127.0.0.1:0");
+    let dir = Dir::new("stalled-stderr");
+    let sock = dir.sock();
+    let port = free_ports(2);
+    let daemon_publish = format!("127.0.0.1:{port}:{echo}");
+    let daemon = [
+        "daemon",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "-p",
+        &daemon_publish,
+    ];
+    let docker_port = (port + 1).to_string();
+    let echo_port = echo.port().to_string();
+    let docker = [
+        "-host-ip",
+        "127.0.0.1",
+        "-host-port",
+        &docker_port,
+        "-container-ip",
+        "127.0.0.1",
+        "-container-port",
+        &echo_port,
+    ];
+    for (argv, addr) in [(&daemon[..], at(port)), (&docker[..], at(port + 1))] {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+        nix::fcntl::fcntl(&write, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).unwrap();
+        let mut child = std::process::Command::new(rproxy())
+            .args(argv)
+            .env("RPROXY_LOG", "debug")
+            .env("RPROXY_SOCKET", "/nonexistent/rproxy-test.sock")
+            .env_remove("RPROXY_LOG_FILE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(write))
+            .spawn()
+            .unwrap();
+        wait_until("the proxy serves", Duration::from_secs(10), || {
+            TcpStream::connect(addr).is_ok()
+        });
+        // Two debug lines per connection: the page fills within the first few dozen.
+        for i in 0..150 {
+            let msg = format!("connection {i}");
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(msg.as_bytes()).unwrap();
+            let mut got = vec![0u8; msg.len()];
+            if let Err(e) = s.read_exact(&mut got) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{argv:?}: {msg} got no echo ({e}): the proxy waits on its stderr");
+            }
+        }
+        // Read the pipe again; the next line (one more connection) reports the drops.
+        let mut pipe = std::fs::File::from(read);
+        let mut seen = Vec::new();
+        let flags = nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETFL(flags)).unwrap();
+        let mut chunk = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !String::from_utf8_lossy(&seen).contains("log lines dropped") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{argv:?}: no word of the dropped lines in:\n{}",
+                String::from_utf8_lossy(&seen)
+            );
+            let _ = TcpStream::connect(addr);
+            std::thread::sleep(Duration::from_millis(50));
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                seen.extend_from_slice(&chunk[..n]);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn at(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }

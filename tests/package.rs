@@ -47,6 +47,10 @@ const CONTENTS: &[(&str, &str)] = &[
     ),
     ("./usr/share/doc/rproxy/README.md", "-rw-r--r--"),
     ("./usr/share/doc/rproxy/daemon.json", "-rw-r--r--"),
+    (
+        "./usr/share/doc/rproxy/docs/docker-proxy-contract.md",
+        "-rw-r--r--",
+    ),
     ("./usr/share/doc/rproxy/copyright", "-rw-r--r--"),
 ];
 
@@ -195,6 +199,10 @@ fn check_contents(deb: &Path) {
     assert_eq!(field("Package"), "rproxy");
     assert_eq!(field("Version"), format!("{}-1", env!("CARGO_PKG_VERSION")));
     assert!(field("Depends").contains("libc6"), "{}", field("Depends"));
+    // The project has no mailing address: the field names it and invents none (a
+    // distributor builds with `cargo deb --maintainer 'Name <address>'`).
+    let maintainer = field("Maintainer");
+    assert_eq!(maintainer, "rproxy developers", "{maintainer}");
     let conffiles = stdout(&must(
         &run("dpkg-deb", &["-I", deb, "conffiles"]),
         "conffiles",

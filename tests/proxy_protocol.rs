@@ -460,13 +460,14 @@ fn rproxy_add_ls_and_reload_switch_versions_for_new_connections() {
         "{out}"
     );
 
-    // Refused with a reason: a bad version (usage, exit 2), UDP, a kernel path required.
+    // Refused with a reason: a bad version, or a header on UDP (usage errors, exit 2, found
+    // before the daemon is asked); a kernel path required (the daemon's refusal, exit 1).
     let (code, _, err) = cli(&dir, &["add", "--proxy-protocol", "v3", &spec]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("v1, v2 or off"), "{err}");
     let udp = format!("127.0.0.1:{}:{backend}/udp", base + 2);
     let (code, _, err) = cli(&dir, &["add", "--proxy-protocol", "v1", &udp]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
     assert!(err.contains("TCP only"), "{err}");
     let tcp = format!("127.0.0.1:{}:{backend}", base + 2);
     for kernel in ["--nat=require", "--socket-lb=require"] {

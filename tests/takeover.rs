@@ -863,3 +863,63 @@ fn takeover_hands_over_more_sockets_than_one_message_carries() {
         assert_eq!(udp_roundtrip(&client, at(base + i), b"many").0, b"many");
     }
 }
+
+/// Sends one request line on a fresh connection to the control socket; returns the stream
+/// and the first reply line (descriptors sent with it are not taken, so the kernel drops them).
+fn raw_request(sock: &str, line: &str) -> (std::os::unix::net::UnixStream, String) {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        reply.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A second `--takeover` while one is under way is refused, and leaves the first one's
+/// hand-over alone: changes still get `moved` (ask the process taking over), and a SIGTERM
+/// leaves the control socket to that process. The first taker is this test on the wire: it
+/// takes the list and does not say `serving`, so the hand-over stays under way.
+#[test]
+fn a_second_takeover_leaves_the_first_alone() {
+    let dir = Dir::new("takeover-twice");
+    let echo = tcp_echo("127.0.0.1:0");
+    let base = free_ports(2);
+    let sock = dir.sock();
+    let sock = sock.to_str().unwrap();
+    let mut old = daemon(&dir, &["-p", &format!("127.0.0.1:{base}:{echo}")]);
+    let (_first, handover) = raw_request(sock, r#"{"request":"takeover"}"#);
+    assert!(handover.contains(r#""reply":"handover""#), "{handover}");
+    let me = std::process::id();
+    let moved = format!(r#"{{"reply":"moved","pid":{me}}}"#);
+    let add = format!(
+        r#"{{"request":"add","spec":"127.0.0.1:{}:{echo}"}}"#,
+        base + 1
+    );
+    assert_eq!(
+        raw_request(sock, &add).1,
+        moved,
+        "before the second takeover"
+    );
+
+    let mut second = Spawn::new(&daemon_args(&dir, sock, &["--takeover"]))
+        .no_status_pipe()
+        .spawn();
+    assert_eq!(second.wait_exit(Duration::from_secs(10)), Some(1));
+    let said = second.stderr_text(Duration::from_millis(200));
+    assert!(said.contains("another takeover is under way"), "{said}");
+
+    assert_eq!(
+        raw_request(sock, &add).1,
+        moved,
+        "after the second takeover"
+    );
+    old.signal(Signal::SIGTERM);
+    assert_eq!(old.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(
+        std::path::Path::new(sock).exists(),
+        "the stopping daemon removed the control socket a takeover under way hands over"
+    );
+}

@@ -7,8 +7,8 @@
 //! network lets its containers talk to each other (icc): then the container could have dialled
 //! the target's address anyway. So the programs rewrite such a socket only when the pair
 //! (its namespace, the target's network) is in `hairpin`; a network with icc off gets no
-//! pairs, and every other case stays on the listener. Networks get small numbers here (the
-//! Target carries its network's), stable for as long as the daemon runs.
+//! pairs, and every other case stays on the listener. Networks get numbers here (the Target
+//! carries its network's), kept while dockerd lists the network and never reused.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufRead};
@@ -36,7 +36,7 @@ pub struct Peers {
 /// (a thousand containers starting at once must not cost a million requests).
 pub struct Learner {
     engine: Engine,
-    numbers: HashMap<String, u32>,
+    numbers: Numbers,
     /// Container ID → its namespace file, while that file exists.
     sandboxes: HashMap<String, PathBuf>,
     /// (sandbox path, its nsfs inode) → netns cookie: a namespace is entered once.
@@ -48,7 +48,7 @@ impl Learner {
     pub fn new(engine: Engine) -> Learner {
         Learner {
             engine,
-            numbers: HashMap::new(),
+            numbers: Numbers::default(),
             sandboxes: HashMap::new(),
             cookies: HashMap::new(),
         }
@@ -60,8 +60,11 @@ impl Learner {
         let mut peers = Peers::default();
         let (mut cookies, mut sandboxes) = (HashMap::new(), HashMap::new());
         for n in networks.iter().filter(|n| n.icc) {
-            let next = u32::try_from(self.numbers.len() + 1).unwrap_or(u32::MAX);
-            let number = *self.numbers.entry(n.id.clone()).or_insert(next);
+            let number = self.numbers.of(&n.id);
+            // 0 is every Target with no network: never a pair's.
+            if number == 0 {
+                continue;
+            }
             for m in &n.members {
                 let sandbox = match self.sandboxes.get(&m.container) {
                     Some(path) if path.exists() => path.clone(),
@@ -99,7 +102,41 @@ impl Learner {
         }
         self.cookies = cookies;
         self.sandboxes = sandboxes;
+        self.numbers
+            .keep(networks.iter().filter(|n| n.icc).map(|n| n.id.as_str()));
         Ok(peers)
+    }
+}
+
+/// Numbers for dockerd's networks, which the Targets carry (0: none). A network keeps its
+/// number while dockerd lists it; the numbers of networks gone are forgotten, and never given
+/// again while the daemon runs, so a Target still carrying one cannot match a new network.
+#[derive(Debug, Default)]
+struct Numbers {
+    by_id: HashMap<String, u32>,
+    /// The last number given.
+    last: u32,
+}
+
+impl Numbers {
+    /// The number of network `id`, given now if it has none; 0 once four billion have been
+    /// given (its containers then use the listeners).
+    fn of(&mut self, id: &str) -> u32 {
+        if let Some(&n) = self.by_id.get(id) {
+            return n;
+        }
+        let Some(next) = self.last.checked_add(1) else {
+            return 0;
+        };
+        self.last = next;
+        self.by_id.insert(id.to_string(), next);
+        next
+    }
+
+    /// Forgets every network but those `listed`.
+    fn keep<'a>(&mut self, listed: impl IntoIterator<Item = &'a str>) {
+        let listed: BTreeSet<&str> = listed.into_iter().collect();
+        self.by_id.retain(|id, _| listed.contains(id.as_str()));
     }
 }
 
@@ -193,5 +230,38 @@ pub fn follow(engine: Engine, mut apply: impl FnMut(Option<Peers>) -> bool) {
             }
         }
         tracing::debug!("hairpin: dockerd's event stream ended; subscribing again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Networks come and go (a CI job's, a compose project's): the numbers of those dockerd
+    /// no longer lists are forgotten, and a number is never given to two networks.
+    #[test]
+    fn numbers_of_networks_gone_are_forgotten_and_never_shared() {
+        let mut numbers = Numbers::default();
+        let long_lived = numbers.of("bridge");
+        let mut given = vec![long_lived];
+        for round in 0..1000 {
+            let id = format!("job-{round}");
+            let n = numbers.of(&id);
+            assert!(
+                !given.contains(&n),
+                "{id} got {n}, another network's number"
+            );
+            given.push(n);
+            assert_eq!(numbers.of(&id), n, "{id} changed number");
+            numbers.keep(["bridge", id.as_str()]);
+        }
+        numbers.keep(["bridge"]);
+        assert_eq!(numbers.of("bridge"), long_lived);
+        assert_eq!(
+            numbers.by_id.len(),
+            1,
+            "remembered: {}",
+            numbers.by_id.len()
+        );
     }
 }

@@ -551,8 +551,9 @@ impl Program {
 mod tests {
     use super::*;
 
-    /// The probe program of ../shared/spec/socket-lb-probe.py, written with the builder:
-    /// the same bytes as its hand-packed instructions.
+    /// A six-instruction cgroup/connect4 program (connect to port 24999 goes to 24998), the
+    /// first one shown to load and work on this kernel, written with the builder: the same
+    /// bytes as its instructions packed by hand from the kernel's encoding.
     #[test]
     fn encodes_like_the_kernel_expects() {
         let nport = |p: u16| u32::from_le_bytes([(p >> 8) as u8, p as u8, 0, 0]) as i32;

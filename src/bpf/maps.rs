@@ -3,11 +3,11 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use super::programs::FLAG_V4_TARGET;
 use crate::mapping::{Mapping, Proto};
-use crate::sys::bpf::{self, MapSpec};
+use crate::sys::bpf::{self, Map, MapSpec};
 
 const HASH: u32 = 1;
 const ARRAY: u32 = 2;
@@ -33,15 +33,15 @@ pub const MAX_HAIRPIN: u32 = 65_536;
 
 /// Every map, by the names the programs use.
 pub struct Maps {
-    services4: OwnedFd,
-    services6: OwnedFd,
-    local4: OwnedFd,
-    local6: OwnedFd,
-    reverse: OwnedFd,
-    counters: OwnedFd,
-    hairpin: OwnedFd,
-    config: OwnedFd,
-    v6only: OwnedFd,
+    services4: Map,
+    services6: Map,
+    local4: Map,
+    local6: Map,
+    reverse: Map,
+    counters: Map,
+    hairpin: Map,
+    config: Map,
+    v6only: Map,
 }
 
 impl Maps {
@@ -49,7 +49,7 @@ impl Maps {
     /// IPV6_V6ONLY (net.ipv6.bindv6only) in `config`.
     pub fn create(host_netns: u64, bindv6only: bool) -> io::Result<Maps> {
         let map = |kind, key, value, max_entries, name| {
-            bpf::map_create(&MapSpec {
+            Map::create(&MapSpec {
                 kind,
                 key,
                 value,
@@ -71,11 +71,8 @@ impl Maps {
             v6only: socket_storage("rpx_v6only")?,
         };
         let config = |slot: u32, value: u64| {
-            bpf::map_update(
-                maps.config.as_fd(),
-                &slot.to_ne_bytes(),
-                &value.to_ne_bytes(),
-            )
+            maps.config
+                .update(&slot.to_ne_bytes(), &value.to_ne_bytes())
         };
         config(0, host_netns)?;
         config(1, u64::from(bindv6only))?;
@@ -108,9 +105,9 @@ impl Maps {
     pub fn publish(&self, m: &Mapping, id: u32, network: u32, fresh: bool) -> io::Result<()> {
         let (map, key) = self.service_key(m);
         if fresh {
-            bpf::map_update(self.counters.as_fd(), &id.to_ne_bytes(), &[0u8; 16])?;
+            self.counters.update(&id.to_ne_bytes(), &[0u8; 16])?;
         }
-        bpf::map_update(map, &key, &target(m, id, network))
+        map.update(&key, &target(m, id, network))
     }
 
     /// Adds (`present`) or removes a hairpin pair: sockets of the network namespace with
@@ -120,23 +117,22 @@ impl Maps {
         key.extend(network.to_ne_bytes());
         key.extend(0u32.to_ne_bytes());
         match present {
-            true => bpf::map_update(self.hairpin.as_fd(), &key, &1u32.to_ne_bytes()),
-            false => bpf::map_delete(self.hairpin.as_fd(), &key).map(|_| ()),
+            true => self.hairpin.update(&key, &1u32.to_ne_bytes()),
+            false => self.hairpin.delete(&key).map(|_| ()),
         }
     }
 
     /// Withdraws `m`: new sockets reach its listener again (or nothing).
     pub fn withdraw(&self, m: &Mapping) -> io::Result<()> {
         let (map, key) = self.service_key(m);
-        bpf::map_delete(map, &key).map(|_| ())
+        map.delete(&key).map(|_| ())
     }
 
     /// Connections (TCP, connected UDP) and datagrams the hooks sent on to the targets of
     /// the mapping with counter slot `id`.
     pub fn counters(&self, id: u32) -> (u64, u64) {
-        let mut value = [0u8; 16];
-        match bpf::map_lookup(self.counters.as_fd(), &id.to_ne_bytes(), &mut value) {
-            Ok(true) => {
+        match self.counters.lookup(&id.to_ne_bytes()) {
+            Ok(Some(value)) => {
                 let word = |i: usize| {
                     let mut b = [0u8; 8];
                     b.copy_from_slice(&value[i..i + 8]);
@@ -150,17 +146,17 @@ impl Maps {
 
     /// Adds (`present`) or removes a host address.
     pub fn set_local(&self, ip: IpAddr, present: bool) -> io::Result<()> {
-        let (map, key): (BorrowedFd<'_>, Vec<u8>) = match ip {
-            IpAddr::V4(v4) => (self.local4.as_fd(), v4.octets().to_vec()),
-            IpAddr::V6(v6) => (self.local6.as_fd(), v6.octets().to_vec()),
+        let (map, key): (&Map, Vec<u8>) = match ip {
+            IpAddr::V4(v4) => (&self.local4, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (&self.local6, v6.octets().to_vec()),
         };
         match present {
-            true => bpf::map_update(map, &key, &1u32.to_ne_bytes()),
-            false => bpf::map_delete(map, &key).map(|_| ()),
+            true => map.update(&key, &1u32.to_ne_bytes()),
+            false => map.delete(&key).map(|_| ()),
         }
     }
 
-    fn service_key(&self, m: &Mapping) -> (BorrowedFd<'_>, Vec<u8>) {
+    fn service_key(&self, m: &Mapping) -> (&Map, Vec<u8>) {
         let proto = match m.proto {
             Proto::Tcp => libc::IPPROTO_TCP as u8,
             Proto::Udp => libc::IPPROTO_UDP as u8,
@@ -171,12 +167,12 @@ impl Maps {
             IpAddr::V4(v4) => {
                 let mut key = v4.octets().to_vec();
                 key.extend(tail);
-                (self.services4.as_fd(), key)
+                (&self.services4, key)
             }
             IpAddr::V6(v6) => {
                 let mut key = v6.octets().to_vec();
                 key.extend(tail);
-                (self.services6.as_fd(), key)
+                (&self.services6, key)
             }
         }
     }
@@ -185,9 +181,9 @@ impl Maps {
 /// A socket-storage map of one int per socket (what IPV6_V6ONLY was last set to). The kernel
 /// wants such maps described with BTF: here the smallest description, one signed 32-bit
 /// `int` for both key and value.
-fn socket_storage(name: &'static str) -> io::Result<OwnedFd> {
+fn socket_storage(name: &'static str) -> io::Result<Map> {
     let btf = bpf::btf_load(&int_btf())?;
-    bpf::map_create(&MapSpec {
+    Map::create(&MapSpec {
         kind: SK_STORAGE,
         key: 4,
         value: 4,

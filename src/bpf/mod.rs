@@ -361,10 +361,16 @@ impl Hooks {
         };
         let now: BTreeSet<IpAddr> = now.into_iter().collect();
         let mut known = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        for ip in known.difference(&now) {
+        let gone: Vec<&IpAddr> = known.difference(&now).collect();
+        let added: Vec<&IpAddr> = now.difference(&known).collect();
+        tracing::debug!(
+            "host addresses rescanned: {}, added {added:?}, gone {gone:?}",
+            now.len()
+        );
+        for ip in gone {
             let _ = self.maps.set_local(*ip, false);
         }
-        for ip in now.difference(&known) {
+        for ip in added {
             let _ = self.maps.set_local(*ip, true);
         }
         *known = now;
@@ -449,30 +455,46 @@ fn bpf_error(what: &str, e: &std::io::Error) -> String {
 }
 
 /// Keeps `local4`/`local6` equal to the host's addresses, as they come and go: a thread
-/// that listens for address changes on a NETLINK_ROUTE socket and syncs on each. It ends
-/// when the hooks are gone.
+/// that listens for address changes on a NETLINK_ROUTE socket and rescans on each (an idle
+/// host costs nothing but a wake-up a second, to notice the hooks going). It ends when the
+/// hooks are gone. Without such a socket, the addresses stay those found at attach time.
 fn watch_addresses(hooks: Weak<Hooks>) {
+    let Some(socket) = address_events() else {
+        tracing::warn!(
+            "cannot follow address changes (no NETLINK_ROUTE socket): the socket hooks know \
+             the host addresses of now only"
+        );
+        return;
+    };
     let _ = std::thread::Builder::new()
         .name("rproxy-addrs".into())
-        .spawn(move || {
-            let socket = address_events();
-            loop {
-                // Wait for an address event, or a second (to notice the hooks going).
-                match &socket {
-                    Some(s) => {
-                        let mut buf = [0u8; 8192];
-                        let _ = nix::sys::socket::recv(
-                            s.as_raw_fd(),
-                            &mut buf,
-                            nix::sys::socket::MsgFlags::empty(),
-                        );
-                    }
-                    None => std::thread::sleep(Duration::from_secs(1)),
-                }
-                let Some(h) = hooks.upgrade() else { return };
+        .spawn(move || loop {
+            let changed = address_changed(&socket);
+            let Some(h) = hooks.upgrade() else { return };
+            if changed {
                 h.sync_addresses();
             }
         });
+}
+
+/// Waits up to the socket's timeout for address events; true when any came (or some were
+/// lost: the kernel's queue overflowed), after reading every one queued, so a burst of
+/// them is one rescan.
+fn address_changed(socket: &OwnedFd) -> bool {
+    use nix::errno::Errno;
+    use nix::sys::socket::{recv, MsgFlags};
+    let mut buf = [0u8; 8192];
+    let mut flags = MsgFlags::empty();
+    let mut changed = false;
+    loop {
+        match recv(socket.as_raw_fd(), &mut buf, flags) {
+            Ok(_) | Err(Errno::ENOBUFS) => changed = true,
+            Err(Errno::EINTR) => continue,
+            // EAGAIN: the timeout, or nothing more queued.
+            Err(_) => return changed,
+        }
+        flags = MsgFlags::MSG_DONTWAIT;
+    }
 }
 
 /// Keeps the hairpin rule's knowledge current with dockerd at `engine`: a thread that
@@ -494,7 +516,7 @@ fn watch_engine(hooks: Weak<Hooks>, engine: Engine) {
 }
 
 /// A NETLINK_ROUTE socket subscribed to IPv4 and IPv6 address changes, with a 1 s receive
-/// timeout; None when it cannot be had (the watcher then polls).
+/// timeout; None when it cannot be had.
 fn address_events() -> Option<OwnedFd> {
     use nix::sys::socket::{
         bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,

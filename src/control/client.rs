@@ -10,7 +10,8 @@ use std::time::Duration;
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::{read_reply, send_request, socket_path, Reply, Request, Row};
-use crate::mapping::describe;
+use crate::mapping::{describe, parse_publish};
+use crate::options::{Options, Overrides};
 use crate::output::print;
 
 /// How long the daemon may take to accept, and then to answer. Generous: an `add` with
@@ -74,6 +75,22 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, 
     }
 }
 
+/// The spec of an `add` or `rm`, read as the daemon will read it (with the options given
+/// over the defaults): a spec that cannot be a mapping anywhere is the caller's mistake, said
+/// with the spec quoted.
+fn check_spec(request: &Request) -> Result<(), String> {
+    let (spec, options) = match request {
+        Request::Add { spec, options } => (spec, *options),
+        Request::Rm { spec } => (spec, Overrides::default()),
+        _ => return Ok(()),
+    };
+    options
+        .apply(Options::default())
+        .and_then(|options| parse_publish(spec, options))
+        .map(|_| ())
+        .map_err(|why| format!("invalid spec {spec:?}: {why}"))
+}
+
 fn call_once(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, String> {
     let stream = connect(path, timeout)?;
     send_request(&stream, request, None)
@@ -98,8 +115,13 @@ fn call_once(path: &Path, request: &Request, timeout: Duration) -> Result<Reply,
 }
 
 /// `rproxy ls` / `add` / `rm`: prints the answer (`ls` rows as a JSON array when `json`); exit
-/// 1 with the daemon's reason on failure.
+/// 1 with the daemon's reason on failure, 2 when the spec itself is bad (a usage error, found
+/// before any daemon is asked).
 pub fn main(request: Request, control_socket: Option<PathBuf>, json: bool) -> i32 {
+    if let Err(why) = check_spec(&request) {
+        eprintln!("rproxy: {why}");
+        return 2;
+    }
     let path = socket_path(control_socket);
     let verb = match &request {
         Request::Add { .. } => "added",

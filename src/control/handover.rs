@@ -19,6 +19,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -74,19 +75,29 @@ pub struct ShimConn {
 }
 
 /// The old daemon's side: answers a `takeover` from `stream`'s peer (pid `to`). `shim` gives
-/// the connection of registration `id`. Returns once this daemon has let go of everything,
-/// or the new daemon failed (then nothing changed here).
+/// the connection of registration `id`. `taker` says who takes over: set to `to` once the
+/// supervisor is frozen for this takeover, and back to 0 before it thaws when the takeover
+/// fails; a takeover refused because another is under way leaves it alone. Returns once this
+/// daemon has let go of everything, or the new daemon failed (then nothing changed here).
 pub async fn give(
     mut stream: UnixStream,
     to: u32,
     sup: &Supervisor,
     giver: &Giver,
+    taker: &AtomicU32,
     shim: impl Fn(u64) -> Option<ShimConn>,
 ) -> io::Result<()> {
     let held = match sup.freeze().await {
         Ok(h) => h,
         Err(message) => return write_line(&mut stream, &Reply::Error { message }.encode()).await,
     };
+    // Frozen by us: no other takeover is under way, so the slot is free.
+    if taker
+        .compare_exchange(0, to, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        tracing::error!("takeover by pid {to}: another process is recorded as taking over");
+    }
     tracing::info!("takeover: handing {} mappings over to pid {to}", held.len());
     let result = async {
         let mut fds: Vec<OwnedFd> = vec![giver.control.try_clone()?];
@@ -157,6 +168,8 @@ pub async fn give(
             "takeover by pid {to} failed ({}); still serving everything here",
             describe(&e)
         );
+        // Before the thaw: once thawed, the next takeover may claim the slot.
+        let _ = taker.compare_exchange(to, 0, Ordering::AcqRel, Ordering::Acquire);
         sup.thaw().await;
         return Ok(());
     }
@@ -207,6 +220,9 @@ pub async fn receive(path: &Path) -> Result<Option<Received>, String> {
         }
         Err(e) => return Err(format!("cannot reach {}: {}", path.display(), describe(&e))),
     };
+    if let Err(why) = super::check_server(&stream) {
+        return Err(format!("not taking over from {}: {why}", path.display()));
+    }
     let ask = async {
         write_line(&mut stream, &Request::Takeover {}.encode()).await?;
         read_handover(&stream).await

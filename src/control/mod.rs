@@ -193,6 +193,54 @@ pub fn read_reply(mut stream: &UnixStream) -> io::Result<Reply> {
     Reply::decode(&line[..end]).map_err(io::Error::other)
 }
 
+/// Why a client will not deal with whoever serves the control socket: sockets a shim or a
+/// taking-over daemon sends or accepts there must stay between processes of root and of
+/// the client's own user (the daemon checks its clients the same way).
+#[derive(Debug)]
+pub enum UntrustedServer {
+    /// The listening process runs as this uid, neither root nor the client's (`own`).
+    Uid {
+        /// The server's uid.
+        uid: u32,
+        /// This process's effective uid.
+        own: u32,
+    },
+    /// The server's credentials (SO_PEERCRED) cannot be read.
+    Unreadable(io::Error),
+}
+
+impl std::fmt::Display for UntrustedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UntrustedServer::Uid { uid, own } => write!(
+                f,
+                "it is served by uid {uid}, neither root nor this process's uid {own}"
+            ),
+            UntrustedServer::Unreadable(e) => write!(
+                f,
+                "its server's credentials cannot be read ({})",
+                crate::mapping::describe(e)
+            ),
+        }
+    }
+}
+
+/// Checks, before anything is sent, that the process listening on the control socket
+/// `stream` is connected to (the kernel records its credentials at `listen`) runs as root
+/// or as this process's effective uid. A socket path is only a name: anyone who can create
+/// it (a writable directory, a stale path after the daemon left) would otherwise be given
+/// dockerd's listening sockets.
+pub fn check_server(stream: &impl std::os::fd::AsFd) -> Result<(), UntrustedServer> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| UntrustedServer::Unreadable(e.into()))?;
+    let own = nix::unistd::geteuid().as_raw();
+    match cred.uid() {
+        0 => Ok(()),
+        uid if uid == own => Ok(()),
+        uid => Err(UntrustedServer::Uid { uid, own }),
+    }
+}
+
 /// Sends one request, with `fd` attached when given.
 pub fn send_request(
     stream: &UnixStream,

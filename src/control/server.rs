@@ -64,7 +64,10 @@ struct Ctx {
     release: watch::Sender<bool>,
     /// What a takeover hands over besides the mappings (None: no takeover yet possible).
     giver: OnceLock<Giver>,
-    /// The process a takeover under way hands over to (0: none), for `moved`.
+    /// The process a takeover under way hands over to (0: none), for `moved` and for the
+    /// stopping daemon, which must leave the control socket to it. Only the takeover that
+    /// froze the supervisor sets and clears it ([`handover::give`]): one that is refused
+    /// must not touch the one under way.
     taker: AtomicU32,
 }
 
@@ -288,7 +291,6 @@ async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
         return reply(&mut stream, &Reply::Error { message }).await;
     };
     let to = stream.peer_cred()?.pid().map_or(0, |p| p as u32);
-    ctx.taker.store(to, Ordering::Relaxed);
     let shim = |id: u64| {
         let shims = ctx.shims.lock().unwrap_or_else(|e| e.into_inner());
         let s = shims.get(&id)?;
@@ -297,9 +299,7 @@ async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
             options: s.options,
         })
     };
-    let given = handover::give(stream, to, &ctx.sup, giver, shim).await;
-    ctx.taker.store(0, Ordering::Relaxed);
-    given
+    handover::give(stream, to, &ctx.sup, giver, &ctx.taker, shim).await
 }
 
 async fn reply(stream: &mut UnixStream, reply: &Reply) -> io::Result<()> {

@@ -7,7 +7,7 @@
 use std::ffi::CString;
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::cvt;
 
@@ -85,7 +85,7 @@ impl Attr {
     }
 }
 
-/// A map's shape, for [`map_create`].
+/// A map's shape, for [`Map::create`].
 #[derive(Debug, Clone, Copy)]
 pub struct MapSpec {
     /// `enum bpf_map_type` (1 hash, 2 array, 9 LRU hash).
@@ -105,21 +105,6 @@ pub struct MapSpec {
     pub btf: Option<(i32, u32, u32)>,
 }
 
-/// BPF_MAP_CREATE.
-pub fn map_create(spec: &MapSpec) -> io::Result<OwnedFd> {
-    let mut attr = Attr::new();
-    attr.u32(0, spec.kind)
-        .u32(4, spec.key)
-        .u32(8, spec.value)
-        .u32(12, spec.max_entries)
-        .u32(16, spec.flags)
-        .name(28, spec.name);
-    if let Some((fd, key, value)) = spec.btf {
-        attr.u32(48, fd as u32).u32(52, key).u32(56, value);
-    }
-    attr.call_fd(MAP_CREATE)
-}
-
 /// BPF_BTF_LOAD: type information (a `struct btf_header`, types and strings) for maps that
 /// need it.
 pub fn btf_load(btf: &[u8]) -> io::Result<OwnedFd> {
@@ -129,41 +114,93 @@ pub fn btf_load(btf: &[u8]) -> io::Result<OwnedFd> {
         .call_fd(BTF_LOAD)
 }
 
-/// BPF_MAP_UPDATE_ELEM (BPF_ANY). `key` and `value` must have the map's sizes (the kernel
-/// reads exactly that many bytes from each).
-pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-    Attr::new()
-        .u32(0, map.as_raw_fd() as u32)
-        .ptr(8, key.as_ptr())
-        .ptr(16, value.as_ptr())
-        .call(MAP_UPDATE_ELEM)
-        .map(|_| ())
+/// A map this process created, with the key and value sizes it was created with. The kernel
+/// reads (update, delete) and writes (lookup) exactly those sizes whatever the buffers it is
+/// given, so every access is checked against them here: a buffer of another length is
+/// refused (`InvalidInput`) instead of being read or written past its end.
+#[derive(Debug)]
+pub struct Map {
+    fd: OwnedFd,
+    key: usize,
+    value: usize,
 }
 
-/// BPF_MAP_DELETE_ELEM; Ok(false) when the key was not there.
-pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
-    match Attr::new()
-        .u32(0, map.as_raw_fd() as u32)
-        .ptr(8, key.as_ptr())
-        .call(MAP_DELETE_ELEM)
-    {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
+impl Map {
+    /// BPF_MAP_CREATE.
+    pub fn create(spec: &MapSpec) -> io::Result<Map> {
+        let mut attr = Attr::new();
+        attr.u32(0, spec.kind)
+            .u32(4, spec.key)
+            .u32(8, spec.value)
+            .u32(12, spec.max_entries)
+            .u32(16, spec.flags)
+            .name(28, spec.name);
+        if let Some((fd, key, value)) = spec.btf {
+            attr.u32(48, fd as u32).u32(52, key).u32(56, value);
+        }
+        Ok(Map {
+            fd: attr.call_fd(MAP_CREATE)?,
+            key: spec.key as usize,
+            value: spec.value as usize,
+        })
+    }
+
+    /// BPF_MAP_UPDATE_ELEM (BPF_ANY).
+    pub fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+        self.check("key", key.len(), self.key)?;
+        self.check("value", value.len(), self.value)?;
+        Attr::new()
+            .u32(0, self.fd.as_raw_fd() as u32)
+            .ptr(8, key.as_ptr())
+            .ptr(16, value.as_ptr())
+            .call(MAP_UPDATE_ELEM)
+            .map(|_| ())
+    }
+
+    /// BPF_MAP_DELETE_ELEM; Ok(false) when the key was not there.
+    pub fn delete(&self, key: &[u8]) -> io::Result<bool> {
+        self.check("key", key.len(), self.key)?;
+        match Attr::new()
+            .u32(0, self.fd.as_raw_fd() as u32)
+            .ptr(8, key.as_ptr())
+            .call(MAP_DELETE_ELEM)
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// BPF_MAP_LOOKUP_ELEM: the value (of the map's value size), None when absent.
+    pub fn lookup(&self, key: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        self.check("key", key.len(), self.key)?;
+        let mut value = vec![0u8; self.value];
+        match Attr::new()
+            .u32(0, self.fd.as_raw_fd() as u32)
+            .ptr(8, key.as_ptr())
+            .ptr(16, value.as_mut_ptr())
+            .call(MAP_LOOKUP_ELEM)
+        {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check(&self, what: &str, given: usize, size: usize) -> io::Result<()> {
+        match given == size {
+            true => Ok(()),
+            false => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a {what} of {given} bytes for a map whose {what}s have {size}"),
+            )),
+        }
     }
 }
 
-/// BPF_MAP_LOOKUP_ELEM into `value` (the map's value size); Ok(false) when absent.
-pub fn map_lookup(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-    match Attr::new()
-        .u32(0, map.as_raw_fd() as u32)
-        .ptr(8, key.as_ptr())
-        .ptr(16, value.as_mut_ptr())
-        .call(MAP_LOOKUP_ELEM)
-    {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
+impl AsFd for Map {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
@@ -176,8 +213,15 @@ pub struct Refused {
     pub log: String,
 }
 
+/// How much of the verifier's account a refusal carries (the kernel keeps the end of it
+/// since Linux 6.4, the beginning before).
+const VERIFIER_LOG: usize = 1 << 16;
+
 /// BPF_PROG_LOAD of `insns` (encoded instructions) as `prog_type` for `attach_type`, under
-/// `license`; a refusal carries the verifier's log.
+/// `license`; a refusal carries the verifier's log. The load itself asks for no log: a log
+/// that does not fit its buffer fails the load with ENOSPC (every kernel reports the
+/// truncation so), however valid the program. Only a refused program is loaded again, with
+/// a log, to say why.
 pub fn prog_load(
     prog_type: u32,
     attach_type: u32,
@@ -186,25 +230,33 @@ pub fn prog_load(
     name: &str,
 ) -> Result<OwnedFd, Refused> {
     let license = CString::new(license).unwrap_or_default();
-    let mut log = vec![0u8; 1 << 16];
-    let count = (insns.len() / 8) as u32;
-    let result = Attr::new()
-        .u32(0, prog_type)
-        .u32(4, count)
-        .ptr(8, insns.as_ptr())
-        .ptr(16, license.as_ptr())
-        .u32(24, 1)
-        .u32(28, log.len() as u32)
-        .ptr(32, log.as_mut_ptr())
-        .name(48, name)
-        .u32(68, attach_type)
-        .call_fd(PROG_LOAD);
-    result.map_err(|error| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        Refused {
-            error,
-            log: String::from_utf8_lossy(&log[..end]).into_owned(),
+    let load = |log: Option<&mut [u8]>| {
+        let mut attr = Attr::new();
+        attr.u32(0, prog_type)
+            .u32(4, (insns.len() / 8) as u32)
+            .ptr(8, insns.as_ptr())
+            .ptr(16, license.as_ptr())
+            .name(48, name)
+            .u32(68, attach_type);
+        if let Some(log) = log {
+            attr.u32(24, 1)
+                .u32(28, log.len() as u32)
+                .ptr(32, log.as_mut_ptr());
         }
+        attr.call_fd(PROG_LOAD)
+    };
+    let error = match load(None) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    let mut log = vec![0u8; VERIFIER_LOG];
+    if let Ok(fd) = load(Some(&mut log)) {
+        return Ok(fd);
+    }
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    Err(Refused {
+        error,
+        log: String::from_utf8_lossy(&log[..end]).into_owned(),
     })
 }
 
@@ -283,4 +335,93 @@ pub fn netns_cookie_at(path: &std::path::Path) -> io::Result<u64> {
         })?
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the namespace probe thread failed")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An array map of one 16-byte value, or None (said why) without the right to make one.
+    fn array_of_16() -> Option<Map> {
+        let spec = MapSpec {
+            kind: 2,
+            key: 4,
+            value: 16,
+            max_entries: 1,
+            name: "rpx_test",
+            flags: 0,
+            btf: None,
+        };
+        match Map::create(&spec) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("SKIP: cannot create a BPF map ({e}): needs root (CAP_BPF)");
+                None
+            }
+        }
+    }
+
+    /// The kernel copies the map's sizes whatever the buffers: a lookup gives the whole
+    /// value, and keys or values of another length are refused before the kernel sees them.
+    #[test]
+    fn accesses_have_the_maps_sizes() {
+        let Some(map) = array_of_16() else { return };
+        let slot = 0u32.to_ne_bytes();
+        map.update(&slot, &[7u8; 16]).unwrap();
+        assert_eq!(map.lookup(&slot).unwrap(), Some(vec![7u8; 16]));
+        let refused = |r: io::Result<()>| r.is_err_and(|e| e.kind() == io::ErrorKind::InvalidInput);
+        assert!(refused(map.update(&slot, &[9u8; 4])), "a short value");
+        assert!(refused(map.update(&slot, &[9u8; 32])), "a long value");
+        assert!(refused(map.update(&[0u8; 2], &[9u8; 16])), "a short key");
+        assert!(refused(map.lookup(&[0u8; 8]).map(|_| ())), "a long key");
+        assert!(refused(map.delete(&[0u8; 1]).map(|_| ())), "a short key");
+        assert_eq!(
+            map.lookup(&slot).unwrap(),
+            Some(vec![7u8; 16]),
+            "changed by a refusal"
+        );
+    }
+
+    /// A cgroup/connect4 program of `n` moves and an exit: valid, and its verifier log at
+    /// level 1 is a line per instruction.
+    fn long_program(n: usize) -> Vec<u8> {
+        let mut insns = Vec::new();
+        for _ in 0..n {
+            insns.extend([0xb7, 0x00, 0, 0, 1, 0, 0, 0]); // r0 = 1
+        }
+        insns.extend([0x95, 0, 0, 0, 0, 0, 0, 0]); // exit
+        insns
+    }
+
+    /// A valid program loads however long the verifier's account of it would be.
+    #[test]
+    fn a_valid_program_with_a_long_log_loads() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP: loading a program needs root (CAP_BPF)");
+        }
+        let loaded = prog_load(18, 10, &long_program(8000), "GPL", "rpx_test");
+        if let Err(r) = &loaded {
+            panic!("refused: {} ({} bytes of log)", r.error, r.log.len());
+        }
+    }
+
+    /// A refused program still comes with the verifier's reason.
+    #[test]
+    fn a_refusal_says_why() {
+        if !nix::unistd::geteuid().is_root() {
+            return eprintln!("SKIP: loading a program needs root (CAP_BPF)");
+        }
+        // exit without setting r0.
+        let insns = [0x95, 0, 0, 0, 0, 0, 0, 0];
+        let Err(refused) = prog_load(18, 10, &insns, "GPL", "rpx_test") else {
+            panic!("the verifier accepted an exit with r0 unset");
+        };
+        assert_eq!(
+            refused.error.raw_os_error(),
+            Some(libc::EACCES),
+            "{}",
+            refused.error
+        );
+        assert!(refused.log.contains("R0 !read_ok"), "{}", refused.log);
+    }
 }

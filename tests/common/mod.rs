@@ -341,6 +341,19 @@ impl Proxy {
         s
     }
 
+    /// Every stderr line that arrives within `period` from now.
+    pub fn log_lines_for(&self, period: Duration) -> Vec<String> {
+        let deadline = Instant::now() + period;
+        let mut lines = Vec::new();
+        while let Ok(line) = self
+            .stderr_lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            lines.push(line);
+        }
+        lines
+    }
+
     pub fn stderr_text(&self, timeout: Duration) -> String {
         let mut all = String::new();
         while let Ok(line) = self.stderr_lines.recv_timeout(timeout) {
