@@ -123,15 +123,11 @@ pub(crate) fn start_proxy(
                 Kind::RproxySocket => {
                     cmd.arg("--socket-lb=require");
                 }
-                // Below the ephemeral range, one per workload port and protocol (UDP workloads
-                // run a TCP mapping beside: iperf3's control connection): 23000-25999 →
-                // 20000-22999 (TCP), 18700-21699 (UDP).
+                // A port the kernel picks: nothing scrapes it (the recorder's cost is the
+                // point), and a fixed one may be anybody's (the dockerd tests publish theirs
+                // in 20080-20980).
                 Kind::RproxyMetrics => {
-                    let metrics_port = match proto {
-                        Proto::Tcp => port - 3000,
-                        Proto::Udp => port - 4300,
-                    };
-                    cmd.arg(format!("--metrics-addr=127.0.0.1:{metrics_port}"));
+                    cmd.arg("--metrics-addr=127.0.0.1:0");
                 }
                 _ => {}
             }
