@@ -117,7 +117,7 @@ pub(crate) fn idle_conns(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, S
     let server = hold_server(port, echo.clone())?;
     let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Tcp, port, false)?;
     let pid = proxy.as_ref().ok_or("idle-conns needs a proxy")?.pid();
-    let d = BRIDGE_CLIENT.dest(kind, port);
+    let d = BRIDGE_CLIENT.dest(ctx, kind, port);
     let n = idle_count(ctx, kind);
     // Warm up (runtime threads, first allocations, a relay in each direction), so that the
     // delta is what the idle connections themselves cost.
@@ -175,7 +175,7 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
         Kind::DockerProxy => {
             for port in first..=last {
                 let mut cmd = command(None, false, &ctx.o.docker_proxy);
-                cmd.args(docker_args(Proto::Tcp, GW, port));
+                cmd.args(docker_args(Proto::Tcp, GW, CTR, port));
                 let read = status_pipe(&mut cmd)?;
                 procs.push(Proc::spawn(cmd, &format!("docker-proxy-{port}"), &ctx.dir)?);
                 pipes.push(read);
@@ -195,6 +195,7 @@ pub(crate) fn many_ports(ctx: &Ctx, kind: Kind, _port: u16) -> Result<Vec<f64>, 
         | Kind::RproxyNat
         | Kind::RproxyMetrics
         | Kind::RproxySocket
+        | Kind::DockerPorts
         | Kind::Haproxy => return Err("ports compares one process with a process per port".into()),
     }
     let deadline = t0 + Duration::from_secs(30);

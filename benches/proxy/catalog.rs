@@ -22,10 +22,14 @@ pub enum Kind {
     /// `rproxy daemon --socket-lb=require -p …`: cgroup socket hooks connect host clients
     /// straight to the container, for the host-* workloads (clients in the host namespace).
     RproxySocket,
+    /// `--dockerd` only: dockerd `--userland-proxy=false` publishing the ports, and one
+    /// `rproxy daemon --docker-ports` for the whole run following it (its socket hooks carry
+    /// host clients): the `docker-ports` deployment, nothing started per measurement.
+    DockerPorts,
 }
 
 /// Columns in this order; later additions last so the others keep their places.
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind::Direct,
     Kind::Rproxy,
     Kind::DockerProxy,
@@ -35,7 +39,21 @@ pub const KINDS: [Kind; 9] = [
     Kind::RproxyMetrics,
     Kind::Haproxy,
     Kind::RproxySocket,
+    Kind::DockerPorts,
 ];
+
+/// What `--dockerd` can run: the host-* workloads' kinds, against a real container.
+pub(crate) const DOCKERD_KINDS: &[Kind] = &[
+    Kind::Direct,
+    Kind::Rproxy,
+    Kind::DockerProxy,
+    Kind::Haproxy,
+    Kind::RproxySocket,
+    Kind::DockerPorts,
+];
+/// Its columns unless `--proxies` says otherwise: the deployment, against direct and against
+/// docker-proxy for context.
+pub(crate) const DOCKERD_DEFAULT: &[Kind] = &[Kind::Direct, Kind::DockerProxy, Kind::DockerPorts];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -49,6 +67,7 @@ impl Kind {
             Kind::RproxyMetrics => "rproxy-daemon+metrics",
             Kind::Haproxy => "haproxy",
             Kind::RproxySocket => "rproxy-socket",
+            Kind::DockerPorts => "rproxy-docker-ports",
         }
     }
 
@@ -125,12 +144,14 @@ pub(crate) const REMOTE: &[Kind] = &[
     Kind::RproxyNat,
 ];
 /// A process of the host dialling the published port on loopback: the userland proxies
-/// listening there, and the socket hooks, which serve only host clients; HAProxy last.
+/// listening there, and the socket hooks, which serve only host clients (with `--dockerd`,
+/// also as the docker-ports deployment); HAProxy last.
 pub(crate) const HOST_TCP: &[Kind] = &[
     Kind::Direct,
     Kind::Rproxy,
     Kind::RproxySocket,
     Kind::DockerProxy,
+    Kind::DockerPorts,
     Kind::Haproxy,
 ];
 pub(crate) const HOST_UDP: &[Kind] = match HOST_TCP.split_last() {

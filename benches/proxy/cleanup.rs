@@ -1,5 +1,6 @@
-//! Cleanup: every PID started, the topology and the temporary directory, removed by whoever
-//! gets there first (the end of `run`, a panic unwinding through it, or the signal thread).
+//! Cleanup: every PID started, the topology or dockerd, and the temporary directory, removed
+//! by whoever gets there first (the end of `run`, a panic unwinding through it, or the signal
+//! thread).
 
 use super::*;
 
@@ -7,6 +8,8 @@ pub(crate) struct Registry {
     pub(crate) pids: Vec<u32>,
     pub(crate) closing: bool,
     pub(crate) topology: bool,
+    /// `--dockerd`: what its teardown needs.
+    pub(crate) docker: Option<DockerState>,
     pub(crate) tmp: Option<PathBuf>,
 }
 
@@ -14,6 +17,7 @@ pub(crate) static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: Vec::new(),
     closing: false,
     topology: false,
+    docker: None,
     tmp: None,
 });
 
@@ -22,12 +26,13 @@ pub(crate) fn registry() -> MutexGuard<'static, Registry> {
 }
 
 pub(crate) fn cleanup_all() {
-    let (pids, topology, tmp) = {
+    let (pids, topology, docker, tmp) = {
         let mut r = registry();
         r.closing = true;
         (
             std::mem::take(&mut r.pids),
             std::mem::take(&mut r.topology),
+            r.docker.take(),
             r.tmp.take(),
         )
     };
@@ -36,6 +41,10 @@ pub(crate) fn cleanup_all() {
     }
     if topology {
         teardown();
+    }
+    // Before the directory goes: dockerd's mounts are under it.
+    if let Some(docker) = docker {
+        docker.teardown();
     }
     if let Some(dir) = tmp {
         let _ = fs::remove_dir_all(dir);

@@ -9,6 +9,7 @@
 //! cargo bench --bench proxy                      # full run: 3 rounds of 5 s (~38 min on 2 cores)
 //! cargo bench --bench proxy -- --smoke           # every workload once, briefly (~3.5 min)
 //! cargo bench --bench proxy -- --only tcp-bulk,rr --rounds 5 --seconds 10 --out /tmp/t.md
+//! cargo bench --bench proxy -- --dockerd --rounds 5  # host-* against a real dockerd (~15 min)
 //! ```
 //!
 //! The topology mirrors a published port on a Docker bridge network:
@@ -25,6 +26,11 @@
 //! the proxies listen then (and the socket hooks of `rproxy-socket` act); their `direct` dials
 //! 10.231.0.2:PORT from the host. Every process started is stopped by PID, and the namespaces, bridge, iptables
 //! rules and temporary files go on exit, on panic and on SIGINT/SIGTERM/SIGHUP.
+//!
+//! `--dockerd` runs the host-* workloads against a container of a real dockerd instead, run
+//! with `--userland-proxy=false` and followed by `rproxy daemon --docker-ports` (the
+//! `rproxy-docker-ports` column): see dockerd.rs. Its container, dockerd and containerd go
+//! the same ways.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -115,6 +121,10 @@ const USAGE: &str = "usage: cargo bench --bench proxy -- [options]   (as root)
   --only LIST        comma-separated workloads or prefixes (e.g. tcp-bulk,rr-pinned)
   --proxies LIST     subset of direct,rproxy,docker-proxy,socat,rproxy-daemon,rproxy-nat,
                      rproxy-daemon+metrics,haproxy,rproxy-socket (default: all)
+  --dockerd          the host-* workloads against a container of a real dockerd run with
+                     --userland-proxy=false, adding the rproxy-docker-ports column (the
+                     docker-ports deployment); proxies: direct,rproxy-docker-ports,docker-proxy
+                     by default, also rproxy,haproxy,rproxy-socket; at most 10 rounds
   --flows N          udp-flows: concurrent flows (default 1000)
   --flow-msgs N      udp-flows: datagrams per flow (default 5, at most 64)
   --idle N           idle-conns: connections (default 10000)
@@ -133,6 +143,8 @@ mod capacity;
 mod catalog;
 #[path = "cleanup.rs"]
 mod cleanup;
+#[path = "dockerd.rs"]
+mod dockerd;
 #[path = "options.rs"]
 mod options;
 #[path = "procfs.rs"]
@@ -153,6 +165,7 @@ mod udp;
 pub(crate) use capacity::*;
 pub(crate) use catalog::*;
 pub(crate) use cleanup::*;
+pub(crate) use dockerd::*;
 pub(crate) use options::*;
 pub(crate) use procfs::*;
 pub(crate) use procs::*;
@@ -213,6 +226,11 @@ pub(crate) fn selected<'a>(
     }
 }
 
+/// The port of one measurement: 100 per workload, a fresh one per round and proxy.
+pub(crate) fn port_for(windex: usize, round: usize, kind: Kind) -> u16 {
+    PORT_BASE + windex as u16 * 100 + ((round * KINDS.len() + kind.index()) % 100) as u16
+}
+
 /// Runs the benchmark (as root) and returns its report. Progress goes to stderr.
 pub fn run(args: &[String]) -> Result<Report, String> {
     let mut o = parse_args(args)?;
@@ -240,6 +258,15 @@ pub fn run(args: &[String]) -> Result<Report, String> {
         ));
     }
     let chosen = selected(&all, &o.only)?;
+    if let Some(w) = chosen
+        .iter()
+        .find(|w| o.dockerd && !w.name.starts_with("host-"))
+    {
+        return Err(format!(
+            "--dockerd runs the host-* workloads only, not {}",
+            w.name
+        ));
+    }
     install_signal_cleanup()?;
     registry().closing = false;
     let _guard = CleanupGuard;
@@ -257,10 +284,31 @@ pub fn run(args: &[String]) -> Result<Report, String> {
         .into_iter()
         .filter(|k| o.proxies.contains(k) && (*k != Kind::DockerProxy || have_docker_proxy))
         .collect();
-    let ctx = Ctx { o, dir, kinds };
     let date = sh(&["date", "-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let started = Instant::now();
-    let topology = Topology::up()?;
+    let (setup, target): (Box<dyn std::any::Any>, Target) = match o.dockerd {
+        false => (Box::new(Topology::up()?), Target::Netns),
+        true => {
+            // The deployment's ports, published with the container before the run.
+            let deployment = kinds.contains(&Kind::DockerPorts);
+            let ports: BTreeSet<u16> = chosen
+                .iter()
+                .filter(|w| deployment && w.kinds.contains(&Kind::DockerPorts))
+                .flat_map(|w| {
+                    let windex = all.iter().position(|x| x.name == w.name).unwrap_or(0);
+                    (0..o.rounds).map(move |r| port_for(windex, r, Kind::DockerPorts))
+                })
+                .collect();
+            let (d, c) = Dockerd::up(&dir, &o.rproxy, &ports, deployment)?;
+            (Box::new(d), Target::Container(c))
+        }
+    };
+    let ctx = Ctx {
+        o,
+        dir,
+        kinds,
+        target,
+    };
     let total: usize = chosen
         .iter()
         .map(|w| ctx.kinds.iter().filter(|k| w.kinds.contains(k)).count() * ctx.o.rounds)
@@ -277,9 +325,7 @@ pub fn run(args: &[String]) -> Result<Report, String> {
                 if !w.kinds.contains(&kind) {
                     continue;
                 }
-                let port = PORT_BASE
-                    + windex as u16 * 100
-                    + ((round * KINDS.len() + kind.index()) % 100) as u16;
+                let port = port_for(windex, round, kind);
                 let t = Instant::now();
                 let result = (w.run)(&ctx, kind, port);
                 let shown = match &result {
@@ -310,7 +356,7 @@ pub fn run(args: &[String]) -> Result<Report, String> {
             }
         }
     }
-    drop(topology);
+    drop(setup);
     let elapsed = started.elapsed().as_secs();
     eprintln!("bench: done in {}m{:02}s", elapsed / 60, elapsed % 60);
     let report = report(&ctx, &chosen, &samples, &date, have_docker_proxy);
@@ -363,7 +409,7 @@ pub(crate) fn values(samples: &[Sample], w: usize, kind: Kind, metric: usize) ->
     (v, failed)
 }
 
-pub(crate) const RATIOS: [(Kind, Kind); 10] = [
+pub(crate) const RATIOS: [(Kind, Kind); 12] = [
     (Kind::Rproxy, Kind::DockerProxy),
     (Kind::RproxyDaemon, Kind::DockerProxy),
     (Kind::Rproxy, Kind::Direct),
@@ -374,6 +420,8 @@ pub(crate) const RATIOS: [(Kind, Kind); 10] = [
     (Kind::Haproxy, Kind::DockerProxy),
     (Kind::RproxySocket, Kind::Direct),
     (Kind::RproxySocket, Kind::DockerProxy),
+    (Kind::DockerPorts, Kind::Direct),
+    (Kind::DockerPorts, Kind::DockerProxy),
 ];
 
 pub(crate) fn report(
@@ -493,7 +541,26 @@ pub(crate) fn report(
     for w in chosen {
         t += &format!("- `{}`: {}\n", w.name, w.about);
     }
-    t += &format!(
+    t += &match &ctx.target {
+        Target::Netns => setup_netns(),
+        Target::Container(c) => setup_dockerd(c),
+    };
+    if !errors.is_empty() {
+        t += "\nErrors:\n";
+        for e in &errors {
+            t += &format!("- {e}\n");
+        }
+    }
+    Report {
+        table: t,
+        workloads: chosen.iter().map(|w| w.name.to_string()).collect(),
+        errors,
+    }
+}
+
+/// How the bridge topology's proxies and clients run, for under the table.
+fn setup_netns() -> String {
+    format!(
         "\nProxies listen on {GW} (bridge {BRIDGE}, host netns) and forward to {CTR} (netns {NS_CTR}); \
          clients run in netns {NS_CLI}. rproxy and docker-proxy run as dockerd runs them \
          (`-proto P -host-ip {GW} -host-port N -container-ip {CTR} -container-port N`, status pipe on fd 3); \
@@ -517,18 +584,35 @@ pub(crate) fn report(
          connection).\n",
         HOST = HOST_CLIENT.front,
         last_port = NPORTS_BASE - 1,
-    );
-    if !errors.is_empty() {
-        t += "\nErrors:\n";
-        for e in &errors {
-            t += &format!("- {e}\n");
-        }
-    }
-    Report {
-        table: t,
-        workloads: chosen.iter().map(|w| w.name.to_string()).collect(),
-        errors,
-    }
+    )
+}
+
+/// How `--dockerd`'s container, proxies and clients run, for under the table.
+fn setup_dockerd(c: &Container) -> String {
+    let ip = c.ip;
+    format!(
+        "\ndockerd {version} (`--userland-proxy=false`, a containerd and roots of its own) runs \
+         one container at {ip} on docker0, from an image imported from a tarball (busybox; the \
+         host's /usr bound read-only, so iperf3, sockperf and nginx are the host's); each \
+         measurement starts its server in it with `docker exec` (`iperf3 -s`, `sockperf server`, \
+         nginx with one worker answering \"ok\"). Clients are processes of the host dialling \
+         {HOST}:N; direct dials {ip}:N from the host. rproxy-docker-ports is the docker-ports \
+         deployment: the container publishes its ports (`-p N:N -p N:N/udp`), and one `rproxy \
+         daemon --docker-ports --docker-host unix://…`, started before it, follows dockerd for \
+         the whole run; each of its measurements is checked to have been carried by the socket \
+         hooks (`rproxy ls`: SOCKET socket, SOCKET_CONNS above 0, no userland connection). \
+         docker-proxy (and rproxy) start per measurement as dockerd starts its userland proxy \
+         for `-p {HOST}:N:N` (`-proto P -host-ip {HOST} -host-port N -container-ip {ip} \
+         -container-port N`, status pipe on fd 3), on ports the container does not publish: \
+         with dockerd's userland proxy on, a {HOST} client reaches exactly that process \
+         (dockerd's DNAT leaves 127.0.0.0/8 to it). The measured traffic (ports \
+         {PORT_BASE}–{last_port} on docker0 and lo) is exempt from connection tracking (iptables \
+         raw `CT --notrack`), whose table the whole machine shares; so a host client the hooks \
+         missed would find no DNAT either.\n",
+        version = c.version,
+        HOST = HOST_CLIENT.front,
+        last_port = NPORTS_BASE - 1,
+    )
 }
 
 pub(crate) fn samples_json(

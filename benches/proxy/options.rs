@@ -6,6 +6,8 @@ use super::*;
 #[derive(Clone, Debug)]
 pub struct Options {
     pub smoke: bool,
+    /// The host-* workloads against a container of a real dockerd (`--dockerd`).
+    pub dockerd: bool,
     pub rounds: usize,
     pub seconds: u64,
     pub only: Vec<String>,
@@ -37,12 +39,22 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
         .map(String::as_str)
         .filter(|a| *a != "--bench")
         .collect();
+    let dockerd = args.iter().any(|a| a == "--dockerd");
     let mut o = Options {
         smoke,
+        dockerd,
         rounds: pick(1, 3),
         seconds: pick(1, 5) as u64,
         only: Vec::new(),
-        proxies: KINDS.to_vec(),
+        // What the mode can run (the docker-ports deployment needs dockerd); with --dockerd,
+        // the deployment, direct and docker-proxy.
+        proxies: match dockerd {
+            true => DOCKERD_DEFAULT.to_vec(),
+            false => KINDS
+                .into_iter()
+                .filter(|k| *k != Kind::DockerPorts)
+                .collect(),
+        },
         flows: pick(200, 1000),
         flow_msgs: pick(2, 5),
         idle: pick(500, 10_000),
@@ -71,7 +83,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
                 .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
         };
         match flag {
-            "--smoke" => {}
+            "--smoke" | "--dockerd" => {}
             "--rounds" => o.rounds = number(flag, &value()?)?,
             "--seconds" => o.seconds = number(flag, &value()?)?,
             "--only" => {
@@ -115,6 +127,29 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
     ];
     if let Some((_, e)) = checks.iter().find(|(ok, _)| !ok) {
         return Err(e.to_string());
+    }
+    let possible = |k: &Kind| match o.dockerd {
+        true => DOCKERD_KINDS.contains(k),
+        false => *k != Kind::DockerPorts,
+    };
+    if let Some(k) = o.proxies.iter().find(|k| !possible(k)) {
+        return Err(match o.dockerd {
+            true => format!("--proxies: {} does not run with --dockerd", k.name()),
+            false => format!("--proxies: {} needs --dockerd", k.name()),
+        });
+    }
+    if o.dockerd {
+        // Each measurement a port of its own: the run's ports for the deployment are
+        // published before it starts, the others' must not be.
+        if o.rounds * KINDS.len() > 100 {
+            return Err(format!(
+                "--dockerd: at most {} rounds (a port per measurement)",
+                100 / KINDS.len()
+            ));
+        }
+        if o.only.is_empty() {
+            o.only = vec!["host-".into()];
+        }
     }
     Ok(o)
 }

@@ -35,9 +35,20 @@ pub(crate) fn is_bound(pid: u32, proto: Proto, addr: SocketAddrV4) -> bool {
 
 /// Waits until `p` (or, through `ip netns exec`, the program it became) has bound `addr`.
 pub(crate) fn wait_bound(p: &mut Proc, proto: Proto, addr: SocketAddrV4) -> Result<(), String> {
+    let pid = p.pid();
+    wait_bound_at(p, pid, proto, addr)
+}
+
+/// Waits until `addr` is bound in the network namespace of `netns_pid`, while `p` runs.
+pub(crate) fn wait_bound_at(
+    p: &mut Proc,
+    netns_pid: u32,
+    proto: Proto,
+    addr: SocketAddrV4,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if is_bound(p.pid(), proto, addr) {
+        if is_bound(netns_pid, proto, addr) {
             return Ok(());
         }
         if let Some(status) = p.exited() {

@@ -85,6 +85,11 @@ pub(crate) struct Proc {
     pub(crate) out: PathBuf,
     pub(crate) err: PathBuf,
     pub(crate) stopped: bool,
+    /// What it started in a container (`docker exec`): host PIDs, stopped before it.
+    pub(crate) inside: Vec<u32>,
+    /// That container's PID namespace: a PID of `inside` is stopped only while it is still
+    /// the container's.
+    pub(crate) pidns: Option<String>,
 }
 
 impl Proc {
@@ -114,6 +119,8 @@ impl Proc {
             out,
             err,
             stopped: false,
+            inside: Vec::new(),
+            pidns: None,
         })
     }
 
@@ -173,6 +180,14 @@ impl Proc {
     pub(crate) fn stop(&mut self) {
         if !self.stopped {
             self.stopped = true;
+            for &p in &self.inside {
+                let link = fs::read_link(format!("/proc/{p}/ns/pid"))
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .ok();
+                if link.is_some() && link == self.pidns {
+                    kill_tree(p, None);
+                }
+            }
             let pid = self.pid();
             kill_tree(pid, Some(&mut self.child));
             registry().pids.retain(|&p| p != pid);

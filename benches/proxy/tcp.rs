@@ -14,7 +14,7 @@ pub(crate) fn tcp_bulk(
 ) -> Result<Vec<f64>, String> {
     let _server = iperf3_server(ctx, port)?;
     let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
-    let d = client.dest(kind, port);
+    let d = client.dest(ctx, kind, port);
     let mut cmd = command(client.ns, false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string()])
         .args(["-t", &ctx.o.seconds.to_string(), "-J"]);
@@ -28,7 +28,7 @@ pub(crate) fn tcp_bulk(
         .and_then(|out| iperf3_json(&out))
         .and_then(|j| json_f64(&j, &["end", "sum_received", "bits_per_second"]));
     let bps = explain(result, &[&proxy])?;
-    check_path(ctx, kind, Proto::Tcp, port)?;
+    explain(check_path(ctx, kind, Proto::Tcp, port), &[&proxy])?;
     Ok(vec![bps / 1e9])
 }
 
@@ -39,18 +39,16 @@ pub(crate) fn request_response(
     port: u16,
     pin: bool,
 ) -> Result<Vec<f64>, String> {
-    let mut cmd = command(Some(NS_CTR), pin, tool("sockperf"));
-    cmd.args([
-        "server",
-        "--tcp",
-        "-i",
-        &CTR.to_string(),
-        "-p",
-        &port.to_string(),
-    ]);
-    let _server = start_server(ctx, "sockperf-server", cmd, port)?;
+    let (ctr, port_s) = (ctx.ctr().to_string(), port.to_string());
+    let _server = ctx.server(
+        "sockperf-server",
+        pin,
+        &["sockperf", "server", "--tcp", "-i", &ctr, "-p", &port_s],
+        Proto::Tcp,
+        port,
+    )?;
     let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, pin)?;
-    let d = client.dest(kind, port);
+    let d = client.dest(ctx, kind, port);
     let mut cmd = command(client.ns, pin, tool("sockperf"));
     cmd.args([
         "ping-pong",
@@ -69,7 +67,7 @@ pub(crate) fn request_response(
     )
     .and_then(|out| parse_sockperf(&out));
     let figures = explain(result, &[&proxy])?;
-    check_path(ctx, kind, Proto::Tcp, port)?;
+    explain(check_path(ctx, kind, Proto::Tcp, port), &[&proxy])?;
     Ok(figures)
 }
 
@@ -124,9 +122,9 @@ pub(crate) fn conn_rate(
     kind: Kind,
     port: u16,
 ) -> Result<Vec<f64>, String> {
-    let _server = http_server(port)?;
+    let _server = ctx.http_server(port)?;
     let proxy = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
-    let d = client.dest(kind, port);
+    let d = client.dest(ctx, kind, port);
     let mut cmd = command(client.ns, false, tool("wrk"));
     cmd.args([
         "-t2",
@@ -159,7 +157,7 @@ pub(crate) fn conn_rate(
             Ok(vec![rate / 1e3, errors])
         });
     let figures = explain(result, &[&proxy])?;
-    check_path(ctx, kind, Proto::Tcp, port)?;
+    explain(check_path(ctx, kind, Proto::Tcp, port), &[&proxy])?;
     Ok(figures)
 }
 
@@ -193,7 +191,7 @@ pub(crate) struct FixedResult {
 pub(crate) fn conn_fixed(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, String> {
     let _server = http_server(port)?;
     let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Tcp, port, false)?;
-    let d = BRIDGE_CLIENT.dest(kind, port);
+    let d = BRIDGE_CLIENT.dest(ctx, kind, port);
     let rate = ctx.o.rate as f64;
     let total = ctx.o.rate * ctx.o.seconds;
     let t0 = Instant::now() + Duration::from_millis(100);

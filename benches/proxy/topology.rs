@@ -9,22 +9,9 @@ pub(crate) struct Topology {
 
 impl Topology {
     pub(crate) fn up() -> Result<Topology, String> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(LOCK_PATH)
-            .map_err(|e| format!("{LOCK_PATH}: {e}"))?;
         // Another run (the smoke test of a suite running beside this one) owns the bridge:
         // wait for it rather than fail. The kernel drops the lock when its holder dies.
-        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((file, _)) => {
-                eprintln!("bench: another run holds {LOCK_PATH} (it owns {BRIDGE}); waiting");
-                Flock::lock(file, FlockArg::LockExclusive)
-                    .map_err(|(_, e)| format!("{LOCK_PATH}: {e}"))?
-            }
-        };
+        let lock = lock_wait(LOCK_PATH, &format!("owns {BRIDGE}"))?;
         let leftover = Path::new("/sys/class/net").join(BRIDGE).exists()
             || links().any(|(veth, ns)| {
                 Path::new("/sys/class/net").join(veth).exists()
@@ -194,9 +181,9 @@ pub(crate) const HOST_CLIENT: Client = Client {
 
 impl Client {
     /// Where the client sends: the published address, or the container itself for direct.
-    pub(crate) fn dest(self, kind: Kind, port: u16) -> SocketAddrV4 {
+    pub(crate) fn dest(self, ctx: &Ctx, kind: Kind, port: u16) -> SocketAddrV4 {
         match kind {
-            Kind::Direct => SocketAddrV4::new(CTR, port),
+            Kind::Direct => SocketAddrV4::new(ctx.ctr(), port),
             _ => SocketAddrV4::new(self.front, port),
         }
     }

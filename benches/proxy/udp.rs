@@ -16,7 +16,7 @@ pub(crate) fn udp_bulk(
     // starts for `-p PORT:PORT/tcp -p PORT:PORT/udp`.
     let control = start_proxy(ctx, client, kind, Proto::Tcp, port, false)?;
     let data = start_proxy(ctx, client, kind, Proto::Udp, port, false)?;
-    let d = client.dest(kind, port);
+    let d = client.dest(ctx, kind, port);
     let mut cmd = command(client.ns, false, tool("iperf3"));
     cmd.args(["-c", &d.ip().to_string(), "-p", &port.to_string(), "-u"])
         .args([
@@ -47,8 +47,8 @@ pub(crate) fn udp_bulk(
         ])
     });
     let figures = explain(result, &[&control, &data])?;
-    check_path(ctx, kind, Proto::Tcp, port)?;
-    check_path(ctx, kind, Proto::Udp, port)?;
+    explain(check_path(ctx, kind, Proto::Tcp, port), &[&control, &data])?;
+    explain(check_path(ctx, kind, Proto::Udp, port), &[&control, &data])?;
     Ok(figures)
 }
 
@@ -136,7 +136,7 @@ pub(crate) fn udp_flows(ctx: &Ctx, kind: Kind, port: u16) -> Result<Vec<f64>, St
     let _server = udp_echo(port)?;
     let proxy = start_proxy(ctx, BRIDGE_CLIENT, kind, Proto::Udp, port, false)?;
     let (flows, msgs) = (ctx.o.flows, ctx.o.flow_msgs);
-    let dest = BRIDGE_CLIENT.dest(kind, port);
+    let dest = BRIDGE_CLIENT.dest(ctx, kind, port);
     let result = in_netns(NS_CLI, move || {
         let mut st = Flows {
             socks: Vec::with_capacity(flows),
