@@ -331,7 +331,7 @@ impl Settings {
     /// Resolves flags, config file and environment; every problem is reported at once.
     pub fn load(args: &Args, env: &Env) -> Result<Settings, Vec<String>> {
         let mut errors = Vec::new();
-        let base = match env.overrides.apply(Options::default()) {
+        let base = match env.overrides.apply(&Options::default()) {
             Ok(o) => o,
             Err(e) => {
                 errors.push(e);
@@ -357,7 +357,7 @@ impl Settings {
                 .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())
         });
         let file = match &config_path {
-            Some(path) => read(path, base, flags).unwrap_or_else(|mut e| {
+            Some(path) => read(path, base.clone(), flags).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
                 Loaded::default()
             }),
@@ -368,10 +368,10 @@ impl Settings {
         let docker_ports = args.docker_ports || file.docker_ports.unwrap_or(false);
         let defaults = file
             .defaults
-            .unwrap_or(flags.over(flags.base(base, docker_ports)));
+            .unwrap_or(flags.over(flags.base(base.clone(), docker_ports)));
         let mut publish = Vec::new();
         for spec in &args.publish {
-            match parse_publish(spec, defaults) {
+            match parse_publish(spec, defaults.clone()) {
                 Ok(m) => publish.extend(m),
                 Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
             }
@@ -422,7 +422,7 @@ impl Settings {
                     .or(env.socket.clone()),
             ),
             drain,
-            defaults,
+            defaults: defaults.clone(),
             base,
             flags,
             metrics_addr: metrics_flag.or(file.metrics_addr).or(env.metrics_addr),
@@ -436,7 +436,7 @@ impl Settings {
     /// rules for handed-over ports.
     pub fn reread(&self) -> Result<Reread, Vec<String>> {
         match &self.config_path {
-            Some(path) => read(path, self.base, self.flags).map(|l| Reread {
+            Some(path) => read(path, self.base.clone(), self.flags).map(|l| Reread {
                 mappings: l.mappings,
                 port_rules: l.port_rules,
             }),
@@ -514,8 +514,11 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         ..base
     };
     let defaults = flags.over(file_defaults);
-    let mut entries: Vec<(&toml::Spanned<String>, Options)> =
-        file.publish.iter().map(|spec| (spec, defaults)).collect();
+    let mut entries: Vec<(&toml::Spanned<String>, Options)> = file
+        .publish
+        .iter()
+        .map(|spec| (spec, defaults.clone()))
+        .collect();
     // Their own list: `mode` holds `errors` until the last mapping is resolved.
     let mut pp_errors = Vec::new();
     let mut version = |value: &toml::Spanned<String>| {
@@ -544,7 +547,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
             nat: mode(&e.nat, defaults.nat),
             socket_lb: mode(&e.socket_lb, defaults.socket_lb),
             proxy_protocol,
-            ..defaults
+            ..defaults.clone()
         };
         entries.push((&e.publish, own));
     }

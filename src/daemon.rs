@@ -228,7 +228,7 @@ async fn run(settings: Settings) -> i32 {
     let server = Server::new(
         sup.clone(),
         settings.drain,
-        settings.defaults,
+        settings.defaults.clone(),
         port_rules.clone(),
     );
     let (initial, adopt) = match (old, handed) {
@@ -395,7 +395,7 @@ fn own_mappings(settings: &Settings) -> Vec<Start> {
     own.iter()
         .flat_map(|(mappings, origin)| {
             mappings.iter().map(|m| Start {
-                mapping: *m,
+                mapping: m.clone(),
                 listener: Listener::Bind,
                 origin: origin.clone(),
             })
@@ -415,7 +415,7 @@ async fn follow_dockerd(settings: &Settings, sup: &Supervisor) {
         engine,
         sup.clone(),
         tokio::runtime::Handle::current(),
-        settings.defaults,
+        settings.defaults.clone(),
         settings.drain,
     );
     match follower.spawn() {
@@ -583,14 +583,14 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
             let running: BTreeSet<Mapping> = current
                 .values()
                 .filter(|c| c.origin == Origin::Config)
-                .map(|c| c.mapping)
+                .map(|c| c.mapping.clone())
                 .collect();
-            let wanted_set: BTreeSet<Mapping> = wanted.iter().copied().collect();
+            let wanted_set: BTreeSet<Mapping> = wanted.iter().cloned().collect();
             let mut stop: Vec<Key> = running.difference(&wanted_set).map(key).collect();
             let mut start: Vec<Start> = wanted_set
                 .difference(&running)
                 .map(|m| Start {
-                    mapping: *m,
+                    mapping: m.clone(),
                     listener: Listener::Bind,
                     origin: Origin::Config,
                 })
@@ -602,7 +602,7 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
                 }
                 let version = new_rules.version_for(c.mapping.listen.port());
                 if version != c.mapping.options.proxy_protocol {
-                    let mut mapping = c.mapping;
+                    let mut mapping = c.mapping.clone();
                     mapping.options.proxy_protocol = version;
                     stop.push(key(&c.mapping));
                     start.push(Start {

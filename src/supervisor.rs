@@ -287,7 +287,7 @@ impl Supervisor {
             .iter()
             .map(|(k, r)| {
                 let current = Current {
-                    mapping: r.mapping,
+                    mapping: r.mapping.clone(),
                     origin: r.origin.clone(),
                     listener: r.socket.is_some(),
                 };
@@ -347,11 +347,13 @@ impl Supervisor {
                 let copy = socket
                     .try_clone()
                     .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
-                (Some(Frontend::new(s.mapping, socket)?), Some(copy))
+                (Some(Frontend::new(s.mapping.clone(), socket)?), Some(copy))
             }
             None => (None, None),
         };
-        let mapping = frontend.as_ref().map_or(s.mapping, Frontend::mapping);
+        let mapping = frontend
+            .as_ref()
+            .map_or(s.mapping.clone(), Frontend::mapping);
         if key(&mapping) != k {
             // Port 0, now resolved: the kernel chose a free port, but not necessarily one we
             // do not already serve through a socket someone handed over.
@@ -404,10 +406,10 @@ impl Supervisor {
                     .await?
             }
         };
-        let replaces = old.map(|o| (o.mapping, self.socket_path_of(&k)));
+        let replaces = old.map(|o| (o.mapping.clone(), self.socket_path_of(&k)));
         let mut prepared = Prepared {
             frontend,
-            mapping,
+            mapping: mapping.clone(),
             origin: s.origin,
             path,
             nat_held,
@@ -462,7 +464,10 @@ impl Supervisor {
     }
 
     fn path_of(&self, k: &Key) -> Option<Path> {
-        let r = self.running().get(k).map(|r| (r.mapping, r.path.clone()))?;
+        let r = self
+            .running()
+            .get(k)
+            .map(|r| (r.mapping.clone(), r.path.clone()))?;
         self.inner.nat.path_now(&r.0, r.1)
     }
 
@@ -499,8 +504,8 @@ impl Supervisor {
                 let task = p
                     .frontend
                     .map(|f| tokio::spawn(f.serve(stats.clone(), stop)));
-                started.push(p.mapping);
-                logged_start.push((p.mapping, p.origin.clone()));
+                started.push(p.mapping.clone());
+                logged_start.push((p.mapping.clone(), p.origin.clone()));
                 running.insert(
                     key(&p.mapping),
                     Running {
@@ -518,7 +523,7 @@ impl Supervisor {
             }
         }
         for r in stopped {
-            logged_stop.push((r.mapping, r.origin.clone()));
+            logged_stop.push((r.mapping.clone(), r.origin.clone()));
             if !kept_rules.contains(&key(&r.mapping)) {
                 // New connections stop being translated now; translated ones keep their
                 // conntrack entries.
@@ -617,7 +622,7 @@ impl Supervisor {
                     .try_clone()
                     .map_err(|e| format!("cannot copy the socket of {}: {e}", r.mapping))?;
                 Ok(Held {
-                    mapping: r.mapping,
+                    mapping: r.mapping.clone(),
                     origin: r.origin.clone(),
                     socket,
                 })
@@ -652,7 +657,7 @@ impl Supervisor {
             .running()
             .iter()
             .filter(|(_, r)| r.nat_held)
-            .map(|(k, r)| (*k, r.mapping, r.origin.clone()))
+            .map(|(k, r)| (*k, r.mapping.clone(), r.origin.clone()))
             .collect();
         for (k, mapping, origin) in held {
             let path = match self.inner.nat.install(&mapping, origin.is_dockerds()).await {
@@ -674,7 +679,7 @@ impl Supervisor {
         self.running()
             .values()
             .map(|r| Status {
-                mapping: r.mapping,
+                mapping: r.mapping.clone(),
                 origin: r.origin.clone(),
                 path: self.inner.nat.path_now(&r.mapping, r.path.clone()),
                 socket_lb: r.socket_lb.clone(),
@@ -708,7 +713,7 @@ fn log_runs(verb: &str, done: &[(Mapping, Origin)]) {
             Some(name) => format!("{origin} {name}"),
             None => origin.to_string(),
         };
-        by_origin.entry(from).or_default().push(*m);
+        by_origin.entry(from).or_default().push(m.clone());
     }
     for (origin, mappings) in by_origin {
         for run in crate::mapping::runs(mappings, |m| m) {

@@ -275,14 +275,14 @@ impl Hooks {
                     }
                     None => return Err(format!("more than {} mappings", maps::MAX_MAPPINGS)),
                 };
-                slots.of.insert(*m, id);
+                slots.of.insert(m.clone(), id);
                 id
             }
         };
         let network = self.network_of(m);
         match self.maps.publish(m, id, network, fresh) {
             Ok(()) => {
-                slots.owners.insert((m.proto, m.listen), *m);
+                slots.owners.insert((m.proto, m.listen), m.clone());
                 Ok(())
             }
             Err(e) => {

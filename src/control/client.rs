@@ -80,12 +80,12 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, 
 /// with the spec quoted.
 fn check_spec(request: &Request) -> Result<(), String> {
     let (spec, options) = match request {
-        Request::Add { spec, options } => (spec, *options),
+        Request::Add { spec, options } => (spec, options.clone()),
         Request::Rm { spec } => (spec, Overrides::default()),
         _ => return Ok(()),
     };
     options
-        .apply(Options::default())
+        .apply(&Options::default())
         .and_then(|options| parse_publish(spec, options))
         .map(|_| ())
         .map_err(|why| format!("invalid spec {spec:?}: {why}"))

@@ -432,7 +432,7 @@ mod tests {
         ) {
             let bytes = crate::testing::mutate(GOOD[which], &edits);
             if let Ok(Request::Add { options, .. } | Request::Register { options, .. }) = Request::decode(&bytes) {
-                let _ = options.apply(crate::options::Options::default());
+                let _ = options.apply(&crate::options::Options::default());
             }
         }
     }

@@ -296,7 +296,7 @@ async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
         let s = shims.get(&id)?;
         Some(ShimConn {
             conn: s.conn.try_clone().ok()?,
-            options: s.options,
+            options: s.options.clone(),
         })
     };
     handover::give(stream, to, &ctx.sup, giver, &ctx.taker, shim).await
@@ -346,7 +346,7 @@ fn specs(mappings: &[Mapping]) -> Vec<String> {
 
 /// `add`: all of the spec's mappings start, or none do.
 async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String> {
-    let mappings = parse_publish(spec, options.apply(ctx.defaults)?)?;
+    let mappings = parse_publish(spec, options.apply(&ctx.defaults)?)?;
     let started = ctx
         .sup
         .change(Duration::ZERO, |_| {
@@ -355,7 +355,7 @@ async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String>
                 start: mappings
                     .iter()
                     .map(|m| Start {
-                        mapping: *m,
+                        mapping: m.clone(),
                         listener: Listener::Bind,
                         origin: Origin::Control,
                     })
@@ -403,7 +403,7 @@ async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
                     ));
                 }
                 stop.push(key(m));
-                stopped.push(c.mapping);
+                stopped.push(c.mapping.clone());
             }
             if stop.is_empty() {
                 return Err(format!("no mapping matches {spec:?}"));
@@ -481,9 +481,9 @@ async fn register(
                     .to_string(),
             );
         }
-        let options = options.apply(ctx.defaults)?;
+        let options = options.apply(&ctx.defaults)?;
         let mut mapping = match parse_publish(spec, options)?.as_slice() {
-            [m] => *m,
+            [m] => m.clone(),
             _ => return Err("register takes exactly one port".to_string()),
         };
         // Held until the mapping runs: a reload swaps the rules only around its own change.
@@ -511,6 +511,7 @@ async fn register(
         }
         // A shim's registration wins over what the daemon serves for the same container
         // port from dockerd's API (`--docker-ports`): the shim holds the listening socket.
+        let k = key(&mapping);
         let start = Start {
             mapping,
             listener: Listener::Socket(socket),
@@ -518,9 +519,9 @@ async fn register(
         };
         let started = ctx.sup.change(Duration::ZERO, |current| {
             let stop = current
-                .get(&key(&mapping))
+                .get(&k)
                 .filter(|c| c.origin.container().is_some())
-                .map(|_| key(&mapping));
+                .map(|_| k);
             Ok(Change {
                 stop: stop.into_iter().collect(),
                 start: vec![start],

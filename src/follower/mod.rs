@@ -265,7 +265,7 @@ impl Follower {
     /// Makes what is served for container `id` what `container` (None: it is gone)
     /// publishes, in one change; returns how many mappings it has now.
     fn serve(&mut self, id: &str, container: Option<&Container>) -> usize {
-        let wanted = container.map_or_else(Vec::new, |c| wanted(c, self.options));
+        let wanted = container.map_or_else(Vec::new, |c| wanted(c, &self.options));
         let origin = Origin::Container(Arc::from(container.map_or("", |c| c.name.as_str())));
         let had = self
             .served
@@ -386,7 +386,7 @@ fn plan(
         };
         serves.insert(k);
         change.start.push(Start {
-            mapping: w.mapping,
+            mapping: w.mapping.clone(),
             listener,
             origin: origin.clone(),
         });
@@ -424,7 +424,7 @@ mod tests {
     use crate::mapping::{parse_publish, Mapping};
 
     fn mapping(spec: &str) -> Mapping {
-        parse_publish(spec, Options::default()).unwrap()[0]
+        parse_publish(spec, Options::default()).unwrap()[0].clone()
     }
 
     fn listed(spec: &str) -> Wanted {
@@ -439,12 +439,13 @@ mod tests {
             .iter()
             .map(|(spec, origin, listener)| {
                 let m = mapping(spec);
+                let k = key(&m);
                 let c = Current {
                     mapping: m,
                     origin: origin.clone(),
                     listener: *listener,
                 };
-                (key(&m), c)
+                (k, c)
             })
             .collect()
     }

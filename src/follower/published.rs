@@ -9,7 +9,7 @@ use crate::mapping::Mapping;
 use crate::options::Options;
 
 /// A mapping a container's ports ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     /// What to serve.
     pub mapping: Mapping,
@@ -36,7 +36,7 @@ pub fn carrier(c: &Container) -> Option<&Attachment> {
 /// (IPv4 host addresses to the container's IPv4 address; IPv6 ones to its IPv6 address, or
 /// 6→4 to its IPv4 address when it has none), and for each port published on 0.0.0.0 that
 /// dockerd lists no IPv6 address for, `[::]:PORT` to its IPv4 address (6→4).
-pub fn wanted(c: &Container, options: Options) -> Vec<Wanted> {
+pub fn wanted(c: &Container, options: &Options) -> Vec<Wanted> {
     let Some(net) = carrier(c) else {
         return Vec::new();
     };
@@ -51,7 +51,7 @@ pub fn wanted(c: &Container, options: Options) -> Vec<Wanted> {
             proto: p.proto,
             listen: SocketAddr::new(listen, p.host_port),
             target: SocketAddr::new(target, p.container_port),
-            options,
+            options: options.clone(),
         };
         out.push(Wanted {
             mapping: mapping(p.host_ip),
@@ -96,7 +96,7 @@ mod tests {
     }
 
     fn specs(c: &Container) -> Vec<(String, bool)> {
-        wanted(c, Options::default())
+        wanted(c, &Options::default())
             .iter()
             .map(|w| (w.mapping.spec(), w.listed))
             .collect()
@@ -160,6 +160,6 @@ mod tests {
         c.networks.push(net("zzz-prio", "172.21.0.2", None, 10));
         assert_eq!(carrier(&c).unwrap().network, "zzz-prio");
         c.networks = vec![net("none", "", None, 0)];
-        assert!(wanted(&c, Options::default()).is_empty());
+        assert!(wanted(&c, &Options::default()).is_empty());
     }
 }

@@ -114,7 +114,9 @@ impl Nat {
             tracing::info!("{m}: userland only, {why}");
             return Ok(Some(Path::Userland(why.into())));
         }
-        let path = self.ask(|tx| Job::Install(*m, from_dockerd, tx)).await;
+        let path = self
+            .ask(|tx| Job::Install(m.clone(), from_dockerd, tx))
+            .await;
         match path {
             Ok(result) => result.map(Some),
             Err(why) if m.options.nat == Mode::Require => Err(why),
@@ -125,7 +127,9 @@ impl Nat {
     /// Whether dockerd's own rules DNAT `m`'s port (remote clients then reach the
     /// target without passing the listener); false when that cannot be seen.
     pub async fn dockerd_translates(&self, m: &Mapping) -> bool {
-        self.ask(|tx| Job::Dockerd(*m, tx)).await.unwrap_or(false)
+        self.ask(|tx| Job::Dockerd(m.clone(), tx))
+            .await
+            .unwrap_or(false)
     }
 
     /// `m`'s path now: `installed` (what `install` answered), unless the thread has since
@@ -139,7 +143,7 @@ impl Nat {
     /// not wait: the thread removes them in order with whatever is asked next.
     pub fn remove(&self, m: &Mapping, path: Option<&Path>) {
         if matches!(path, Some(Path::Kernel | Path::Dockerd)) {
-            if let Err(e) = self.send(Job::Remove(*m)) {
+            if let Err(e) = self.send(Job::Remove(m.clone())) {
                 tracing::warn!("{m}: kernel NAT not removed: {e}");
             }
         }

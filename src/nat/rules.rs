@@ -388,7 +388,7 @@ mod tests {
     use crate::mapping::parse_publish;
 
     fn rules(spec: &str, hairpin: Option<&str>) -> Vec<String> {
-        let m = parse_publish(spec, Default::default()).unwrap()[0];
+        let m = parse_publish(spec, Default::default()).unwrap()[0].clone();
         for_mapping(&m, hairpin)
             .iter()
             .map(ToString::to_string)
@@ -440,14 +440,15 @@ mod tests {
 
     #[test]
     fn recognises_a_dnat_rule_for_a_port() {
-        let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0].clone();
         let rule = &for_mapping(&m, Some("docker0"))[0];
         let bytes = rule.encode("nat").bytes().to_vec();
         assert!(translates(&bytes, 6, 8080, None));
         assert!(!translates(&bytes, 6, 8081, None), "another port");
         assert!(!translates(&bytes, 17, 8080, None), "another protocol");
         // A rule for one host address covers that address, not every one.
-        let one = parse_publish("192.0.2.7:8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
+        let one = parse_publish("192.0.2.7:8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0]
+            .clone();
         let bytes = attrs_bytes(&for_mapping(&one, None)[1].encode("rproxy"));
         let at = |ip: &str| Some(ip.parse().unwrap());
         assert!(translates(&bytes, 6, 8080, at("192.0.2.7")));
@@ -460,7 +461,7 @@ mod tests {
 
     #[test]
     fn comments_survive_the_userdata_encoding() {
-        let m = parse_publish("8080:172.17.0.2:80", Default::default()).unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80", Default::default()).unwrap()[0].clone();
         let rule = &for_mapping(&m, None)[0];
         let attrs = rule.encode("rproxy");
         let bytes = attrs_bytes(&attrs);

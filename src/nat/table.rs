@@ -130,7 +130,7 @@ impl Table {
             .batch(&msgs)
             .map_err(|e| format!("cannot install kernel NAT for {m}: {}", explain(&e)))?;
         if m.proto == crate::mapping::Proto::Udp {
-            self.udp.push(*m);
+            self.udp.push(m.clone());
         }
         Ok(())
     }

@@ -97,7 +97,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 let result = policy::install(&mut state, &table, &m, from_dockerd, &mut recent);
                 if let Ok(path @ (Path::Kernel | Path::Dockerd)) = &result {
                     if from_dockerd {
-                        lock(&current).insert(m, path.clone());
+                        lock(&current).insert(m.clone(), path.clone());
                         let watch = Watched {
                             path: path.clone(),
                             next: Instant::now() + FIRST_LOOK,
@@ -200,7 +200,7 @@ fn look_again(
                         tracing::warn!(
                             "{m}: dockerd's rule for it is gone and {why}; userland only"
                         );
-                        dropped.push(*m);
+                        dropped.push(m.clone());
                         Path::Userland(why)
                     }
                 }
@@ -211,7 +211,7 @@ fn look_again(
         w.pause = FIRST_LOOK;
         w.next = now + FIRST_LOOK;
         w.path = now_path.clone();
-        lock(current).insert(*m, now_path);
+        lock(current).insert(m.clone(), now_path);
     }
     for m in dropped {
         watched.remove(&m);
