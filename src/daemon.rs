@@ -70,6 +70,10 @@ fn report(s: &Settings) -> String {
             },
         ),
         (
+            "docker allow",
+            crate::control::client::allow_cell(nets(&s.docker_allow).as_deref()),
+        ),
+        (
             "metrics",
             s.metrics_addr
                 .map_or("off".into(), |a| format!("http://{a}/metrics")),
@@ -101,9 +105,17 @@ fn report(s: &Settings) -> String {
             .collect::<Vec<_>>(),
     );
     if !mappings.is_empty() {
-        let mut table = vec![["PROTO", "LISTEN", "TARGET", "ORIGIN", "NAT", "SOCKET_LB"]
-            .map(String::from)
-            .to_vec()];
+        let mut table = vec![[
+            "PROTO",
+            "LISTEN",
+            "TARGET",
+            "ORIGIN",
+            "NAT",
+            "SOCKET_LB",
+            "ALLOW",
+        ]
+        .map(String::from)
+        .to_vec()];
         for (m, origin) in mappings {
             table.push(vec![
                 m.proto.to_string(),
@@ -112,12 +124,20 @@ fn report(s: &Settings) -> String {
                 origin.to_string(),
                 m.options.nat.to_string(),
                 m.options.socket_lb.to_string(),
+                crate::control::client::allow_cell(nets(&m.options.allow).as_deref()),
             ]);
         }
         out.push('\n');
         out.push_str(&crate::control::client::columns(&table));
     }
     out
+}
+
+/// An allow-list's networks as text (None: everyone).
+fn nets(allow: &Option<std::sync::Arc<crate::allow::AllowList>>) -> Option<Vec<String>> {
+    allow
+        .as_ref()
+        .map(|a| a.nets().iter().map(ToString::to_string).collect())
 }
 
 /// Runs the daemon; returns the exit code.
@@ -229,6 +249,7 @@ async fn run(settings: Settings) -> i32 {
         sup.clone(),
         settings.drain,
         settings.defaults.clone(),
+        settings.dockerd_defaults(),
         port_rules.clone(),
     );
     let (initial, adopt) = match (old, handed) {
@@ -408,15 +429,17 @@ fn own_mappings(settings: &Settings) -> Vec<Start> {
 /// serves what dockerd publishes. dockerd not answering delays nothing further.
 async fn follow_dockerd(settings: &Settings, sup: &Supervisor) {
     const FIRST_READ: Duration = Duration::from_secs(10);
-    let Some(engine) = settings.engine.clone().filter(|_| settings.docker_ports) else {
+    let Some(engine) = settings.engine.clone() else {
         return;
     };
+    // dockerd's ports get docker_allow unless their labels say otherwise.
     let follower = crate::follower::Follower::new(
         engine,
         sup.clone(),
         tokio::runtime::Handle::current(),
-        settings.defaults.clone(),
+        settings.dockerd_defaults(),
         settings.drain,
+        settings.docker_ports,
     );
     match follower.spawn() {
         Ok(first) => {

@@ -90,7 +90,7 @@ pub fn plan(
                 });
             }
             ("shim", Some(conn), _) => {
-                let m = one(&spec, options.apply(&settings.defaults)?)?;
+                let m = one(&spec, options.apply(&settings.dockerd_defaults())?)?;
                 let origin = server.shim_origin();
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
@@ -107,7 +107,7 @@ pub fn plan(
             // A container's port this daemon also follows: its follower's first read of
             // dockerd keeps it, or changes it as dockerd says.
             ("docker", _, Some(name)) if settings.docker_ports => {
-                let m = one(&spec, settings.defaults.clone())?;
+                let m = one(&spec, settings.dockerd_defaults())?;
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
                     mapping: m,

@@ -302,6 +302,9 @@ pub struct Row {
     /// paths alone have none).
     #[serde(default = "yes")]
     pub listener: bool,
+    /// Who may reach it from outside the host (absent: everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -330,6 +333,7 @@ pub(crate) fn sample_row() -> Row {
         pid: 8,
         container: "web".into(),
         listener: false,
+        allow: Some(vec!["192.0.2.0/24".into()]),
     }
 }
 

@@ -52,6 +52,8 @@ struct Ctx {
     drain: Duration,
     /// Options of mappings that name none.
     defaults: Options,
+    /// Those of dockerd's ports (shims' registrations): `defaults` with `docker_allow`.
+    dockerd_defaults: Options,
     /// The daemon's own uid, which may change mappings besides root.
     own_uid: u32,
     /// The PROXY protocol of ports shims hand over.
@@ -117,6 +119,7 @@ impl Server {
         sup: Supervisor,
         drain: Duration,
         defaults: Options,
+        dockerd_defaults: Options,
         port_rules: SharedRules,
     ) -> Server {
         Server {
@@ -124,6 +127,7 @@ impl Server {
                 sup,
                 drain,
                 defaults,
+                dockerd_defaults,
                 own_uid: nix::unistd::geteuid().as_raw(),
                 port_rules,
                 next_id: AtomicU64::new(0),
@@ -336,6 +340,12 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
             stats: s.stats.snapshot(),
             pid,
             listener: s.listener,
+            allow: s
+                .mapping
+                .options
+                .allow
+                .as_ref()
+                .map(|a| a.nets().iter().map(ToString::to_string).collect()),
         })
         .collect()
 }
@@ -481,7 +491,7 @@ async fn register(
                     .to_string(),
             );
         }
-        let options = options.apply(&ctx.defaults)?;
+        let options = options.apply(&ctx.dockerd_defaults)?;
         let mut mapping = match parse_publish(spec, options)?.as_slice() {
             [m] => m.clone(),
             _ => return Err("register takes exactly one port".to_string()),

@@ -53,6 +53,9 @@ pub struct Follower {
     drain: Duration,
     /// Container ID → what is served for it.
     served: HashMap<String, Served>,
+    /// Serve the containers' ports (`--docker-ports`); else only give the ports shims
+    /// handed over the lists their containers' labels ask for.
+    serve_ports: bool,
 }
 
 /// What is served for one container.
@@ -65,13 +68,14 @@ struct Served {
 
 impl Follower {
     /// A follower of dockerd at `engine`, starting mappings with `options` on `sup` (whose
-    /// runtime `runtime` is).
+    /// runtime `runtime` is) when `serve_ports`, else only labelling shims' ports.
     pub fn new(
         engine: Engine,
         sup: Supervisor,
         runtime: Handle,
         options: Options,
         drain: Duration,
+        serve_ports: bool,
     ) -> Follower {
         Follower {
             engine,
@@ -80,6 +84,7 @@ impl Follower {
             options,
             drain,
             served: HashMap::new(),
+            serve_ports,
         }
     }
 
@@ -111,13 +116,21 @@ impl Follower {
                 Ok(events) => events,
                 Err(e) => {
                     if !told {
-                        tracing::warn!(
-                            "docker ports: dockerd's API at {} does not answer ({}); its \
-                             published ports are served as dockerd alone serves them until it \
-                             does (retrying)",
-                            self.engine.socket().display(),
-                            describe(&e)
-                        );
+                        let at = self.engine.socket().display();
+                        let why = describe(&e);
+                        // Without --docker-ports it matters only if containers have labels.
+                        match self.serve_ports {
+                            true => tracing::warn!(
+                                "docker ports: dockerd's API at {at} does not answer ({why}); \
+                                 its published ports are served as dockerd alone serves them \
+                                 until it does (retrying)"
+                            ),
+                            false => tracing::info!(
+                                "docker labels: dockerd's API at {at} does not answer ({why}); \
+                                 ports its proxies hand over get the daemon's own allow-list \
+                                 until it does"
+                            ),
+                        }
                         told = true;
                     }
                     self.sleep(pause);
@@ -265,7 +278,15 @@ impl Follower {
     /// Makes what is served for container `id` what `container` (None: it is gone)
     /// publishes, in one change; returns how many mappings it has now.
     fn serve(&mut self, id: &str, container: Option<&Container>) -> usize {
-        let wanted = container.map_or_else(Vec::new, |c| wanted(c, &self.options));
+        let mut bad = Vec::new();
+        let wanted = container.map_or_else(Vec::new, |c| wanted(c, &self.options, &mut bad));
+        for problem in bad {
+            let name = container.map_or("", |c| c.name.as_str());
+            tracing::warn!(
+                "docker ports: container {name}: {problem}; its ports get the daemon's own list \
+                 (docker_allow)"
+            );
+        }
         let origin = Origin::Container(Arc::from(container.map_or("", |c| c.name.as_str())));
         let had = self
             .served
@@ -276,8 +297,9 @@ impl Follower {
         // Asked only when a port is new to the daemon.
         let proxied = || engine.pid().map(proxies::served).unwrap_or_default();
         let mut kept = BTreeSet::new();
+        let serve_ports = self.serve_ports;
         let planned = self.change(|current| {
-            let plan = plan(&wanted, &origin, &had, current, proxied);
+            let plan = plan(&wanted, &origin, &had, current, serve_ports, proxied);
             kept = plan.serves;
             Ok(plan.change)
         });
@@ -331,6 +353,7 @@ fn plan(
     origin: &Origin,
     had: &BTreeSet<Key>,
     current: &std::collections::BTreeMap<Key, Current>,
+    serve_ports: bool,
     proxied: impl Fn() -> BTreeSet<Key>,
 ) -> Plan {
     let mut change = Change::default();
@@ -361,6 +384,21 @@ fn plan(
                     false => Listener::None,
                 }
             }
+            // A shim's registration: the shim serves it, but the container's labels say who
+            // may reach it (the registration got the daemon's own list meanwhile).
+            Some(c) if matches!(c.origin, Origin::Shim(_)) => {
+                if c.mapping.options.allow != w.mapping.options.allow {
+                    let mut relabelled = c.mapping.clone();
+                    relabelled.options.allow = w.mapping.options.allow.clone();
+                    change.stop.push(k);
+                    change.start.push(Start {
+                        mapping: relabelled,
+                        listener: Listener::Bind,
+                        origin: c.origin.clone(),
+                    });
+                }
+                continue;
+            }
             Some(c) => {
                 tracing::debug!(
                     "docker ports: {} is served already ({}); leaving it",
@@ -369,6 +407,7 @@ fn plan(
                 );
                 continue;
             }
+            None if !serve_ports => continue,
             None => {
                 let held = held.get_or_insert_with(&proxied);
                 if held.contains(&k) {
