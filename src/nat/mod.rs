@@ -3,6 +3,9 @@
 //! not or cannot: loopback clients, hairpin traffic from the target's own network, IPv6
 //! clients of an IPv4 target.
 //!
+//! The same table holds the mappings' allow-lists (`Nat::set_allow`, see `filter`): a filter
+//! chain ahead of every DNAT, rproxy's and dockerd's alike, whatever a mapping's NAT mode.
+//!
 //! Ownership: the table is created with NFT_TABLE_F_OWNER, so it belongs to this process's
 //! netlink socket and the kernel deletes it when the process exits, even by SIGKILL. Tables
 //! that kernels without the owner flag (before 5.12) leave behind are swept at start-up: only
