@@ -3,6 +3,9 @@
 //! not or cannot: loopback clients, hairpin traffic from the target's own network, IPv6
 //! clients of an IPv4 target.
 //!
+//! The same table holds the mappings' allow-lists (`Nat::set_allow`, see `filter`): a filter
+//! chain ahead of every DNAT, rproxy's and dockerd's alike, whatever a mapping's NAT mode.
+//!
 //! Ownership: the table is created with NFT_TABLE_F_OWNER, so it belongs to this process's
 //! netlink socket and the kernel deletes it when the process exits, even by SIGKILL. Tables
 //! that kernels without the owner flag (before 5.12) leave behind are swept at start-up: only
@@ -10,6 +13,7 @@
 
 mod conntrack;
 mod dockerd;
+mod filter;
 mod netlink;
 mod policy;
 mod route;
@@ -24,6 +28,7 @@ use std::sync::{mpsc, Mutex};
 use tokio::sync::oneshot;
 use worker::Job;
 
+use crate::allow::AllowList;
 use crate::mapping::Mapping;
 use crate::options::Mode;
 
@@ -161,6 +166,32 @@ impl Nat {
             return HashMap::new();
         }
         self.ask(Job::Counters).await.unwrap_or_default()
+    }
+
+    /// Keeps `allow` as the filter of `m`'s published address and port (None: no filter):
+    /// new connections and datagrams to it from sources outside the list are dropped in
+    /// prerouting, ahead of any DNAT — rproxy's or dockerd's — whatever `m`'s NAT mode; the
+    /// host's own processes (arriving through loopback) are never judged. One netlink batch:
+    /// a change is atomic. Opens the table (and starts the thread) if needed; Err when the
+    /// kernel refuses it. The filter is `m`'s alone: `install` and `remove` leave it be, so
+    /// a mapping that goes takes it away with `set_allow(m, None)`.
+    pub async fn set_allow(&self, m: &Mapping, allow: Option<&AllowList>) -> Result<(), String> {
+        let allow = allow.cloned();
+        self.ask(|tx| Job::Allow(*m, allow, tx)).await?
+    }
+
+    /// Packets each mapping's filter dropped, by `Mapping::spec()`: one dump; nothing at all
+    /// when the thread never started.
+    pub async fn denied(&self) -> HashMap<String, u64> {
+        if self
+            .worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return HashMap::new();
+        }
+        self.ask(Job::Denied).await.unwrap_or_default()
     }
 
     /// Deletes the table (every rule at once) and ends the thread; a later install starts

@@ -269,7 +269,7 @@ pub fn translates(rule: &[u8], proto: u8, port: u16, daddr: Option<IpAddr>) -> b
     proto_ok && port_ok && nat && covered
 }
 
-fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
+pub(super) fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
     list.nest(NFTA_LIST_ELEM, |e| {
         e.str(NFTA_EXPR_NAME, name).nest(NFTA_EXPR_DATA, data);
     });
@@ -283,14 +283,14 @@ fn meta(list: &mut Attrs, key: u32) {
 }
 
 /// payload BASE OFFSET LEN → reg 1 (base 1 = network header, 2 = transport header).
-fn payload(list: &mut Attrs, base: u32, offset: u32, len: u32) {
+pub(super) fn payload(list: &mut Attrs, base: u32, offset: u32, len: u32) {
     expr(list, "payload", |d| {
         d.u32(1, NFT_REG_1).u32(2, base).u32(3, offset).u32(4, len);
     });
 }
 
 /// reg 1 == value (or !=).
-fn cmp(list: &mut Attrs, equal: bool, value: &[u8]) {
+pub(super) fn cmp(list: &mut Attrs, equal: bool, value: &[u8]) {
     expr(list, "cmp", |d| {
         d.u32(1, NFT_REG_1) // NFTA_CMP_SREG
             .u32(2, if equal { 0 } else { 1 }) // NFTA_CMP_OP: NFT_CMP_EQ / NEQ
@@ -315,7 +315,7 @@ fn daddr(list: &mut Attrs, v6: bool) {
     }
 }
 
-fn encode_match(list: &mut Attrs, m: &Match) {
+pub(super) fn encode_match(list: &mut Attrs, m: &Match) {
     const NFT_META_IIFNAME: u32 = 6;
     const NFT_META_NFPROTO: u32 = 15;
     const NFT_META_L4PROTO: u32 = 16;
