@@ -163,7 +163,7 @@ fn prepare(topo: &Topo, case: Case) -> Result<(Nat, Duration), String> {
                 nat: Mode::Require,
                 ..Options::default()
             };
-            let mapping = |spec: &str| parse_publish(spec, options).map(|m| m[0]);
+            let mapping = |spec: &str| parse_publish(spec, options.clone()).map(|m| m[0].clone());
             let measured = mapping(&format!("8080:{TARGET_IP}:80/tcp"))?;
             nat.install(&measured, false).await?;
             let start = Instant::now();

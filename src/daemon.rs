@@ -71,7 +71,10 @@ fn report(s: &Settings) -> String {
         ),
         (
             "docker allow",
-            crate::control::client::allow_cell(nets(&s.docker_allow).as_deref()),
+            match &s.docker_allow {
+                None => "everyone".into(),
+                list => crate::control::client::allow_cell(nets(list).as_deref()),
+            },
         ),
         (
             "metrics",

@@ -168,6 +168,8 @@ struct Running {
     path: Option<Path>,
     /// Started with its NAT held (see [`Supervisor::hold_nat`]): rules still to install.
     nat_held: bool,
+    /// Its allow-list's filter waits for the same (see [`Filter::Held`]).
+    filter_held: bool,
     socket_lb: Option<bpf::Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
@@ -208,10 +210,23 @@ struct Prepared {
     nat_held: bool,
     /// The rules are the replaced mapping's, kept: it must not remove them.
     inherited_rules: bool,
+    /// Its allow-list's filter in the kernel.
+    filter: Filter,
     socket_lb: Option<bpf::Path>,
     /// The mapping this one replaces on the same address, whose hook entry it overwrote.
     replaces: Option<(Mapping, Option<bpf::Path>)>,
     socket: Option<Socket>,
+}
+
+/// Where a mapping's allow-list stands in the kernel (its filter ahead of any DNAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    /// No list, so no filter.
+    None,
+    /// Installed.
+    Installed,
+    /// To install once a previous daemon's table is gone (see [`Supervisor::hold_nat`]).
+    Held,
 }
 
 /// What a kernel path (`what`, in `mode`) does for a mapping whose backend gets a PROXY
@@ -318,13 +333,34 @@ impl Supervisor {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     for p in prepared {
-                        self.undo(&p);
+                        self.undo(&p).await;
                     }
                     return Err(e);
                 }
             }
         }
-        Ok(self.commit(change.stop, prepared, drain))
+        // The kernel's filters of stopped mappings that no start takes over (a start with
+        // the same spec wrote its own list over theirs already).
+        let refiltered: BTreeSet<String> = prepared
+            .iter()
+            .filter(|p| p.filter != Filter::None)
+            .map(|p| p.mapping.spec())
+            .collect();
+        let unfilter: Vec<Mapping> = change
+            .stop
+            .iter()
+            .filter_map(|k| current.get(k))
+            .filter(|c| c.mapping.options.allow.is_some())
+            .filter(|c| !refiltered.contains(&c.mapping.spec()))
+            .map(|c| c.mapping.clone())
+            .collect();
+        let started = self.commit(change.stop, prepared, drain);
+        for m in unfilter {
+            if let Err(e) = self.inner.nat.set_allow(&m, None).await {
+                tracing::warn!("{m}: allow-list filter not removed: {e}");
+            }
+        }
+        Ok(started)
     }
 
     /// Everything a start needs that can fail: its socket, registered with the runtime, and
@@ -382,6 +418,21 @@ impl Supervisor {
                 mapping.target
             );
         }
+        // The allow-list's filter before any DNAT rule: no remote client reaches the target
+        // unjudged. Refused by the kernel, the mapping does not start: the listener alone
+        // could not hold the list against dockerd's DNAT.
+        let filter = match &mapping.options.allow {
+            None => Filter::None,
+            Some(_) if self.inner.nat_held.load(Ordering::Relaxed) => Filter::Held,
+            Some(list) => {
+                self.inner
+                    .nat
+                    .set_allow(&mapping, Some(list))
+                    .await
+                    .map_err(|e| format!("{mapping}: allow-list filter: {e}"))?;
+                Filter::Installed
+            }
+        };
         // Replaced by the same rules (only the NAT mode or other options changed): keep them.
         let old = current.get(&k).filter(|_| stopping.contains(&k));
         let inherit = !header
@@ -414,6 +465,7 @@ impl Supervisor {
             path,
             nat_held,
             inherited_rules: inherit,
+            filter,
             socket_lb: None,
             replaces,
             socket: copy,
@@ -425,18 +477,33 @@ impl Supervisor {
         match self.inner.socket_lb.publish(&mapping) {
             Ok(p) => prepared.socket_lb = p,
             Err(e) => {
-                self.undo(&prepared);
+                self.undo(&prepared).await;
                 return Err(e);
             }
         }
         Ok(prepared)
     }
 
-    /// Takes back what preparing `p` did to the kernel: its NAT rules, its hook entry (the
-    /// replaced mapping's written back).
-    fn undo(&self, p: &Prepared) {
+    /// Takes back what preparing `p` did to the kernel: its NAT rules, its allow-list's
+    /// filter and its hook entry (the replaced mapping's written back).
+    async fn undo(&self, p: &Prepared) {
         if !p.inherited_rules {
             self.inner.nat.remove(&p.mapping, p.path.as_ref());
+        }
+        if p.filter == Filter::Installed {
+            // The replaced mapping's list, when it had the same spec (so the same filter).
+            let old = p
+                .replaces
+                .as_ref()
+                .map(|(old, _)| old)
+                .filter(|old| old.spec() == p.mapping.spec());
+            let (m, list) = match old {
+                Some(old) => (old, old.options.allow.as_deref()),
+                None => (&p.mapping, None),
+            };
+            if let Err(e) = self.inner.nat.set_allow(m, list).await {
+                tracing::warn!("{m}: allow-list filter not restored: {e}");
+            }
         }
         self.inner
             .socket_lb
@@ -513,6 +580,7 @@ impl Supervisor {
                         origin: p.origin,
                         path: p.path,
                         nat_held: p.nat_held,
+                        filter_held: p.filter == Filter::Held,
                         socket_lb: p.socket_lb,
                         stats,
                         stop: handle,
@@ -653,6 +721,22 @@ impl Supervisor {
     pub async fn release_nat(&self) {
         let _one_at_a_time = self.inner.changes.lock().await;
         self.inner.nat_held.store(false, Ordering::Relaxed);
+        // The allow-lists' filters first: no DNAT rule of ours without its filter.
+        let filters: Vec<(Key, Mapping)> = self
+            .running()
+            .iter()
+            .filter(|(_, r)| r.filter_held)
+            .map(|(k, r)| (*k, r.mapping.clone()))
+            .collect();
+        for (k, mapping) in filters {
+            let list = mapping.options.allow.as_deref();
+            if let Err(e) = self.inner.nat.set_allow(&mapping, list).await {
+                tracing::error!("{mapping}: no allow-list filter after the takeover: {e}");
+            }
+            if let Some(r) = self.running().get_mut(&k) {
+                r.filter_held = false;
+            }
+        }
         let held: Vec<(Key, Mapping, Origin)> = self
             .running()
             .iter()
@@ -688,6 +772,19 @@ impl Supervisor {
                 listener: r.socket.is_some(),
             })
             .collect()
+    }
+
+    /// Packets each mapping's allow-list filter dropped in the kernel, by spec; asks the
+    /// kernel only when some mapping has a list.
+    pub async fn kernel_denied(
+        &self,
+        statuses: &[Status],
+    ) -> std::collections::HashMap<String, u64> {
+        if statuses.iter().any(|s| s.mapping.options.allow.is_some()) {
+            self.inner.nat.denied().await
+        } else {
+            Default::default()
+        }
     }
 
     /// Connections each mapping's kernel rules translated, by spec; asks the kernel only when

@@ -303,7 +303,7 @@ fn helper_holds_the_table() {
     };
     for line in std::io::stdin().lock().lines().map_while(Result::ok) {
         let words: Vec<&str> = line.split_whitespace().collect();
-        let mapping = |spec: &str| parse_publish(spec, options).map(|m| m[0]);
+        let mapping = |spec: &str| parse_publish(spec, options.clone()).map(|m| m[0].clone());
         let reply: Result<String, String> = rt.block_on(async {
             match words.as_slice() {
                 ["install", spec] => {
@@ -642,4 +642,174 @@ fn a_list_swapped_under_load_never_lets_an_outsider_in_nor_refuses_an_insider() 
     assert_eq!((a_failed, b_in), (0, 0));
     assert_eq!(holder.denied()[&spec_of(&tcp4)], b_tried);
     assert_eq!(holder.counts("connections")[&spec_of(&tcp4)], a_ok);
+}
+
+/// The daemon end to end, in the "host" namespace: mappings of its config file with
+/// allow-lists — one through rproxy's own DNAT, one served by its listener alone, one UDP —
+/// let A in and not B, and the
+/// host's own processes always; `ls --json` shows the lists and counts the refusals; SIGHUP
+/// swaps the lists whole; SIGKILL takes the filters away with the table.
+#[test]
+fn the_daemon_holds_each_mappings_list_on_every_path() {
+    if !need_root("the_daemon_holds_each_mappings_list_on_every_path") {
+        return;
+    }
+    let t = Topo::new("ald");
+    let dir = common::Dir::new("allow-daemon");
+    let config = dir.0.join("rproxy.toml");
+    let write = |nets: &str| {
+        let list = format!("[\"{nets}\"]");
+        let text = format!(
+            "[[mapping]]\npublish = \"9080:{TARGET}:80\"\nnat = \"on\"\nallow = {list}\n\
+             [[mapping]]\npublish = \"9081:{TARGET}:80\"\nallow = {list}\n\
+             [[mapping]]\npublish = \"9053:{TARGET}:53/udp\"\nallow = {list}\n"
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write("10.71.2.0/24");
+    let sock = dir.sock();
+    let mut daemon = common::Spawn::new(&[
+        "daemon",
+        "--control-socket",
+        sock.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .wrap(&["ip", "netns", "exec", &t.host.name])
+    .no_status_pipe()
+    .spawn();
+    daemon.wait_log("daemon ready", Duration::from_secs(10));
+
+    // rproxy's DNAT keeps the client's address; the listener dials from the bridge.
+    assert_eq!(tcp_who(&t.a, &at(HOST_A, 9080), LONG).as_deref(), Some(A));
+    assert_eq!(
+        tcp_who(&t.a, &at(HOST_A, 9081), LONG).as_deref(),
+        Some(BRIDGE)
+    );
+    assert_eq!(udp_who(&t.a, &at(HOST_A, 9053), 6).as_deref(), Some(BRIDGE));
+    for port in [9080, 9081] {
+        for _ in 0..2 {
+            assert_eq!(
+                tcp_who(&t.b, &at(HOST_B, port), ONE_SYN),
+                None,
+                "B on {port}"
+            );
+        }
+    }
+    assert_eq!(udp_who(&t.b, &at(HOST_B, 9053), 2), None);
+    // The host itself, on loopback and on a host address, always.
+    assert_eq!(
+        tcp_who(&t.host, "127.0.0.1:9081", LONG).as_deref(),
+        Some(BRIDGE)
+    );
+    assert_eq!(
+        tcp_who(&t.host, &at(HOST_B, 9081), LONG).as_deref(),
+        Some(BRIDGE)
+    );
+
+    let rows = |dir: &common::Dir| -> Vec<serde_json::Value> {
+        let (code, out, err) = common::cli(dir, &["ls", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    for r in rows(&dir) {
+        assert_eq!(r["allow"], serde_json::json!(["10.71.2.0/24"]), "{r}");
+        assert!(
+            r["denied"].as_u64().unwrap() >= 2,
+            "refusals not counted: {r}"
+        );
+    }
+    let (_, table, _) = common::cli(&dir, &["ls"]);
+    assert!(
+        table.contains("ALLOW") && table.contains("10.71.2.0/24"),
+        "{table}"
+    );
+
+    // SIGHUP with B's network instead: one change, B in, A out.
+    write("10.71.3.0/24");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_log("reloaded", Duration::from_secs(10));
+    assert_eq!(tcp_who(&t.b, &at(HOST_B, 9080), LONG).as_deref(), Some(B));
+    assert_eq!(
+        tcp_who(&t.b, &at(HOST_B, 9081), LONG).as_deref(),
+        Some(BRIDGE)
+    );
+    assert_eq!(tcp_who(&t.a, &at(HOST_A, 9080), ONE_SYN), None);
+    assert_eq!(udp_who(&t.a, &at(HOST_A, 9053), 2), None);
+
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5));
+    wait_until("the table to go", Duration::from_secs(5), || {
+        !t.nft("list tables").contains("inet rproxy")
+    });
+}
+
+/// The listener's own check, alone (no kernel filter in front of it): a client outside the
+/// list is reset at accept and its datagrams dropped before a flow is made, counted; a
+/// client on the list is relayed.
+#[test]
+fn the_listener_refuses_clients_outside_the_list_by_itself() {
+    if !need_root("the_listener_refuses_clients_outside_the_list_by_itself") {
+        return;
+    }
+    use rproxy::allow::AllowList;
+    use rproxy::stats::Stats;
+    use rproxy::stop::Stop;
+    let t = Topo::new("all");
+    let allow = Some(Arc::new(AllowList::parse(&["10.71.2.0/24"]).unwrap()));
+    let stats = (Arc::new(Stats::default()), Arc::new(Stats::default()));
+    let (handle, stop) = Stop::new();
+    let (tcp_config, udp_config) = (
+        rproxy::tcp::Config {
+            connect_timeout: Duration::from_secs(3),
+            splice: true,
+            proxy_protocol: rproxy::proxy_protocol::Version::Off,
+            allow: allow.clone(),
+        },
+        rproxy::udp::Config {
+            idle_timeout: Duration::from_secs(30),
+            max_flows: 100,
+            allow,
+        },
+    );
+    let ns = format!("/var/run/netns/{}", t.host.name);
+    let (tcp_stats, udp_stats) = stats.clone();
+    let served = std::thread::spawn(move || {
+        let file = std::fs::File::open(ns).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpListener::bind("0.0.0.0:9180").await.unwrap();
+            let udp = tokio::net::UdpSocket::bind("0.0.0.0:9153").await.unwrap();
+            let target = |port: u16| SocketAddr::new(TARGET.parse().unwrap(), port);
+            tokio::join!(
+                rproxy::tcp::serve(tcp, target(80), tcp_config, tcp_stats, stop.clone()),
+                rproxy::udp::serve(udp, target(53), udp_config, udp_stats, stop),
+            );
+        });
+    });
+    wait_until("the listener", Duration::from_secs(5), || {
+        tcp_who(&t.a, &at(HOST_A, 9180), LONG).as_deref() == Some(BRIDGE)
+    });
+    // B's connection is made (no kernel filter) and reset at once: nothing relayed.
+    let b = tcp_who(&t.b, &at(HOST_B, 9180), LONG);
+    assert!(
+        b.is_none() || b.as_deref() == Some(""),
+        "B was relayed: {b:?}"
+    );
+    assert_eq!(udp_who(&t.a, &at(HOST_A, 9153), 6).as_deref(), Some(BRIDGE));
+    assert_eq!(udp_who(&t.b, &at(HOST_B, 9153), 3), None);
+    let denied = |s: &Stats| s.denied.load(Relaxed);
+    assert_eq!(denied(&stats.0), 1, "TCP refusals");
+    assert_eq!(denied(&stats.1), 3, "UDP refusals");
+    assert_eq!(
+        stats.0.total.load(Relaxed),
+        1,
+        "only A's connection was relayed"
+    );
+    handle.stop(Duration::ZERO);
+    served.join().unwrap();
 }

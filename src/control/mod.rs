@@ -305,6 +305,10 @@ pub struct Row {
     /// Who may reach it from outside the host (absent: everyone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<String>>,
+    /// Clients its allow-list refused: connections and datagrams at the listener, packets
+    /// in the kernel.
+    #[serde(default)]
+    pub denied: u64,
 }
 
 fn yes() -> bool {
@@ -334,6 +338,7 @@ pub(crate) fn sample_row() -> Row {
         container: "web".into(),
         listener: false,
         allow: Some(vec!["192.0.2.0/24".into()]),
+        denied: 9,
     }
 }
 

@@ -322,9 +322,12 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
     let pid = std::process::id();
     let statuses = sup.statuses();
     let kernel = sup.kernel_connections(&statuses).await;
+    let denied = sup.kernel_denied(&statuses).await;
     statuses
         .into_iter()
         .map(|s| Row {
+            denied: s.stats.denied.load(std::sync::atomic::Ordering::Relaxed)
+                + denied.get(&s.mapping.spec()).copied().unwrap_or(0),
             nat: s.path.as_ref().map_or("-", |p| p.label()).into(),
             kernel_connections: kernel.get(&s.mapping.spec()).copied().unwrap_or(0),
             socket: s.socket_lb.as_ref().map_or("-", |p| p.label()).into(),

@@ -519,7 +519,7 @@ mod tests {
         ];
         // A shim registered the IPv6 one: it stays the shim's.
         let now = current(&[("[::]:8080:[fd00::2]:80", Origin::Shim(1), true)]);
-        let p = plan(&wanted, &web(), &BTreeSet::new(), &now, BTreeSet::new);
+        let p = plan(&wanted, &web(), &BTreeSet::new(), &now, true, BTreeSet::new);
         assert_eq!(
             summary(&p),
             (
@@ -534,7 +534,14 @@ mod tests {
     fn a_port_dockerds_proxy_serves_is_left_alone() {
         let wanted = [listed("0.0.0.0:8080:172.17.0.2:80")];
         let proxied = || BTreeSet::from([key(&mapping("0.0.0.0:8080:1.1.1.1:1"))]);
-        let p = plan(&wanted, &web(), &BTreeSet::new(), &BTreeMap::new(), proxied);
+        let p = plan(
+            &wanted,
+            &web(),
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            true,
+            proxied,
+        );
         assert_eq!(summary(&p), (vec![], vec![]));
         assert!(p.serves.is_empty());
     }
@@ -551,7 +558,7 @@ mod tests {
         let had: BTreeSet<Key> = now.keys().copied().collect();
         // The container restarted with a new address; port 9 is no longer published.
         let wanted = [listed(same), listed("[::]:8080:172.17.0.3:80")];
-        let p = plan(&wanted, &web(), &had, &now, || {
+        let p = plan(&wanted, &web(), &had, &now, true, || {
             panic!("no new port: no need to ask")
         });
         let (starts, mut stops) = summary(&p);
@@ -574,7 +581,7 @@ mod tests {
             ("0.0.0.0:8081:172.17.0.2:81", Origin::Shim(3), true),
         ]);
         let had: BTreeSet<Key> = now.keys().copied().collect();
-        let p = plan(&[], &web(), &had, &now, BTreeSet::new);
+        let p = plan(&[], &web(), &had, &now, true, BTreeSet::new);
         assert_eq!(
             summary(&p),
             (vec![], vec![key(&mapping("0.0.0.0:8080:1.1.1.1:1"))])

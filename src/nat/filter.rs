@@ -605,7 +605,7 @@ mod tests {
     use crate::mapping::parse_publish;
 
     fn mapping(spec: &str) -> Mapping {
-        parse_publish(spec, Default::default()).unwrap()[0]
+        parse_publish(spec, Default::default()).unwrap()[0].clone()
     }
 
     fn list(entries: &[&str]) -> AllowList {

@@ -177,7 +177,7 @@ impl Nat {
     /// a mapping that goes takes it away with `set_allow(m, None)`.
     pub async fn set_allow(&self, m: &Mapping, allow: Option<&AllowList>) -> Result<(), String> {
         let allow = allow.cloned();
-        self.ask(|tx| Job::Allow(*m, allow, tx)).await?
+        self.ask(|tx| Job::Allow(m.clone(), allow, tx)).await?
     }
 
     /// Packets each mapping's filter dropped, by `Mapping::spec()`: one dump; nothing at all
