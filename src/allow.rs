@@ -59,6 +59,12 @@ impl AllowList {
         self.nets.iter().any(|n| n.contains(&ip))
     }
 
+    /// Whether a client at `ip` gets in: one the list permits, or a process of the host
+    /// itself (loopback, or one of the host's addresses), which every path lets through.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        self.permits(ip) || crate::interfaces::is_local(ip)
+    }
+
     /// The networks, sorted.
     pub fn nets(&self) -> &[IpNet] {
         &self.nets

@@ -97,6 +97,10 @@ pub enum Command {
         /// it (nginx: `listen … proxy_protocol`, HAProxy: `accept-proxy`).
         #[arg(long, value_name = "VERSION")]
         proxy_protocol: Option<Version>,
+        /// Who may reach it from outside the host: a CIDR or an address (repeatable; default
+        /// everyone). Processes of the host itself always may.
+        #[arg(long = "allow", value_name = "CIDR", value_parser = network)]
+        allow: Vec<String>,
     },
     /// Remove a mapping from the running daemon (same spec as `add`).
     Rm {
@@ -106,6 +110,13 @@ pub enum Command {
         #[arg(long, value_name = "PATH", value_hint = clap::ValueHint::FilePath)]
         control_socket: Option<PathBuf>,
     },
+}
+
+/// One `--allow` entry, checked where it is typed (a bad one exits 2 with usage).
+fn network(entry: &str) -> Result<String, String> {
+    crate::allow::AllowList::parse(&[entry])
+        .map(|_| entry.to_string())
+        .map_err(|e| e.why)
 }
 
 /// clap's definition of the command line, for help, the man page and completions.

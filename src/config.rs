@@ -5,10 +5,12 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::allow::AllowList;
 use crate::control;
 use crate::engine::{self, Engine};
 use crate::env::Env;
@@ -28,6 +30,10 @@ pub struct Args {
     /// IPv6 addresses in brackets; ranges map one to one).
     #[arg(long = "publish", short = 'p', value_name = "SPEC")]
     publish: Vec<String>,
+    /// Who may reach the --publish mappings from outside the host: a CIDR or an address
+    /// (repeatable; default everyone). Processes of the host itself always may.
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<String>,
     /// TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present);
     /// re-read on SIGHUP.
     #[arg(long, value_name = "FILE", value_hint = clap::ValueHint::FilePath)]
@@ -162,6 +168,14 @@ pub const KEYS: &[Key] = &[
                   --docker-ports wins.",
     },
     Key {
+        name: "docker_allow",
+        value: "array of strings",
+        meaning: "Who may reach dockerd's published ports from outside the host (CIDRs or \
+                  addresses) unless a container's rproxy.allow labels say otherwise; absent: \
+                  everyone. An empty list closes them to every remote client; the host's own \
+                  processes always get through.",
+    },
+    Key {
         name: "proxy_protocol",
         value: "array of tables",
         meaning: "PROXY protocol headers for TCP ports docker-mode processes hand over, by \
@@ -186,6 +200,13 @@ pub const MAPPING_KEYS: &[Key] = &[
         name: "socket_lb",
         value: "\"off\" | \"on\" | \"require\"",
         meaning: "This mapping's socket-hook mode, over the file's and the command line's.",
+    },
+    Key {
+        name: "allow",
+        value: "array of strings",
+        meaning: "Who may reach it from outside the host: CIDRs or addresses (absent: \
+                  everyone; [] no one). Enforced by the listener, the kernel (ahead of any \
+                  DNAT) and the socket hooks; the host's own processes always get through.",
     },
     Key {
         name: "proxy_protocol",
@@ -219,6 +240,8 @@ struct ConfigFile {
     docker_host: Option<String>,
     /// Serve dockerd's published ports (`--docker-ports` wins).
     docker_ports: Option<bool>,
+    /// Who may reach dockerd's ports unless their container's labels say otherwise.
+    docker_allow: Option<toml::Spanned<Vec<String>>>,
     /// The PROXY protocol for TCP ports dockerd hands over, by host port:
     /// `[[proxy_protocol]] ports = "8000-8100" version = "v2"`.
     #[serde(default)]
@@ -233,6 +256,8 @@ struct MappingEntry {
     socket_lb: Option<toml::Spanned<String>>,
     /// `"v1"`, `"v2"` or `"off"` (the default).
     proxy_protocol: Option<toml::Spanned<String>>,
+    /// Its allow-list.
+    allow: Option<toml::Spanned<Vec<String>>>,
 }
 
 /// One `[[proxy_protocol]]` table.
@@ -313,6 +338,9 @@ pub struct Settings {
     pub engine: Option<Engine>,
     /// Serve the published ports of dockerd's containers.
     pub docker_ports: bool,
+    /// Who may reach dockerd's ports unless their container's labels say otherwise (None:
+    /// everyone).
+    pub docker_allow: Option<Arc<AllowList>>,
     /// `--takeover`: start from the running daemon's sockets.
     pub takeover: bool,
     /// The config file's `[[proxy_protocol]]` rules for ports shims hand over.
@@ -331,7 +359,7 @@ impl Settings {
     /// Resolves flags, config file and environment; every problem is reported at once.
     pub fn load(args: &Args, env: &Env) -> Result<Settings, Vec<String>> {
         let mut errors = Vec::new();
-        let base = match env.overrides.apply(Options::default()) {
+        let base = match env.overrides.apply(&Options::default()) {
             Ok(o) => o,
             Err(e) => {
                 errors.push(e);
@@ -357,7 +385,7 @@ impl Settings {
                 .map_err(|_| "must be HOST:PORT (e.g. 127.0.0.1:9464)".to_string())
         });
         let file = match &config_path {
-            Some(path) => read(path, base, flags).unwrap_or_else(|mut e| {
+            Some(path) => read(path, base.clone(), flags).unwrap_or_else(|mut e| {
                 errors.append(&mut e);
                 Loaded::default()
             }),
@@ -368,10 +396,17 @@ impl Settings {
         let docker_ports = args.docker_ports || file.docker_ports.unwrap_or(false);
         let defaults = file
             .defaults
-            .unwrap_or(flags.over(flags.base(base, docker_ports)));
+            .unwrap_or(flags.over(flags.base(base.clone(), docker_ports)));
         let mut publish = Vec::new();
+        let mut own = defaults.clone();
+        if !args.allow.is_empty() {
+            match AllowList::parse(&args.allow) {
+                Ok(list) => own.allow = Some(Arc::new(list)),
+                Err(e) => errors.push(format!("--allow {e}")),
+            }
+        }
         for spec in &args.publish {
-            match parse_publish(spec, defaults) {
+            match parse_publish(spec, own.clone()) {
                 Ok(m) => publish.extend(m),
                 Err(e) => errors.push(format!("--publish {spec:?}: {e}")),
             }
@@ -412,6 +447,7 @@ impl Settings {
         Ok(Settings {
             engine,
             docker_ports,
+            docker_allow: file.docker_allow,
             publish,
             config,
             config_path,
@@ -422,7 +458,7 @@ impl Settings {
                     .or(env.socket.clone()),
             ),
             drain,
-            defaults,
+            defaults: defaults.clone(),
             base,
             flags,
             metrics_addr: metrics_flag.or(file.metrics_addr).or(env.metrics_addr),
@@ -432,11 +468,21 @@ impl Settings {
         })
     }
 
+    /// The options of dockerd's ports (shims' registrations, `--docker-ports`): the defaults,
+    /// with `docker_allow` when it is set.
+    pub fn dockerd_defaults(&self) -> Options {
+        let mut options = self.defaults.clone();
+        if self.docker_allow.is_some() {
+            options.allow = self.docker_allow.clone();
+        }
+        options
+    }
+
     /// Reads the config file again (SIGHUP): its mappings, resolved as at start-up, and its
     /// rules for handed-over ports.
     pub fn reread(&self) -> Result<Reread, Vec<String>> {
         match &self.config_path {
-            Some(path) => read(path, self.base, self.flags).map(|l| Reread {
+            Some(path) => read(path, self.base.clone(), self.flags).map(|l| Reread {
                 mappings: l.mappings,
                 port_rules: l.port_rules,
             }),
@@ -475,6 +521,7 @@ struct Loaded {
     metrics_per_port: Option<bool>,
     docker_host: Option<String>,
     docker_ports: Option<bool>,
+    docker_allow: Option<Arc<AllowList>>,
     port_rules: PortRules,
 }
 
@@ -514,8 +561,11 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         ..base
     };
     let defaults = flags.over(file_defaults);
-    let mut entries: Vec<(&toml::Spanned<String>, Options)> =
-        file.publish.iter().map(|spec| (spec, defaults)).collect();
+    let mut entries: Vec<(&toml::Spanned<String>, Options)> = file
+        .publish
+        .iter()
+        .map(|spec| (spec, defaults.clone()))
+        .collect();
     // Their own list: `mode` holds `errors` until the last mapping is resolved.
     let mut pp_errors = Vec::new();
     let mut version = |value: &toml::Spanned<String>| {
@@ -539,15 +589,33 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         let Ok(v) = version(&r.version) else { continue };
         rules.push((r, v));
     }
+    let mut allow_errors = Vec::new();
+    let mut allow_of = |value: &Option<toml::Spanned<Vec<String>>>, what: &str| {
+        let v = value.as_ref()?;
+        AllowList::parse(v.get_ref())
+            .map(Arc::new)
+            .map_err(|e| {
+                allow_errors.push(format!(
+                    "{}:{}: {what}allow {e}",
+                    path.display(),
+                    line_of(v.span().start)
+                ))
+            })
+            .ok()
+    };
     for (e, proxy_protocol) in file.mapping.iter().zip(own_versions) {
+        let what = format!("publish {:?}: ", e.publish.get_ref());
         let own = Options {
             nat: mode(&e.nat, defaults.nat),
             socket_lb: mode(&e.socket_lb, defaults.socket_lb),
             proxy_protocol,
-            ..defaults
+            allow: allow_of(&e.allow, &what).or(defaults.allow.clone()),
+            ..defaults.clone()
         };
         entries.push((&e.publish, own));
     }
+    let docker_allow = allow_of(&file.docker_allow, "docker_");
+    errors.append(&mut allow_errors);
     let port_rules = port_rules(&rules, &mut |at, e| {
         pp_errors.push(format!(
             "{}:{}: proxy_protocol: {e}",
@@ -592,6 +660,7 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         metrics_per_port: file.metrics_per_port,
         docker_host: file.docker_host,
         docker_ports: file.docker_ports,
+        docker_allow,
         port_rules,
     })
 }

@@ -70,6 +70,13 @@ fn report(s: &Settings) -> String {
             },
         ),
         (
+            "docker allow",
+            match &s.docker_allow {
+                None => "everyone".into(),
+                list => crate::control::client::allow_cell(nets(list).as_deref()),
+            },
+        ),
+        (
             "metrics",
             s.metrics_addr
                 .map_or("off".into(), |a| format!("http://{a}/metrics")),
@@ -101,9 +108,17 @@ fn report(s: &Settings) -> String {
             .collect::<Vec<_>>(),
     );
     if !mappings.is_empty() {
-        let mut table = vec![["PROTO", "LISTEN", "TARGET", "ORIGIN", "NAT", "SOCKET_LB"]
-            .map(String::from)
-            .to_vec()];
+        let mut table = vec![[
+            "PROTO",
+            "LISTEN",
+            "TARGET",
+            "ORIGIN",
+            "NAT",
+            "SOCKET_LB",
+            "ALLOW",
+        ]
+        .map(String::from)
+        .to_vec()];
         for (m, origin) in mappings {
             table.push(vec![
                 m.proto.to_string(),
@@ -112,12 +127,20 @@ fn report(s: &Settings) -> String {
                 origin.to_string(),
                 m.options.nat.to_string(),
                 m.options.socket_lb.to_string(),
+                crate::control::client::allow_cell(nets(&m.options.allow).as_deref()),
             ]);
         }
         out.push('\n');
         out.push_str(&crate::control::client::columns(&table));
     }
     out
+}
+
+/// An allow-list's networks as text (None: everyone).
+fn nets(allow: &Option<std::sync::Arc<crate::allow::AllowList>>) -> Option<Vec<String>> {
+    allow
+        .as_ref()
+        .map(|a| a.nets().iter().map(ToString::to_string).collect())
 }
 
 /// Runs the daemon; returns the exit code.
@@ -228,7 +251,8 @@ async fn run(settings: Settings) -> i32 {
     let server = Server::new(
         sup.clone(),
         settings.drain,
-        settings.defaults,
+        settings.defaults.clone(),
+        settings.dockerd_defaults(),
         port_rules.clone(),
     );
     let (initial, adopt) = match (old, handed) {
@@ -395,7 +419,7 @@ fn own_mappings(settings: &Settings) -> Vec<Start> {
     own.iter()
         .flat_map(|(mappings, origin)| {
             mappings.iter().map(|m| Start {
-                mapping: *m,
+                mapping: m.clone(),
                 listener: Listener::Bind,
                 origin: origin.clone(),
             })
@@ -408,15 +432,17 @@ fn own_mappings(settings: &Settings) -> Vec<Start> {
 /// serves what dockerd publishes. dockerd not answering delays nothing further.
 async fn follow_dockerd(settings: &Settings, sup: &Supervisor) {
     const FIRST_READ: Duration = Duration::from_secs(10);
-    let Some(engine) = settings.engine.clone().filter(|_| settings.docker_ports) else {
+    let Some(engine) = settings.engine.clone() else {
         return;
     };
+    // dockerd's ports get docker_allow unless their labels say otherwise.
     let follower = crate::follower::Follower::new(
         engine,
         sup.clone(),
         tokio::runtime::Handle::current(),
-        settings.defaults,
+        settings.dockerd_defaults(),
         settings.drain,
+        settings.docker_ports,
     );
     match follower.spawn() {
         Ok(first) => {
@@ -583,14 +609,14 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
             let running: BTreeSet<Mapping> = current
                 .values()
                 .filter(|c| c.origin == Origin::Config)
-                .map(|c| c.mapping)
+                .map(|c| c.mapping.clone())
                 .collect();
-            let wanted_set: BTreeSet<Mapping> = wanted.iter().copied().collect();
+            let wanted_set: BTreeSet<Mapping> = wanted.iter().cloned().collect();
             let mut stop: Vec<Key> = running.difference(&wanted_set).map(key).collect();
             let mut start: Vec<Start> = wanted_set
                 .difference(&running)
                 .map(|m| Start {
-                    mapping: *m,
+                    mapping: m.clone(),
                     listener: Listener::Bind,
                     origin: Origin::Config,
                 })
@@ -602,7 +628,7 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
                 }
                 let version = new_rules.version_for(c.mapping.listen.port());
                 if version != c.mapping.options.proxy_protocol {
-                    let mut mapping = c.mapping;
+                    let mut mapping = c.mapping.clone();
                     mapping.options.proxy_protocol = version;
                     stop.push(key(&c.mapping));
                     start.push(Start {

@@ -168,7 +168,7 @@ pub fn main(
     if !problems.is_empty() {
         return status.fail(&problems.join("; "));
     }
-    let options = match env.overrides.apply(Options::default()) {
+    let options = match env.overrides.apply(&Options::default()) {
         Ok(o) => o,
         Err(e) => return status.fail(&e),
     };
@@ -180,7 +180,7 @@ pub fn main(
     let _ = process::set_parent_death_signal(libc::SIGTERM);
     let back = HandBack {
         socket_path: env.socket.clone(),
-        options: env.overrides,
+        options: env.overrides.clone(),
     };
     if let Some((socket, conn, proxy_protocol)) = resumed {
         let options = Options {
@@ -210,7 +210,7 @@ pub fn main(
     }
     let handoff = match env.no_handoff {
         true => Ok(Handoff::NoDaemon),
-        false => shim::register(&mapping, &socket, env.socket, env.overrides),
+        false => shim::register(&mapping, &socket, env.socket.clone(), env.overrides.clone()),
     };
     match handoff {
         Err(refusal) => status.fail(&refusal),
@@ -286,7 +286,7 @@ fn registered(mut mapping: Mapping, socket: Socket, mut conn: UnixStream, back: 
                 return 1;
             }
         };
-        conn = match serve(mapping, copy, None, Some(back)) {
+        conn = match serve(mapping.clone(), copy, None, Some(back)) {
             Served::Exit(code) => return code,
             Served::HandedBack(conn, proxy_protocol) => {
                 mapping.options.proxy_protocol = proxy_protocol;
@@ -376,7 +376,7 @@ fn serve(
                     sup.stop_all(Duration::ZERO).await;
                     return Served::Exit(0);
                 }
-                taken = shim::watch_daemon(mapping, &socket, back) => taken,
+                taken = shim::watch_daemon(&mapping, &socket, back) => taken,
             };
             let (conn, proxy_protocol) = conn;
             // Should that daemon go too, the port keeps the header it gave.
@@ -406,7 +406,10 @@ fn serve(
                 Ok(c) => c,
                 Err(e) => return fail(None, &format!("cannot serve {mapping}: {}", describe(&e))),
             };
-            if let Err(msg) = sup.start(mapping, Listener::Socket(copy), Origin::Docker).await {
+            if let Err(msg) = sup
+                .start(mapping.clone(), Listener::Socket(copy), Origin::Docker)
+                .await
+            {
                 return fail(None, &msg);
             }
         }

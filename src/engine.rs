@@ -67,6 +67,8 @@ pub struct Container {
     pub ports: Vec<Published>,
     /// Its networks, with its addresses on each.
     pub networks: Vec<Attachment>,
+    /// Its labels (`rproxy.allow…` say who may reach its ports).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// One published port of one host address, as dockerd lists it (`-p 8080:80` is one for
@@ -404,6 +406,8 @@ struct ContainerListJson {
     names: Vec<String>,
     #[serde(rename = "Ports", default)]
     ports: Vec<PortJson>,
+    #[serde(rename = "Labels", default)]
+    labels: Option<BTreeMap<String, String>>,
     #[serde(rename = "NetworkSettings", default)]
     settings: ListSettingsJson,
 }
@@ -458,6 +462,7 @@ impl ContainerListJson {
             id: self.id,
             ports,
             networks,
+            labels: self.labels.unwrap_or_default(),
         }
     }
 }

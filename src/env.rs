@@ -148,6 +148,14 @@ pub const VARIABLES: &[Variable] = &[
                   with its port). The daemon's --socket-lb wins.",
     },
     Variable {
+        name: "RPROXY_ALLOW",
+        readers: SERVING,
+        default: "everyone",
+        meaning: "Who may reach the port from outside the host: CIDRs or addresses separated \
+                  by commas (192.0.2.0/24,2001:db8::/32). The host's own processes always may. \
+                  For dockerd's ports, a container's rproxy.allow labels win.",
+    },
+    Variable {
         name: "RPROXY_HANDOFF",
         readers: &[Reader::Docker],
         default: "1",
@@ -236,6 +244,11 @@ impl Env {
         });
         get("RPROXY_UDP_MAX_FLOWS", &mut |v| {
             o.udp_max_flows = Some(options::UDP_MAX_FLOWS.parse(v)? as u64);
+            Ok(())
+        });
+        get("RPROXY_ALLOW", &mut |v| {
+            let list = crate::allow::AllowList::parse_joined(v).map_err(|e| e.to_string())?;
+            o.allow = Some(list.nets().iter().map(ToString::to_string).collect());
             Ok(())
         });
         get("RPROXY_UDP_GSO", &mut |v| {

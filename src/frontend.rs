@@ -122,7 +122,7 @@ impl Frontend {
     /// The mapping, with its real listen address.
     pub fn mapping(&self) -> Mapping {
         match self {
-            Frontend::Tcp(_, m) | Frontend::Udp(_, m) => *m,
+            Frontend::Tcp(_, m) | Frontend::Udp(_, m) => m.clone(),
         }
     }
 

@@ -77,11 +77,13 @@ fn main() {
             nat,
             socket_lb,
             proxy_protocol,
+            allow,
         } => {
             let options = Overrides {
                 nat,
                 socket_lb,
                 proxy_protocol,
+                allow: (!allow.is_empty()).then_some(allow),
                 ..Overrides::default()
             };
             let request = Request::Add { spec, options };

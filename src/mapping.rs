@@ -27,7 +27,7 @@ impl fmt::Display for Proto {
 }
 
 /// One forwarded port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Mapping {
     /// TCP or UDP.
     pub proto: Proto,
@@ -170,7 +170,7 @@ pub fn parse_publish(spec: &str, options: Options) -> Result<Vec<Mapping>, Strin
             proto,
             listen: SocketAddr::new(host_ip, host),
             target: SocketAddr::new(target_ip, target),
-            options,
+            options: options.clone(),
         })
         .collect())
 }

@@ -10,14 +10,16 @@
 //! [`Mapping`]: crate::mapping::Mapping
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::allow::AllowList;
 use crate::proxy_protocol::Version;
 
 /// How one mapping behaves. Defaults are docker-proxy's where it has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Options {
     /// Kernel DNAT beside the listener (remote clients).
     pub nat: Mode,
@@ -35,6 +37,8 @@ pub struct Options {
     /// The PROXY protocol header each backend connection starts with (TCP only; off unless
     /// a mapping asks).
     pub proxy_protocol: Version,
+    /// Who may reach it from outside the host (None: everyone); every path enforces it.
+    pub allow: Option<Arc<AllowList>>,
 }
 
 impl Default for Options {
@@ -47,13 +51,14 @@ impl Default for Options {
             udp_timeout: Duration::from_secs(90),
             udp_max_flows: 65_536,
             proxy_protocol: Version::Off,
+            allow: None,
         }
     }
 }
 
 /// The options a source set explicitly, to be laid over a base (the daemon's defaults): what
 /// a shim found in dockerd's environment, what `rproxy add --nat` asked for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     /// See [`Options::nat`].
@@ -77,12 +82,15 @@ pub struct Overrides {
     /// See [`Options::proxy_protocol`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<Version>,
+    /// See [`Options::allow`]: its networks as written (CIDRs or addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
 }
 
 impl Overrides {
     /// `base` with every option set here replaced, each checked against its range (a control
     /// request is input like any other).
-    pub fn apply(&self, base: Options) -> Result<Options, String> {
+    pub fn apply(&self, base: &Options) -> Result<Options, String> {
         let ms = |limit: &Seconds, v: Option<u64>, base: Duration| match v {
             None => Ok(base),
             Some(ms) => limit.check_ms(ms),
@@ -102,6 +110,12 @@ impl Overrides {
                 Some(n) => UDP_MAX_FLOWS.check(n)?,
             },
             proxy_protocol: self.proxy_protocol.unwrap_or(base.proxy_protocol),
+            allow: match &self.allow {
+                None => base.allow.clone(),
+                Some(nets) => Some(Arc::new(
+                    AllowList::parse(nets).map_err(|e| format!("allow {e}"))?,
+                )),
+            },
         })
     }
 }
@@ -118,6 +132,10 @@ impl From<&Options> for Overrides {
             udp_timeout_ms: ms(o.udp_timeout),
             udp_max_flows: Some(o.udp_max_flows as u64),
             proxy_protocol: Some(o.proxy_protocol),
+            allow: o
+                .allow
+                .as_ref()
+                .map(|a| a.nets().iter().map(ToString::to_string).collect()),
         }
     }
 }
@@ -303,10 +321,13 @@ mod tests {
             udp_timeout: Duration::from_secs(86_400),
             udp_max_flows: 1,
             proxy_protocol: crate::proxy_protocol::Version::V2,
+            allow: Some(Arc::new(
+                AllowList::parse(&["192.0.2.0/24", "2001:db8::7"]).unwrap(),
+            )),
         };
         let wire = serde_json::to_string(&Overrides::from(&o)).unwrap();
         let back: Overrides = serde_json::from_str(&wire).unwrap();
-        assert_eq!(back.apply(Options::default()), Ok(o));
+        assert_eq!(back.apply(&Options::default()), Ok(o));
     }
 
     #[test]
@@ -355,7 +376,7 @@ mod tests {
             udp_max_flows: Some(7),
             ..Overrides::default()
         };
-        let got = o.apply(base).unwrap();
+        let got = o.apply(&base).unwrap();
         assert_eq!(got.connect_timeout, Duration::from_millis(2500));
         assert_eq!(got.udp_max_flows, 7);
         assert_eq!(got.udp_timeout, base.udp_timeout);
@@ -373,7 +394,7 @@ mod tests {
                 ..Overrides::default()
             },
         ] {
-            assert!(bad.apply(base).is_err(), "{bad:?}");
+            assert!(bad.apply(&base).is_err(), "{bad:?}");
         }
     }
 
@@ -402,7 +423,7 @@ mod tests {
             f in proptest::option::of(any::<u64>()),
         ) {
             let o = Overrides { connect_timeout_ms: c, udp_timeout_ms: u, udp_max_flows: f, ..Overrides::default() };
-            if let Ok(got) = o.apply(Options::default()) {
+            if let Ok(got) = o.apply(&Options::default()) {
                 prop_assert!(got.udp_max_flows >= 1 && got.udp_max_flows <= 1 << 20);
             }
         }

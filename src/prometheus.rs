@@ -202,6 +202,12 @@ fn describe_all() {
         "rproxy_socket_lb_datagrams_total",
         "Unconnected UDP datagrams the socket hooks sent straight to the target."
     );
+    describe_counter!(
+        "rproxy_denied_total",
+        "Connections and datagrams from sources outside the mapping's allow-list, refused: \
+         path=listener (reset at accept, datagram dropped) or path=kernel (dropped ahead of \
+         any DNAT; the kernel counts packets, so a retransmitted SYN counts again)."
+    );
     describe_gauge!("rproxy_mappings", "Mappings, by state.");
     describe_gauge!(
         "rproxy_process_open_fds",
@@ -274,8 +280,9 @@ async fn answer(
         ("GET" | "HEAD", "/metrics") => {
             let statuses = sup.statuses();
             let kernel = sup.kernel_connections(&statuses).await;
+            let denied = sup.kernel_denied(&statuses).await;
             let groups = groups(&statuses, per_port);
-            sync(&statuses, &groups, &kernel, sup.socket_lb());
+            sync(&statuses, &groups, (&kernel, &denied), sup.socket_lb());
             handle.run_upkeep();
             let body = handle.render() + &histograms(&groups);
             respond(&mut stream, "200 OK", &body, method == "HEAD").await
@@ -317,7 +324,7 @@ async fn respond(
 fn sync(
     statuses: &[Status],
     groups: &[Group<'_>],
-    kernel: &HashMap<String, u64>,
+    (kernel, denied): (&HashMap<String, u64>, &HashMap<String, u64>),
     hooks: &SocketLb,
 ) {
     for g in groups {
@@ -328,6 +335,12 @@ fn sync(
             .absolute(get(|s| &s.bytes_in));
         counter!("rproxy_bytes_total", g.labels_with("direction", "out"))
             .absolute(get(|s| &s.bytes_out));
+        if g.members.iter().any(|s| s.mapping.options.allow.is_some()) {
+            counter!("rproxy_denied_total", g.labels_with("path", "listener"))
+                .absolute(get(|s| &s.denied));
+            let in_kernel = g.sum(|s| denied.get(&s.mapping.spec()).copied().unwrap_or(0));
+            counter!("rproxy_denied_total", g.labels_with("path", "kernel")).absolute(in_kernel);
+        }
         let failures = |name: &'static str, reasons: &[Failure]| {
             for &why in reasons {
                 counter!(name, g.labels_with("reason", why.label()))

@@ -76,7 +76,7 @@ pub fn register(
     let path = control::socket_path(socket_path);
     let started = Instant::now();
     loop {
-        match offer(mapping, socket, &path, options) {
+        match offer(mapping, socket, &path, options.clone()) {
             Offer::Moved(pid) if started.elapsed() < MOVED_PATIENCE => {
                 tracing::debug!("the daemon is handing over to pid {pid}; offering again");
                 std::thread::sleep(Duration::from_millis(50));
@@ -207,7 +207,7 @@ pub fn wait(stream: &UnixStream) -> io::Result<WaitEnd> {
 /// PROXY protocol header the daemon gives the port (kept should it go away again). A
 /// daemon that refuses is asked again less and less often (up to once a minute).
 pub async fn watch_daemon(
-    mapping: Mapping,
+    mapping: &Mapping,
     socket: &Socket,
     back: &HandBack,
 ) -> (UnixStream, Version) {
@@ -223,9 +223,9 @@ pub async fn watch_daemon(
         let Ok(copy) = socket.try_clone() else {
             continue;
         };
-        let (p, options) = (path.clone(), back.options);
+        let (p, options, offer) = (path.clone(), back.options.clone(), mapping.clone());
         let offered =
-            tokio::task::spawn_blocking(move || register(&mapping, &copy, Some(p), options)).await;
+            tokio::task::spawn_blocking(move || register(&offer, &copy, Some(p), options)).await;
         match offered {
             Ok(Ok(Handoff::Registered(conn, proxy_protocol))) => return (conn, proxy_protocol),
             Ok(Err(refusal)) => {

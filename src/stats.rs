@@ -94,12 +94,17 @@ pub struct Stats {
     pub expired: AtomicU64,
     /// UDP flows evicted by the flow table's bound.
     pub evicted: AtomicU64,
+    /// Connections reset, or datagrams dropped, because their source is not in the
+    /// mapping's allow-list.
+    pub denied: AtomicU64,
     /// Per-connection timings, when a metrics recorder is installed (no-ops otherwise).
     pub timings: Timings,
     /// The rate of "backend keeps failing" warnings.
     backend_down: Warnings,
     /// The rate of "backend closed on the PROXY protocol header" warnings.
     header_refused: Warnings,
+    /// The rate of "refused by the allow-list" lines.
+    denied_lines: Warnings,
 }
 
 /// One kind of warning's rate limit: when the last went out (ms since the Unix epoch), and
@@ -277,6 +282,13 @@ impl Stats {
     /// limit of its own, so failing connects never hide it (nor it them).
     pub fn header_warning_due(&self) -> Option<u64> {
         self.header_refused.due()
+    }
+
+    /// Counts a client the allow-list refused: Some(refusals since the last line) when a
+    /// line is due now (one per period per mapping, however many are refused).
+    pub fn deny(&self) -> Option<u64> {
+        Stats::add(&self.denied, 1);
+        self.denied_lines.due()
     }
 
     /// Adds to a counter (relaxed: counters are statistics, not synchronisation).

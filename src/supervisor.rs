@@ -168,6 +168,8 @@ struct Running {
     path: Option<Path>,
     /// Started with its NAT held (see [`Supervisor::hold_nat`]): rules still to install.
     nat_held: bool,
+    /// Its allow-list's filter waits for the same (see [`Filter::Held`]).
+    filter_held: bool,
     socket_lb: Option<bpf::Path>,
     stats: Arc<Stats>,
     stop: StopHandle,
@@ -208,10 +210,23 @@ struct Prepared {
     nat_held: bool,
     /// The rules are the replaced mapping's, kept: it must not remove them.
     inherited_rules: bool,
+    /// Its allow-list's filter in the kernel.
+    filter: Filter,
     socket_lb: Option<bpf::Path>,
     /// The mapping this one replaces on the same address, whose hook entry it overwrote.
     replaces: Option<(Mapping, Option<bpf::Path>)>,
     socket: Option<Socket>,
+}
+
+/// Where a mapping's allow-list stands in the kernel (its filter ahead of any DNAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    /// No list, so no filter.
+    None,
+    /// Installed.
+    Installed,
+    /// To install once a previous daemon's table is gone (see [`Supervisor::hold_nat`]).
+    Held,
 }
 
 /// What a kernel path (`what`, in `mode`) does for a mapping whose backend gets a PROXY
@@ -287,7 +302,7 @@ impl Supervisor {
             .iter()
             .map(|(k, r)| {
                 let current = Current {
-                    mapping: r.mapping,
+                    mapping: r.mapping.clone(),
                     origin: r.origin.clone(),
                     listener: r.socket.is_some(),
                 };
@@ -318,13 +333,34 @@ impl Supervisor {
                 Ok(p) => prepared.push(p),
                 Err(e) => {
                     for p in prepared {
-                        self.undo(&p);
+                        self.undo(&p).await;
                     }
                     return Err(e);
                 }
             }
         }
-        Ok(self.commit(change.stop, prepared, drain))
+        // The kernel's filters of stopped mappings that no start takes over (a start with
+        // the same spec wrote its own list over theirs already).
+        let refiltered: BTreeSet<String> = prepared
+            .iter()
+            .filter(|p| p.filter != Filter::None)
+            .map(|p| p.mapping.spec())
+            .collect();
+        let unfilter: Vec<Mapping> = change
+            .stop
+            .iter()
+            .filter_map(|k| current.get(k))
+            .filter(|c| c.mapping.options.allow.is_some())
+            .filter(|c| !refiltered.contains(&c.mapping.spec()))
+            .map(|c| c.mapping.clone())
+            .collect();
+        let started = self.commit(change.stop, prepared, drain);
+        for m in unfilter {
+            if let Err(e) = self.inner.nat.set_allow(&m, None).await {
+                tracing::warn!("{m}: allow-list filter not removed: {e}");
+            }
+        }
+        Ok(started)
     }
 
     /// Everything a start needs that can fail: its socket, registered with the runtime, and
@@ -347,11 +383,13 @@ impl Supervisor {
                 let copy = socket
                     .try_clone()
                     .map_err(|e| format!("cannot keep the listening socket: {e}"))?;
-                (Some(Frontend::new(s.mapping, socket)?), Some(copy))
+                (Some(Frontend::new(s.mapping.clone(), socket)?), Some(copy))
             }
             None => (None, None),
         };
-        let mapping = frontend.as_ref().map_or(s.mapping, Frontend::mapping);
+        let mapping = frontend
+            .as_ref()
+            .map_or(s.mapping.clone(), Frontend::mapping);
         if key(&mapping) != k {
             // Port 0, now resolved: the kernel chose a free port, but not necessarily one we
             // do not already serve through a socket someone handed over.
@@ -380,6 +418,21 @@ impl Supervisor {
                 mapping.target
             );
         }
+        // The allow-list's filter before any DNAT rule: no remote client reaches the target
+        // unjudged. Refused by the kernel, the mapping does not start: the listener alone
+        // could not hold the list against dockerd's DNAT.
+        let filter = match &mapping.options.allow {
+            None => Filter::None,
+            Some(_) if self.inner.nat_held.load(Ordering::Relaxed) => Filter::Held,
+            Some(list) => {
+                self.inner
+                    .nat
+                    .set_allow(&mapping, Some(list))
+                    .await
+                    .map_err(|e| format!("{mapping}: allow-list filter: {e}"))?;
+                Filter::Installed
+            }
+        };
         // Replaced by the same rules (only the NAT mode or other options changed): keep them.
         let old = current.get(&k).filter(|_| stopping.contains(&k));
         let inherit = !header
@@ -404,14 +457,15 @@ impl Supervisor {
                     .await?
             }
         };
-        let replaces = old.map(|o| (o.mapping, self.socket_path_of(&k)));
+        let replaces = old.map(|o| (o.mapping.clone(), self.socket_path_of(&k)));
         let mut prepared = Prepared {
             frontend,
-            mapping,
+            mapping: mapping.clone(),
             origin: s.origin,
             path,
             nat_held,
             inherited_rules: inherit,
+            filter,
             socket_lb: None,
             replaces,
             socket: copy,
@@ -423,18 +477,33 @@ impl Supervisor {
         match self.inner.socket_lb.publish(&mapping) {
             Ok(p) => prepared.socket_lb = p,
             Err(e) => {
-                self.undo(&prepared);
+                self.undo(&prepared).await;
                 return Err(e);
             }
         }
         Ok(prepared)
     }
 
-    /// Takes back what preparing `p` did to the kernel: its NAT rules, its hook entry (the
-    /// replaced mapping's written back).
-    fn undo(&self, p: &Prepared) {
+    /// Takes back what preparing `p` did to the kernel: its NAT rules, its allow-list's
+    /// filter and its hook entry (the replaced mapping's written back).
+    async fn undo(&self, p: &Prepared) {
         if !p.inherited_rules {
             self.inner.nat.remove(&p.mapping, p.path.as_ref());
+        }
+        if p.filter == Filter::Installed {
+            // The replaced mapping's list, when it had the same spec (so the same filter).
+            let old = p
+                .replaces
+                .as_ref()
+                .map(|(old, _)| old)
+                .filter(|old| old.spec() == p.mapping.spec());
+            let (m, list) = match old {
+                Some(old) => (old, old.options.allow.as_deref()),
+                None => (&p.mapping, None),
+            };
+            if let Err(e) = self.inner.nat.set_allow(m, list).await {
+                tracing::warn!("{m}: allow-list filter not restored: {e}");
+            }
         }
         self.inner
             .socket_lb
@@ -462,7 +531,10 @@ impl Supervisor {
     }
 
     fn path_of(&self, k: &Key) -> Option<Path> {
-        let r = self.running().get(k).map(|r| (r.mapping, r.path.clone()))?;
+        let r = self
+            .running()
+            .get(k)
+            .map(|r| (r.mapping.clone(), r.path.clone()))?;
         self.inner.nat.path_now(&r.0, r.1)
     }
 
@@ -499,8 +571,8 @@ impl Supervisor {
                 let task = p
                     .frontend
                     .map(|f| tokio::spawn(f.serve(stats.clone(), stop)));
-                started.push(p.mapping);
-                logged_start.push((p.mapping, p.origin.clone()));
+                started.push(p.mapping.clone());
+                logged_start.push((p.mapping.clone(), p.origin.clone()));
                 running.insert(
                     key(&p.mapping),
                     Running {
@@ -508,6 +580,7 @@ impl Supervisor {
                         origin: p.origin,
                         path: p.path,
                         nat_held: p.nat_held,
+                        filter_held: p.filter == Filter::Held,
                         socket_lb: p.socket_lb,
                         stats,
                         stop: handle,
@@ -518,7 +591,7 @@ impl Supervisor {
             }
         }
         for r in stopped {
-            logged_stop.push((r.mapping, r.origin.clone()));
+            logged_stop.push((r.mapping.clone(), r.origin.clone()));
             if !kept_rules.contains(&key(&r.mapping)) {
                 // New connections stop being translated now; translated ones keep their
                 // conntrack entries.
@@ -617,7 +690,7 @@ impl Supervisor {
                     .try_clone()
                     .map_err(|e| format!("cannot copy the socket of {}: {e}", r.mapping))?;
                 Ok(Held {
-                    mapping: r.mapping,
+                    mapping: r.mapping.clone(),
                     origin: r.origin.clone(),
                     socket,
                 })
@@ -648,11 +721,27 @@ impl Supervisor {
     pub async fn release_nat(&self) {
         let _one_at_a_time = self.inner.changes.lock().await;
         self.inner.nat_held.store(false, Ordering::Relaxed);
+        // The allow-lists' filters first: no DNAT rule of ours without its filter.
+        let filters: Vec<(Key, Mapping)> = self
+            .running()
+            .iter()
+            .filter(|(_, r)| r.filter_held)
+            .map(|(k, r)| (*k, r.mapping.clone()))
+            .collect();
+        for (k, mapping) in filters {
+            let list = mapping.options.allow.as_deref();
+            if let Err(e) = self.inner.nat.set_allow(&mapping, list).await {
+                tracing::error!("{mapping}: no allow-list filter after the takeover: {e}");
+            }
+            if let Some(r) = self.running().get_mut(&k) {
+                r.filter_held = false;
+            }
+        }
         let held: Vec<(Key, Mapping, Origin)> = self
             .running()
             .iter()
             .filter(|(_, r)| r.nat_held)
-            .map(|(k, r)| (*k, r.mapping, r.origin.clone()))
+            .map(|(k, r)| (*k, r.mapping.clone(), r.origin.clone()))
             .collect();
         for (k, mapping, origin) in held {
             let path = match self.inner.nat.install(&mapping, origin.is_dockerds()).await {
@@ -674,7 +763,7 @@ impl Supervisor {
         self.running()
             .values()
             .map(|r| Status {
-                mapping: r.mapping,
+                mapping: r.mapping.clone(),
                 origin: r.origin.clone(),
                 path: self.inner.nat.path_now(&r.mapping, r.path.clone()),
                 socket_lb: r.socket_lb.clone(),
@@ -683,6 +772,19 @@ impl Supervisor {
                 listener: r.socket.is_some(),
             })
             .collect()
+    }
+
+    /// Packets each mapping's allow-list filter dropped in the kernel, by spec; asks the
+    /// kernel only when some mapping has a list.
+    pub async fn kernel_denied(
+        &self,
+        statuses: &[Status],
+    ) -> std::collections::HashMap<String, u64> {
+        if statuses.iter().any(|s| s.mapping.options.allow.is_some()) {
+            self.inner.nat.denied().await
+        } else {
+            Default::default()
+        }
     }
 
     /// Connections each mapping's kernel rules translated, by spec; asks the kernel only when
@@ -708,7 +810,7 @@ fn log_runs(verb: &str, done: &[(Mapping, Origin)]) {
             Some(name) => format!("{origin} {name}"),
             None => origin.to_string(),
         };
-        by_origin.entry(from).or_default().push(*m);
+        by_origin.entry(from).or_default().push(m.clone());
     }
     for (origin, mappings) in by_origin {
         for run in crate::mapping::runs(mappings, |m| m) {

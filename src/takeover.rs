@@ -71,7 +71,7 @@ pub fn plan(
                 None => Listener::Bind,
             };
             starts.push(Start {
-                mapping: *m,
+                mapping: m.clone(),
                 listener,
                 origin: origin.clone(),
             });
@@ -82,7 +82,7 @@ pub fn plan(
         let (spec, from, options) = (h.spec, h.origin, h.options);
         match (from.as_str(), conn, h.container) {
             ("add", _, _) => {
-                let m = one(&spec, options.apply(Options::default())?)?;
+                let m = one(&spec, options.apply(&Options::default())?)?;
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
                     mapping: m,
@@ -90,7 +90,7 @@ pub fn plan(
                 });
             }
             ("shim", Some(conn), _) => {
-                let m = one(&spec, options.apply(settings.defaults)?)?;
+                let m = one(&spec, options.apply(&settings.dockerd_defaults())?)?;
                 let origin = server.shim_origin();
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
@@ -98,7 +98,7 @@ pub fn plan(
                     origin: origin.clone(),
                 });
                 adopt.push(Adopt {
-                    key: key(&m),
+                    key: key(&starts[starts.len() - 1].mapping),
                     origin,
                     conn,
                     options,
@@ -107,7 +107,7 @@ pub fn plan(
             // A container's port this daemon also follows: its follower's first read of
             // dockerd keeps it, or changes it as dockerd says.
             ("docker", _, Some(name)) if settings.docker_ports => {
-                let m = one(&spec, settings.defaults)?;
+                let m = one(&spec, settings.dockerd_defaults())?;
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
                     mapping: m,
@@ -126,7 +126,7 @@ pub fn plan(
 /// The one mapping of a one-port spec.
 fn one(spec: &str, options: Options) -> Result<Mapping, String> {
     match parse_publish(spec, options)?.as_slice() {
-        [m] => Ok(*m),
+        [m] => Ok(m.clone()),
         _ => Err(format!(
             "the handover lists {spec:?}, which is not one port"
         )),

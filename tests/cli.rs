@@ -250,7 +250,7 @@ fn daemon_check_prints_the_mappings_and_binds_nothing() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     let expected = [
-        ["tcp", "[::1]:0", "[::1]:9", "publish", "on", "off"],
+        ["tcp", "[::1]:0", "[::1]:9", "publish", "on", "off", "-"],
         [
             "tcp",
             &format!("127.0.0.1:{base}"),
@@ -258,6 +258,7 @@ fn daemon_check_prints_the_mappings_and_binds_nothing() {
             "config",
             "on",
             "off",
+            "-",
         ],
         [
             "udp",
@@ -266,6 +267,7 @@ fn daemon_check_prints_the_mappings_and_binds_nothing() {
             "config",
             "on",
             "off",
+            "-",
         ],
         [
             "udp",
@@ -274,6 +276,7 @@ fn daemon_check_prints_the_mappings_and_binds_nothing() {
             "config",
             "on",
             "off",
+            "-",
         ],
         [
             "tcp",
@@ -282,6 +285,7 @@ fn daemon_check_prints_the_mappings_and_binds_nothing() {
             "config",
             "on",
             "require",
+            "-",
         ],
     ];
     assert_eq!(rows, expected.map(|r| r.to_vec()), "{out}");

@@ -2815,14 +2815,15 @@ impl Harness {
                 "SOCKET_CONNS",
                 "PROXY_PROTOCOL",
                 "PID",
-                "CONTAINER"
+                "CONTAINER",
+                "ALLOW"
             ],
             "rproxy ls header: {out}"
         );
         lines
             .map(|l| {
                 let c: Vec<&str> = l.split_whitespace().collect();
-                assert_eq!(c.len(), 17, "rproxy ls row {l:?}");
+                assert_eq!(c.len(), 18, "rproxy ls row {l:?}");
                 let num = |i: usize| -> u64 {
                     c[i].parse()
                         .unwrap_or_else(|_| panic!("rproxy ls row {l:?}: column {i}"))

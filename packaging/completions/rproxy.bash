@@ -67,7 +67,7 @@ _rproxy() {
             return 0
             ;;
         rproxy__subcmd__add)
-            opts="-h --control-socket --nat --socket-lb --proxy-protocol --help"
+            opts="-h --control-socket --nat --socket-lb --proxy-protocol --allow --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -100,6 +100,10 @@ _rproxy() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --allow)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -108,7 +112,7 @@ _rproxy() {
             return 0
             ;;
         rproxy__subcmd__daemon)
-            opts="-p -h --publish --config --control-socket --drain-timeout --nat --socket-lb --docker-host --docker-ports --log-format --metrics-addr --metrics-per-port --takeover --check --help"
+            opts="-p -h --publish --allow --config --control-socket --drain-timeout --nat --socket-lb --docker-host --docker-ports --log-format --metrics-addr --metrics-per-port --takeover --check --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -119,6 +123,10 @@ _rproxy() {
                     return 0
                     ;;
                 -p)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --allow)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

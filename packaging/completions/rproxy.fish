@@ -31,6 +31,7 @@ complete -c rproxy -n "__fish_rproxy_needs_command" -f -a "add" -d 'Add a mappin
 complete -c rproxy -n "__fish_rproxy_needs_command" -f -a "rm" -d 'Remove a mapping from the running daemon (same spec as `add`)'
 complete -c rproxy -n "__fish_rproxy_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -s p -l publish -d 'A mapping: [HOST_IP:]HOST_PORT[-END]:TARGET_IP:TARGET_PORT[-END][/tcp|/udp] (repeatable; IPv6 addresses in brackets; ranges map one to one)' -r
+complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l allow -d 'Who may reach the --publish mappings from outside the host: a CIDR or an address (repeatable; default everyone). Processes of the host itself always may' -r
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l config -d 'TOML config file with `publish = [...]` (default /etc/rproxy/rproxy.toml if present); re-read on SIGHUP' -r -F
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l control-socket -d 'Control socket path (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock)' -r -F
 complete -c rproxy -n "__fish_rproxy_using_subcommand daemon" -l drain-timeout -d 'Seconds (0 to 86400) open connections may take to finish when their mapping is removed or the daemon stops [default: 10]' -r
@@ -52,6 +53,7 @@ complete -c rproxy -n "__fish_rproxy_using_subcommand add" -l control-socket -d 
 complete -c rproxy -n "__fish_rproxy_using_subcommand add" -l nat -d 'Kernel NAT for this mapping: on (fall back to userland), require, or off (default: the daemon\'s --nat)' -r
 complete -c rproxy -n "__fish_rproxy_using_subcommand add" -l socket-lb -d 'Socket hooks for this mapping\'s host clients: on (fall back to the listener), require, or off (default: the daemon\'s --socket-lb)' -r
 complete -c rproxy -n "__fish_rproxy_using_subcommand add" -l proxy-protocol -d 'Start every backend connection with a PROXY protocol header (v1: text, v2: binary) carrying the client\'s address; TCP only, off by default. The backend must expect it (nginx: `listen … proxy_protocol`, HAProxy: `accept-proxy`)' -r
+complete -c rproxy -n "__fish_rproxy_using_subcommand add" -l allow -d 'Who may reach it from outside the host: a CIDR or an address (repeatable; default everyone). Processes of the host itself always may' -r
 complete -c rproxy -n "__fish_rproxy_using_subcommand add" -s h -l help -d 'Print help'
 complete -c rproxy -n "__fish_rproxy_using_subcommand rm" -l control-socket -d 'The daemon\'s control socket (default: $RPROXY_SOCKET, else /run/rproxy/rproxy.sock)' -r -F
 complete -c rproxy -n "__fish_rproxy_using_subcommand rm" -s h -l help -d 'Print help'

@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn targets_are_laid_out_as_the_programs_read_them() {
-        let one = |spec: &str| parse_publish(spec, Default::default()).unwrap()[0];
+        let one = |spec: &str| parse_publish(spec, Default::default()).unwrap()[0].clone();
         let v = target(&one("8080:172.17.0.2:80"), 7, 3);
         assert_eq!(v.len(), TARGET_SIZE as usize);
         assert_eq!(&v[..4], &[172, 17, 0, 2]);

@@ -275,14 +275,14 @@ impl Hooks {
                     }
                     None => return Err(format!("more than {} mappings", maps::MAX_MAPPINGS)),
                 };
-                slots.of.insert(*m, id);
+                slots.of.insert(m.clone(), id);
                 id
             }
         };
         let network = self.network_of(m);
         match self.maps.publish(m, id, network, fresh) {
             Ok(()) => {
-                slots.owners.insert((m.proto, m.listen), *m);
+                slots.owners.insert((m.proto, m.listen), m.clone());
                 Ok(())
             }
             Err(e) => {
@@ -314,7 +314,7 @@ impl Hooks {
     /// The number of `m`'s target's network for the hairpin rule (0: none known).
     fn network_of(&self, m: &Mapping) -> u32 {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.network_of.get(&m.target.ip()).copied().unwrap_or(0)
+        hairpin_network(m, &peers)
     }
 
     /// Makes `hairpin` and the Targets' networks what dockerd says now.
@@ -333,15 +333,12 @@ impl Hooks {
             let _ = self.maps.set_hairpin(netns, network, false);
         }
         for m in slots.owners.values() {
-            let (was, is) = (
-                peers.network_of.get(&m.target.ip()),
-                now.network_of.get(&m.target.ip()),
-            );
+            let (was, is) = (hairpin_network(m, &peers), hairpin_network(m, &now));
             if was == is {
                 continue;
             }
             if let Some(&id) = slots.of.get(m) {
-                if let Err(e) = self.maps.publish(m, id, is.copied().unwrap_or(0), false) {
+                if let Err(e) = self.maps.publish(m, id, is, false) {
                     tracing::warn!("{m}: socket hook entry not updated: {}", describe(&e));
                 }
             }
@@ -379,6 +376,16 @@ impl Hooks {
     fn counters(&self, m: &Mapping) -> (u64, u64) {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.of.get(m).map_or((0, 0), |&id| self.maps.counters(id))
+    }
+}
+
+/// The network number the hooks' hairpin rule gets for `m` (0: none, containers stay on the
+/// listener). A mapping with an allow-list gets none: a container is judged by its own
+/// address, which only the listener and the kernel's filter see (the hooks see a namespace).
+fn hairpin_network(m: &Mapping, peers: &Peers) -> u32 {
+    match m.options.allow {
+        Some(_) => 0,
+        None => peers.network_of.get(&m.target.ip()).copied().unwrap_or(0),
     }
 }
 

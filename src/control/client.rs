@@ -80,12 +80,12 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Reply, 
 /// with the spec quoted.
 fn check_spec(request: &Request) -> Result<(), String> {
     let (spec, options) = match request {
-        Request::Add { spec, options } => (spec, *options),
+        Request::Add { spec, options } => (spec, options.clone()),
         Request::Rm { spec } => (spec, Overrides::default()),
         _ => return Ok(()),
     };
     options
-        .apply(Options::default())
+        .apply(&Options::default())
         .and_then(|options| parse_publish(spec, options))
         .map(|_| ())
         .map_err(|why| format!("invalid spec {spec:?}: {why}"))
@@ -182,6 +182,7 @@ pub fn format_table(rows: &[Row]) -> String {
         "PROXY_PROTOCOL",
         "PID",
         "CONTAINER",
+        "ALLOW",
     ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -213,9 +214,22 @@ pub fn format_table(rows: &[Row]) -> String {
                 "" => "-".into(),
                 name => name.into(),
             },
+            allow_cell(r.allow.as_deref()),
         ]);
     }
     columns(&table)
+}
+
+/// A mapping's allow-list as `ls` shows it: `-` for everyone, `none` for no one outside
+/// the host, else its first networks (`ls --json` has them all).
+pub fn allow_cell(allow: Option<&[String]>) -> String {
+    const SHOWN: usize = 3;
+    match allow {
+        None => "-".into(),
+        Some([]) => "none".into(),
+        Some(nets) if nets.len() <= SHOWN => nets.join(","),
+        Some(nets) => format!("{},+{}", nets[..SHOWN].join(","), nets.len() - SHOWN),
+    }
 }
 
 /// Rows of cells as left-aligned columns two spaces apart, one line each.
@@ -293,7 +307,8 @@ mod tests {
                 "7",
                 "v2",
                 "8",
-                "web"
+                "web",
+                "192.0.2.0/24"
             ]
         );
     }

@@ -302,6 +302,13 @@ pub struct Row {
     /// paths alone have none).
     #[serde(default = "yes")]
     pub listener: bool,
+    /// Who may reach it from outside the host (absent: everyone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Clients its allow-list refused: connections and datagrams at the listener, packets
+    /// in the kernel.
+    #[serde(default)]
+    pub denied: u64,
 }
 
 fn yes() -> bool {
@@ -330,6 +337,8 @@ pub(crate) fn sample_row() -> Row {
         pid: 8,
         container: "web".into(),
         listener: false,
+        allow: Some(vec!["192.0.2.0/24".into()]),
+        denied: 9,
     }
 }
 
@@ -432,7 +441,7 @@ mod tests {
         ) {
             let bytes = crate::testing::mutate(GOOD[which], &edits);
             if let Ok(Request::Add { options, .. } | Request::Register { options, .. }) = Request::decode(&bytes) {
-                let _ = options.apply(crate::options::Options::default());
+                let _ = options.apply(&crate::options::Options::default());
             }
         }
     }

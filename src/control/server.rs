@@ -52,6 +52,8 @@ struct Ctx {
     drain: Duration,
     /// Options of mappings that name none.
     defaults: Options,
+    /// Those of dockerd's ports (shims' registrations): `defaults` with `docker_allow`.
+    dockerd_defaults: Options,
     /// The daemon's own uid, which may change mappings besides root.
     own_uid: u32,
     /// The PROXY protocol of ports shims hand over.
@@ -117,6 +119,7 @@ impl Server {
         sup: Supervisor,
         drain: Duration,
         defaults: Options,
+        dockerd_defaults: Options,
         port_rules: SharedRules,
     ) -> Server {
         Server {
@@ -124,6 +127,7 @@ impl Server {
                 sup,
                 drain,
                 defaults,
+                dockerd_defaults,
                 own_uid: nix::unistd::geteuid().as_raw(),
                 port_rules,
                 next_id: AtomicU64::new(0),
@@ -296,7 +300,7 @@ async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
         let s = shims.get(&id)?;
         Some(ShimConn {
             conn: s.conn.try_clone().ok()?,
-            options: s.options,
+            options: s.options.clone(),
         })
     };
     handover::give(stream, to, &ctx.sup, giver, &ctx.taker, shim).await
@@ -318,9 +322,12 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
     let pid = std::process::id();
     let statuses = sup.statuses();
     let kernel = sup.kernel_connections(&statuses).await;
+    let denied = sup.kernel_denied(&statuses).await;
     statuses
         .into_iter()
         .map(|s| Row {
+            denied: s.stats.denied.load(std::sync::atomic::Ordering::Relaxed)
+                + denied.get(&s.mapping.spec()).copied().unwrap_or(0),
             nat: s.path.as_ref().map_or("-", |p| p.label()).into(),
             kernel_connections: kernel.get(&s.mapping.spec()).copied().unwrap_or(0),
             socket: s.socket_lb.as_ref().map_or("-", |p| p.label()).into(),
@@ -336,6 +343,12 @@ async fn rows(sup: &Supervisor) -> Vec<Row> {
             stats: s.stats.snapshot(),
             pid,
             listener: s.listener,
+            allow: s
+                .mapping
+                .options
+                .allow
+                .as_ref()
+                .map(|a| a.nets().iter().map(ToString::to_string).collect()),
         })
         .collect()
 }
@@ -346,7 +359,7 @@ fn specs(mappings: &[Mapping]) -> Vec<String> {
 
 /// `add`: all of the spec's mappings start, or none do.
 async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String> {
-    let mappings = parse_publish(spec, options.apply(ctx.defaults)?)?;
+    let mappings = parse_publish(spec, options.apply(&ctx.defaults)?)?;
     let started = ctx
         .sup
         .change(Duration::ZERO, |_| {
@@ -355,7 +368,7 @@ async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String>
                 start: mappings
                     .iter()
                     .map(|m| Start {
-                        mapping: *m,
+                        mapping: m.clone(),
                         listener: Listener::Bind,
                         origin: Origin::Control,
                     })
@@ -403,7 +416,7 @@ async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
                     ));
                 }
                 stop.push(key(m));
-                stopped.push(c.mapping);
+                stopped.push(c.mapping.clone());
             }
             if stop.is_empty() {
                 return Err(format!("no mapping matches {spec:?}"));
@@ -481,9 +494,9 @@ async fn register(
                     .to_string(),
             );
         }
-        let options = options.apply(ctx.defaults)?;
+        let options = options.apply(&ctx.dockerd_defaults)?;
         let mut mapping = match parse_publish(spec, options)?.as_slice() {
-            [m] => *m,
+            [m] => m.clone(),
             _ => return Err("register takes exactly one port".to_string()),
         };
         // Held until the mapping runs: a reload swaps the rules only around its own change.
@@ -511,6 +524,7 @@ async fn register(
         }
         // A shim's registration wins over what the daemon serves for the same container
         // port from dockerd's API (`--docker-ports`): the shim holds the listening socket.
+        let k = key(&mapping);
         let start = Start {
             mapping,
             listener: Listener::Socket(socket),
@@ -518,9 +532,9 @@ async fn register(
         };
         let started = ctx.sup.change(Duration::ZERO, |current| {
             let stop = current
-                .get(&key(&mapping))
+                .get(&k)
                 .filter(|c| c.origin.container().is_some())
-                .map(|_| key(&mapping));
+                .map(|_| k);
             Ok(Change {
                 stop: stop.into_iter().collect(),
                 start: vec![start],

@@ -53,6 +53,9 @@ pub struct Follower {
     drain: Duration,
     /// Container ID → what is served for it.
     served: HashMap<String, Served>,
+    /// Serve the containers' ports (`--docker-ports`); else only give the ports shims
+    /// handed over the lists their containers' labels ask for.
+    serve_ports: bool,
 }
 
 /// What is served for one container.
@@ -65,13 +68,14 @@ struct Served {
 
 impl Follower {
     /// A follower of dockerd at `engine`, starting mappings with `options` on `sup` (whose
-    /// runtime `runtime` is).
+    /// runtime `runtime` is) when `serve_ports`, else only labelling shims' ports.
     pub fn new(
         engine: Engine,
         sup: Supervisor,
         runtime: Handle,
         options: Options,
         drain: Duration,
+        serve_ports: bool,
     ) -> Follower {
         Follower {
             engine,
@@ -80,6 +84,7 @@ impl Follower {
             options,
             drain,
             served: HashMap::new(),
+            serve_ports,
         }
     }
 
@@ -111,13 +116,21 @@ impl Follower {
                 Ok(events) => events,
                 Err(e) => {
                     if !told {
-                        tracing::warn!(
-                            "docker ports: dockerd's API at {} does not answer ({}); its \
-                             published ports are served as dockerd alone serves them until it \
-                             does (retrying)",
-                            self.engine.socket().display(),
-                            describe(&e)
-                        );
+                        let at = self.engine.socket().display();
+                        let why = describe(&e);
+                        // Without --docker-ports it matters only if containers have labels.
+                        match self.serve_ports {
+                            true => tracing::warn!(
+                                "docker ports: dockerd's API at {at} does not answer ({why}); \
+                                 its published ports are served as dockerd alone serves them \
+                                 until it does (retrying)"
+                            ),
+                            false => tracing::info!(
+                                "docker labels: dockerd's API at {at} does not answer ({why}); \
+                                 ports its proxies hand over get the daemon's own allow-list \
+                                 until it does"
+                            ),
+                        }
                         told = true;
                     }
                     self.sleep(pause);
@@ -265,7 +278,15 @@ impl Follower {
     /// Makes what is served for container `id` what `container` (None: it is gone)
     /// publishes, in one change; returns how many mappings it has now.
     fn serve(&mut self, id: &str, container: Option<&Container>) -> usize {
-        let wanted = container.map_or_else(Vec::new, |c| wanted(c, self.options));
+        let mut bad = Vec::new();
+        let wanted = container.map_or_else(Vec::new, |c| wanted(c, &self.options, &mut bad));
+        for problem in bad {
+            let name = container.map_or("", |c| c.name.as_str());
+            tracing::warn!(
+                "docker ports: container {name}: {problem}; its ports get the daemon's own list \
+                 (docker_allow)"
+            );
+        }
         let origin = Origin::Container(Arc::from(container.map_or("", |c| c.name.as_str())));
         let had = self
             .served
@@ -276,8 +297,9 @@ impl Follower {
         // Asked only when a port is new to the daemon.
         let proxied = || engine.pid().map(proxies::served).unwrap_or_default();
         let mut kept = BTreeSet::new();
+        let serve_ports = self.serve_ports;
         let planned = self.change(|current| {
-            let plan = plan(&wanted, &origin, &had, current, proxied);
+            let plan = plan(&wanted, &origin, &had, current, serve_ports, proxied);
             kept = plan.serves;
             Ok(plan.change)
         });
@@ -331,6 +353,7 @@ fn plan(
     origin: &Origin,
     had: &BTreeSet<Key>,
     current: &std::collections::BTreeMap<Key, Current>,
+    serve_ports: bool,
     proxied: impl Fn() -> BTreeSet<Key>,
 ) -> Plan {
     let mut change = Change::default();
@@ -361,6 +384,21 @@ fn plan(
                     false => Listener::None,
                 }
             }
+            // A shim's registration: the shim serves it, but the container's labels say who
+            // may reach it (the registration got the daemon's own list meanwhile).
+            Some(c) if matches!(c.origin, Origin::Shim(_)) => {
+                if c.mapping.options.allow != w.mapping.options.allow {
+                    let mut relabelled = c.mapping.clone();
+                    relabelled.options.allow = w.mapping.options.allow.clone();
+                    change.stop.push(k);
+                    change.start.push(Start {
+                        mapping: relabelled,
+                        listener: Listener::Bind,
+                        origin: c.origin.clone(),
+                    });
+                }
+                continue;
+            }
             Some(c) => {
                 tracing::debug!(
                     "docker ports: {} is served already ({}); leaving it",
@@ -369,6 +407,7 @@ fn plan(
                 );
                 continue;
             }
+            None if !serve_ports => continue,
             None => {
                 let held = held.get_or_insert_with(&proxied);
                 if held.contains(&k) {
@@ -386,7 +425,7 @@ fn plan(
         };
         serves.insert(k);
         change.start.push(Start {
-            mapping: w.mapping,
+            mapping: w.mapping.clone(),
             listener,
             origin: origin.clone(),
         });
@@ -424,7 +463,7 @@ mod tests {
     use crate::mapping::{parse_publish, Mapping};
 
     fn mapping(spec: &str) -> Mapping {
-        parse_publish(spec, Options::default()).unwrap()[0]
+        parse_publish(spec, Options::default()).unwrap()[0].clone()
     }
 
     fn listed(spec: &str) -> Wanted {
@@ -439,12 +478,13 @@ mod tests {
             .iter()
             .map(|(spec, origin, listener)| {
                 let m = mapping(spec);
+                let k = key(&m);
                 let c = Current {
                     mapping: m,
                     origin: origin.clone(),
                     listener: *listener,
                 };
-                (key(&m), c)
+                (k, c)
             })
             .collect()
     }
@@ -479,7 +519,7 @@ mod tests {
         ];
         // A shim registered the IPv6 one: it stays the shim's.
         let now = current(&[("[::]:8080:[fd00::2]:80", Origin::Shim(1), true)]);
-        let p = plan(&wanted, &web(), &BTreeSet::new(), &now, BTreeSet::new);
+        let p = plan(&wanted, &web(), &BTreeSet::new(), &now, true, BTreeSet::new);
         assert_eq!(
             summary(&p),
             (
@@ -494,7 +534,14 @@ mod tests {
     fn a_port_dockerds_proxy_serves_is_left_alone() {
         let wanted = [listed("0.0.0.0:8080:172.17.0.2:80")];
         let proxied = || BTreeSet::from([key(&mapping("0.0.0.0:8080:1.1.1.1:1"))]);
-        let p = plan(&wanted, &web(), &BTreeSet::new(), &BTreeMap::new(), proxied);
+        let p = plan(
+            &wanted,
+            &web(),
+            &BTreeSet::new(),
+            &BTreeMap::new(),
+            true,
+            proxied,
+        );
         assert_eq!(summary(&p), (vec![], vec![]));
         assert!(p.serves.is_empty());
     }
@@ -511,7 +558,7 @@ mod tests {
         let had: BTreeSet<Key> = now.keys().copied().collect();
         // The container restarted with a new address; port 9 is no longer published.
         let wanted = [listed(same), listed("[::]:8080:172.17.0.3:80")];
-        let p = plan(&wanted, &web(), &had, &now, || {
+        let p = plan(&wanted, &web(), &had, &now, true, || {
             panic!("no new port: no need to ask")
         });
         let (starts, mut stops) = summary(&p);
@@ -534,7 +581,7 @@ mod tests {
             ("0.0.0.0:8081:172.17.0.2:81", Origin::Shim(3), true),
         ]);
         let had: BTreeSet<Key> = now.keys().copied().collect();
-        let p = plan(&[], &web(), &had, &now, BTreeSet::new);
+        let p = plan(&[], &web(), &had, &now, true, BTreeSet::new);
         assert_eq!(
             summary(&p),
             (vec![], vec![key(&mapping("0.0.0.0:8080:1.1.1.1:1"))])

@@ -3,13 +3,15 @@
 //! clients dockerd leaves out.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
+use crate::allow::AllowList;
 use crate::engine::{Attachment, Container};
 use crate::mapping::Mapping;
 use crate::options::Options;
 
 /// A mapping a container's ports ask for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     /// What to serve.
     pub mapping: Mapping,
@@ -32,11 +34,44 @@ pub fn carrier(c: &Container) -> Option<&Attachment> {
         .min_by_key(|a| (-a.gw_priority, a.network != "bridge", a.network.as_str()))
 }
 
+/// The label that says who may reach all of a container's published ports.
+pub const ALLOW_LABEL: &str = "rproxy.allow";
+
+/// Who may reach `c`'s host port `port`: its `rproxy.allow.<port>` label, else its
+/// `rproxy.allow` label, else `default`. A label that does not parse gives `default` (never
+/// anything wider), and what is wrong with it goes to `bad`.
+pub fn allow_for(
+    c: &Container,
+    port: u16,
+    default: &Option<Arc<AllowList>>,
+    bad: &mut Vec<String>,
+) -> Option<Arc<AllowList>> {
+    let own = format!("{ALLOW_LABEL}.{port}");
+    let Some((name, value)) = [own.as_str(), ALLOW_LABEL]
+        .into_iter()
+        .find_map(|name| Some((name, c.labels.get(name)?)))
+    else {
+        return default.clone();
+    };
+    match AllowList::parse_joined(value) {
+        Ok(list) => Some(Arc::new(list)),
+        Err(e) => {
+            let problem = format!("label {name}={value:?}: {e}");
+            if !bad.contains(&problem) {
+                bad.push(problem);
+            }
+            default.clone()
+        }
+    }
+}
+
 /// Every mapping `c`'s published ports ask for, with `options`: one per port dockerd lists
 /// (IPv4 host addresses to the container's IPv4 address; IPv6 ones to its IPv6 address, or
 /// 6→4 to its IPv4 address when it has none), and for each port published on 0.0.0.0 that
-/// dockerd lists no IPv6 address for, `[::]:PORT` to its IPv4 address (6→4).
-pub fn wanted(c: &Container, options: Options) -> Vec<Wanted> {
+/// dockerd lists no IPv6 address for, `[::]:PORT` to its IPv4 address (6→4). Each gets the
+/// allow-list its container's labels give its host port ([`allow_for`], `options.allow` the
+/// default); labels that do not parse are described in `bad`.
+pub fn wanted(c: &Container, options: &Options, bad: &mut Vec<String>) -> Vec<Wanted> {
     let Some(net) = carrier(c) else {
         return Vec::new();
     };
@@ -47,11 +82,15 @@ pub fn wanted(c: &Container, options: Options) -> Vec<Wanted> {
             IpAddr::V6(_) => net.ipv6.map(IpAddr::V6).or(net.ipv4.map(IpAddr::V4)),
         };
         let Some(target) = target else { continue };
+        let options = Options {
+            allow: allow_for(c, p.host_port, &options.allow, bad),
+            ..options.clone()
+        };
         let mapping = |listen: IpAddr| Mapping {
             proto: p.proto,
             listen: SocketAddr::new(listen, p.host_port),
             target: SocketAddr::new(target, p.container_port),
-            options,
+            options: options.clone(),
         };
         out.push(Wanted {
             mapping: mapping(p.host_ip),
@@ -96,7 +135,7 @@ mod tests {
     }
 
     fn specs(c: &Container) -> Vec<(String, bool)> {
-        wanted(c, Options::default())
+        wanted(c, &Options::default(), &mut Vec::new())
             .iter()
             .map(|w| (w.mapping.spec(), w.listed))
             .collect()
@@ -111,6 +150,7 @@ mod tests {
                 port(Proto::Tcp, "0.0.0.0", 8080, 80),
                 port(Proto::Tcp, "::", 8080, 80),
             ],
+            labels: Default::default(),
             networks: vec![net("bridge", "172.17.0.2", Some("fd00::2"), 0)],
         };
         assert_eq!(
@@ -131,6 +171,7 @@ mod tests {
                 port(Proto::Udp, "0.0.0.0", 8053, 53),
                 port(Proto::Tcp, "127.0.0.1", 8081, 81),
             ],
+            labels: Default::default(),
             networks: vec![net("v4only", "172.18.0.2", None, 0)],
         };
         assert_eq!(
@@ -149,6 +190,7 @@ mod tests {
             id: "a".into(),
             name: "multi".into(),
             ports: vec![port(Proto::Tcp, "0.0.0.0", 8080, 80)],
+            labels: Default::default(),
             networks: vec![
                 net("zzz", "172.20.0.2", None, 0),
                 net("aaa", "172.19.0.2", None, 0),
@@ -160,6 +202,6 @@ mod tests {
         c.networks.push(net("zzz-prio", "172.21.0.2", None, 10));
         assert_eq!(carrier(&c).unwrap().network, "zzz-prio");
         c.networks = vec![net("none", "", None, 0)];
-        assert!(wanted(&c, Options::default()).is_empty());
+        assert!(wanted(&c, &Options::default(), &mut Vec::new()).is_empty());
     }
 }

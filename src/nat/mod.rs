@@ -3,6 +3,9 @@
 //! not or cannot: loopback clients, hairpin traffic from the target's own network, IPv6
 //! clients of an IPv4 target.
 //!
+//! The same table holds the mappings' allow-lists (`Nat::set_allow`, see `filter`): a filter
+//! chain ahead of every DNAT, rproxy's and dockerd's alike, whatever a mapping's NAT mode.
+//!
 //! Ownership: the table is created with NFT_TABLE_F_OWNER, so it belongs to this process's
 //! netlink socket and the kernel deletes it when the process exits, even by SIGKILL. Tables
 //! that kernels without the owner flag (before 5.12) leave behind are swept at start-up: only
@@ -10,6 +13,7 @@
 
 mod conntrack;
 mod dockerd;
+mod filter;
 mod netlink;
 mod policy;
 mod route;
@@ -24,6 +28,7 @@ use std::sync::{mpsc, Mutex};
 use tokio::sync::oneshot;
 use worker::Job;
 
+use crate::allow::AllowList;
 use crate::mapping::Mapping;
 use crate::options::Mode;
 
@@ -114,7 +119,9 @@ impl Nat {
             tracing::info!("{m}: userland only, {why}");
             return Ok(Some(Path::Userland(why.into())));
         }
-        let path = self.ask(|tx| Job::Install(*m, from_dockerd, tx)).await;
+        let path = self
+            .ask(|tx| Job::Install(m.clone(), from_dockerd, tx))
+            .await;
         match path {
             Ok(result) => result.map(Some),
             Err(why) if m.options.nat == Mode::Require => Err(why),
@@ -125,7 +132,9 @@ impl Nat {
     /// Whether dockerd's own rules DNAT `m`'s port (remote clients then reach the
     /// target without passing the listener); false when that cannot be seen.
     pub async fn dockerd_translates(&self, m: &Mapping) -> bool {
-        self.ask(|tx| Job::Dockerd(*m, tx)).await.unwrap_or(false)
+        self.ask(|tx| Job::Dockerd(m.clone(), tx))
+            .await
+            .unwrap_or(false)
     }
 
     /// `m`'s path now: `installed` (what `install` answered), unless the thread has since
@@ -139,7 +148,7 @@ impl Nat {
     /// not wait: the thread removes them in order with whatever is asked next.
     pub fn remove(&self, m: &Mapping, path: Option<&Path>) {
         if matches!(path, Some(Path::Kernel | Path::Dockerd)) {
-            if let Err(e) = self.send(Job::Remove(*m)) {
+            if let Err(e) = self.send(Job::Remove(m.clone())) {
                 tracing::warn!("{m}: kernel NAT not removed: {e}");
             }
         }
@@ -157,6 +166,32 @@ impl Nat {
             return HashMap::new();
         }
         self.ask(Job::Counters).await.unwrap_or_default()
+    }
+
+    /// Keeps `allow` as the filter of `m`'s published address and port (None: no filter):
+    /// new connections and datagrams to it from sources outside the list are dropped in
+    /// prerouting, ahead of any DNAT — rproxy's or dockerd's — whatever `m`'s NAT mode; the
+    /// host's own processes (arriving through loopback) are never judged. One netlink batch:
+    /// a change is atomic. Opens the table (and starts the thread) if needed; Err when the
+    /// kernel refuses it. The filter is `m`'s alone: `install` and `remove` leave it be, so
+    /// a mapping that goes takes it away with `set_allow(m, None)`.
+    pub async fn set_allow(&self, m: &Mapping, allow: Option<&AllowList>) -> Result<(), String> {
+        let allow = allow.cloned();
+        self.ask(|tx| Job::Allow(m.clone(), allow, tx)).await?
+    }
+
+    /// Packets each mapping's filter dropped, by `Mapping::spec()`: one dump; nothing at all
+    /// when the thread never started.
+    pub async fn denied(&self) -> HashMap<String, u64> {
+        if self
+            .worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return HashMap::new();
+        }
+        self.ask(Job::Denied).await.unwrap_or_default()
     }
 
     /// Deletes the table (every rule at once) and ends the thread; a later install starts

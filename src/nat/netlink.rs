@@ -287,6 +287,7 @@ impl Netlink {
             NFNL_SUBSYS_NFTABLES,
             &[],
         );
+        self.room_for(out.len());
         send(self.socket.as_raw_fd(), &out, MsgFlags::empty())?;
         // Every message asked for an ack; on failure the kernel still answers each one.
         let first = first.unwrap_or(last);
@@ -317,6 +318,22 @@ impl Netlink {
         match failure {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Makes the send buffer hold a batch of `len` bytes: one batch is one message, and
+    /// the default buffer (212,992 bytes) refuses a long allow-list's. As root the buffer
+    /// may grow past net.core.wmem_max, as nft's does.
+    fn room_for(&mut self, len: usize) {
+        let want = len.saturating_add(4096);
+        if self.socket.send_buffer_size().is_ok_and(|n| n >= want) {
+            return;
+        }
+        use nix::sys::socket::{setsockopt, sockopt::SndBufForce};
+        // The kernel takes an int.
+        let want = want.min(i32::MAX as usize / 2);
+        if setsockopt(&self.socket, SndBufForce, &want).is_err() {
+            let _ = self.socket.set_send_buffer_size(want);
         }
     }
 

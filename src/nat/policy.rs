@@ -13,7 +13,7 @@ pub(super) enum State {
     /// Not opened yet (or closed).
     Closed,
     /// Open: rules can be added.
-    Open(Table),
+    Open(Box<Table>),
     /// The kernel refused it, and why: every mapping stays in userland (or fails).
     Unavailable(String),
 }
@@ -22,7 +22,7 @@ pub(super) enum State {
 pub(super) fn ensure_open(state: &mut State, table: &str) {
     if let State::Closed = state {
         *state = match Table::open(table) {
-            Ok(t) => State::Open(t),
+            Ok(t) => State::Open(Box::new(t)),
             Err(why) => {
                 tracing::warn!("kernel NAT unavailable ({why}); serving every port in userland");
                 State::Unavailable(why)

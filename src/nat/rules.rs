@@ -269,7 +269,7 @@ pub fn translates(rule: &[u8], proto: u8, port: u16, daddr: Option<IpAddr>) -> b
     proto_ok && port_ok && nat && covered
 }
 
-fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
+pub(super) fn expr(list: &mut Attrs, name: &str, data: impl FnOnce(&mut Attrs)) {
     list.nest(NFTA_LIST_ELEM, |e| {
         e.str(NFTA_EXPR_NAME, name).nest(NFTA_EXPR_DATA, data);
     });
@@ -283,14 +283,14 @@ fn meta(list: &mut Attrs, key: u32) {
 }
 
 /// payload BASE OFFSET LEN → reg 1 (base 1 = network header, 2 = transport header).
-fn payload(list: &mut Attrs, base: u32, offset: u32, len: u32) {
+pub(super) fn payload(list: &mut Attrs, base: u32, offset: u32, len: u32) {
     expr(list, "payload", |d| {
         d.u32(1, NFT_REG_1).u32(2, base).u32(3, offset).u32(4, len);
     });
 }
 
 /// reg 1 == value (or !=).
-fn cmp(list: &mut Attrs, equal: bool, value: &[u8]) {
+pub(super) fn cmp(list: &mut Attrs, equal: bool, value: &[u8]) {
     expr(list, "cmp", |d| {
         d.u32(1, NFT_REG_1) // NFTA_CMP_SREG
             .u32(2, if equal { 0 } else { 1 }) // NFTA_CMP_OP: NFT_CMP_EQ / NEQ
@@ -315,7 +315,7 @@ fn daddr(list: &mut Attrs, v6: bool) {
     }
 }
 
-fn encode_match(list: &mut Attrs, m: &Match) {
+pub(super) fn encode_match(list: &mut Attrs, m: &Match) {
     const NFT_META_IIFNAME: u32 = 6;
     const NFT_META_NFPROTO: u32 = 15;
     const NFT_META_L4PROTO: u32 = 16;
@@ -388,7 +388,7 @@ mod tests {
     use crate::mapping::parse_publish;
 
     fn rules(spec: &str, hairpin: Option<&str>) -> Vec<String> {
-        let m = parse_publish(spec, Default::default()).unwrap()[0];
+        let m = parse_publish(spec, Default::default()).unwrap()[0].clone();
         for_mapping(&m, hairpin)
             .iter()
             .map(ToString::to_string)
@@ -440,14 +440,15 @@ mod tests {
 
     #[test]
     fn recognises_a_dnat_rule_for_a_port() {
-        let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0].clone();
         let rule = &for_mapping(&m, Some("docker0"))[0];
         let bytes = rule.encode("nat").bytes().to_vec();
         assert!(translates(&bytes, 6, 8080, None));
         assert!(!translates(&bytes, 6, 8081, None), "another port");
         assert!(!translates(&bytes, 17, 8080, None), "another protocol");
         // A rule for one host address covers that address, not every one.
-        let one = parse_publish("192.0.2.7:8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0];
+        let one = parse_publish("192.0.2.7:8080:172.17.0.2:80/tcp", Default::default()).unwrap()[0]
+            .clone();
         let bytes = attrs_bytes(&for_mapping(&one, None)[1].encode("rproxy"));
         let at = |ip: &str| Some(ip.parse().unwrap());
         assert!(translates(&bytes, 6, 8080, at("192.0.2.7")));
@@ -460,7 +461,7 @@ mod tests {
 
     #[test]
     fn comments_survive_the_userdata_encoding() {
-        let m = parse_publish("8080:172.17.0.2:80", Default::default()).unwrap()[0];
+        let m = parse_publish("8080:172.17.0.2:80", Default::default()).unwrap()[0].clone();
         let rule = &for_mapping(&m, None)[0];
         let attrs = rule.encode("rproxy");
         let bytes = attrs_bytes(&attrs);

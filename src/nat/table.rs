@@ -1,11 +1,13 @@
 //! rproxy's nftables table: created with its two NAT base chains, a rule pair added and
-//! removed per mapping in one batch each, rule counters read back, deleted when dropped.
+//! removed per mapping in one batch each, the mappings' allow-list filters (see `filter`),
+//! rule counters read back, deleted when dropped.
 
 use std::collections::HashMap;
 
 use super::netlink::{self, Attrs, Error, Message, Netlink};
 use super::rules::{self, Chain};
-use super::{conntrack, route, sweep};
+use super::{conntrack, filter, route, sweep};
+use crate::allow::AllowList;
 use crate::mapping::Mapping;
 
 pub(super) const NFTA_TABLE_NAME: u16 = 1;
@@ -30,6 +32,24 @@ pub struct Table {
     /// drops its entry (the dump predates the new rules); a miss or a stale handle dumps anew.
     /// Only this socket writes an owner table, so entries stay good between dumps.
     handles: HashMap<String, Vec<(String, u64)>>,
+    /// The allow-list filters.
+    filters: Filters,
+}
+
+/// The filters in the table, all named, so none needs a rule handle.
+#[derive(Default)]
+struct Filters {
+    /// Whether the base chain and its dispatch maps exist (made with the first filter).
+    base: bool,
+    /// The next filter's number.
+    next: u32,
+    /// Each mapping's filter number, by spec (its options do not matter here).
+    ids: HashMap<String, u32>,
+    /// The mappings (specs) whose filters a dispatch key would lead to, oldest first; the map
+    /// leads to the last. Two at once only while a mapping gives way to one on the same
+    /// address and port (a container restarted with a new address), in whichever order
+    /// they come.
+    holders: HashMap<filter::Key, Vec<String>>,
 }
 
 impl Table {
@@ -86,6 +106,7 @@ impl Table {
             table: table.to_string(),
             udp: Vec::new(),
             handles: HashMap::new(),
+            filters: Filters::default(),
         })
     }
 
@@ -130,7 +151,7 @@ impl Table {
             .batch(&msgs)
             .map_err(|e| format!("cannot install kernel NAT for {m}: {}", explain(&e)))?;
         if m.proto == crate::mapping::Proto::Udp {
-            self.udp.push(*m);
+            self.udp.push(m.clone());
         }
         Ok(())
     }
@@ -188,7 +209,83 @@ impl Table {
     pub fn connections(&mut self) -> HashMap<String, u64> {
         let mut out = HashMap::new();
         for r in self.rules().unwrap_or_default() {
+            if !Chain::ALL.iter().any(|c| c.name() == r.chain) {
+                continue;
+            }
             if let Some(spec) = r.comment.as_deref().and_then(|c| c.strip_prefix("rproxy ")) {
+                *out.entry(spec.to_string()).or_insert(0) += r.packets;
+            }
+        }
+        out
+    }
+
+    /// Makes `allow` the filter of `m`'s published address and port (None: no filter), in
+    /// one batch: a new filter with its dispatch element, or the same filter's set emptied
+    /// and filled again.
+    pub fn set_allow(&mut self, m: &Mapping, allow: Option<&AllowList>) -> Result<(), String> {
+        let fail = |e: &Error| format!("cannot set the allow-list of {m}: {}", explain(e));
+        let t = self.table.clone();
+        let f = &mut self.filters;
+        let key = filter::key(m);
+        let spec = m.spec();
+        match (allow, f.ids.get(&spec).copied()) {
+            (None, None) => Ok(()),
+            (Some(list), Some(id)) => self
+                .nl
+                .batch(&filter::refill(&t, id, m, list))
+                .map_err(|e| fail(&e)),
+            (Some(list), None) => {
+                if m.listen.port() == 0 {
+                    return Err(format!("{m}: no allow-list before its port is known"));
+                }
+                let mut msgs = match f.base {
+                    false => filter::base(&t),
+                    true => Vec::new(),
+                };
+                let id = f.next;
+                msgs.extend(filter::create(&t, id, m, list));
+                // The newest mapping on an address and port is the one it leads to.
+                if f.holders.get(&key).is_some_and(|h| !h.is_empty()) {
+                    msgs.push(filter::unpoint(&t, &key));
+                }
+                msgs.push(filter::point(&t, &key, id));
+                tracing::debug!("{m}: allow-list rule {}", filter::describe(m, id));
+                self.nl.batch(&msgs).map_err(|e| fail(&e))?;
+                f.base = true;
+                f.next += 1;
+                f.ids.insert(spec.clone(), id);
+                f.holders.entry(key).or_default().push(spec);
+                Ok(())
+            }
+            (None, Some(id)) => {
+                let holders = f.holders.get(&key).cloned().unwrap_or_default();
+                let mut msgs = Vec::new();
+                if holders.last() == Some(&spec) {
+                    msgs.push(filter::unpoint(&t, &key));
+                    let before = holders.len().checked_sub(2).and_then(|i| holders.get(i));
+                    if let Some(id) = before.and_then(|b| f.ids.get(b)) {
+                        msgs.push(filter::point(&t, &key, *id));
+                    }
+                }
+                msgs.extend(filter::delete(&t, id));
+                self.nl.batch(&msgs).map_err(|e| fail(&e))?;
+                f.ids.remove(&spec);
+                if let Some(h) = f.holders.get_mut(&key) {
+                    h.retain(|x| *x != spec);
+                    if h.is_empty() {
+                        f.holders.remove(&key);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Packets each mapping's filter dropped, by mapping spec: one dump.
+    pub fn denied(&mut self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        for r in self.rules().unwrap_or_default() {
+            if let Some(spec) = r.comment.as_deref().and_then(filter::spec_of) {
                 *out.entry(spec.to_string()).or_insert(0) += r.packets;
             }
         }

@@ -16,6 +16,7 @@ use tokio::sync::oneshot;
 use super::dockerd;
 use super::policy::{self, State};
 use super::Path;
+use crate::allow::AllowList;
 use crate::mapping::Mapping;
 use crate::options::Mode;
 
@@ -43,6 +44,14 @@ pub(super) enum Job {
     Remove(Mapping),
     /// Connections each mapping's rules translated, by spec.
     Counters(oneshot::Sender<HashMap<String, u64>>),
+    /// Set (or, None, remove) a mapping's allow-list filter.
+    Allow(
+        Mapping,
+        Option<AllowList>,
+        oneshot::Sender<Result<(), String>>,
+    ),
+    /// Packets each mapping's filter dropped, by spec.
+    Denied(oneshot::Sender<HashMap<String, u64>>),
     /// Whether dockerd's own iptables rules DNAT a mapping's port.
     Dockerd(Mapping, oneshot::Sender<bool>),
     /// Delete the table; the thread then ends.
@@ -97,7 +106,7 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 let result = policy::install(&mut state, &table, &m, from_dockerd, &mut recent);
                 if let Ok(path @ (Path::Kernel | Path::Dockerd)) = &result {
                     if from_dockerd {
-                        lock(&current).insert(m, path.clone());
+                        lock(&current).insert(m.clone(), path.clone());
                         let watch = Watched {
                             path: path.clone(),
                             next: Instant::now() + FIRST_LOOK,
@@ -141,6 +150,22 @@ fn run(table: String, rx: mpsc::Receiver<Job>, current: Current) {
                 for r in replies {
                     let _ = r.send(counts.clone());
                 }
+            }
+            Job::Allow(m, allow, reply) => {
+                policy::ensure_open(&mut state, &table);
+                let result = match &mut state {
+                    State::Open(t) => t.set_allow(&m, allow.as_ref()),
+                    State::Unavailable(why) => Err(format!("no allow-list for {m}: {why}")),
+                    State::Closed => Err("the table is closed".into()),
+                };
+                let _ = reply.send(result);
+            }
+            Job::Denied(reply) => {
+                let counts = match &mut state {
+                    State::Open(t) => t.denied(),
+                    _ => HashMap::new(),
+                };
+                let _ = reply.send(counts);
             }
             Job::Close(reply) => {
                 // Dropping the table deletes it.
@@ -200,7 +225,7 @@ fn look_again(
                         tracing::warn!(
                             "{m}: dockerd's rule for it is gone and {why}; userland only"
                         );
-                        dropped.push(*m);
+                        dropped.push(m.clone());
                         Path::Userland(why)
                     }
                 }
@@ -211,7 +236,7 @@ fn look_again(
         w.pause = FIRST_LOOK;
         w.next = now + FIRST_LOOK;
         w.path = now_path.clone();
-        lock(current).insert(*m, now_path);
+        lock(current).insert(m.clone(), now_path);
     }
     for m in dropped {
         watched.remove(&m);

@@ -13,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 
+use crate::allow::AllowList;
 use crate::backoff::Backoff;
 use crate::mapping::describe;
 use crate::options::Options;
@@ -21,7 +22,7 @@ use crate::stats::{Failure, Stats};
 use crate::stop::Stop;
 
 /// What the TCP path takes from a mapping's options.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// How long dialling the target may take before the client is reset.
     pub connect_timeout: Duration,
@@ -29,6 +30,8 @@ pub struct Config {
     pub splice: bool,
     /// The PROXY protocol header each backend connection starts with.
     pub proxy_protocol: Version,
+    /// Who may connect (None: everyone).
+    pub allow: Option<Arc<AllowList>>,
 }
 
 impl From<&Options> for Config {
@@ -37,6 +40,7 @@ impl From<&Options> for Config {
             connect_timeout: o.connect_timeout,
             splice: o.splice,
             proxy_protocol: o.proxy_protocol,
+            allow: o.allow.clone(),
         }
     }
 }
@@ -62,7 +66,10 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => {
                 if let Some((client, peer)) = backoff.accepted("tcp", accepted).await {
-                    conns.spawn(handle(client, peer, target, config, stats.clone()));
+                    if refused(&config.allow, &client, peer, &stats) {
+                        continue;
+                    }
+                    conns.spawn(handle(client, peer, target, config.clone(), stats.clone()));
                 }
             }
             // Reap finished connections so the set stays the size of what is open.
@@ -77,6 +84,28 @@ pub async fn serve(
             tokio::time::timeout(drain, async { while conns.join_next().await.is_some() {} }).await;
     }
     // Dropping the set aborts what is left.
+}
+
+/// Resets `client` when `allow` has no room for it, before a byte is relayed or the target
+/// dialled; counted, with a line now and then.
+fn refused(
+    allow: &Option<Arc<AllowList>>,
+    client: &TcpStream,
+    peer: SocketAddr,
+    stats: &Stats,
+) -> bool {
+    let Some(list) = allow.as_ref().filter(|l| !l.admits(peer.ip())) else {
+        return false;
+    };
+    let _ = SockRef::from(client).set_linger(Some(Duration::ZERO));
+    match stats.deny() {
+        Some(n) => tracing::warn!(
+            "{peer}: refused, not in the allow-list ({list}){}",
+            since_last(n)
+        ),
+        None => tracing::debug!("{peer}: refused, not in the allow-list"),
+    }
+    true
 }
 
 async fn handle(

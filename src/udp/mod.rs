@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
+use crate::allow::AllowList;
 use crate::mapping::describe;
 use crate::options::Options;
 use crate::stats::{Failure, Stats};
@@ -43,12 +44,14 @@ static GSO: AtomicBool = AtomicBool::new(true);
 const MAX_DATAGRAM: usize = 1 << 16;
 
 /// What the UDP path takes from a mapping's options.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Silence (both directions) after which a flow expires.
     pub idle_timeout: Duration,
     /// Flows before the least recently used is evicted.
     pub max_flows: usize,
+    /// Who may open a flow (None: everyone).
+    pub allow: Option<Arc<AllowList>>,
 }
 
 impl From<&Options> for Config {
@@ -56,6 +59,7 @@ impl From<&Options> for Config {
         Config {
             idle_timeout: o.udp_timeout,
             max_flows: o.udp_max_flows,
+            allow: o.allow.clone(),
         }
     }
 }
@@ -360,9 +364,9 @@ async fn relay(
         frontend_v6: frontend.local_addr().is_ok_and(|a| a.is_ipv6()),
         frontend: frontend.clone(),
         target,
+        table: FlowTable::new(flow_bound(config.max_flows)),
         config,
         stats,
-        table: FlowTable::new(flow_bound(config.max_flows)),
         expired_tx,
     };
     loop {
@@ -503,6 +507,20 @@ impl Dispatch {
         if let Some(entry) = self.table.get(&key) {
             entry.activity.touch();
             return Some(entry.flow.socket.clone());
+        }
+        if let Some(list) = self.config.allow.as_ref().filter(|l| !l.admits(key.0.ip())) {
+            match self.stats.deny() {
+                Some(n) => tracing::warn!(
+                    "udp {}: dropped, not in the allow-list ({list}){}",
+                    key.0,
+                    match n {
+                        0 | 1 => String::new(),
+                        n => format!(" ({n} datagrams since the last warning)"),
+                    }
+                ),
+                None => tracing::debug!("udp {}: dropped, not in the allow-list", key.0),
+            }
+            return None;
         }
         let charge = match Charge::take() {
             Some(c) => c,
