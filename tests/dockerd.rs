@@ -198,7 +198,7 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     }
     h.build_image();
     h.step("image built");
-    let ports = h.reserve_ports(6);
+    let ports = h.reserve_ports(8);
     let set = ProxyOff::run(&h, &ports);
     dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(&h, &set);
     let engine = format!("--docker-host=unix://{}", h.sock.display());
@@ -209,6 +209,7 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     the_metrics_count_dockerds_ports_like_any_mapping(&h, &set, metrics);
     remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(&h, &set);
     hairpin_follows_icc_without_a_userland_proxy(&h, ports[3], ports[4]);
+    labels_say_who_may_reach_a_port_through_dockerds_dnat(&h, ports[6], ports[7]);
     the_daemon_follows_containers_dockerd_and_itself(&mut h, &set);
     a_500_port_range_costs_no_process(&h);
     the_ports_are_dockerds_alone_after_the_daemons_sigkill(&mut h, &set);
@@ -498,7 +499,7 @@ fn remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(
     h: &Harness,
     set: &ProxyOff,
 ) {
-    let link = RemoteLink::new("pdn");
+    let link = RemoteLink::new("pdn", 77);
     let v4_row = |h: &Harness| {
         let listen = format!("[::]:{}", set.p_v4);
         h.rproxy_ls()
@@ -539,27 +540,137 @@ struct RemoteLink {
 }
 
 impl RemoteLink {
-    fn new(tag: &str) -> RemoteLink {
+    /// The link 10.250.`net`.0/24 and fd7e:250:`net`::/64, the host at .1 and ::1, the
+    /// client at .2 and ::2.
+    fn new(tag: &str, net: u8) -> RemoteLink {
         let ns = common::Netns::new(tag);
         let (host_if, ns_if) = (format!("rpx{tag}h"), format!("rpx{tag}n"));
         let _ = Command::new("ip").args(["link", "del", &host_if]).output();
         common::sh(&format!(
             "ip link add {host_if} type veth peer name {ns_if} netns {n} && \
-             ip addr add 10.250.77.1/24 dev {host_if} && \
-             ip addr add fd7e:250::1/64 dev {host_if} nodad && ip link set {host_if} up && \
-             ip -n {n} addr add 10.250.77.2/24 dev {ns_if} && \
-             ip -n {n} addr add fd7e:250::2/64 dev {ns_if} nodad && \
+             ip addr add 10.250.{net}.1/24 dev {host_if} && \
+             ip addr add fd7e:250:{net}::1/64 dev {host_if} nodad && ip link set {host_if} up && \
+             ip -n {n} addr add 10.250.{net}.2/24 dev {ns_if} && \
+             ip -n {n} addr add fd7e:250:{net}::2/64 dev {ns_if} nodad && \
              ip -n {n} link set {ns_if} up && \
-             ip -n {n} route add default via 10.250.77.1 && \
-             ip -n {n} -6 route add default via fd7e:250::1",
+             ip -n {n} route add default via 10.250.{net}.1 && \
+             ip -n {n} -6 route add default via fd7e:250:{net}::1",
             n = ns.name
         ));
         RemoteLink {
             ns,
-            host4: "10.250.77.1".parse().unwrap(),
-            host6: "fd7e:250::1".parse().unwrap(),
+            host4: format!("10.250.{net}.1").parse().unwrap(),
+            host6: format!("fd7e:250:{net}::1").parse().unwrap(),
         }
     }
+
+    /// The client's networks, as an allow-list label writes them.
+    fn nets(&self) -> String {
+        let (IpAddr::V4(v4), IpAddr::V6(v6)) = (self.host4, self.host6) else {
+            unreachable!("built from literals")
+        };
+        let o = v4.octets();
+        let s = v6.segments();
+        format!(
+            "{}.{}.{}.0/24,{:x}:{:x}:{:x}::/64",
+            o[0], o[1], o[2], s[0], s[1], s[2]
+        )
+    }
+
+    /// Whether a GET from the client to `addr` gets the page within `patience`.
+    fn gets(&self, h: &Harness, addr: SocketAddr, patience: Duration) -> bool {
+        let page = h.page.clone();
+        self.ns
+            .run(move || http_get(addr, patience))
+            .is_ok_and(|p| p == page)
+    }
+}
+
+/// Who may reach a container's ports, from its labels, on dockerd's own DNAT (the daemon
+/// following dockerd, its userland proxy off): `rproxy.allow` lets client A's networks in
+/// on every port, `rproxy.allow.<port>` lets B's in on that one port instead; the other
+/// client is dropped before dockerd's DNAT (counted), over IPv4 and IPv6; the host's own
+/// processes always get in. The same container recreated without labels is open again.
+fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q: u16) {
+    let (a, b) = (RemoteLink::new("pla", 78), RemoteLink::new("plb", 79));
+    let name = "rproxy-test-plabel";
+    let run = |labels: &[String]| {
+        let mut args: Vec<String> = ["run", "-d", "--name", name].map(String::from).to_vec();
+        for l in labels {
+            args.extend(["--label".to_string(), l.clone()]);
+        }
+        for port in [p, q] {
+            args.extend(["-p".to_string(), format!("{port}:80")]);
+        }
+        args.extend([IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"].map(String::from));
+        h.docker_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    run(&[
+        format!("rproxy.allow={}", a.nets()),
+        format!("rproxy.allow.{q}={}", b.nets()),
+    ]);
+    let listen = format!("0.0.0.0:{p}");
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .any(|r| r.listen == listen && r.container == name)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()));
+    let (long, short) = (Duration::from_secs(10), Duration::ZERO);
+    for (link, host) in [(&a, a.host4), (&a, a.host6), (&b, b.host4), (&b, b.host6)] {
+        let is_a = std::ptr::eq(link, &a);
+        let at = |port| SocketAddr::new(host, port);
+        assert_eq!(
+            link.gets(h, at(p), if is_a { long } else { short }),
+            is_a,
+            "{host}:{p}"
+        );
+        assert_eq!(
+            link.gets(h, at(q), if is_a { short } else { long }),
+            !is_a,
+            "{host}:{q}"
+        );
+    }
+    h.get_pages(
+        &[
+            SocketAddr::from((Ipv4Addr::LOCALHOST, p)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, q)),
+        ],
+        " (host, labelled ports)",
+    );
+    let out = run_json_ls(h);
+    let row = out
+        .iter()
+        .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(&listen)))
+        .unwrap_or_else(|| panic!("{listen} not in ls --json"));
+    assert!(row["denied"].as_u64().unwrap_or(0) >= 2, "{row}");
+    h.step(&format!(
+        "labels: {} in on {p} and {} on {q}, the other dropped ahead of dockerd's DNAT",
+        a.host4, b.host4
+    ));
+    h.docker_ok(&["rm", "-f", name]);
+    run(&[]);
+    assert!(
+        b.gets(h, SocketAddr::new(b.host4, p), long),
+        "unlabelled, yet B is out"
+    );
+    h.docker_ok(&["rm", "-f", name]);
+    h.step("the container recreated without labels is open to everyone again");
+}
+
+/// `rproxy ls --json` against our daemon.
+fn run_json_ls(h: &Harness) -> Vec<serde_json::Value> {
+    let out = run(
+        Command::new(&h.rproxy_arg)
+            .args(["ls", "--json", "--control-socket"])
+            .arg(&h.rproxy_sock),
+        Duration::from_secs(10),
+        &h.dir,
+    );
+    assert!(out.status.success(), "rproxy ls --json: {out}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 /// Hairpin without a userland proxy: a container on the target's own network with icc on
