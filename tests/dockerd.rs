@@ -982,16 +982,7 @@ fn a_500_port_range_costs_no_process(h: &Harness) {
 fn the_ports_are_dockerds_alone_after_the_daemons_sigkill(h: &mut Harness, set: &ProxyOff) {
     let web4 = SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4));
     h.get_pages(&[web4], " (before the SIGKILL)");
-    let pid = h.rproxy_daemon_pid().expect("the daemon");
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    if let Some(mut child) = h.rproxy_daemon.take() {
-        let _ = child.wait();
-    }
-    h.wait_none(
-        Duration::from_secs(5),
-        "socket programs left after SIGKILL",
-        attached_programs,
-    );
+    h.kill_rproxy_daemon();
     h.get_pages(
         &[SocketAddr::from((Ipv4Addr::LOCALHOST, set.p_v4))],
         " (dockerd alone again)",
@@ -2059,16 +2050,7 @@ fn the_shims_serve_on_when_the_daemon_is_killed(h: &mut Harness, name: &str, por
     .unwrap_or_else(|()| panic!("{listen} not handed over\n{}", h.diag()));
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     h.get_pages(&[loopback], " (socket hooks)");
-    let pid = h.rproxy_daemon_pid().expect("the daemon");
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    if let Some(mut child) = h.rproxy_daemon.take() {
-        let _ = child.wait();
-    }
-    h.wait_none(
-        Duration::from_secs(5),
-        "socket programs left after SIGKILL",
-        attached_programs,
-    );
+    h.kill_rproxy_daemon();
     h.get_pages(&[loopback], " (the shim, after the daemon's SIGKILL)");
     h.docker_ok(&["rm", "-f", name]);
     h.step("daemon killed: nothing attached, the shims served on");
@@ -2884,6 +2866,21 @@ impl Harness {
                 None
             }
         }
+    }
+
+    /// SIGKILL to our daemon's PID; waits for it, and for its socket programs to be gone (the
+    /// BPF links die with it).
+    fn kill_rproxy_daemon(&mut self) {
+        let pid = self.rproxy_daemon_pid().expect("the daemon");
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        if let Some(mut child) = self.rproxy_daemon.take() {
+            let _ = child.wait();
+        }
+        self.wait_none(
+            Duration::from_secs(5),
+            "socket programs left after SIGKILL",
+            attached_programs,
+        );
     }
 
     /// `rproxy ls` against our daemon, parsed.

@@ -157,15 +157,19 @@ impl Nat {
     /// Connections the kernel translated, by mapping spec: one dump, shared with every other
     /// caller waiting at the same time; nothing at all when the thread never started.
     pub async fn connections(&self) -> HashMap<String, u64> {
-        if self
-            .worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if !self.started() {
             return HashMap::new();
         }
         self.ask(Job::Counters).await.unwrap_or_default()
+    }
+
+    /// Whether the thread runs (a process whose mappings never needed the kernel has none,
+    /// and nothing to ask it).
+    fn started(&self) -> bool {
+        self.worker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Keeps `allow` as the filter of `m`'s published address and port (None: no filter):
@@ -183,12 +187,7 @@ impl Nat {
     /// Packets each mapping's filter dropped, by `Mapping::spec()`: one dump; nothing at all
     /// when the thread never started.
     pub async fn denied(&self) -> HashMap<String, u64> {
-        if self
-            .worker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-        {
+        if !self.started() {
             return HashMap::new();
         }
         self.ask(Job::Denied).await.unwrap_or_default()
