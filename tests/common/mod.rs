@@ -314,6 +314,25 @@ impl Proxy {
         }
     }
 
+    /// Waits for stderr lines containing each of `needles`, in whatever order they come
+    /// (lines from different tasks race); returns them in the order of `needles`.
+    pub fn wait_logs(&self, needles: &[&str], timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        while found.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = self.stderr_lines.recv_timeout(left) else {
+                panic!("no log lines containing all of {needles:?} within {timeout:?}");
+            };
+            for (needle, slot) in needles.iter().zip(found.iter_mut()) {
+                if slot.is_none() && line.contains(needle) {
+                    *slot = Some(line.clone());
+                }
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Waits for the process to exit; returns its exit code (None: killed by a signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = Instant::now() + timeout;
