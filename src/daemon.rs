@@ -318,6 +318,7 @@ async fn run(settings: Settings) -> i32 {
         server.adopt(a.conn, a.key, a.origin, a.options);
     }
     let control = tokio::spawn(server.clone().serve(listener));
+    tokio::spawn(sup.clone().log_kernel_denials(Duration::from_secs(10)));
     follow_dockerd(&settings, &sup).await;
     tracing::info!(
         "daemon ready: {} mappings, control socket {}",

@@ -787,6 +787,38 @@ impl Supervisor {
         }
     }
 
+    /// Logs, at most once per period for each mapping, how many packets the kernel's
+    /// allow-list filter dropped since the last line. The listener logs its own refusals;
+    /// these never reach it (they are dropped ahead of any DNAT), so without this line an
+    /// operator would see them only in the counters.
+    pub async fn log_kernel_denials(self, every: Duration) {
+        let mut seen: std::collections::HashMap<String, u64> = Default::default();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let statuses = self.statuses();
+            let denied = self.kernel_denied(&statuses).await;
+            for s in &statuses {
+                let spec = s.mapping.spec();
+                let Some(&now) = denied.get(&spec) else {
+                    continue;
+                };
+                let before = seen.insert(spec.clone(), now).unwrap_or(0);
+                // A list that changed was installed afresh, its counter from zero.
+                let new = if now >= before { now - before } else { now };
+                if let (true, Some(list)) = (new > 0, &s.mapping.options.allow) {
+                    tracing::warn!(
+                        "{spec}: {new} packets from outside the allow-list ({list}) dropped \
+                         in the kernel in the last {} s",
+                        every.as_secs()
+                    );
+                }
+            }
+            seen.retain(|spec, _| denied.contains_key(spec));
+        }
+    }
+
     /// Connections each mapping's kernel rules translated, by spec; asks the kernel only when
     /// some mapping has rules.
     pub async fn kernel_connections(

@@ -83,6 +83,7 @@ impl Topo {
         }
         sh(&script);
         whoami(&t.target, 80, 53, None);
+        proxied_whoami(&t.target, 81);
         // The userland listener's stand-in: it answers "host".
         whoami(&t.host, 8080, 5300, Some("host"));
         t
@@ -124,6 +125,26 @@ fn whoami(ns: &Netns, tcp: u16, udp: u16, tag: Option<&'static str>) {
         while let Ok((_, from)) = socket.recv_from(&mut buf) {
             let peer = from.ip().to_canonical().to_string();
             let _ = socket.send_to(tag.map(str::to_string).unwrap_or(peer).as_bytes(), from);
+        }
+    });
+}
+
+/// TCP on `port` in `ns` behind a PROXY protocol v1 sender: reads the header and answers
+/// with the client it names (`-` when the line is not a PROXY header).
+fn proxied_whoami(ns: &Netns, port: u16) {
+    let listener = ns.run(move || TcpListener::bind(("0.0.0.0", port)).unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let mut header = String::new();
+            let mut reader = BufReader::new(&conn);
+            let _ = reader.read_line(&mut header);
+            // PROXY TCP4 <client> <server> <client port> <server port>
+            let fields: Vec<&str> = header.split_whitespace().collect();
+            let client = match fields.as_slice() {
+                ["PROXY", _, client, _, _, _] => client,
+                _ => "-",
+            };
+            let _ = (&conn).write_all(client.as_bytes());
         }
     });
 }
@@ -645,10 +666,10 @@ fn a_list_swapped_under_load_never_lets_an_outsider_in_nor_refuses_an_insider() 
 }
 
 /// The daemon end to end, in the "host" namespace: mappings of its config file with
-/// allow-lists — one through rproxy's own DNAT, one served by its listener alone, one UDP —
-/// let A in and not B, and the
-/// host's own processes always; `ls --json` shows the lists and counts the refusals; SIGHUP
-/// swaps the lists whole; SIGKILL takes the filters away with the table.
+/// allow-lists — one through rproxy's own DNAT, one served by its listener alone, one UDP,
+/// and one with the PROXY protocol — let A in and not B, and the host's own processes
+/// always; `ls --json` shows the lists and counts the refusals, the log tells of the kernel's;
+/// SIGHUP swaps the lists whole; SIGKILL takes the filters away with the table.
 #[test]
 fn the_daemon_holds_each_mappings_list_on_every_path() {
     if !need_root("the_daemon_holds_each_mappings_list_on_every_path") {
@@ -662,7 +683,9 @@ fn the_daemon_holds_each_mappings_list_on_every_path() {
         let text = format!(
             "[[mapping]]\npublish = \"9080:{TARGET}:80\"\nnat = \"on\"\nallow = {list}\n\
              [[mapping]]\npublish = \"9081:{TARGET}:80\"\nallow = {list}\n\
-             [[mapping]]\npublish = \"9053:{TARGET}:53/udp\"\nallow = {list}\n"
+             [[mapping]]\npublish = \"9053:{TARGET}:53/udp\"\nallow = {list}\n\
+             [[mapping]]\npublish = \"9082:{TARGET}:81\"\nproxy_protocol = \"v1\"\n\
+             allow = {list}\n"
         );
         std::fs::write(&config, text).unwrap();
     };
@@ -687,7 +710,9 @@ fn the_daemon_holds_each_mappings_list_on_every_path() {
         Some(BRIDGE)
     );
     assert_eq!(udp_who(&t.a, &at(HOST_A, 9053), 6).as_deref(), Some(BRIDGE));
-    for port in [9080, 9081] {
+    // The PROXY protocol mapping: the header names A to the backend.
+    assert_eq!(tcp_who(&t.a, &at(HOST_A, 9082), LONG).as_deref(), Some(A));
+    for port in [9080, 9081, 9082] {
         for _ in 0..2 {
             assert_eq!(
                 tcp_who(&t.b, &at(HOST_B, port), ONE_SYN),
@@ -724,6 +749,12 @@ fn the_daemon_holds_each_mappings_list_on_every_path() {
         table.contains("ALLOW") && table.contains("10.71.2.0/24"),
         "{table}"
     );
+    // Dropped ahead of any listener, yet told: a line per mapping now and then.
+    let line = daemon.wait_log("dropped in the kernel", Duration::from_secs(15));
+    assert!(
+        line.contains("WARN") && line.contains("outside the allow-list (10.71.2.0/24)"),
+        "{line}"
+    );
 
     // SIGHUP with B's network instead: one change, B in, A out.
     write("10.71.3.0/24");
@@ -746,7 +777,7 @@ fn the_daemon_holds_each_mappings_list_on_every_path() {
 
 /// The listener's own check, alone (no kernel filter in front of it): a client outside the
 /// list is reset at accept and its datagrams dropped before a flow is made, counted; a
-/// client on the list is relayed.
+/// client on the list is relayed, with a PROXY protocol header where the mapping sends one.
 #[test]
 fn the_listener_refuses_clients_outside_the_list_by_itself() {
     if !need_root("the_listener_refuses_clients_outside_the_list_by_itself") {
@@ -758,6 +789,7 @@ fn the_listener_refuses_clients_outside_the_list_by_itself() {
     let t = Topo::new("all");
     let allow = Some(Arc::new(AllowList::parse(&["10.71.2.0/24"]).unwrap()));
     let stats = (Arc::new(Stats::default()), Arc::new(Stats::default()));
+    let proxied_stats = Arc::new(Stats::default());
     let (handle, stop) = Stop::new();
     let (tcp_config, udp_config) = (
         rproxy::tcp::Config {
@@ -774,6 +806,13 @@ fn the_listener_refuses_clients_outside_the_list_by_itself() {
     );
     let ns = format!("/var/run/netns/{}", t.host.name);
     let (tcp_stats, udp_stats) = stats.clone();
+    let proxied = (
+        rproxy::tcp::Config {
+            proxy_protocol: rproxy::proxy_protocol::Version::V1,
+            ..tcp_config.clone()
+        },
+        proxied_stats.clone(),
+    );
     let served = std::thread::spawn(move || {
         let file = std::fs::File::open(ns).unwrap();
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -784,9 +823,12 @@ fn the_listener_refuses_clients_outside_the_list_by_itself() {
         rt.block_on(async move {
             let tcp = tokio::net::TcpListener::bind("0.0.0.0:9180").await.unwrap();
             let udp = tokio::net::UdpSocket::bind("0.0.0.0:9153").await.unwrap();
+            let with_header = tokio::net::TcpListener::bind("0.0.0.0:9182").await.unwrap();
             let target = |port: u16| SocketAddr::new(TARGET.parse().unwrap(), port);
+            let (config, stats) = proxied;
             tokio::join!(
                 rproxy::tcp::serve(tcp, target(80), tcp_config, tcp_stats, stop.clone()),
+                rproxy::tcp::serve(with_header, target(81), config, stats, stop.clone()),
                 rproxy::udp::serve(udp, target(53), udp_config, udp_stats, stop),
             );
         });
@@ -802,6 +844,15 @@ fn the_listener_refuses_clients_outside_the_list_by_itself() {
     );
     assert_eq!(udp_who(&t.a, &at(HOST_A, 9153), 6).as_deref(), Some(BRIDGE));
     assert_eq!(udp_who(&t.b, &at(HOST_B, 9153), 3), None);
+    // With the PROXY protocol: A's header reaches the backend; B is reset before any header.
+    assert_eq!(tcp_who(&t.a, &at(HOST_A, 9182), LONG).as_deref(), Some(A));
+    let b = tcp_who(&t.b, &at(HOST_B, 9182), LONG);
+    assert!(
+        b.is_none() || b.as_deref() == Some(""),
+        "B got a header through: {b:?}"
+    );
+    assert_eq!(proxied_stats.denied.load(Relaxed), 1);
+    assert_eq!(proxied_stats.total.load(Relaxed), 1);
     let denied = |s: &Stats| s.denied.load(Relaxed);
     assert_eq!(denied(&stats.0), 1, "TCP refusals");
     assert_eq!(denied(&stats.1), 3, "UDP refusals");
