@@ -107,6 +107,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     // each spawn, so no dockerd restart is needed.
     let range = h.reserve_ports(10);
     let pu = h.reserve_ports(1)[0];
+    let pl = h.reserve_ports(1)[0];
     h.step(&format!(
         "daemon phase ports: TCP {}-{}, UDP {pu}",
         range[0], range[9]
@@ -120,6 +121,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     let handed =
         the_daemon_lists_every_mapping_the_shims_hand_over(&h, "rproxy-test-daemon", range, pu);
     the_daemon_carries_the_traffic_of_handed_over_ports(&h, &handed);
+    labels_hold_on_ports_the_shims_hand_over(&h, pl);
     dockerds_processes_for_handed_over_ports_are_one_thread_shims(&h, &handed, &udp);
     dockerds_ports_go_through_a_takeover_and_a_restart(&mut h, &handed);
     docker_rm_f_drops_every_handed_over_mapping(&h, handed);
@@ -210,6 +212,8 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(&h, &set);
     hairpin_follows_icc_without_a_userland_proxy(&h, ports[3], ports[4]);
     labels_say_who_may_reach_a_port_through_dockerds_dnat(&h, ports[6], ports[7]);
+    hairpin_is_judged_by_the_containers_own_address(&h, ports[6]);
+    docker_allow_closes_unlabelled_ports_to_remote_clients(&mut h, &set);
     the_daemon_follows_containers_dockerd_and_itself(&mut h, &set);
     a_500_port_range_costs_no_process(&h);
     the_ports_are_dockerds_alone_after_the_daemons_sigkill(&mut h, &set);
@@ -378,6 +382,7 @@ fn dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(h: &Harness, set: &Proxy
             "dockerd alone: http://{addr}/ unanswered ({got:?})"
         ));
     }
+    a_host_firewall_does_not_keep_a_client_off_dockerds_ports(h, set.p_web);
     let ports = [set.p_web, set.p_udp, set.p_v4];
     assert!(
         proxy_processes()
@@ -386,6 +391,43 @@ fn dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(h: &Harness, set: &Proxy
         "a userland proxy runs: {:#?}",
         proxy_processes()
     );
+}
+
+/// The gap allow-lists close: a client the host firewall drops in INPUT (as ufw or firewalld
+/// would) cannot reach a service of the host, yet reaches a published port over IPv4 and
+/// IPv6, because dockerd's DNAT in PREROUTING sends its packets to FORWARD, past INPUT.
+fn a_host_firewall_does_not_keep_a_client_off_dockerds_ports(h: &Harness, port: u16) {
+    let outsider = RemoteLink::new("pgap", 80);
+    let service = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    let service = SocketAddr::new(outsider.host4, service.local_addr().unwrap().port());
+    // ICMPv6 stays open, as ufw and firewalld keep it: without neighbour discovery the
+    // client could not reach the host at all.
+    let firewall = |op: &str| {
+        common::sh(&format!(
+            "iptables -w {op} INPUT -s 10.250.80.0/24 -j DROP && \
+             ip6tables -w {op} INPUT -s fd7e:250:80::/64 ! -p ipv6-icmp -j DROP"
+        ))
+    };
+    firewall("-I");
+    let host_service = outsider.ns.run(move || {
+        TcpStream::connect_timeout(&service, Duration::from_secs(2)).map_err(|e| e.kind())
+    });
+    let published: Vec<bool> = [outsider.host4, outsider.host6]
+        .map(|host| outsider.gets(h, SocketAddr::new(host, port), Duration::from_secs(10)))
+        .to_vec();
+    firewall("-D");
+    assert!(
+        host_service.is_err(),
+        "the firewall let the client reach {service}"
+    );
+    assert_eq!(
+        published,
+        [true, true],
+        "dockerd alone kept the firewalled client off port {port}: the gap this documents is gone"
+    );
+    h.step(&format!(
+        "dockerd alone: a client dropped in INPUT reaches port {port} anyway (IPv4 and IPv6)"
+    ));
 }
 
 /// With the daemon: `ls` lists every published port (and `[::]` for the IPv4-only container)
@@ -658,6 +700,99 @@ fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q:
     );
     h.docker_ok(&["rm", "-f", name]);
     h.step("the container recreated without labels is open to everyone again");
+}
+
+/// Hairpin under an allow-list: the socket hooks leave such ports to dockerd's DNAT, where
+/// the filter judges a container by its own address: a container on the list reaches the
+/// port through its gateway, one off the list does not (both on the default bridge, icc on).
+fn hairpin_is_judged_by_the_containers_own_address(h: &Harness, port: u16) {
+    let (inside, outside, web) = ("rproxy-test-hin", "rproxy-test-hout", "rproxy-test-hweb");
+    for c in [inside, outside] {
+        h.docker_ok(&["run", "-d", "--name", c, IMAGE, "sleep", "3600"]);
+    }
+    let inside_ip = h.container_net(inside).ip;
+    let label = format!("rproxy.allow={inside_ip}/32");
+    let publish = format!("{port}:80");
+    let mut args = web_run(web, &[&publish]);
+    args.splice(2..2, ["--label", &label]);
+    h.docker_ok(&args);
+    let listen = format!("0.0.0.0:{port}");
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .any(|r| r.listen == listen && r.container == web)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()));
+    let gw = h.docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.Gateway}}{{end}}",
+        inside,
+    ]);
+    let fetch = |client: &str| {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {gw} {port}");
+        h.docker(&["exec", client, "sh", "-c", &script])
+    };
+    let got = poll(Duration::from_secs(10), || {
+        let out = fetch(inside);
+        out.stdout
+            .contains(h.page.trim_end())
+            .then_some(())
+            .ok_or(out)
+    });
+    if let Err(out) = got {
+        panic!(
+            "{inside} ({inside_ip}) on the list, yet refused: {out}\n{}",
+            h.diag()
+        );
+    }
+    let out = fetch(outside);
+    assert!(
+        !out.stdout.contains(h.page.trim_end()),
+        "{outside} is off the list, yet reached {web}: {out}"
+    );
+    h.step(&format!(
+        "hairpin: {inside_ip} on the list reached {gw}:{port}, the other container did not"
+    ));
+    h.docker_ok(&["rm", "-f", inside, outside, web]);
+}
+
+/// `docker_allow` in the daemon's config: a port no label speaks for is closed to remote
+/// clients outside the list (IPv4 and IPv6, dockerd's DNAT and the daemon's own 6→4
+/// listener alike) and open to those on it; the host's own processes always get in. The
+/// daemon is restarted with it, and again without it afterwards.
+fn docker_allow_closes_unlabelled_ports_to_remote_clients(h: &mut Harness, set: &ProxyOff) {
+    let (a, b) = (RemoteLink::new("pda", 81), RemoteLink::new("pdb", 82));
+    let quoted: Vec<String> = a.nets().split(',').map(|n| format!("{n:?}")).collect();
+    h.stop_rproxy_daemon();
+    h.daemon_config = format!("docker_allow = [{}]\n", quoted.join(", "));
+    h.start_rproxy_daemon();
+    wait_docker_rows(h, &set.rows(), "with docker_allow");
+    let (long, once) = (Duration::from_secs(10), Duration::ZERO);
+    for port in [set.p_web, set.p_v4] {
+        for host in [a.host4, a.host6] {
+            let addr = SocketAddr::new(host, port);
+            assert!(a.gets(h, addr, long), "A refused at {addr}\n{}", h.diag());
+        }
+        for host in [b.host4, b.host6] {
+            let addr = SocketAddr::new(host, port);
+            assert!(!b.gets(h, addr, once), "B got in at {addr}");
+        }
+    }
+    h.get_pages(
+        &[
+            SocketAddr::from((Ipv4Addr::LOCALHOST, set.p_web)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, set.p_v4)),
+        ],
+        " (host, docker_allow)",
+    );
+    h.step("docker_allow: unlabelled ports open to A alone remotely, to the host always");
+    h.stop_rproxy_daemon();
+    h.daemon_config = "publish = []\n".into();
+    h.start_rproxy_daemon();
+    wait_docker_rows(h, &set.rows(), "without docker_allow again");
 }
 
 /// `rproxy ls --json` against our daemon.
@@ -1287,6 +1422,53 @@ fn a_taken_host_port_fails_docker_run_with_the_reason(h: &Harness, name: &str, p
     drop(blocker);
     h.docker_ok(&["rm", "-f", name]);
     h.step("taken port: docker run failed with rproxy's reason");
+}
+
+/// Labels under a dockerd whose userland proxy is rproxy, its shims handing their ports to
+/// the daemon: client A (on the label's networks) reaches the port through dockerd's DNAT
+/// over IPv4 and through the daemon's listener over IPv6 (the shim's `[::]` socket, 6→4);
+/// client B is dropped ahead of both; the host's own processes get in.
+fn labels_hold_on_ports_the_shims_hand_over(h: &Harness, port: u16) {
+    let (a, b) = (RemoteLink::new("sla", 83), RemoteLink::new("slb", 84));
+    let name = "rproxy-test-slabel";
+    let label = format!("rproxy.allow={}", a.nets());
+    let publish = format!("{port}:80");
+    let mut args = web_run(name, &[&publish]);
+    args.splice(2..2, ["--label", &label]);
+    h.docker_ok(&args);
+    let listen = format!("0.0.0.0:{port}");
+    // The shim registers at once; its container's labels follow dockerd's start event.
+    let labelled = poll(Duration::from_secs(10), || {
+        run_json_ls(h)
+            .into_iter()
+            .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(&listen)))
+            .filter(|r| r["allow"].as_array().is_some_and(|l| !l.is_empty()))
+            .ok_or(())
+    });
+    labelled.unwrap_or_else(|()| panic!("{listen} has no list yet\n{}", h.diag()));
+    let hosts = if h.ipv6 {
+        vec![(a.host4, b.host4), (a.host6, b.host6)]
+    } else {
+        vec![(a.host4, b.host4)]
+    };
+    for (to_a, to_b) in hosts {
+        let (at_a, at_b) = (SocketAddr::new(to_a, port), SocketAddr::new(to_b, port));
+        assert!(
+            a.gets(h, at_a, Duration::from_secs(10)),
+            "A refused at {at_a}\n{}",
+            h.diag()
+        );
+        assert!(!b.gets(h, at_b, Duration::ZERO), "B got in at {at_b}");
+    }
+    h.get_pages(
+        &[SocketAddr::from((Ipv4Addr::LOCALHOST, port))],
+        " (host, labelled, shims)",
+    );
+    h.step(&format!(
+        "labels with shims: {} in on {port}, {} dropped",
+        a.host4, b.host4
+    ));
+    h.docker_ok(&["rm", "-f", name]);
 }
 
 /// (h, before the daemon starts) Until now nothing listened on dockerd's RPROXY_SOCKET: every
@@ -2338,6 +2520,8 @@ struct Harness {
     rproxy_daemon: Option<Child>,
     /// The flags it was last started with (a restart or takeover uses them again).
     daemon_flags: Vec<String>,
+    /// Its config file's text (kept for restarts too).
+    daemon_config: String,
     /// dockerd's own flags (beside the fixed ones), for a restart.
     dockerd_flags: Vec<String>,
     /// Host state dockerd changes and we put back: FORWARD policy and forwarding sysctls.
@@ -2423,6 +2607,7 @@ impl Harness {
             dockerd: None,
             rproxy_daemon: None,
             daemon_flags: Vec::new(),
+            daemon_config: "publish = []\n".into(),
             dockerd_flags: dockerd_flags.iter().map(|f| f.to_string()).collect(),
             forward_policy,
             sysctls,
@@ -2798,7 +2983,7 @@ impl Harness {
     fn spawn_rproxy_daemon(&mut self, extra: &[String]) {
         let d = &self.dir;
         let config = d.join("rproxy.toml");
-        fs::write(&config, "publish = []\n").unwrap();
+        fs::write(&config, &self.daemon_config).unwrap();
         let out = File::create(d.join("daemon.out")).unwrap();
         let mut cmd = dies_with_test(Path::new(&self.rproxy_arg));
         cmd.arg("daemon")
