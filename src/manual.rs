@@ -198,8 +198,16 @@ pub fn rproxy_8() -> String {
             ),
             (
                 "/usr/share/doc/rproxy/README.md",
-                "How to install, the two deployments with dockerd, what was tested against \
-                 which Docker engine, benchmarks.",
+                "What rproxy is, how to install it, the three deployments with dockerd, and an \
+                 index of the pages under docs/.",
+            ),
+            (
+                "/usr/share/doc/rproxy/docs/",
+                "The rest of the documentation: running under dockerd and which Docker engines \
+                 were tested (docker.md, docker-proxy-contract.md, docker-ports.md), the \
+                 daemon, takeover, systemd and the package (operations.md), the kernel paths \
+                 (kernel-paths.md), the PROXY protocol, allow-lists, metrics, every benchmark \
+                 (performance.md) and the source layout (design.md).",
             ),
             (
                 "/usr/share/doc/rproxy/daemon.json",

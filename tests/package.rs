@@ -47,12 +47,33 @@ const CONTENTS: &[(&str, &str)] = &[
     ),
     ("./usr/share/doc/rproxy/README.md", "-rw-r--r--"),
     ("./usr/share/doc/rproxy/daemon.json", "-rw-r--r--"),
-    (
-        "./usr/share/doc/rproxy/docs/docker-proxy-contract.md",
-        "-rw-r--r--",
-    ),
     ("./usr/share/doc/rproxy/copyright", "-rw-r--r--"),
 ];
+
+/// Every file the package must hold: [`CONTENTS`], and each page of `docs/` beside the README
+/// (it links to them all), so a page added to `docs/` is checked without editing this list.
+fn contents() -> Vec<(String, &'static str)> {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let mut pages: Vec<String> = fs::read_dir(&docs)
+        .unwrap_or_else(|e| panic!("{}: {e}", docs.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".md"))
+        .collect();
+    pages.sort();
+    assert!(
+        pages.iter().any(|p| p == "docker-proxy-contract.md"),
+        "{pages:?}"
+    );
+    CONTENTS
+        .iter()
+        .map(|&(path, mode)| (path.to_string(), mode))
+        .chain(
+            pages
+                .into_iter()
+                .map(|p| (format!("./usr/share/doc/rproxy/docs/{p}"), "-rw-r--r--")),
+        )
+        .collect()
+}
 
 #[test]
 fn the_package_installs_works_and_purges_cleanly() {
@@ -90,7 +111,7 @@ fn the_package_installs_works_and_purges_cleanly() {
     must(&dpkg(&["-i", deb.to_str().unwrap()]), "dpkg -i");
     assert_eq!(status(), "install ok installed");
     let listed = stdout(&run("dpkg", &["-L", "rproxy"]));
-    for (path, _) in CONTENTS {
+    for (path, _) in contents() {
         assert!(
             listed.contains(&path[1..]),
             "dpkg -L lacks {path}:\n{listed}"
@@ -180,7 +201,7 @@ fn build(out: &Path) -> PathBuf {
 fn check_contents(deb: &Path) {
     let deb = deb.to_str().unwrap();
     let list = stdout(&must(&run("dpkg-deb", &["-c", deb]), "dpkg-deb -c"));
-    for (path, mode) in CONTENTS {
+    for (path, mode) in contents() {
         let line = list
             .lines()
             .find(|l| l.ends_with(&format!(" {path}")))
