@@ -709,7 +709,7 @@ fn the_unit_verifies_and_accepts_a_new_main_pid() {
     for wanted in [
         "Type=notify",
         "NotifyAccess=all",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/bin/sh -c 'kill -HUP \"$MAINPID\"'",
     ] {
         assert!(lines.contains(&wanted), "the unit lacks {wanted}");
     }
