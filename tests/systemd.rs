@@ -8,9 +8,12 @@
 //! - its own mappings' listening sockets are in systemd's fd store (FDSTORE=1);
 //! - `reload` (SIGHUP) adds and removes mappings, keeps an open connection of an unchanged
 //!   one, keeps the main process, and a broken config changes nothing (logged as an error);
+//! - an upgrade (dpkg -i over it: postinst reloads, the new binary takes over and becomes the
+//!   main process) while a client connects in a loop: not one connection refused;
 //! - `restart`, three times, while a client connects through a published port in a loop:
 //!   not one connection refused or lost, and the new process serves on the sockets systemd
 //!   kept;
+//! - a crash (SIGKILL): Restart=on-failure, the store kept meanwhile: nothing refused;
 //! - `stop`: the port is closed (the store is emptied), the control socket's directory gone;
 //! - `journalctl -u rproxy` has the daemon's lines at their priorities (info 6, error 3).
 //!
@@ -176,6 +179,32 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
     drop(open);
     c.write_config(&share.0, &config(""));
 
+    // An upgrade: dpkg replaces the binary, postinst reloads, and the daemon hands every
+    // socket to the new binary, which names itself the main process (MAINPID=). Nothing
+    // refused, the store unchanged.
+    let clients = ClientLoop::start(&c, PORT);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = c.show("MainPID");
+    c.must(&["dpkg", "-i", deb_inside.to_str().unwrap()]);
+    wait_until(
+        "the new binary as the main process",
+        Duration::from_secs(20),
+        || c.show("MainPID") != before,
+    );
+    wait_until("the old process gone", Duration::from_secs(20), || {
+        !c.alive(&before)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let tally = clients.finish();
+    eprintln!("client loop through the upgrade: {tally:?}");
+    assert_eq!(
+        tally.refused, 0,
+        "connections refused during the upgrade: {tally:?}"
+    );
+    assert!(tally.failed.is_empty(), "connections failed: {tally:?}");
+    assert_eq!(c.show("ActiveState"), "active");
+    assert_eq!(c.show("NFileDescriptorStore"), "2");
+
     // restart while a client connects in a loop: nothing refused, nothing lost.
     let clients = ClientLoop::start(&c, PORT);
     std::thread::sleep(Duration::from_millis(300));
@@ -231,6 +260,31 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         "each restart serves on the stored sockets: {journal:#?}"
     );
 
+    // A crash: Restart=on-failure starts it again, and the store is kept meanwhile (the
+    // service is never fully stopped), so the own mappings refuse nothing either; only the
+    // connection being relayed at the moment of the crash may break.
+    let clients = ClientLoop::start(&c, PORT);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = c.show("MainPID");
+    c.must(&["sh", "-c", &format!("kill -KILL {before}")]);
+    wait_until(
+        "the restart after the crash",
+        Duration::from_secs(20),
+        || {
+            let now = c.show("MainPID");
+            now != before && now != "0" && c.show("ActiveState") == "active"
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let tally = clients.finish();
+    eprintln!("client loop through a crash: {tally:?}");
+    assert_eq!(
+        tally.refused, 0,
+        "connections refused after the crash: {tally:?}"
+    );
+    assert!(tally.failed.len() <= 1, "connections failed: {tally:?}");
+    assert_eq!(c.show("NRestarts"), "1");
+
     // stop: systemd empties the store; the port is closed, the runtime directory gone.
     c.must(&["systemctl", "stop", "rproxy"]);
     assert_eq!(c.show("ActiveState"), "inactive");
@@ -250,6 +304,14 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
     assert_eq!(find("daemon ready").priority, "6");
     assert_eq!(find("reload refused").priority, "3");
     assert_eq!(find("stopping; open connections get").priority, "6");
+    let unexpected: Vec<&Entry> = journal
+        .iter()
+        .filter(|e| e.priority.as_str() <= "4" && !e.message.contains("reload refused"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "warnings or errors beyond the refused reload: {unexpected:#?}"
+    );
     for e in &journal {
         assert!(
             !e.message.starts_with('<') && !e.message.starts_with("20"),
@@ -530,6 +592,13 @@ impl Container {
         self.must(&["systemctl", "show", "--value", "-p", property, "rproxy"])
             .trim()
             .to_string()
+    }
+
+    /// Whether process `pid` (as the container sees it) runs: the tree has no /bin/kill.
+    fn alive(&self, pid: &str) -> bool {
+        self.run(&["sh", "-c", &format!("kill -0 {pid}")])
+            .status
+            .success()
     }
 
     /// Installs `text` as /etc/rproxy/rproxy.toml, through the shared directory.
