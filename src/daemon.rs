@@ -18,11 +18,12 @@ use crate::config::{Args, Reread, Settings};
 use crate::control::handover::{self, Giver};
 use crate::control::server::{self, Server};
 use crate::env::Env;
-use crate::mapping::{describe, Mapping, Proto};
+use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Mode;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor};
+use crate::systemd::{sd_notify, Activation, FdStore};
 use crate::takeover;
 
 /// `rproxy daemon --check`: resolves the flags, the config file and the environment as a
@@ -143,8 +144,9 @@ fn nets(allow: &Option<std::sync::Arc<crate::allow::AllowList>>) -> Option<Vec<S
         .map(|a| a.nets().iter().map(ToString::to_string).collect())
 }
 
-/// Runs the daemon; returns the exit code.
-pub fn main(args: Args, env: Env) -> i32 {
+/// Runs the daemon; returns the exit code. `activation`: the sockets systemd passed back from
+/// its fd store ([`crate::systemd`]).
+pub fn main(args: Args, env: Env, activation: Activation) -> i32 {
     let settings = match Settings::load(&args, &env) {
         Ok(s) => s,
         Err(errors) => {
@@ -167,10 +169,13 @@ pub fn main(args: Args, env: Env) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(run(settings))
+    runtime.block_on(run(settings, activation))
 }
 
-async fn run(settings: Settings) -> i32 {
+async fn run(settings: Settings, mut activation: Activation) -> i32 {
+    for p in &activation.problems {
+        tracing::warn!("systemd: {p}");
+    }
     // Now, before an upgrade can replace the file.
     let program = takeover::Program::current();
     let mut signals = match Signals::install_daemon() {
@@ -205,6 +210,16 @@ async fn run(settings: Settings) -> i32 {
             }
         },
     };
+    // What the previous daemon stored in systemd's fd store: its own mappings.
+    let stored_before: Vec<String> = received
+        .iter()
+        .flat_map(|r| r.mappings.iter())
+        .filter(|(h, _, _)| h.origin == "publish" || h.origin == "config")
+        .filter_map(|(h, _, _)| parse_publish(&h.spec, Default::default()).ok())
+        .flatten()
+        .map(|m| crate::systemd::fd_name(&key(&m)))
+        .collect();
+    let mut fd_store = FdStore::new(&activation, stored_before);
     let (old, pending, handed_control, handed_metrics, handed) = match received {
         Some(r) => (
             Some(r.pid),
@@ -263,7 +278,7 @@ async fn run(settings: Settings) -> i32 {
                 return 1;
             }
         },
-        _ => (own_mappings(&settings), Vec::new()),
+        _ => (own_mappings(&settings, &mut activation), Vec::new()),
     };
     let started = sup
         .change(Duration::ZERO, |_| {
@@ -325,6 +340,8 @@ async fn run(settings: Settings) -> i32 {
         sup.statuses().len(),
         settings.control_socket.display()
     );
+    // Into systemd's store before READY=1: a restart right after the start finds them.
+    store_own(&mut fd_store, &sup);
     match (pending, old) {
         (Some(pending), Some(old)) => {
             // systemd: this process is the service now (NotifyAccess=all in the unit).
@@ -341,7 +358,10 @@ async fn run(settings: Settings) -> i32 {
                         tracing::info!("SIGHUP: the program file was replaced: handing over to it");
                         successor(p);
                     }
-                    _ => reload(&sup, &settings, &port_rules).await,
+                    _ => {
+                        reload(&sup, &settings, &port_rules).await;
+                        store_own(&mut fd_store, &sup);
+                    }
                 },
                 Event::Successor => match &program {
                     Some(p) => successor(p),
@@ -411,21 +431,55 @@ async fn run(settings: Settings) -> i32 {
     0
 }
 
-/// The mappings of the daemon's command line and config file.
-fn own_mappings(settings: &Settings) -> Vec<Start> {
+/// The mappings of the daemon's command line and config file, on the sockets systemd kept
+/// for them across a restart where it has them (see [`crate::systemd`]).
+fn own_mappings(settings: &Settings, activation: &mut Activation) -> Vec<Start> {
     let own = [
         (&settings.publish, Origin::Publish),
         (&settings.config, Origin::Config),
     ];
-    own.iter()
-        .flat_map(|(mappings, origin)| {
-            mappings.iter().map(|m| Start {
+    let mut reused = 0;
+    let starts: Vec<Start> = own
+        .iter()
+        .flat_map(|(mappings, origin)| mappings.iter().map(move |m| (m, origin)))
+        .map(|(m, origin)| {
+            let listener = match activation.socket_for(&key(m)) {
+                Some(fd) => match takeover::checked(m, fd) {
+                    Ok(socket) => {
+                        reused += 1;
+                        Listener::Socket(socket)
+                    }
+                    // Dropped: systemd's copy stays until the store is synced, and binding
+                    // anew fails while it does; a start that fails says so.
+                    Err(e) => {
+                        tracing::warn!("fd store: {e}; binding anew");
+                        Listener::Bind
+                    }
+                },
+                None => Listener::Bind,
+            };
+            Start {
                 mapping: m.clone(),
-                listener: Listener::Bind,
+                listener,
                 origin: origin.clone(),
-            })
+            }
         })
-        .collect()
+        .collect();
+    if reused > 0 || activation.unused() > 0 {
+        tracing::info!(
+            "fd store: serving {reused} mappings on the sockets systemd kept; {} kept sockets \
+             are no longer wanted",
+            activation.unused()
+        );
+    }
+    starts
+}
+
+/// Makes systemd's fd store hold the listening sockets of the daemon's own mappings, and no
+/// others (a no-op outside systemd).
+fn store_own(store: &mut FdStore, sup: &Supervisor) {
+    let own = sup.listeners(|o| matches!(o, Origin::Publish | Origin::Config));
+    tokio::task::block_in_place(|| store.sync(own));
 }
 
 /// `--docker-ports`: follows dockerd's containers on a thread of its own, and waits a moment
@@ -653,26 +707,5 @@ async fn reload(sup: &Supervisor, settings: &Settings, port_rules: &server::Shar
             )
         }
         Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
-    }
-}
-
-/// Tells systemd (Type=notify) about our state, when it asked.
-fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let result = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|a| socket.send_to_addr(state.as_bytes(), &a))
-    } else {
-        socket.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = result {
-        tracing::warn!("sd_notify {state}: {}", describe(&e));
     }
 }

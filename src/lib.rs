@@ -38,6 +38,7 @@ pub mod stop;
 pub mod supervisor;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod systemd;
 pub mod takeover;
 pub mod tcp;
 #[cfg(test)]

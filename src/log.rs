@@ -39,8 +39,12 @@ enum Dest {
 
 /// stderr, written without waiting for its reader.
 enum Stderr {
-    /// A socket (journald's stream, under systemd): sent with MSG_DONTWAIT.
+    /// A socket: sent with MSG_DONTWAIT.
     Socket,
+    /// journald's stream (systemd's `JOURNAL_STREAM` names it): sent as a socket, each line
+    /// prefixed with its syslog priority (`<3>` … `<7>`), which journald strips and records as
+    /// the entry's PRIORITY; no timestamp (the journal stamps entries itself).
+    Journal,
     /// A pipe or terminal: written through a non-blocking description of its own, opened
     /// anew through /proc (setting O_NONBLOCK on fd 2 itself would change it for whoever
     /// shares it: the shell, dockerd).
@@ -52,6 +56,7 @@ enum Stderr {
 impl Stderr {
     fn new() -> Stderr {
         match fd_kind(2) {
+            FdKind::Socket if is_journal_stream() => Stderr::Journal,
             FdKind::Socket => Stderr::Socket,
             FdKind::Fifo | FdKind::CharDevice => {
                 use std::os::unix::fs::OpenOptionsExt;
@@ -71,7 +76,7 @@ impl Stderr {
         let mut done = 0;
         while done < line.len() {
             let wrote = match self {
-                Stderr::Socket => {
+                Stderr::Socket | Stderr::Journal => {
                     let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT
                         | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
                     nix::sys::socket::send(2, &line[done..], flags).map_err(io::Error::from)
@@ -193,7 +198,8 @@ pub fn init(light: bool, settings: &Settings, format: Option<Format>) -> Vec<Str
     };
     let filter = settings.filter.as_deref().unwrap_or(default);
     let (dest, problems) = choose_dest(settings);
-    let syslog = matches!(dest, Dest::Syslog { .. });
+    // syslog and the journal stamp lines themselves.
+    let syslog = matches!(dest, Dest::Syslog { .. } | Dest::Stderr(Stderr::Journal));
     let ansi = matches!(dest, Dest::Stderr(_)) && io::stderr().is_terminal();
     let sink = Sink(Arc::new(Mutex::new(Inner {
         dest,
@@ -306,19 +312,22 @@ impl Inner {
                     }
                     self.cut = false;
                 }
+                let prefixed;
+                let line = match stderr {
+                    Stderr::Journal => {
+                        prefixed = [format!("<{}>", severity(level)).as_bytes(), line].concat();
+                        &prefixed[..]
+                    }
+                    _ => line,
+                };
                 let wrote = stderr.write(line);
                 self.cut = wrote > 0 && wrote < line.len();
                 wrote == line.len()
             }
             Dest::File(f) => f.write_all(line).is_ok(),
             Dest::Syslog { socket, path } => {
-                // Facility daemon (3); severity from the level.
-                let severity = match level {
-                    Level::ERROR => 3,
-                    Level::WARN => 4,
-                    Level::INFO => 6,
-                    _ => 7,
-                };
+                // Facility daemon (3).
+                let severity = severity(level);
                 let text = String::from_utf8_lossy(line);
                 let msg = format!(
                     "<{}>rproxy[{}]: {}",
@@ -334,6 +343,37 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// The syslog severity of a level.
+fn severity(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        _ => 7,
+    }
+}
+
+/// Whether stderr is journald's stream: `JOURNAL_STREAM` (`DEVICE:INODE`, set by systemd for
+/// a service whose output goes to the journal) names the socket on fd 2. A variable that
+/// does not parse, or names another file (a child of the service whose stderr was
+/// redirected), is not the journal.
+fn is_journal_stream() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    use std::os::fd::AsFd;
+    match nix::sys::stat::fstat(io::stderr().as_fd()) {
+        Ok(st) => st.st_dev == dev && st.st_ino == ino,
+        Err(_) => false,
     }
 }
 

@@ -11,10 +11,12 @@ use rproxy::cli::{self, Cli, Command, Invocation};
 use rproxy::control::{self, Request};
 use rproxy::env::{Env, Reader};
 use rproxy::options::Overrides;
-use rproxy::{daemon, docker, log, udp};
+use rproxy::{daemon, docker, log, systemd, udp};
 
 fn main() {
-    // Before anything opens a descriptor.
+    // Before anything opens a descriptor: systemd's (fd store, from 3 on) first, then
+    // dockerd's (3 and 4), which are not there when systemd's are.
+    let activation = systemd::Activation::take();
     let inherited = docker::Inherited::take();
     // Lossy: a byte that is not UTF-8 makes its flag invalid (exit 2), never a panic.
     let argv: Vec<String> = std::env::args_os()
@@ -46,6 +48,7 @@ fn main() {
     if reader == Reader::Docker {
         let prog = argv.first().map_or("rproxy", String::as_str);
         let args = argv.get(1..).unwrap_or_default();
+        drop(activation);
         let code = docker::main(prog, args, inherited, env, problems, cli::help);
         std::process::exit(code);
     }
@@ -66,7 +69,7 @@ fn main() {
         std::process::exit(2);
     }
     let code = match command {
-        Command::Daemon { settings, .. } => daemon::main(settings, env),
+        Command::Daemon { settings, .. } => daemon::main(settings, env, activation),
         Command::Ls {
             control_socket,
             json,

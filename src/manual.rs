@@ -162,6 +162,8 @@ pub fn rproxy_8() -> String {
         ],
     );
 
+    systemd_section(&mut page);
+
     page.control("SH", ["EXIT STATUS"]);
     definitions(
         &mut page,
@@ -435,6 +437,34 @@ fn and_list(items: &[&str]) -> String {
 }
 
 /// Text with blank-line-separated paragraphs.
+/// SYSTEMD: readiness, the journal and the fd store (see [`crate::systemd`]).
+fn systemd_section(page: &mut Roff) {
+    page.control("SH", ["SYSTEMD"]);
+    paragraphs(
+        page,
+        "The packaged unit (rproxy.service) is Type=notify: the daemon sends READY=1 once it \
+         serves every mapping, so systemctl start returns when the ports are open. Its log \
+         lines go to the journal with their priorities (error 3, warning 4, info 6, debug 7): \
+         journalctl -u rproxy -p warning shows warnings and errors.",
+    );
+    paragraphs(
+        page,
+        "The fd store. Under systemd the daemon hands a copy of the listening socket of each \
+         of its own mappings (--publish and the config file) to the service manager \
+         (sd_notify FDSTORE=1, FDNAME=PROTO-ADDRESS-PORT; the unit sets \
+         FileDescriptorStoreMax=), and takes back those a reload removed (FDSTOREREMOVE=1). \
+         systemd keeps them while the service runs and through systemctl restart, and passes \
+         them to the new process (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), which serves its \
+         mappings on them instead of binding anew. The ports stay open throughout a restart: \
+         a client connecting while no process accepts waits in the listen backlog, for at \
+         most the old process's drain, and is not refused. systemctl stop empties the store \
+         and closes the ports. Not stored, so bound anew after a restart: mappings added \
+         with rproxy add (they do not survive one), ports dockerd's proxies handed over \
+         (their proxies serve them meanwhile) and ports followed with docker_ports. An upgrade needs no restart: systemctl reload \
+         hands every socket to the new binary (SIGHUP).",
+    );
+}
+
 fn paragraphs(page: &mut Roff, text: &str) {
     for (i, para) in text.split("\n\n").enumerate() {
         if i > 0 {

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -515,6 +516,19 @@ impl Supervisor {
 
     fn socket_path_of(&self, k: &Key) -> Option<bpf::Path> {
         self.running().get(k).and_then(|r| r.socket_lb.clone())
+    }
+
+    /// Copies of the listening sockets of the running mappings whose origin `which` accepts
+    /// (the daemon's own, for systemd's fd store); mappings without one are left out.
+    pub fn listeners(&self, which: impl Fn(&Origin) -> bool) -> Vec<(Key, OwnedFd)> {
+        self.running()
+            .iter()
+            .filter(|(_, r)| which(&r.origin))
+            .filter_map(|(k, r)| {
+                let copy = r.socket.as_ref()?.try_clone().ok()?;
+                Some((*k, OwnedFd::from(copy)))
+            })
+            .collect()
     }
 
     /// A copy of the running mapping's listening socket.

@@ -134,7 +134,7 @@ fn one(spec: &str, options: Options) -> Result<Mapping, String> {
 }
 
 /// A handed-over socket, checked to serve `m` on its own address.
-fn checked(m: &Mapping, socket: OwnedFd) -> Result<socket2::Socket, String> {
+pub fn checked(m: &Mapping, socket: OwnedFd) -> Result<socket2::Socket, String> {
     let socket = frontend::check(m, socket)
         .map_err(|why| format!("the socket handed over for {m}: {why}"))?;
     match frontend::local_addr(&socket) {

@@ -16,7 +16,7 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,7 @@ fn the_package_installs_works_and_purges_cleanly() {
             return skip(TEST, &format!("{tool} not found (not a Debian system?)"));
         }
     }
-    if !run("cargo", &["deb", "--version"]).status.success() {
+    if !have_cargo_deb() {
         return skip(TEST, "cargo-deb not found (.ci/install-deps installs it)");
     }
     let _lock = machine_lock();
@@ -104,7 +104,7 @@ fn the_package_installs_works_and_purges_cleanly() {
         );
     }
     let dir = Dir::new("package");
-    let deb = build(&dir.0);
+    let deb = build_deb(&dir.0, false);
     check_contents(&deb);
 
     let _purge = Purge;
@@ -168,32 +168,6 @@ fn the_package_installs_works_and_purges_cleanly() {
         !run("dpkg", &["-L", "rproxy"]).status.success(),
         "dpkg -L still lists files"
     );
-}
-
-/// `cargo deb` over the binary this test run built (no second build): the profile whose
-/// directory holds it.
-fn build(out: &Path) -> PathBuf {
-    let binary = Path::new(env!("CARGO_BIN_EXE_rproxy"));
-    let profile = match binary.parent().and_then(Path::file_name) {
-        Some(d) if d == "debug" => "dev",
-        _ => "release",
-    };
-    let started = Instant::now();
-    let output = Command::new("cargo")
-        .args(["deb", "--no-build", "--profile", profile, "--output"])
-        .arg(out)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("cargo deb");
-    must(&output, "cargo deb");
-    eprintln!("cargo deb: {:?}", started.elapsed());
-    let debs: Vec<PathBuf> = fs::read_dir(out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
-        .collect();
-    assert_eq!(debs.len(), 1, "{debs:?}");
-    debs[0].clone()
 }
 
 /// The files with their modes, the control fields, the conffile, and nothing that edits
@@ -469,11 +443,6 @@ fn must(out: &Output, what: &str) -> Output {
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// Takes LOCK, waiting up to PATIENCE for a run from another checkout to finish.

@@ -734,3 +734,57 @@ pub fn python_server(script: &str) -> (Child, u16) {
     let port = line.trim().parse().expect("the server's port");
     (child, port)
 }
+
+// ------------------------------------------------------------------------------------------
+// The Debian package
+// ------------------------------------------------------------------------------------------
+
+/// Whether `program` is on PATH.
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Whether `cargo deb` (cargo-deb, which .ci/install-deps installs) is there.
+pub fn have_cargo_deb() -> bool {
+    Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Builds the Debian package into `out` with `cargo deb` over the binary this test run built
+/// (no second build: the profile whose directory holds it); returns its path. `fast`: with
+/// cargo-deb's quick compression (a larger file, built in a quarter of the time), for a test
+/// that only installs it.
+pub fn build_deb(out: &std::path::Path, fast: bool) -> PathBuf {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_rproxy"));
+    let profile = match binary.parent().and_then(std::path::Path::file_name) {
+        Some(d) if d == "debug" => "dev",
+        _ => "release",
+    };
+    let started = Instant::now();
+    let output = Command::new("cargo")
+        .args(["deb", "--no-build", "--profile", profile])
+        .args(fast.then_some("--fast"))
+        .arg("--output")
+        .arg(out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo deb");
+    assert!(
+        output.status.success(),
+        "cargo deb failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    eprintln!("cargo deb: {:?}", started.elapsed());
+    let debs: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    assert_eq!(debs.len(), 1, "{debs:?}");
+    debs[0].clone()
+}
