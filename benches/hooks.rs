@@ -3,6 +3,11 @@
 //! port no mapping publishes, without and with `rproxy daemon --socket-lb` running,
 //! alternating, in one run; medians of the rounds, and their ratio.
 //!
+//! Then what they cost a connection they carry, from the kernel's own accounting
+//! (`kernel.bpf_stats_enabled`: each program's run time and run count): the connect hook on
+//! a miss (an unrelated port) beside a hit (a published port, sent to the target), and the
+//! getpeername hook, which the kernel also runs in every accept().
+//!
 //! As root (the hooks attach at the cgroup v2 root):
 //!
 //! ```text
@@ -94,6 +99,115 @@ fn main() {
     println!(
         "\n{rounds} rounds of {CONNECTS} connects and {DATAGRAMS} datagrams, alternating; medians (min–max)."
     );
+    program_costs(rproxy, tcp, rounds);
+}
+
+/// Nanoseconds per run of the connect4 and getpeername4 programs, for connects that miss
+/// (to `tcp`) and that hit (to a port published with `tcp` as its target), from the kernel's
+/// run-time statistics; medians of the rounds.
+fn program_costs(rproxy: &str, tcp: SocketAddr, rounds: usize) {
+    let stats_was = std::fs::read_to_string(BPF_STATS).unwrap_or_default();
+    std::fs::write(BPF_STATS, "1").expect("kernel.bpf_stats_enabled");
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let published = free.local_addr().unwrap();
+    drop(free);
+    let before = programs();
+    let spec = format!("{published}:{tcp}");
+    let daemon = Daemon::start_with(rproxy, rounds, &spec);
+    let ours: Vec<(u64, String)> = programs()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    let id = |name: &str| {
+        ours.iter()
+            .find(|(_, n)| n == name)
+            .map(|(id, _)| *id)
+            .unwrap_or_else(|| panic!("no {name} program of ours in {ours:?}"))
+    };
+    let (connect4, peername4) = (id("rpx_connect4"), id("rpx_peername4"));
+    let mut costs: [Vec<f64>; 4] = Default::default();
+    for _ in 0..rounds {
+        for (i, addr) in [tcp, published].into_iter().enumerate() {
+            let (c0, p0) = (run_stats(connect4), run_stats(peername4));
+            for _ in 0..CONNECTS {
+                let s = TcpStream::connect(addr).expect("connect");
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+            // The listener's thread accepts on its own time: let it catch up.
+            std::thread::sleep(Duration::from_millis(200));
+            let (c1, p1) = (run_stats(connect4), run_stats(peername4));
+            costs[i].push(per_run(c0, c1));
+            costs[2 + i].push(per_run(p0, p1));
+        }
+    }
+    drop(daemon);
+    let _ = std::fs::write(BPF_STATS, stats_was.trim());
+    println!("\n| program (kernel time per run) | connect to an unrelated port | connect to a published port |");
+    println!("|---|---:|---:|");
+    for (name, miss, hit) in [
+        ("connect4", &costs[0], &costs[1]),
+        (
+            "getpeername4, in the server's accept()",
+            &costs[2],
+            &costs[3],
+        ),
+    ] {
+        println!(
+            "| {name} | {:.0} ns ({}) | {:.0} ns ({}) |",
+            median(miss),
+            span0(miss),
+            median(hit),
+            span0(hit)
+        );
+    }
+    println!(
+        "\n{rounds} rounds of {CONNECTS} connects each way, alternating; medians (min–max) of \
+         run_time_ns / run_cnt (kernel.bpf_stats_enabled, which adds its own clock reads)."
+    );
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Every loaded BPF program named `rpx_*`: (id, name), from `bpftool prog show --json`.
+fn programs() -> Vec<(u64, String)> {
+    bpftool_progs()
+        .into_iter()
+        .filter_map(|p| {
+            let name = p["name"].as_str()?.to_string();
+            (name.starts_with("rpx_")).then_some((p["id"].as_u64()?, name))
+        })
+        .collect()
+}
+
+/// (run_time_ns, run_cnt) of program `id`.
+fn run_stats(id: u64) -> (u64, u64) {
+    bpftool_progs()
+        .into_iter()
+        .find(|p| p["id"].as_u64() == Some(id))
+        .map(|p| {
+            let n = |k: &str| p[k].as_u64().unwrap_or(0);
+            (n("run_time_ns"), n("run_cnt"))
+        })
+        .unwrap_or_else(|| panic!("program {id} is gone"))
+}
+
+fn bpftool_progs() -> Vec<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .expect("bpftool (.ci/install-deps installs it)");
+    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
+}
+
+fn per_run((t0, n0): (u64, u64), (t1, n1): (u64, u64)) -> f64 {
+    (t1 - t0) as f64 / (n1 - n0).max(1) as f64
+}
+
+fn span0(v: &[f64]) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{lo:.0}–{hi:.0}")
 }
 
 /// Microseconds per connect+close, and per sendto.
@@ -134,12 +248,17 @@ struct Daemon(Child, std::path::PathBuf);
 
 impl Daemon {
     fn start(rproxy: &str, round: usize) -> Daemon {
+        Daemon::start_with(rproxy, round, "127.0.0.1:0:127.0.0.1:9")
+    }
+
+    /// The same with the mapping `spec`.
+    fn start_with(rproxy: &str, round: usize, spec: &str) -> Daemon {
         let sock =
             std::env::temp_dir().join(format!("rproxy-hooks-{}-{round}.sock", std::process::id()));
         let mut child = Command::new(rproxy)
             .args(["daemon", "--socket-lb=require", "--control-socket"])
             .arg(&sock)
-            .args(["-p", "127.0.0.1:0:127.0.0.1:9"])
+            .args(["-p", spec])
             .env("RPROXY_LOG", "info")
             .stderr(Stdio::piped())
             .spawn()
