@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Handed, Reply, Request, MAX_REPLY};
+use super::{Handed, Refusal, Reply, Request, MAX_REPLY};
 use crate::mapping::describe;
 use crate::options::Overrides;
 use crate::supervisor::{Origin, Supervisor};
@@ -252,7 +252,10 @@ pub async fn receive(path: &Path) -> Result<Option<Received>, String> {
             metrics,
             mappings,
         } => (pid, control, metrics, mappings),
-        Reply::Error { message } if message.contains("unknown variant") => {
+        // `takeover` is well formed: a daemon that cannot read it predates takeovers.
+        Reply::Error {
+            message: message @ Refusal::BadRequest(_),
+        } => {
             return Err(format!(
                 "the daemon at {} is a version without takeovers ({message}): stop it, then \
                  start this one",

@@ -15,7 +15,10 @@
 
 pub mod client;
 pub mod handover;
+mod refusal;
 pub mod server;
+
+pub use refusal::Refusal;
 
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -100,8 +103,8 @@ pub enum Reply {
     },
     /// The request was refused.
     Error {
-        /// Why, for the person at the terminal or `docker run`.
-        message: String,
+        /// Why: a sentence for the person at the terminal or `docker run` on the wire.
+        message: Refusal,
     },
     /// A change arrived while the daemon hands its sockets over to a new process: ask again
     /// in a moment (the new process answers then).
@@ -155,8 +158,8 @@ impl Request {
     }
 
     /// Parses a request line.
-    pub fn decode(line: &[u8]) -> Result<Request, String> {
-        serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+    pub fn decode(line: &[u8]) -> Result<Request, Refusal> {
+        serde_json::from_slice(line).map_err(|e| Refusal::BadRequest(e.to_string()))
     }
 }
 
@@ -374,6 +377,12 @@ mod tests {
                 rows: vec![sample_row()],
             },
             Reply::Moved { pid: 7 },
+            Reply::Error {
+                message: Refusal::HandingOver,
+            },
+            Reply::Error {
+                message: Refusal::Other("no mapping matches \"8080\"".into()),
+            },
             Reply::Handover {
                 pid: 7,
                 fds: 3,
