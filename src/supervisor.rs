@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use socket2::Socket;
 use tokio::task::JoinHandle;
 
@@ -67,14 +68,56 @@ impl Origin {
     }
 }
 
+impl Origin {
+    /// What kind of origin it is, as a takeover hands it over and `ls` shows it.
+    pub fn kind(&self) -> OriginKind {
+        match self {
+            Origin::Publish => OriginKind::Publish,
+            Origin::Config => OriginKind::Config,
+            Origin::Control => OriginKind::Control,
+            Origin::Shim(_) => OriginKind::Shim,
+            Origin::Docker | Origin::Container(_) => OriginKind::Docker,
+        }
+    }
+}
+
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.kind().fmt(f)
+    }
+}
+
+/// An [`Origin`] without what only this process knows (a shim's registration number; a
+/// container's name travels beside it): what a takeover hands over, spelled on the wire as
+/// daemons of every version spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginKind {
+    /// `--publish`.
+    Publish,
+    /// The config file.
+    Config,
+    /// `rproxy add`.
+    #[serde(rename = "add")]
+    Control,
+    /// A docker-mode shim's registration.
+    Shim,
+    /// dockerd's: a docker-mode process's own port, or a followed container's.
+    Docker,
+    /// One a later version added: the daemon that has it keeps it, and drains it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for OriginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Origin::Publish => "publish",
-            Origin::Config => "config",
-            Origin::Control => "add",
-            Origin::Shim(_) => "shim",
-            Origin::Docker | Origin::Container(_) => "docker",
+            OriginKind::Publish => "publish",
+            OriginKind::Config => "config",
+            OriginKind::Control => "add",
+            OriginKind::Shim => "shim",
+            OriginKind::Docker => "docker",
+            OriginKind::Unknown => "unknown",
         })
     }
 }

@@ -127,7 +127,7 @@ pub async fn give(
             });
             mappings.push(Handed {
                 spec: h.mapping.spec(),
-                origin: h.origin.to_string(),
+                origin: h.origin.kind(),
                 container: h.origin.container().map(str::to_string),
                 options,
                 socket,
