@@ -6,11 +6,12 @@
 //! through one set of receive buffers per runtime thread: per-packet system calls were the
 //! bottleneck, and per-flow buffers would cost gigabytes at the flow limit.
 //!
-//! One concern a file: [`frontend`] reads the frontend and opens flows, [`upstream`] is a
-//! flow's socket toward the target, [`backlog`] holds what that socket could not take yet,
-//! [`reply`] sends the target's answers back from the right address, [`batch`] has the
-//! shared receive buffers and segmentation offload, [`flows`] the flow table and [`budget`]
-//! the process's share of descriptors.
+//! One concern a file: `frontend` reads the frontend and opens flows, `upstream` is a
+//! flow's socket toward the target, `backlog` holds what that socket could not take yet,
+//! `reply` sends the target's answers back from the right address, `batch` has the shared
+//! receive buffers and segmentation offload, [`flows`] the flow table and `budget` the
+//! process's share of descriptors (the private ones are named, not linked: public
+//! documentation cannot link them).
 
 mod backlog;
 mod batch;
