@@ -532,125 +532,37 @@ fn read(path: &Path, base: Options, flags: Flags) -> Result<Loaded, Vec<String>>
     parse(&text, path, base, flags)
 }
 
-/// A config file's text, resolved as [`read`] does.
+/// A config file's text, resolved as [`read`] does: its TOML, its defaults, its mappings with
+/// their own options, its rules for handed-over ports and its drain time. Every problem is
+/// reported, each with its line.
 fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded, Vec<String>> {
-    let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let file: ConfigFile = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|s| format!(":{}", line_of(s.start)))
-            .unwrap_or_default();
-        vec![format!("{}{line}: {}", path.display(), e.message())]
-    })?;
-    let mut errors = Vec::new();
-    let mut mode = |value: &Option<toml::Spanned<String>>, default: Mode| match value {
-        None => default,
-        Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
-            errors.push(format!(
-                "{}:{}: {e}",
-                path.display(),
-                line_of(v.span().start)
-            ));
-            default
-        }),
-    };
+    let at = Lines { text, path };
+    let file = at.toml()?;
+    let mut problems = Problems::default();
     let base = flags.base(base, flags.docker_ports || file.docker_ports == Some(true));
-    let file_defaults = Options {
-        nat: mode(&file.nat, base.nat),
-        socket_lb: mode(&file.socket_lb, base.socket_lb),
-        ..base
-    };
-    let defaults = flags.over(file_defaults);
+    let defaults = flags.over(file_defaults(&file, base, &at, &mut problems.modes));
+    let (own_versions, rules) = versions(&file, &at, &mut problems.proxy_protocol);
     let mut entries: Vec<(&toml::Spanned<String>, Options)> = file
         .publish
         .iter()
         .map(|spec| (spec, defaults.clone()))
         .collect();
-    // Their own list: `mode` holds `errors` until the last mapping is resolved.
-    let mut pp_errors = Vec::new();
-    let mut version = |value: &toml::Spanned<String>| {
-        value.get_ref().parse::<Version>().map_err(|e| {
-            pp_errors.push(format!(
-                "{}:{}: {e}",
-                path.display(),
-                line_of(value.span().start)
-            ))
-        })
-    };
-    let mut own_versions = Vec::new();
-    for e in &file.mapping {
-        own_versions.push(match &e.proxy_protocol {
-            None => Version::Off,
-            Some(v) => version(v).unwrap_or_default(),
-        });
-    }
-    let mut rules = Vec::new();
-    for r in &file.proxy_protocol {
-        let Ok(v) = version(&r.version) else { continue };
-        rules.push((r, v));
-    }
-    let mut allow_errors = Vec::new();
-    let mut allow_of = |value: &Option<toml::Spanned<Vec<String>>>, what: &str| {
-        let v = value.as_ref()?;
-        AllowList::parse(v.get_ref())
-            .map(Arc::new)
-            .map_err(|e| {
-                allow_errors.push(format!(
-                    "{}:{}: {what}allow {e}",
-                    path.display(),
-                    line_of(v.span().start)
-                ))
-            })
-            .ok()
-    };
-    for (e, proxy_protocol) in file.mapping.iter().zip(own_versions) {
-        let what = format!("publish {:?}: ", e.publish.get_ref());
-        let own = Options {
-            nat: mode(&e.nat, defaults.nat),
-            socket_lb: mode(&e.socket_lb, defaults.socket_lb),
-            proxy_protocol,
-            allow: allow_of(&e.allow, &what).or(defaults.allow.clone()),
-            ..defaults.clone()
-        };
-        entries.push((&e.publish, own));
-    }
-    let docker_allow = allow_of(&file.docker_allow, "docker_");
-    errors.append(&mut allow_errors);
-    let port_rules = port_rules(&rules, &mut |at, e| {
-        pp_errors.push(format!(
-            "{}:{}: proxy_protocol: {e}",
-            path.display(),
-            line_of(at)
-        ))
+    entries.extend(mapping_tables(
+        &file,
+        &defaults,
+        own_versions,
+        &at,
+        &mut problems,
+    ));
+    let docker_allow = allow_list(&file.docker_allow, "docker_", &at, &mut problems.allow);
+    let port_rules = port_rules(&rules, &mut |offset, e| {
+        problems
+            .proxy_protocol
+            .push(at.say(offset, format!("proxy_protocol: {e}")))
     });
-    errors.append(&mut pp_errors);
-    let mut mappings = Vec::new();
-    for (spec, options) in entries {
-        match parse_publish(spec.get_ref(), options) {
-            Ok(m) => mappings.extend(m),
-            Err(e) => errors.push(format!(
-                "{}:{}: publish {:?}: {e}",
-                path.display(),
-                line_of(spec.span().start),
-                spec.get_ref()
-            )),
-        }
-    }
-    let drain = file.drain_timeout.as_ref().and_then(|d| {
-        options::DRAIN_TIMEOUT
-            .check(*d.get_ref())
-            .map_err(|e| {
-                errors.push(format!(
-                    "{}:{}: drain_timeout: {e}",
-                    path.display(),
-                    line_of(d.span().start)
-                ))
-            })
-            .ok()
-    });
-    if !errors.is_empty() {
-        return Err(errors);
-    }
+    let mappings = resolve(entries, &at, &mut problems.publish);
+    let drain = drain_timeout(&file, &at, &mut problems.drain);
+    problems.into_result()?;
     Ok(Loaded {
         mappings,
         defaults: Some(defaults),
@@ -663,6 +575,187 @@ fn parse(text: &str, path: &Path, base: Options, flags: Flags) -> Result<Loaded,
         docker_allow,
         port_rules,
     })
+}
+
+/// A config file's text and name, to say where a problem is.
+struct Lines<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Lines<'_> {
+    /// `message` as reported: `FILE:LINE: message`, the line the one holding `offset`.
+    fn say(&self, offset: usize, message: impl std::fmt::Display) -> String {
+        let line = self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        format!("{}:{line}: {message}", self.path.display())
+    }
+
+    /// The file as TOML, or its one syntax error.
+    fn toml(&self) -> Result<ConfigFile, Vec<String>> {
+        toml::from_str(self.text).map_err(|e| match e.span() {
+            Some(span) => vec![self.say(span.start, e.message())],
+            None => vec![format!("{}: {}", self.path.display(), e.message())],
+        })
+    }
+}
+
+/// A file's problems by kind, reported in this order.
+#[derive(Default)]
+struct Problems {
+    /// `nat` and `socket_lb` values, the file's then its mapping tables'.
+    modes: Vec<String>,
+    /// Allow-lists: the mapping tables', then `docker_allow`.
+    allow: Vec<String>,
+    /// PROXY protocol versions (the mapping tables', the rules') and the rules' ports.
+    proxy_protocol: Vec<String>,
+    /// Specs that are no mapping.
+    publish: Vec<String>,
+    /// `drain_timeout`.
+    drain: Vec<String>,
+}
+
+impl Problems {
+    fn into_result(self) -> Result<(), Vec<String>> {
+        let all: Vec<String> = [
+            self.modes,
+            self.allow,
+            self.proxy_protocol,
+            self.publish,
+            self.drain,
+        ]
+        .concat();
+        match all.is_empty() {
+            true => Ok(()),
+            false => Err(all),
+        }
+    }
+}
+
+/// A mode the file sets (`default` when it sets none, or one that does not parse).
+fn mode(
+    value: &Option<toml::Spanned<String>>,
+    default: Mode,
+    at: &Lines,
+    problems: &mut Vec<String>,
+) -> Mode {
+    match value {
+        None => default,
+        Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
+            problems.push(at.say(v.span().start, e));
+            default
+        }),
+    }
+}
+
+/// `base` with the file's own `nat` and `socket_lb`.
+fn file_defaults(
+    file: &ConfigFile,
+    base: Options,
+    at: &Lines,
+    problems: &mut Vec<String>,
+) -> Options {
+    Options {
+        nat: mode(&file.nat, base.nat, at, problems),
+        socket_lb: mode(&file.socket_lb, base.socket_lb, at, problems),
+        ..base
+    }
+}
+
+/// The PROXY protocol version of each mapping table (off when it names none), and each
+/// `[[proxy_protocol]]` table with its version (those whose version does not parse left out).
+fn versions<'f>(
+    file: &'f ConfigFile,
+    at: &Lines,
+    problems: &mut Vec<String>,
+) -> (Vec<Version>, Vec<(&'f PortRuleEntry, Version)>) {
+    let mut version = |value: &toml::Spanned<String>| {
+        value
+            .get_ref()
+            .parse::<Version>()
+            .map_err(|e| problems.push(at.say(value.span().start, e)))
+    };
+    let own = file
+        .mapping
+        .iter()
+        .map(|e| match &e.proxy_protocol {
+            None => Version::Off,
+            Some(v) => version(v).unwrap_or_default(),
+        })
+        .collect();
+    let rules = file
+        .proxy_protocol
+        .iter()
+        .filter_map(|r| Some((r, version(&r.version).ok()?)))
+        .collect();
+    (own, rules)
+}
+
+/// A `[[mapping]]` table's spec with its options: its own, else `defaults`.
+fn mapping_tables<'f>(
+    file: &'f ConfigFile,
+    defaults: &Options,
+    versions: Vec<Version>,
+    at: &Lines,
+    problems: &mut Problems,
+) -> Vec<(&'f toml::Spanned<String>, Options)> {
+    let mut entries = Vec::new();
+    for (e, proxy_protocol) in file.mapping.iter().zip(versions) {
+        let what = format!("publish {:?}: ", e.publish.get_ref());
+        let own = Options {
+            nat: mode(&e.nat, defaults.nat, at, &mut problems.modes),
+            socket_lb: mode(&e.socket_lb, defaults.socket_lb, at, &mut problems.modes),
+            proxy_protocol,
+            allow: allow_list(&e.allow, &what, at, &mut problems.allow).or(defaults.allow.clone()),
+            ..defaults.clone()
+        };
+        entries.push((&e.publish, own));
+    }
+    entries
+}
+
+/// An allow-list the file gives (None: none, or one with a problem); `what` says whose.
+fn allow_list(
+    value: &Option<toml::Spanned<Vec<String>>>,
+    what: &str,
+    at: &Lines,
+    problems: &mut Vec<String>,
+) -> Option<Arc<AllowList>> {
+    let v = value.as_ref()?;
+    AllowList::parse(v.get_ref())
+        .map(Arc::new)
+        .map_err(|e| problems.push(at.say(v.span().start, format!("{what}allow {e}"))))
+        .ok()
+}
+
+/// The mappings of every spec, each with its options.
+fn resolve(
+    entries: Vec<(&toml::Spanned<String>, Options)>,
+    at: &Lines,
+    problems: &mut Vec<String>,
+) -> Vec<Mapping> {
+    let mut mappings = Vec::new();
+    for (spec, options) in entries {
+        match parse_publish(spec.get_ref(), options) {
+            Ok(m) => mappings.extend(m),
+            Err(e) => problems.push(at.say(
+                spec.span().start,
+                format!("publish {:?}: {e}", spec.get_ref()),
+            )),
+        }
+    }
+    mappings
+}
+
+/// `drain_timeout`, checked.
+fn drain_timeout(file: &ConfigFile, at: &Lines, problems: &mut Vec<String>) -> Option<Duration> {
+    let d = file.drain_timeout.as_ref()?;
+    options::DRAIN_TIMEOUT
+        .check(*d.get_ref())
+        .map_err(|e| problems.push(at.say(d.span().start, format!("drain_timeout: {e}"))))
+        .ok()
 }
 
 /// The `[[proxy_protocol]]` tables as rules; each problem goes to `error` with its offset in

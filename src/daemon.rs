@@ -22,7 +22,7 @@ use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::nat::Nat;
 use crate::options::Mode;
 use crate::signals::{Event, Signals};
-use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor};
+use crate::supervisor::{key, Change, Key, Listener, Origin, OriginKind, Start, Supervisor};
 use crate::systemd::{sd_notify, Activation, FdStore};
 use crate::takeover;
 
@@ -214,7 +214,7 @@ async fn run(settings: Settings, mut activation: Activation) -> i32 {
     let stored_before: Vec<String> = received
         .iter()
         .flat_map(|r| r.mappings.iter())
-        .filter(|(h, _, _)| h.origin == "publish" || h.origin == "config")
+        .filter(|(h, _, _)| matches!(h.origin, OriginKind::Publish | OriginKind::Config))
         .filter_map(|(h, _, _)| parse_publish(&h.spec, Default::default()).ok())
         .flatten()
         .map(|m| crate::systemd::fd_name(&key(&m)))

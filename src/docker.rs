@@ -137,47 +137,19 @@ pub fn main(
     } = inherited;
     // Until a handler exists (signalfd in a shim, tokio's when serving), hold stop signals.
     signals::block();
-    let flags = match Flags::parse(args) {
-        Ok(opts) => opts,
-        // Go prints usage on stderr; a person asking for help wants it on stdout (`| less`),
-        // and dockerd never asks.
-        Err(ParseError::Help) => {
-            crate::output::print(&format!("{}\n", help()));
-            return 0;
-        }
-        Err(ParseError::Invalid(msg)) => {
-            eprintln!("{msg}");
-            eprint!("{}", goflags::usage(prog, FLAGS));
-            eprintln!(
-                "(rproxy also has subcommands: `rproxy daemon` serves many ports in one \
-                 process, and processes like this one hand their ports to it; see rproxy \
-                 --help)"
-            );
-            return 2;
-        }
+    let flags = match read_flags(prog, args, help) {
+        Ok(flags) => flags,
+        Err(code) => return code,
     };
     if flags.version {
-        crate::output::print(&format!(
-            "rproxy (commit {}) version {}\n",
-            commit(),
-            env!("CARGO_PKG_VERSION")
-        ));
+        print_version();
         return 0;
     }
-    // Bad environment: refused on fd 3, so `docker run` names the variable.
-    if !problems.is_empty() {
-        return status.fail(&problems.join("; "));
-    }
-    let options = match env.overrides.apply(&Options::default()) {
+    let options = match settle_options(&env, problems) {
         Ok(o) => o,
-        Err(e) => return status.fail(&e),
+        Err(why) => return status.fail(&why),
     };
-
-    if let Err(e) = process::raise_nofile_limit() {
-        tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
-    }
-    // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
-    let _ = process::set_parent_death_signal(libc::SIGTERM);
+    prepare_process();
     let back = HandBack {
         socket_path: env.socket.clone(),
         options: env.overrides.clone(),
@@ -189,25 +161,95 @@ pub fn main(
         };
         return resume(prog, &flags, options, socket, conn, &back);
     }
-
-    let socket = flags.mapping(options).and_then(|m| {
-        let socket = match flags.use_listen_fd {
-            true => listen
-                .map_err(str::to_string)
-                .and_then(|fd| frontend::check(&m, fd))
-                .map_err(|why| format!("bad listening socket on fd 4: {why}"))?,
-            false => frontend::bind(&m)?,
-        };
-        Ok((m, socket))
-    });
-    let (mut mapping, socket) = match socket {
+    let (mapping, socket) = match open_port(&flags, options, listen) {
         Ok(ms) => ms,
         Err(msg) => return status.fail(&msg),
     };
-    // The socket's own address is the truth (fd 4, or port 0 resolved by bind).
+    hand_off_or_serve(mapping, socket, status, &env, &back)
+}
+
+/// docker-proxy's flags, or the exit status when there is nothing to serve: 0 after
+/// `-help`, 2 after a bad flag (with Go's usage on stderr).
+fn read_flags(prog: &str, args: &[String], help: fn() -> String) -> Result<Flags, i32> {
+    match Flags::parse(args) {
+        Ok(flags) => Ok(flags),
+        // Go prints usage on stderr; a person asking for help wants it on stdout (`| less`),
+        // and dockerd never asks.
+        Err(ParseError::Help) => {
+            crate::output::print(&format!("{}\n", help()));
+            Err(0)
+        }
+        Err(ParseError::Invalid(msg)) => {
+            eprintln!("{msg}");
+            eprint!("{}", goflags::usage(prog, FLAGS));
+            eprintln!(
+                "(rproxy also has subcommands: `rproxy daemon` serves many ports in one \
+                 process, and processes like this one hand their ports to it; see rproxy \
+                 --help)"
+            );
+            Err(2)
+        }
+    }
+}
+
+/// `-version`.
+fn print_version() {
+    crate::output::print(&format!(
+        "rproxy (commit {}) version {}\n",
+        commit(),
+        env!("CARGO_PKG_VERSION")
+    ));
+}
+
+/// The port's options from the environment; Err (for fd 3, so `docker run` names the
+/// variable) when it has problems.
+fn settle_options(env: &Env, problems: Vec<String>) -> Result<Options, String> {
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    env.overrides.apply(&Options::default())
+}
+
+/// What a long-lived process owes its host: room for descriptors, and an end with its parent.
+fn prepare_process() {
+    if let Err(e) = process::raise_nofile_limit() {
+        tracing::warn!("cannot raise the open-file limit: {}", describe(&e));
+    }
+    // dockerd sets this too; doing it ourselves covers other supervisors and wrappers (nsenter).
+    let _ = process::set_parent_death_signal(libc::SIGTERM);
+}
+
+/// The mapping the flags describe and its listening socket: dockerd's on fd 4
+/// (`-use-listen-fd`), else bound here. The socket's own address is the truth (fd 4, or
+/// port 0 resolved by bind).
+fn open_port(
+    flags: &Flags,
+    options: Options,
+    listen: Result<OwnedFd, &'static str>,
+) -> Result<(Mapping, Socket), String> {
+    let mut mapping = flags.mapping(options)?;
+    let socket = match flags.use_listen_fd {
+        true => listen
+            .map_err(str::to_string)
+            .and_then(|fd| frontend::check(&mapping, fd))
+            .map_err(|why| format!("bad listening socket on fd 4: {why}"))?,
+        false => frontend::bind(&mapping)?,
+    };
     if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
         mapping.listen = local;
     }
+    Ok((mapping, socket))
+}
+
+/// Offers the port to a daemon (unless `RPROXY_HANDOFF=0`) and waits as a shim while it
+/// serves it; serves it here when no daemon does.
+fn hand_off_or_serve(
+    mut mapping: Mapping,
+    socket: Socket,
+    status: StatusPipe,
+    env: &Env,
+    back: &HandBack,
+) -> i32 {
     let handoff = match env.no_handoff {
         true => Ok(Handoff::NoDaemon),
         false => shim::register(&mapping, &socket, env.socket.clone(), env.overrides.clone()),
@@ -223,7 +265,7 @@ pub fn main(
             status.ready(&mapping);
             // Taken back, the port keeps the header the daemon gave it.
             mapping.options.proxy_protocol = proxy_protocol;
-            registered(mapping, socket, conn, &back)
+            registered(mapping, socket, conn, back)
         }
     }
 }

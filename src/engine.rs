@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
+use crate::goflags;
 use crate::mapping::Proto;
 
 /// Where dockerd listens when nothing says otherwise.
@@ -144,7 +145,7 @@ impl Engine {
             let icc = n
                 .options
                 .get("com.docker.network.bridge.enable_icc")
-                .is_none_or(|v| go_bool(v) == Some(true));
+                .is_none_or(|v| goflags::parse_bool(v) == Some(true));
             let mut members = Vec::new();
             for (container, ep) in &n.containers {
                 let addrs: Vec<IpAddr> = [&ep.ipv4, &ep.ipv6]
@@ -315,15 +316,6 @@ fn escape(path: &str) -> String {
 /// `s` as a JSON string.
 fn quoted(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
-}
-
-/// Go's strconv.ParseBool, which dockerd uses for network options.
-fn go_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
-    }
 }
 
 #[derive(Deserialize)]
@@ -562,8 +554,8 @@ mod tests {
 
     #[test]
     fn options_are_read_as_go_reads_them() {
-        assert_eq!(go_bool("false"), Some(false));
-        assert_eq!(go_bool("1"), Some(true));
-        assert_eq!(go_bool("yes"), None);
+        assert_eq!(goflags::parse_bool("false"), Some(false));
+        assert_eq!(goflags::parse_bool("1"), Some(true));
+        assert_eq!(goflags::parse_bool("yes"), None);
     }
 }

@@ -164,8 +164,9 @@ pub fn parse(flags: &[Flag], args: &[String]) -> Result<Parsed, ParseError> {
     Ok(parsed)
 }
 
-/// strconv.ParseBool.
-fn parse_bool(s: &str) -> Option<bool> {
+/// Go's strconv.ParseBool: how docker-proxy's boolean flags, and dockerd's network options,
+/// are read. Exactly these spellings: not rproxy's own yes/no ([`crate::options::parse_bool`]).
+pub fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
         "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),

@@ -28,45 +28,77 @@ const SPECS: &[&str] = &[
      every mapping in this form, one port each.",
 ];
 
-/// rproxy(8).
+/// rproxy(8), section by section.
 pub fn rproxy_8() -> String {
     let mut cmd = cli::command();
     cmd.build();
-    let mut page = Page::default();
-    page.control(
-        "TH",
-        ["RPROXY", "8", "", &source(), "System Manager's Manual"],
-    );
-    page.control("SH", ["NAME"]);
-    page.text([roman(format!("rproxy - {}", cli::SUMMARY))]);
-
     // clap adds `help` when it builds the command; `--help` covers it here.
     let subcommands: Vec<clap::Command> = cmd
         .get_subcommands()
         .filter(|s| s.get_name() != "help")
         .cloned()
         .collect();
+    let mut page = Page::default();
+    title(&mut page);
+    synopsis(&mut page, &subcommands);
+    description(&mut page);
+    commands(&mut page, &subcommands);
+    docker_proxy_mode(&mut page);
+    page.control("SH", ["SPECS"]);
+    specs(&mut page);
+    environment(&mut page);
+    signals(&mut page);
+    systemd_section(&mut page);
+    exit_status(&mut page);
+    files(&mut page);
+    examples_8(&mut page);
+    page.control("SH", ["SEE ALSO"]);
+    page.text([roman("rproxy.toml(5), dockerd(8), systemctl(1), nft(8)")]);
+    page.finish()
+}
+
+/// The page's header and NAME.
+fn title(page: &mut Page) {
+    page.control(
+        "TH",
+        ["RPROXY", "8", "", &source(), "System Manager's Manual"],
+    );
+    page.control("SH", ["NAME"]);
+    page.text([roman(format!("rproxy - {}", cli::SUMMARY))]);
+}
+
+/// SYNOPSIS: each subcommand's, then docker-proxy mode's.
+fn synopsis(page: &mut Page, subcommands: &[clap::Command]) {
     page.control("SH", ["SYNOPSIS"]);
-    for sub in &subcommands {
+    for sub in subcommands {
         page.clap(&Man::new(sub.clone()), Man::render_synopsis_section);
         page.control("br", []);
     }
     page.text(docker_synopsis());
+}
 
+/// DESCRIPTION: the command's long about.
+fn description(page: &mut Page) {
     page.control("SH", ["DESCRIPTION"]);
-    paragraphs(&mut page, cli::ABOUT);
+    paragraphs(page, cli::ABOUT);
+}
 
+/// COMMANDS: each subcommand's about and options.
+fn commands(page: &mut Page, subcommands: &[clap::Command]) {
     page.control("SH", ["COMMANDS"]);
-    for sub in &subcommands {
+    for sub in subcommands {
         page.control("SS", [format!("rproxy {}", sub.get_name()).as_str()]);
         let about = sub.get_long_about().or(sub.get_about());
-        paragraphs(&mut page, &about.map(|a| a.to_string()).unwrap_or_default());
+        paragraphs(page, &about.map(|a| a.to_string()).unwrap_or_default());
         page.clap(&Man::new(sub.clone()), Man::render_options_section);
     }
+}
 
+/// DOCKER-PROXY MODE: docker-proxy's flags and what dockerd gets back.
+fn docker_proxy_mode(page: &mut Page) {
     page.control("SH", ["DOCKER-PROXY MODE"]);
     paragraphs(
-        &mut page,
+        page,
         "Without a subcommand rproxy is docker-proxy: dockerd's userland-proxy-path points at \
          it, and dockerd runs it once per published port, protocol and address family. It \
          parses docker-proxy's flags by the rules of Go's flag package: -flag value, \
@@ -97,7 +129,7 @@ pub fn rproxy_8() -> String {
     )]);
     page.control("PP", []);
     paragraphs(
-        &mut page,
+        page,
         "Once the port is served, rproxy writes \"0\\n\" to file descriptor 3 when dockerd \
          passed its status pipe there; a start-up failure writes \"1\\n\" and the reason, which \
          docker run shows (for example \"failed to listen on tcp 0.0.0.0:8080: address already \
@@ -109,10 +141,10 @@ pub fn rproxy_8() -> String {
          its port itself. dockerd's command line carries no options: they come from the \
          environment (ENVIRONMENT), set for dockerd, for example with a systemd drop-in.",
     );
+}
 
-    page.control("SH", ["SPECS"]);
-    specs(&mut page);
-
+/// ENVIRONMENT: every `RPROXY_*` variable, who reads it, and how values parse.
+fn environment(page: &mut Page) {
     page.control("SH", ["ENVIRONMENT"]);
     for v in VARIABLES {
         page.control("TP", []);
@@ -135,16 +167,19 @@ pub fn rproxy_8() -> String {
     }
     page.control("PP", []);
     paragraphs(
-        &mut page,
+        page,
         "Booleans take 1/0, true/false, on/off or yes/no; an empty value counts as unset. A \
          value that does not parse, or lies outside its range, is refused and never replaced by \
          the default: docker-proxy mode fails the port on file descriptor 3, naming the \
          variable; the daemon and ls, add and rm exit with status 2.",
     );
+}
 
+/// SIGNALS.
+fn signals(page: &mut Page) {
     page.control("SH", ["SIGNALS"]);
     definitions(
-        &mut page,
+        page,
         &[
             (
                 "SIGHUP",
@@ -161,12 +196,13 @@ pub fn rproxy_8() -> String {
             ),
         ],
     );
+}
 
-    systemd_section(&mut page);
-
+/// EXIT STATUS.
+fn exit_status(page: &mut Page) {
     page.control("SH", ["EXIT STATUS"]);
     definitions(
-        &mut page,
+        page,
         &[
             ("0", "Success (for the daemon: stopped by a signal)."),
             (
@@ -183,10 +219,13 @@ pub fn rproxy_8() -> String {
             ),
         ],
     );
+}
 
+/// FILES: what the package installs and where the daemon listens.
+fn files(page: &mut Page) {
     page.control("SH", ["FILES"]);
     definitions(
-        &mut page,
+        page,
         &[
             (
                 config::DEFAULT_CONFIG,
@@ -218,10 +257,13 @@ pub fn rproxy_8() -> String {
             ),
         ],
     );
+}
 
+/// EXAMPLES: a docker-proxy run, a config check, `add`/`ls`/`rm`, `ls --json`.
+fn examples_8(page: &mut Page) {
     page.control("SH", ["EXAMPLES"]);
     examples(
-        &mut page,
+        page,
         &[
             (
                 "Forward 127.0.0.1:8080 to 127.0.0.1:8000, as dockerd would:",
@@ -243,10 +285,6 @@ pub fn rproxy_8() -> String {
             ),
         ],
     );
-
-    page.control("SH", ["SEE ALSO"]);
-    page.text([roman("rproxy.toml(5), dockerd(8), systemctl(1), nft(8)")]);
-    page.finish()
 }
 
 /// rproxy.toml(5).

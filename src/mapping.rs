@@ -146,8 +146,8 @@ pub fn parse_publish(spec: &str, options: Options) -> Result<Vec<Mapping>, Strin
             "backend family mismatch: IPv4 host address {host_ip} cannot target IPv6 address {target_ip}"
         ));
     }
-    let hosts = parse_range(host_ports, "host", 0)?;
-    let targets = parse_range(target_ports, "target", 1)?;
+    let hosts = parse_port_range(host_ports, "host", 0)?;
+    let targets = parse_port_range(target_ports, "target", 1)?;
     // Counted in u32: 0-65535 has 65,536 ports, one more than u16 holds.
     let len = |(a, b): (u16, u16)| u32::from(b) - u32::from(a) + 1;
     if len(hosts) != len(targets) {
@@ -214,18 +214,25 @@ fn parse_ip(s: &str, which: &str) -> Result<IpAddr, String> {
     })
 }
 
-fn parse_range(s: &str, which: &str, min: u16) -> Result<(u16, u16), String> {
+/// A port or a run of ports, `N` or `N-M`, as specs and `[[proxy_protocol]]` tables write
+/// them: `(first, last)`, each at least `min`. `which` names them in messages (`host`,
+/// `target`; empty for plain ports).
+pub fn parse_port_range(s: &str, which: &str, min: u16) -> Result<(u16, u16), String> {
+    let (port_name, range_name) = match which {
+        "" => ("port".to_string(), "port range".to_string()),
+        which => (format!("{which} port"), format!("{which} range")),
+    };
     let port = |p: &str| -> Result<u16, String> {
         p.parse::<u16>()
             .ok()
             .filter(|&n| n >= min)
-            .ok_or_else(|| format!("invalid {which} port {p:?} (must be {min}-65535)"))
+            .ok_or_else(|| format!("invalid {port_name} {p:?} (must be {min}-65535)"))
     };
     match s.split_once('-') {
         Some((a, b)) => {
             let (a, b) = (port(a)?, port(b)?);
             if b < a {
-                return Err(format!("{which} range {a}-{b} ends before it starts"));
+                return Err(format!("{range_name} {a}-{b} ends before it starts"));
             }
             Ok((a, b))
         }

@@ -181,25 +181,11 @@ impl PortRules {
     }
 }
 
-/// Parses a rule's `ports`: `"8080"` or `"8000-8100"` (host ports 1-65535).
+/// Parses a rule's `ports`: `"8080"` or `"8000-8100"` (host ports 1-65535), spaces
+/// around the numbers allowed (a file written by a person), as a spec's ports otherwise.
 pub fn parse_ports(s: &str) -> Result<(u16, u16), String> {
-    let port = |p: &str| -> Result<u16, String> {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|&n| n != 0)
-            .ok_or_else(|| format!("invalid port {p:?} (must be 1-65535)"))
-    };
-    match s.split_once('-') {
-        Some((a, b)) => {
-            let (a, b) = (port(a)?, port(b)?);
-            if b < a {
-                return Err(format!("port range {a}-{b} ends before it starts"));
-            }
-            Ok((a, b))
-        }
-        None => port(s).map(|p| (p, p)),
-    }
+    let spaceless: Vec<&str> = s.splitn(2, '-').map(str::trim).collect();
+    crate::mapping::parse_port_range(&spaceless.join("-"), "", 1)
 }
 
 #[cfg(test)]
@@ -323,6 +309,15 @@ mod tests {
         assert_eq!(rules.version_for(8101), Version::Off);
         assert_eq!(parse_ports("8000-8100"), Ok((8000, 8100)));
         assert_eq!(parse_ports("443"), Ok((443, 443)));
+        assert_eq!(parse_ports(" 8000 - 8100 "), Ok((8000, 8100)));
+        assert_eq!(
+            parse_ports("9-3"),
+            Err("port range 9-3 ends before it starts".into())
+        );
+        assert_eq!(
+            parse_ports("0"),
+            Err("invalid port \"0\" (must be 1-65535)".into())
+        );
         for bad in ["0", "70000", "9-3", "a", "", "1-"] {
             assert!(parse_ports(bad).is_err(), "{bad}");
         }

@@ -134,7 +134,7 @@ fn offer(mapping: &Mapping, socket: &Socket, path: &std::path::Path, options: Ov
             Ok(Handoff::Registered(stream, proxy_protocol))
         }
         Ok(Reply::Moved { pid }) => return Offer::Moved(pid),
-        Ok(Reply::Error { message }) => Err(message),
+        Ok(Reply::Error { message }) => Err(message.to_string()),
         Ok(other) => {
             tracing::warn!("daemon answered {other:?}; serving {mapping} here");
             Ok(Handoff::NoDaemon)

@@ -10,7 +10,7 @@
 //!
 //! A takeover (a new daemon taking this one's sockets) freezes the set: the snapshot handed
 //! over stays the truth until the new process serves, and every change asked meanwhile is
-//! refused with [`HANDING_OVER`] (shims and `rproxy add` try again, and reach the new one).
+//! refused with [`Refusal::HandingOver`] (shims and `rproxy add` try again, and reach the new one).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -20,10 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use socket2::Socket;
 use tokio::task::JoinHandle;
 
 use crate::bpf::{self, SocketLb};
+use crate::control::Refusal;
 use crate::frontend::{self, Frontend};
 use crate::mapping::{Mapping, Proto};
 use crate::nat::{Nat, Path};
@@ -67,20 +69,59 @@ impl Origin {
     }
 }
 
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Origin::Publish => "publish",
-            Origin::Config => "config",
-            Origin::Control => "add",
-            Origin::Shim(_) => "shim",
-            Origin::Docker | Origin::Container(_) => "docker",
-        })
+impl Origin {
+    /// What kind of origin it is, as a takeover hands it over and `ls` shows it.
+    pub fn kind(&self) -> OriginKind {
+        match self {
+            Origin::Publish => OriginKind::Publish,
+            Origin::Config => OriginKind::Config,
+            Origin::Control => OriginKind::Control,
+            Origin::Shim(_) => OriginKind::Shim,
+            Origin::Docker | Origin::Container(_) => OriginKind::Docker,
+        }
     }
 }
 
-/// Why a change is refused while a takeover is under way.
-pub const HANDING_OVER: &str = "this daemon is handing its sockets over to a new process";
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.kind().fmt(f)
+    }
+}
+
+/// An [`Origin`] without what only this process knows (a shim's registration number; a
+/// container's name travels beside it): what a takeover hands over, spelled on the wire as
+/// daemons of every version spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OriginKind {
+    /// `--publish`.
+    Publish,
+    /// The config file.
+    Config,
+    /// `rproxy add`.
+    #[serde(rename = "add")]
+    Control,
+    /// A docker-mode shim's registration.
+    Shim,
+    /// dockerd's: a docker-mode process's own port, or a followed container's.
+    Docker,
+    /// One a later version added: the daemon that has it keeps it, and drains it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl fmt::Display for OriginKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OriginKind::Publish => "publish",
+            OriginKind::Config => "config",
+            OriginKind::Control => "add",
+            OriginKind::Shim => "shim",
+            OriginKind::Docker => "docker",
+            OriginKind::Unknown => "unknown",
+        })
+    }
+}
 
 /// The NAT path of a mapping started while the previous daemon's rules still stand.
 const NAT_HELD: &str = "until the previous daemon's rules are gone";
@@ -290,13 +331,13 @@ impl Supervisor {
         &self,
         drain: Duration,
         plan: impl FnOnce(&BTreeMap<Key, Current>) -> Result<Change, String>,
-    ) -> Result<Vec<Mapping>, String> {
+    ) -> Result<Vec<Mapping>, Refusal> {
         let _one_at_a_time = self.inner.changes.lock().await;
         if self.inner.frozen.load(Ordering::Relaxed) {
-            return Err(HANDING_OVER.into());
+            return Err(Refusal::HandingOver);
         }
         if self.is_stopped() {
-            return Err("the daemon is stopping".into());
+            return Err(Refusal::Other("the daemon is stopping".into()));
         }
         let current: BTreeMap<Key, Current> = self
             .running()
@@ -319,13 +360,13 @@ impl Supervisor {
                 continue;
             }
             if let Some(c) = current.get(&k).filter(|_| !stopping.contains(&k)) {
-                return Err(format!(
+                return Err(Refusal::Other(format!(
                     "{} {} is already mapped to {} ({})",
                     k.0, k.1, c.mapping.target, c.origin
-                ));
+                )));
             }
             if !starting.insert(k) {
-                return Err(format!("{} {} is mapped twice", k.0, k.1));
+                return Err(Refusal::Other(format!("{} {} is mapped twice", k.0, k.1)));
             }
         }
         let mut prepared = Vec::with_capacity(change.start.len());
@@ -336,7 +377,7 @@ impl Supervisor {
                     for p in prepared {
                         self.undo(&p).await;
                     }
-                    return Err(e);
+                    return Err(Refusal::Other(e));
                 }
             }
         }
@@ -687,13 +728,13 @@ impl Supervisor {
 
     /// Freezes the running set for a takeover and returns it, each mapping with a copy of
     /// its listening socket: until [`Supervisor::thaw`], every change is refused with
-    /// [`HANDING_OVER`]. Mappings without a listener are left out: they are dockerd's
+    /// [`Refusal::HandingOver`]. Mappings without a listener are left out: they are dockerd's
     /// ports, which the new daemon reads from dockerd itself. Err when a takeover is under
     /// way already.
-    pub async fn freeze(&self) -> Result<Vec<Held>, String> {
+    pub async fn freeze(&self) -> Result<Vec<Held>, Refusal> {
         let _one_at_a_time = self.inner.changes.lock().await;
         if self.inner.frozen.swap(true, Ordering::Relaxed) {
-            return Err("another takeover is under way".into());
+            return Err(Refusal::TakeoverUnderWay);
         }
         let copies: Result<Vec<Held>, String> = self
             .running()
@@ -713,7 +754,7 @@ impl Supervisor {
         if copies.is_err() {
             self.inner.frozen.store(false, Ordering::Relaxed);
         }
-        copies
+        copies.map_err(Refusal::Other)
     }
 
     /// Takes changes again (a takeover failed).

@@ -23,7 +23,7 @@ use crate::control::Handed;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
 use crate::options::{Options, Overrides};
-use crate::supervisor::{key, Key, Listener, Origin, Start};
+use crate::supervisor::{key, Key, Listener, Origin, OriginKind, Start};
 
 /// A shim's registration carried over: adopt it once its mapping runs.
 pub struct Adopt {
@@ -60,7 +60,7 @@ pub fn plan(
     for (mappings, origin) in own {
         for m in mappings {
             let listener = match handed.remove(&key(m)) {
-                Some((h, _, _)) if h.origin == "shim" || h.origin == "docker" => {
+                Some((h, _, _)) if matches!(h.origin, OriginKind::Shim | OriginKind::Docker) => {
                     return Err(format!(
                         "{} {} is published by dockerd ({}, handed over by pid {old}), and \
                          this daemon's {origin} mappings have it too",
@@ -80,8 +80,8 @@ pub fn plan(
     let mut adopt = Vec::new();
     for (_, (h, socket, conn)) in handed {
         let (spec, from, options) = (h.spec, h.origin, h.options);
-        match (from.as_str(), conn, h.container) {
-            ("add", _, _) => {
+        match (from, conn, h.container) {
+            (OriginKind::Control, _, _) => {
                 let m = one(&spec, options.apply(&Options::default())?)?;
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),
@@ -89,7 +89,7 @@ pub fn plan(
                     origin: Origin::Control,
                 });
             }
-            ("shim", Some(conn), _) => {
+            (OriginKind::Shim, Some(conn), _) => {
                 let m = one(&spec, options.apply(&settings.dockerd_defaults())?)?;
                 let origin = server.shim_origin();
                 starts.push(Start {
@@ -106,7 +106,7 @@ pub fn plan(
             }
             // A container's port this daemon also follows: its follower's first read of
             // dockerd keeps it, or changes it as dockerd says.
-            ("docker", _, Some(name)) if settings.docker_ports => {
+            (OriginKind::Docker, _, Some(name)) if settings.docker_ports => {
                 let m = one(&spec, settings.dockerd_defaults())?;
                 starts.push(Start {
                     listener: Listener::Socket(checked(&m, socket)?),

@@ -96,7 +96,7 @@ fn call_once(path: &Path, request: &Request, timeout: Duration) -> Result<Reply,
     send_request(&stream, request, None)
         .map_err(|e| format!("cannot send to the daemon: {}", describe(&e)))?;
     match read_reply(&stream) {
-        Ok(Reply::Error { message }) => Err(message),
+        Ok(Reply::Error { message }) => Err(message.to_string()),
         Ok(reply) => Ok(reply),
         Err(e)
             if matches!(

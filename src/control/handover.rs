@@ -27,10 +27,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Handed, Reply, Request, MAX_REPLY};
+use super::{Handed, Refusal, Reply, Request, MAX_REPLY};
 use crate::mapping::describe;
 use crate::options::Overrides;
-use crate::supervisor::{Origin, Supervisor};
+use crate::supervisor::{Held, Origin, Supervisor};
 use crate::sys::fd::{recv_with_many_fds, MAX_FDS_PER_MESSAGE};
 
 /// How long the new daemon may take to serve what it was handed before the old one gives
@@ -99,71 +99,12 @@ pub async fn give(
         tracing::error!("takeover by pid {to}: another process is recorded as taking over");
     }
     tracing::info!("takeover: handing {} mappings over to pid {to}", held.len());
-    let result = async {
-        let mut fds: Vec<OwnedFd> = vec![giver.control.try_clone()?];
-        let metrics = match &giver.metrics {
-            Some(m) => {
-                fds.push(m.try_clone()?);
-                Some(fds.len() - 1)
-            }
-            None => None,
-        };
-        let mut mappings = Vec::with_capacity(held.len());
-        for h in held {
-            let (options, conn) = match h.origin {
-                Origin::Shim(id) => match shim(id) {
-                    Some(s) => (s.options, Some(s.conn)),
-                    // Its registration is ending (the shim left): nothing to hand over.
-                    None => continue,
-                },
-                Origin::Control => (Overrides::from(&h.mapping.options), None),
-                _ => (Overrides::default(), None),
-            };
-            fds.push(h.socket.into());
-            let socket = fds.len() - 1;
-            let conn = conn.map(|c| {
-                fds.push(c);
-                fds.len() - 1
-            });
-            mappings.push(Handed {
-                spec: h.mapping.spec(),
-                origin: h.origin.to_string(),
-                container: h.origin.container().map(str::to_string),
-                options,
-                socket,
-                conn,
-            });
-        }
-        let reply = Reply::Handover {
-            pid: std::process::id(),
-            fds: fds.len(),
-            control: 0,
-            metrics,
-            mappings,
-        };
-        tokio::time::timeout(TRANSFER_TIMEOUT, async {
-            write_line(&mut stream, &reply.encode()).await?;
-            for batch in fds.chunks(MAX_FDS_PER_MESSAGE) {
-                send_fds(&stream, batch).await?;
-            }
-            Ok::<_, io::Error>(())
-        })
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the new daemon does not read"))??;
-        // Our copies go now; the new daemon's stay.
-        drop(fds);
-        match tokio::time::timeout(SERVING_TIMEOUT, read_line(&mut stream)).await {
-            Ok(Ok(line)) if line == "serving" => Ok(()),
-            Ok(Ok(line)) => Err(io::Error::other(format!("it said {line:?}"))),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("it did not serve within {} s", SERVING_TIMEOUT.as_secs()),
-            )),
-        }
-    }
-    .await;
-    if let Err(e) = result {
+    let handed = async {
+        let (list, fds) = handover_list(held, giver, shim)?;
+        transfer(&mut stream, &list, fds).await?;
+        until_serving(&mut stream).await
+    };
+    if let Err(e) = handed.await {
         tracing::warn!(
             "takeover by pid {to} failed ({}); still serving everything here",
             describe(&e)
@@ -173,6 +114,91 @@ pub async fn give(
         sup.thaw().await;
         return Ok(());
     }
+    let_go(stream, to, giver).await
+}
+
+/// The handover line and the descriptors it lists: the control socket's listener first, the
+/// metrics endpoint's, then each mapping's socket and, for a shim's port, its connection.
+fn handover_list(
+    held: Vec<Held>,
+    giver: &Giver,
+    shim: impl Fn(u64) -> Option<ShimConn>,
+) -> io::Result<(Reply, Vec<OwnedFd>)> {
+    let mut fds: Vec<OwnedFd> = vec![giver.control.try_clone()?];
+    let metrics = match &giver.metrics {
+        Some(m) => {
+            fds.push(m.try_clone()?);
+            Some(fds.len() - 1)
+        }
+        None => None,
+    };
+    let mut mappings = Vec::with_capacity(held.len());
+    for h in held {
+        let (options, conn) = match h.origin {
+            Origin::Shim(id) => match shim(id) {
+                Some(s) => (s.options, Some(s.conn)),
+                // Its registration is ending (the shim left): nothing to hand over.
+                None => continue,
+            },
+            Origin::Control => (Overrides::from(&h.mapping.options), None),
+            _ => (Overrides::default(), None),
+        };
+        fds.push(h.socket.into());
+        let socket = fds.len() - 1;
+        let conn = conn.map(|c| {
+            fds.push(c);
+            fds.len() - 1
+        });
+        mappings.push(Handed {
+            spec: h.mapping.spec(),
+            origin: h.origin.kind(),
+            container: h.origin.container().map(str::to_string),
+            options,
+            socket,
+            conn,
+        });
+    }
+    let list = Reply::Handover {
+        pid: std::process::id(),
+        fds: fds.len(),
+        control: 0,
+        metrics,
+        mappings,
+    };
+    Ok((list, fds))
+}
+
+/// Sends the list, then the descriptors in batches, within [`TRANSFER_TIMEOUT`]; this
+/// process's copies close once sent (the new daemon's stay).
+async fn transfer(stream: &mut UnixStream, list: &Reply, fds: Vec<OwnedFd>) -> io::Result<()> {
+    tokio::time::timeout(TRANSFER_TIMEOUT, async {
+        write_line(stream, &list.encode()).await?;
+        for batch in fds.chunks(MAX_FDS_PER_MESSAGE) {
+            send_fds(stream, batch).await?;
+        }
+        Ok::<_, io::Error>(())
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the new daemon does not read"))?
+}
+
+/// Waits (up to [`SERVING_TIMEOUT`]) for the new daemon to say `serving`.
+async fn until_serving(stream: &mut UnixStream) -> io::Result<()> {
+    match tokio::time::timeout(SERVING_TIMEOUT, read_line(stream)).await {
+        Ok(Ok(line)) if line == "serving" => Ok(()),
+        Ok(Ok(line)) => Err(io::Error::other(format!("it said {line:?}"))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("it did not serve within {} s", SERVING_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+/// The new daemon serves: has the daemon's main loop stop accepting, answers `released`
+/// once it has, and holds the connection until this process exits (its end tells the new
+/// daemon the drain is over).
+async fn let_go(mut stream: UnixStream, to: u32, giver: &Giver) -> io::Result<()> {
     let (released, stopped) = oneshot::channel();
     let (tell, told) = oneshot::channel();
     if giver
@@ -186,7 +212,6 @@ pub async fn give(
     let _ = stopped.await;
     write_line(&mut stream, "released").await?;
     let _ = tell.send(());
-    // Held until this process exits: its end tells the new daemon the drain is over.
     std::future::pending::<()>().await;
     Ok(())
 }
@@ -252,7 +277,10 @@ pub async fn receive(path: &Path) -> Result<Option<Received>, String> {
             metrics,
             mappings,
         } => (pid, control, metrics, mappings),
-        Reply::Error { message } if message.contains("unknown variant") => {
+        // `takeover` is well formed: a daemon that cannot read it predates takeovers.
+        Reply::Error {
+            message: message @ Refusal::BadRequest(_),
+        } => {
             return Err(format!(
                 "the daemon at {} is a version without takeovers ({message}): stop it, then \
                  start this one",

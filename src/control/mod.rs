@@ -15,7 +15,10 @@
 
 pub mod client;
 pub mod handover;
+mod refusal;
 pub mod server;
+
+pub use refusal::Refusal;
 
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -32,6 +35,7 @@ fn is_off(v: &Version) -> bool {
     !v.is_on()
 }
 use crate::stats::Snapshot;
+use crate::supervisor::OriginKind;
 
 /// Where the daemon listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/rproxy/rproxy.sock";
@@ -100,8 +104,8 @@ pub enum Reply {
     },
     /// The request was refused.
     Error {
-        /// Why, for the person at the terminal or `docker run`.
-        message: String,
+        /// Why: a sentence for the person at the terminal or `docker run` on the wire.
+        message: Refusal,
     },
     /// A change arrived while the daemon hands its sockets over to a new process: ask again
     /// in a moment (the new process answers then).
@@ -131,8 +135,8 @@ pub enum Reply {
 pub struct Handed {
     /// The mapping as a one-port spec.
     pub spec: String,
-    /// Where it came from (`publish`, `config`, `add`, `shim`).
-    pub origin: String,
+    /// Where it came from (`publish`, `config`, `add`, `shim`, `docker`).
+    pub origin: OriginKind,
     /// `add`: every option it runs with; `shim`: the options the shim's environment set
     /// (laid over the new daemon's defaults, as a registration would be); otherwise none
     /// (the new daemon's flags and config file decide).
@@ -155,8 +159,8 @@ impl Request {
     }
 
     /// Parses a request line.
-    pub fn decode(line: &[u8]) -> Result<Request, String> {
-        serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+    pub fn decode(line: &[u8]) -> Result<Request, Refusal> {
+        serde_json::from_slice(line).map_err(|e| Refusal::BadRequest(e.to_string()))
     }
 }
 
@@ -374,6 +378,12 @@ mod tests {
                 rows: vec![sample_row()],
             },
             Reply::Moved { pid: 7 },
+            Reply::Error {
+                message: Refusal::HandingOver,
+            },
+            Reply::Error {
+                message: Refusal::Other("no mapping matches \"8080\"".into()),
+            },
             Reply::Handover {
                 pid: 7,
                 fds: 3,
@@ -381,7 +391,7 @@ mod tests {
                 metrics: None,
                 mappings: vec![Handed {
                     spec: "127.0.0.1:8080:10.0.0.2:80/tcp".into(),
-                    origin: "shim".into(),
+                    origin: OriginKind::Shim,
                     options: Overrides {
                         nat: Some(crate::options::Mode::On),
                         ..Overrides::default()
@@ -395,6 +405,29 @@ mod tests {
         for reply in replies {
             assert_eq!(Reply::decode(reply.encode().as_bytes()), Ok(reply));
         }
+    }
+
+    /// Origins on the wire are spelled as daemons of earlier versions spell them, both ways;
+    /// one a later version adds is read as unknown (left to the daemon that has it).
+    #[test]
+    fn handed_origins_keep_their_spelling() {
+        for (word, kind) in [
+            ("publish", OriginKind::Publish),
+            ("config", OriginKind::Config),
+            ("add", OriginKind::Control),
+            ("shim", OriginKind::Shim),
+            ("docker", OriginKind::Docker),
+        ] {
+            let line =
+                format!(r#"{{"spec":"127.0.0.1:1:10.0.0.2:1/tcp","origin":"{word}","socket":1}}"#);
+            let handed: Handed = serde_json::from_str(&line).unwrap();
+            assert_eq!(handed.origin, kind, "{line}");
+            let again = serde_json::to_string(&handed).unwrap();
+            assert!(again.contains(&format!(r#""origin":"{word}""#)), "{again}");
+        }
+        let later = r#"{"spec":"127.0.0.1:1:10.0.0.2:1/tcp","origin":"mesh","socket":1}"#;
+        let handed: Handed = serde_json::from_str(later).unwrap();
+        assert_eq!(handed.origin, OriginKind::Unknown);
     }
 
     #[test]

@@ -21,13 +21,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch};
 
 use super::handover::{self, Giver, ShimConn};
-use super::{Reply, Request, Row, MAX_REQUEST};
+use super::{Refusal, Reply, Request, Row, MAX_REQUEST};
 use crate::backoff::Backoff;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::options::{Options, Overrides};
 use crate::proxy_protocol::{PortRules, Version};
-use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor, HANDING_OVER};
+use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor};
 use crate::sys::fd::recv_with_fds;
 
 /// How long a client may take to send its request line.
@@ -200,9 +200,12 @@ async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
             let read = tokio::select! {
                 r = tokio::time::timeout(REQUEST_TIMEOUT, read_request(&stream)) => match r {
                     Ok(r) => r,
-                    Err(_) => Err(format!("no request within {} s", REQUEST_TIMEOUT.as_secs())),
+                    Err(_) => Err(Refusal::Other(format!(
+                        "no request within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    ))),
                 },
-                _ = evicted => Err("too many connections waiting".into()),
+                _ = evicted => Err(Refusal::Other("too many connections waiting".into())),
             };
             pending.done(id);
             let result = match read {
@@ -223,20 +226,22 @@ async fn serve(listener: UnixListener, ctx: Arc<Ctx>) {
 
 /// Reads the request line and any descriptors sent with it; None when the client closed
 /// without a request.
-async fn read_request(stream: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, String> {
+async fn read_request(stream: &UnixStream) -> Result<Option<(Request, Vec<OwnedFd>)>, Refusal> {
     let mut buf = vec![0u8; MAX_REQUEST];
     let mut len = 0;
     let mut fds = Vec::new();
     while !buf[..len].contains(&b'\n') {
         if len == buf.len() {
-            return Err(format!("request longer than {MAX_REQUEST} bytes"));
+            return Err(Refusal::Other(format!(
+                "request longer than {MAX_REQUEST} bytes"
+            )));
         }
         let (n, mut got) = stream
             .async_io(Interest::READABLE, || {
                 recv_with_fds(stream.as_fd(), &mut buf[len..])
             })
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| Refusal::Other(describe(&e)))?;
         fds.append(&mut got);
         if n == 0 {
             return Ok(None);
@@ -258,10 +263,10 @@ async fn handle(
     let uid = stream.peer_cred()?.uid();
     if !matches!(request, Request::Ls {}) && uid != 0 && uid != ctx.own_uid {
         tracing::warn!("control: uid {uid} may not change mappings");
-        let message = format!(
+        let message = Refusal::Other(format!(
             "permission denied: uid {uid} may not change mappings (only root or uid {})",
             ctx.own_uid
-        );
+        ));
         return reply(&mut stream, &Reply::Error { message }).await;
     }
     let answer = match request {
@@ -280,18 +285,18 @@ async fn handle(
 }
 
 /// A refused change as the client gets it: while a takeover is under way, `moved` (ask
-/// again).
-fn refusal(ctx: &Ctx, message: String) -> Reply {
-    match ctx.taker.load(Ordering::Relaxed) {
-        pid if pid != 0 && message == HANDING_OVER => Reply::Moved { pid },
-        _ => Reply::Error { message },
+/// again, of the process it names).
+fn refusal(ctx: &Ctx, message: Refusal) -> Reply {
+    match (message, ctx.taker.load(Ordering::Relaxed)) {
+        (Refusal::HandingOver, pid) if pid != 0 => Reply::Moved { pid },
+        (message, _) => Reply::Error { message },
     }
 }
 
 /// `takeover`: hands everything to the asking process (see [`handover`]).
 async fn takeover(mut stream: UnixStream, ctx: &Ctx) -> io::Result<()> {
     let Some(giver) = ctx.giver.get() else {
-        let message = "this daemon cannot hand over yet (still starting)".into();
+        let message = Refusal::Other("this daemon cannot hand over yet (still starting)".into());
         return reply(&mut stream, &Reply::Error { message }).await;
     };
     let to = stream.peer_cred()?.pid().map_or(0, |p| p as u32);
@@ -358,7 +363,7 @@ fn specs(mappings: &[Mapping]) -> Vec<String> {
 }
 
 /// `add`: all of the spec's mappings start, or none do.
-async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String> {
+async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, Refusal> {
     let mappings = parse_publish(spec, options.apply(&ctx.defaults)?)?;
     let started = ctx
         .sup
@@ -384,7 +389,7 @@ async fn add(ctx: &Ctx, spec: &str, options: Overrides) -> Result<Reply, String>
 
 /// `rm`: stops the spec's mappings (matched by protocol and listen address), all or none.
 /// Ports dockerd published stay: dockerd believes them served until it stops them itself.
-async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, String> {
+async fn remove(ctx: &Ctx, spec: &str) -> Result<Reply, Refusal> {
     let wanted = parse_publish(spec, Options::default())?;
     let mut stopped = Vec::new();
     ctx.sup
@@ -488,16 +493,16 @@ async fn register(
     let origin = Origin::Shim(id);
     let started = async {
         if options.proxy_protocol.is_some() {
-            return Err(
+            return Err(Refusal::Other(
                 "register: a handed-over port's PROXY protocol comes from the daemon's \
                  [[proxy_protocol]] rules"
                     .to_string(),
-            );
+            ));
         }
         let options = options.apply(&ctx.dockerd_defaults)?;
         let mut mapping = match parse_publish(spec, options)?.as_slice() {
             [m] => m.clone(),
-            _ => return Err("register takes exactly one port".to_string()),
+            _ => return Err(Refusal::Other("register takes exactly one port".into())),
         };
         // Held until the mapping runs: a reload swaps the rules only around its own change.
         let rules = ctx.port_rules.lock().await;
@@ -506,7 +511,11 @@ async fn register(
         }
         let fd = match (fds.pop(), fds.is_empty()) {
             (Some(fd), true) => fd,
-            _ => return Err("register needs exactly one listening socket".into()),
+            _ => {
+                return Err(Refusal::Other(
+                    "register needs exactly one listening socket".into(),
+                ))
+            }
         };
         let socket = frontend::check(&mapping, fd)?;
         // The socket's own address is the key: a spec that says otherwise would file the
@@ -514,12 +523,12 @@ async fn register(
         match frontend::local_addr(&socket) {
             Some(local) if local == mapping.listen => {}
             local => {
-                return Err(format!(
+                return Err(Refusal::Other(format!(
                     "register {}: the socket handed over is bound to {}, not {}",
                     mapping.spec(),
                     local.map_or("nothing".into(), |a| a.to_string()),
                     mapping.listen
-                ))
+                )))
             }
         }
         // A shim's registration wins over what the daemon serves for the same container
@@ -544,7 +553,7 @@ async fn register(
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| "nothing started".to_string())
+            .ok_or_else(|| Refusal::Other("nothing started".into()))
     }
     .await;
     let mapping = match started {

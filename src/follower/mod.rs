@@ -333,7 +333,9 @@ impl Follower {
         &self,
         plan: impl FnOnce(&std::collections::BTreeMap<Key, Current>) -> Result<Change, String>,
     ) -> Result<Vec<crate::mapping::Mapping>, String> {
-        self.runtime.block_on(self.sup.change(self.drain, plan))
+        self.runtime
+            .block_on(self.sup.change(self.drain, plan))
+            .map_err(String::from)
     }
 }
 
