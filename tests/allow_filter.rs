@@ -864,3 +864,45 @@ fn the_listener_refuses_clients_outside_the_list_by_itself() {
     handle.stop(Duration::ZERO);
     served.join().unwrap();
 }
+
+/// dockerd's per-port processes serving alone (no daemon), with `RPROXY_ALLOW` in dockerd's
+/// environment: each puts its own filter in the kernel (a table of its own, as it would
+/// have to hold on dockerd's DNAT too), so A is relayed and B dropped before the listener,
+/// TCP and UDP; the host's own processes get in; each table goes with its process.
+#[test]
+fn docker_mode_processes_alone_hold_rproxy_allow() {
+    if !need_root("docker_mode_processes_alone_hold_rproxy_allow") {
+        return;
+    }
+    let t = Topo::new("alx");
+    let target = |port: u16| SocketAddr::new(TARGET.parse().unwrap(), port);
+    let start = |proto: &str, port: u16, to: u16| {
+        common::Spawn::forward_at(proto, "0.0.0.0", port, target(to))
+            .wrap(&["ip", "netns", "exec", &t.host.name])
+            .env("RPROXY_ALLOW", "10.71.2.0/24")
+            .spawn()
+            .ready()
+    };
+    let (mut tcp, mut udp) = (start("tcp", 9380, 80), start("udp", 9353, 53));
+    let tables = t.nft("list tables");
+    assert_eq!(tables.matches("table inet rproxy-").count(), 2, "{tables}");
+    assert_eq!(
+        tcp_who(&t.a, &at(HOST_A, 9380), LONG).as_deref(),
+        Some(BRIDGE)
+    );
+    assert_eq!(udp_who(&t.a, &at(HOST_A, 9353), 6).as_deref(), Some(BRIDGE));
+    assert_eq!(tcp_who(&t.b, &at(HOST_B, 9380), ONE_SYN), None);
+    assert_eq!(udp_who(&t.b, &at(HOST_B, 9353), 3), None);
+    assert_eq!(
+        tcp_who(&t.host, &at(HOST_B, 9380), LONG).as_deref(),
+        Some(BRIDGE),
+        "the host's own process"
+    );
+    for p in [&mut tcp, &mut udp] {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        p.wait_exit(Duration::from_secs(5));
+    }
+    wait_until("the tables to go", Duration::from_secs(5), || {
+        !t.nft("list tables").contains("inet rproxy")
+    });
+}

@@ -200,7 +200,7 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     }
     h.build_image();
     h.step("image built");
-    let ports = h.reserve_ports(8);
+    let ports = h.reserve_ports(9);
     let set = ProxyOff::run(&h, &ports);
     dockerd_alone_leaves_ipv6_loopback_and_6to4_unserved(&h, &set);
     let engine = format!("--docker-host=unix://{}", h.sock.display());
@@ -211,7 +211,7 @@ fn dockerd_without_a_userland_proxy_is_served_by_the_daemon() {
     the_metrics_count_dockerds_ports_like_any_mapping(&h, &set, metrics);
     remote_clients_reach_dockerds_ports_and_the_ipv4_only_containers_ipv6(&h, &set);
     hairpin_follows_icc_without_a_userland_proxy(&h, ports[3], ports[4]);
-    labels_say_who_may_reach_a_port_through_dockerds_dnat(&h, ports[6], ports[7]);
+    labels_say_who_may_reach_a_port_through_dockerds_dnat(&h, ports[6], ports[7], ports[8]);
     hairpin_is_judged_by_the_containers_own_address(&h, ports[6]);
     docker_allow_closes_unlabelled_ports_to_remote_clients(&mut h, &set);
     the_daemon_follows_containers_dockerd_and_itself(&mut h, &set);
@@ -619,6 +619,25 @@ impl RemoteLink {
         )
     }
 
+    /// Whether one of `tries` datagrams from the client to `addr` is echoed (each waited
+    /// for 300 ms).
+    fn udp_echoes(&self, addr: SocketAddr, tries: usize) -> bool {
+        self.ns.run(move || {
+            let any: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let s = UdpSocket::bind(any).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut buf = [0u8; 64];
+            (0..tries).any(|_| {
+                let _ = s.send_to(b"ping", addr);
+                matches!(s.recv_from(&mut buf), Ok((4, _)) if &buf[..4] == b"ping")
+            })
+        })
+    }
+
     /// Whether a GET from the client to `addr` gets the page within `patience`.
     fn gets(&self, h: &Harness, addr: SocketAddr, patience: Duration) -> bool {
         let page = h.page.clone();
@@ -632,8 +651,9 @@ impl RemoteLink {
 /// following dockerd, its userland proxy off): `rproxy.allow` lets client A's networks in
 /// on every port, `rproxy.allow.<port>` lets B's in on that one port instead; the other
 /// client is dropped before dockerd's DNAT (counted), over IPv4 and IPv6; the host's own
-/// processes always get in. The same container recreated without labels is open again.
-fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q: u16) {
+/// processes always get in. The same container recreated without labels is open again. A
+/// UDP echo container labelled for A answers A's datagrams and not B's, IPv4 and IPv6.
+fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q: u16, pu: u16) {
     let (a, b) = (RemoteLink::new("pla", 78), RemoteLink::new("plb", 79));
     let name = "rproxy-test-plabel";
     let run = |labels: &[String]| {
@@ -691,6 +711,42 @@ fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q:
     h.step(&format!(
         "labels: {} in on {p} and {} on {q}, the other dropped ahead of dockerd's DNAT",
         a.host4, b.host4
+    ));
+    let echo = "rproxy-test-plabelu";
+    let label = format!("rproxy.allow={}", a.nets());
+    let publish = format!("{pu}:7/udp");
+    h.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        echo,
+        "--label",
+        &label,
+        "--stop-timeout",
+        "1",
+        "-p",
+        &publish,
+        IMAGE,
+        "/udpecho",
+        "7",
+    ]);
+    let udp_listen = format!("0.0.0.0:{pu}");
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .any(|r| r.listen == udp_listen && r.container == echo)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{udp_listen} not served\n{}", h.diag()));
+    for (host_a, host_b) in [(a.host4, b.host4), (a.host6, b.host6)] {
+        let (to_a, to_b) = (SocketAddr::new(host_a, pu), SocketAddr::new(host_b, pu));
+        assert!(a.udp_echoes(to_a, 20), "A's datagrams to {to_a} unanswered");
+        assert!(!b.udp_echoes(to_b, 3), "B's datagrams to {to_b} answered");
+    }
+    h.docker_ok(&["rm", "-f", echo]);
+    h.step(&format!(
+        "labels: UDP {pu} echoes A's datagrams, not B's (IPv4, IPv6)"
     ));
     h.docker_ok(&["rm", "-f", name]);
     run(&[]);
