@@ -5,13 +5,15 @@
 //!   tarball), else what `git describe` says of the checkout, else nothing and the program
 //!   says "unknown". git's own command line, when it and a checkout are there; any failure is
 //!   silent.
-//! - It is linked position-dependent (`-no-pie`): see [`position_dependent`].
+//! - It is linked position-dependent (`-no-pie`), with libgcc's unwinder inside: see
+//!   [`position_dependent`] and [`static_unwinder`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 fn main() {
     position_dependent();
+    static_unwinder();
     println!("cargo:rerun-if-env-changed=RPROXY_COMMIT");
     println!("cargo:rerun-if-changed=build.rs");
     if let Ok(given) = std::env::var("RPROXY_COMMIT") {
@@ -50,6 +52,18 @@ fn position_dependent() {
     let pie = std::env::var("RPROXY_PIE").is_ok_and(|v| v == "1");
     if linux && !pie {
         println!("cargo:rustc-link-arg-bins=-no-pie");
+    }
+}
+
+/// Links libgcc's unwinder (`libgcc_eh.a`, what a `crt-static` build uses) into the program
+/// instead of loading `libgcc_s.so.1`: a shared library costs every process its own
+/// written pages (its relocated data and the loader's bookkeeping), 8 KB of a waiting
+/// shim's private memory for a library it never calls. Declared on the library target, so
+/// it comes before std's `-lgcc_s` on the link line, which `--as-needed` then drops.
+fn static_unwinder() {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    if var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ENV") == "gnu" {
+        println!("cargo:rustc-link-lib=static:-bundle=gcc_eh");
     }
 }
 
