@@ -146,8 +146,13 @@ usage() {
 # Every process whose argv is a proxy invocation for our range (docker-proxy, rproxy, shims).
 per_port() { pgrep -f -- "-host-port ($(seq -s'|' "$FIRST" "$LAST"))( |$)" || true; }
 
-# How many entries of the container the daemon lists.
-served() { "$RPROXY" ls --control-socket "$CTL" 2>/dev/null | grep -c ' bench$' || true; }
+# How many entries of the container the daemon lists (its CONTAINER column, wherever it is).
+served() {
+    "$RPROXY" ls --control-socket "$CTL" 2>/dev/null | awk '
+        NR == 1 { for (i = 1; i <= NF; i++) if ($i == "CONTAINER") c = i; next }
+        c && $c == "bench" { n++ }
+        END { print n + 0 }' || true
+}
 
 row() { # label daemon on|off [proxy-path [env...]]; daemon: "-", "shims" or "docker-ports"
     local label=$1 daemon=$2; shift 2
