@@ -13,7 +13,10 @@
 # processes, threads and summed PSS (/proc/PID/smaps_rollup, which shares pages fairly). For
 # the userland-proxy rows that is every per-port process; for a row with a daemon, also the
 # daemon's own growth: its PSS and threads with the range minus the same before `docker run`
-# (the `--docker-ports` row is measured once the daemon lists all entries, `rproxy ls`).
+# (the `--docker-ports` row is measured once the daemon lists all entries, `rproxy ls`); and
+# that sum divided by the processes added (for the shims, their daemon's growth included).
+# The floor beside them: as many `sleep` processes as the range has entries, measured the
+# same way (a process that only waits, linked against the same libc).
 #
 #   usage (root): benches/dockerd_ports.sh [PORTS=500] [FIRST=20000]
 #   IPTABLES=false runs dockerd with --iptables=false, to see the proxies' own share of the
@@ -53,10 +56,11 @@ SAVED=$(for f in $SYSCTLS; do [ -r "$f" ] && echo "$f $(cat "$f")"; done)
 policy() { "$1" -S FORWARD 2>/dev/null | awk '/^-P FORWARD/ {print $3}'; }
 POLICY4=$(policy iptables)
 POLICY6=$(policy ip6tables)
-CTD_PID='' DOCKERD_PID='' DAEMON_PID=''
+CTD_PID='' DOCKERD_PID='' DAEMON_PID='' SLEEP_PIDS=()
 
 cleanup() {
     set +e
+    [ ${#SLEEP_PIDS[@]} -gt 0 ] && kill "${SLEEP_PIDS[@]}" 2>/dev/null
     [ -S "$SOCK" ] && $DOCKER -H "unix://$SOCK" rm -f bench >/dev/null 2>&1
     for pid in $DOCKERD_PID $DAEMON_PID $CTD_PID; do
         kill -TERM "$pid" 2>/dev/null; timeout 30 tail --pid="$pid" -f /dev/null; kill -KILL "$pid" 2>/dev/null
@@ -142,8 +146,13 @@ usage() {
 # Every process whose argv is a proxy invocation for our range (docker-proxy, rproxy, shims).
 per_port() { pgrep -f -- "-host-port ($(seq -s'|' "$FIRST" "$LAST"))( |$)" || true; }
 
-# How many entries of the container the daemon lists.
-served() { "$RPROXY" ls --control-socket "$CTL" 2>/dev/null | grep -c ' bench$' || true; }
+# How many entries of the container the daemon lists (its CONTAINER column, wherever it is).
+served() {
+    "$RPROXY" ls --control-socket "$CTL" 2>/dev/null | awk '
+        NR == 1 { for (i = 1; i <= NF; i++) if ($i == "CONTAINER") c = i; next }
+        c && $c == "bench" { n++ }
+        END { print n + 0 }' || true
+}
 
 row() { # label daemon on|off [proxy-path [env...]]; daemon: "-", "shims" or "docker-ports"
     local label=$1 daemon=$2; shift 2
@@ -183,14 +192,27 @@ row() { # label daemon on|off [proxy-path [env...]]; daemon: "-", "shims" or "do
     awk -v l="$label" -v s="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" \
         -v r="$(awk -v a="$t2" -v b="$t3" 'BEGIN { print b - a }')" \
         -v p="$procs" -v t="$threads" -v m="$pss" \
-        'BEGIN { printf "| %s | %.1f s | %.1f s | %d | %d | %.1f MiB |\n", l, s, r, p, t, m / 1024 }'
+        'BEGIN { per = "–"; if (p > 0) per = sprintf("%.0f KiB", m / p)
+                 printf "| %s | %.1f s | %.1f s | %d | %d | %.1f MiB | %s |\n", l, s, r, p, t, m / 1024, per }'
 }
 
-echo "| serving dockerd's $PORTS-port TCP range (IPv4+IPv6) | docker run | docker rm -f | processes added | threads added | summed PSS added |"
-echo "|---|---|---|---|---|---|"
+floor() { # n: the table's columns for n `sleep` processes, the least a waiting process costs
+    local n=$1 procs threads pss
+    for _ in $(seq "$n"); do sleep 1d 9>&- & SLEEP_PIDS+=($!); done
+    sleep 2
+    read -r procs threads pss < <(usage "${SLEEP_PIDS[@]}")
+    kill "${SLEEP_PIDS[@]}"; wait "${SLEEP_PIDS[@]}" 2>/dev/null || true
+    SLEEP_PIDS=()
+    awk -v n="$n" -v p="$procs" -v t="$threads" -v m="$pss" \
+        'BEGIN { printf "| floor: %d `sleep` processes | – | – | %d | %d | %.1f MiB | %.0f KiB |\n", n, p, t, m / 1024, m / p }'
+}
+
+echo "| serving dockerd's $PORTS-port TCP range (IPv4+IPv6) | docker run | docker rm -f | processes added | threads added | summed PSS added | PSS per process |"
+echo "|---|---|---|---|---|---|---|"
 if [ -x "$DOCKER_PROXY" ]; then row docker-proxy - on "$DOCKER_PROXY"; fi
 row "rproxy (drop-in)" - on "$RPROXY" RPROXY_SOCKET="$CTL"
 row "rproxy + daemon (shims)" shims on "$RPROXY" RPROXY_SOCKET="$CTL"
+floor $((2 * PORTS))
 if [ "${IPTABLES:-true}" = false ]; then
     echo "(dockerd --iptables=false: no DNAT, so no --userland-proxy=false rows)" >&2
     exit 0
