@@ -107,7 +107,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     // each spawn, so no dockerd restart is needed.
     let range = h.reserve_ports(10);
     let pu = h.reserve_ports(1)[0];
-    let pl = h.reserve_ports(1)[0];
+    let pl = h.reserve_ports(2);
     h.step(&format!(
         "daemon phase ports: TCP {}-{}, UDP {pu}",
         range[0], range[9]
@@ -121,7 +121,7 @@ fn real_dockerd_uses_rproxy_for_published_ports() {
     let handed =
         the_daemon_lists_every_mapping_the_shims_hand_over(&h, "rproxy-test-daemon", range, pu);
     the_daemon_carries_the_traffic_of_handed_over_ports(&h, &handed);
-    labels_hold_on_ports_the_shims_hand_over(&h, pl);
+    labels_hold_on_ports_the_shims_hand_over(&h, pl[0], pl[1]);
     dockerds_processes_for_handed_over_ports_are_one_thread_shims(&h, &handed, &udp);
     dockerds_ports_go_through_a_takeover_and_a_restart(&mut h, &handed);
     docker_rm_f_drops_every_handed_over_mapping(&h, handed);
@@ -712,42 +712,7 @@ fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q:
         "labels: {} in on {p} and {} on {q}, the other dropped ahead of dockerd's DNAT",
         a.host4, b.host4
     ));
-    let echo = "rproxy-test-plabelu";
-    let label = format!("rproxy.allow={}", a.nets());
-    let publish = format!("{pu}:7/udp");
-    h.docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        echo,
-        "--label",
-        &label,
-        "--stop-timeout",
-        "1",
-        "-p",
-        &publish,
-        IMAGE,
-        "/udpecho",
-        "7",
-    ]);
-    let udp_listen = format!("0.0.0.0:{pu}");
-    poll(Duration::from_secs(10), || {
-        h.rproxy_ls()
-            .iter()
-            .any(|r| r.listen == udp_listen && r.container == echo)
-            .then_some(())
-            .ok_or(())
-    })
-    .unwrap_or_else(|()| panic!("{udp_listen} not served\n{}", h.diag()));
-    for (host_a, host_b) in [(a.host4, b.host4), (a.host6, b.host6)] {
-        let (to_a, to_b) = (SocketAddr::new(host_a, pu), SocketAddr::new(host_b, pu));
-        assert!(a.udp_echoes(to_a, 20), "A's datagrams to {to_a} unanswered");
-        assert!(!b.udp_echoes(to_b, 3), "B's datagrams to {to_b} answered");
-    }
-    h.docker_ok(&["rm", "-f", echo]);
-    h.step(&format!(
-        "labels: UDP {pu} echoes A's datagrams, not B's (IPv4, IPv6)"
-    ));
+    labelled_udp_echo_lets_in_a_alone(h, (&a, &b), "rproxy-test-plabelu", pu, true);
     h.docker_ok(&["rm", "-f", name]);
     run(&[]);
     assert!(
@@ -849,6 +814,50 @@ fn docker_allow_closes_unlabelled_ports_to_remote_clients(h: &mut Harness, set: 
     h.daemon_config = "publish = []\n".into();
     h.start_rproxy_daemon();
     wait_docker_rows(h, &set.rows(), "without docker_allow again");
+}
+
+/// A UDP echo container `name` on `pu`, labelled with A's networks: once the daemon shows its
+/// list, A's datagrams are echoed and B's are not, over IPv4 (and IPv6 with `ipv6`).
+fn labelled_udp_echo_lets_in_a_alone(
+    h: &Harness,
+    (a, b): (&RemoteLink, &RemoteLink),
+    name: &str,
+    pu: u16,
+    ipv6: bool,
+) {
+    let label = format!("rproxy.allow={}", a.nets());
+    let publish = format!("{pu}:7/udp");
+    let mut args = vec!["run", "-d", "--name", name, "--label", &label];
+    args.extend([
+        "--stop-timeout",
+        "1",
+        "-p",
+        &publish,
+        IMAGE,
+        "/udpecho",
+        "7",
+    ]);
+    h.docker_ok(&args);
+    let listen = format!("0.0.0.0:{pu}");
+    poll(Duration::from_secs(10), || {
+        run_json_ls(h)
+            .into_iter()
+            .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(&listen)))
+            .filter(|r| r["allow"].as_array().is_some_and(|l| !l.is_empty()))
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} has no list yet\n{}", h.diag()));
+    let mut pairs = vec![(a.host4, b.host4)];
+    if ipv6 {
+        pairs.push((a.host6, b.host6));
+    }
+    for (host_a, host_b) in pairs {
+        let (to_a, to_b) = (SocketAddr::new(host_a, pu), SocketAddr::new(host_b, pu));
+        assert!(a.udp_echoes(to_a, 20), "A's datagrams to {to_a} unanswered");
+        assert!(!b.udp_echoes(to_b, 3), "B's datagrams to {to_b} answered");
+    }
+    h.docker_ok(&["rm", "-f", name]);
+    h.step(&format!("labels: UDP {pu} echoes A's datagrams, not B's"));
 }
 
 /// `rproxy ls --json` against our daemon.
@@ -1483,8 +1492,9 @@ fn a_taken_host_port_fails_docker_run_with_the_reason(h: &Harness, name: &str, p
 /// Labels under a dockerd whose userland proxy is rproxy, its shims handing their ports to
 /// the daemon: client A (on the label's networks) reaches the port through dockerd's DNAT
 /// over IPv4 and through the daemon's listener over IPv6 (the shim's `[::]` socket, 6→4);
-/// client B is dropped ahead of both; the host's own processes get in.
-fn labels_hold_on_ports_the_shims_hand_over(h: &Harness, port: u16) {
+/// client B is dropped ahead of both; the host's own processes get in. The same for a
+/// labelled UDP echo container on `pu`.
+fn labels_hold_on_ports_the_shims_hand_over(h: &Harness, port: u16, pu: u16) {
     let (a, b) = (RemoteLink::new("sla", 83), RemoteLink::new("slb", 84));
     let name = "rproxy-test-slabel";
     let label = format!("rproxy.allow={}", a.nets());
@@ -1524,6 +1534,7 @@ fn labels_hold_on_ports_the_shims_hand_over(h: &Harness, port: u16) {
         "labels with shims: {} in on {port}, {} dropped",
         a.host4, b.host4
     ));
+    labelled_udp_echo_lets_in_a_alone(h, (&a, &b), "rproxy-test-slabelu", pu, h.ipv6);
     h.docker_ok(&["rm", "-f", name]);
 }
 
