@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rproxy::allow::AllowList;
 use rproxy::mapping::parse_publish;
 use rproxy::nat::Nat;
-use rproxy::options::{Mode, Options};
+use rproxy::settings::options::{Mode, Options};
 
 const CLIENTS: usize = 2;
 const WINDOW: Duration = Duration::from_millis(400);

@@ -14,13 +14,13 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 use crate::bpf::SocketLb;
-use crate::config::{Args, Reread, Settings};
 use crate::control::handover::{self, Giver};
 use crate::control::server::{self, Server};
-use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping, Proto};
 use crate::nat::Nat;
-use crate::options::Mode;
+use crate::settings::config::{Args, Reread, Settings};
+use crate::settings::env::Env;
+use crate::settings::options::Mode;
 use crate::signals::{Event, Signals};
 use crate::supervisor::{key, Change, Key, Listener, Origin, OriginKind, Start, Supervisor};
 use crate::systemd::{sd_notify, Activation, FdStore};
@@ -58,7 +58,10 @@ fn report(s: &Settings) -> String {
             "config file",
             match &s.config_path {
                 Some(p) => p.display().to_string(),
-                None => format!("none ({} does not exist)", crate::config::DEFAULT_CONFIG),
+                None => format!(
+                    "none ({} does not exist)",
+                    crate::settings::config::DEFAULT_CONFIG
+                ),
             },
         ),
         ("control socket", s.control_socket.display().to_string()),

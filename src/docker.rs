@@ -12,13 +12,13 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::bpf::SocketLb;
-use crate::env::Env;
 use crate::frontend;
-use crate::goflags::{self, Flag, Kind, ParseError};
 use crate::mapping::{describe, Mapping, Proto};
 use crate::nat::Nat;
-use crate::options::Options;
 use crate::proxy_protocol::Version;
+use crate::settings::env::Env;
+use crate::settings::goflags::{self, Flag, Kind, ParseError};
+use crate::settings::options::Options;
 use crate::shim::{self, HandBack, Handoff, WaitEnd};
 use crate::signals::{self, Signals};
 use crate::supervisor::{Listener, Origin, Supervisor};

@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::goflags;
 use crate::mapping::Proto;
+use crate::settings::goflags;
 
 /// Where dockerd listens when nothing says otherwise.
 pub const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";

@@ -11,26 +11,22 @@
 pub mod allow;
 pub mod backoff;
 pub mod bpf;
-pub mod cli;
-pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod docker;
 pub mod engine;
-pub mod env;
 pub mod follower;
 pub mod frontend;
-pub mod goflags;
 pub mod interfaces;
 pub mod log;
 #[cfg(test)]
 mod manual;
 pub mod mapping;
 pub mod nat;
-pub mod options;
 pub mod output;
 pub mod prometheus;
 pub mod proxy_protocol;
+pub mod settings;
 pub mod shim;
 pub mod signals;
 pub mod stats;

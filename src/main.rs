@@ -7,10 +7,10 @@
 
 use clap::Parser;
 
-use rproxy::cli::{self, Cli, Command, Invocation};
 use rproxy::control::{self, Request};
-use rproxy::env::{Env, Reader};
-use rproxy::options::Overrides;
+use rproxy::settings::cli::{self, Cli, Command, Invocation};
+use rproxy::settings::env::{Env, Reader};
+use rproxy::settings::options::Overrides;
 use rproxy::{daemon, docker, log, systemd, udp};
 
 fn main() {

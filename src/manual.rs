@@ -1,7 +1,7 @@
 //! The man pages and shell completions the package ships (`packaging/man`,
 //! `packaging/completions`), generated from the code they describe: the subcommands' clap
-//! definitions ([`crate::cli`]), docker-proxy's flags, the `RPROXY_*` variables
-//! ([`crate::env::VARIABLES`]) and the config file's keys ([`crate::config::KEYS`]). Tests
+//! definitions ([`crate::settings::cli`]), docker-proxy's flags, the `RPROXY_*` variables
+//! ([`crate::settings::env::VARIABLES`]) and the config file's keys ([`crate::settings::config::KEYS`]). Tests
 //! already hold those lists to the parsers, so the manual cannot drift from the program.
 //!
 //! Compiled for tests only, with clap_mangen and clap_complete as dev-dependencies: the files
@@ -12,10 +12,10 @@
 use clap_mangen::roff::{bold, italic, roman, Inline, Roff};
 use clap_mangen::Man;
 
-use crate::cli::{self, DOCKER_FLAGS};
-use crate::config::{self, Key, KEYS, MAPPING_KEYS};
 use crate::control::DEFAULT_SOCKET;
-use crate::env::{Reader, VARIABLES};
+use crate::settings::cli::{self, DOCKER_FLAGS};
+use crate::settings::config::{self, Key, KEYS, MAPPING_KEYS};
+use crate::settings::env::{Reader, VARIABLES};
 
 /// The spec grammar, shared by both pages.
 const SPECS: &[&str] = &[
@@ -596,17 +596,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("rproxy.toml");
         std::fs::write(&path, text).unwrap();
-        let args = <crate::cli::Cli as clap::Parser>::try_parse_from([
+        let args = <crate::settings::cli::Cli as clap::Parser>::try_parse_from([
             "rproxy",
             "daemon",
             "--config",
             path.to_str().unwrap(),
         ])
         .unwrap();
-        let crate::cli::Command::Daemon { settings, .. } = args.command else {
+        let crate::settings::cli::Command::Daemon { settings, .. } = args.command else {
             panic!("not the daemon");
         };
-        let loaded = config::Settings::load(&settings, &crate::env::Env::default());
+        let loaded = config::Settings::load(&settings, &crate::settings::env::Env::default());
         let _ = std::fs::remove_dir_all(&dir);
         let settings = loaded.unwrap_or_else(|e| panic!("{e:?}"));
         settings.publish.len() + settings.config.len()

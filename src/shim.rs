@@ -25,8 +25,8 @@ use socket2::Socket;
 
 use crate::control::{self, Reply, Request};
 use crate::mapping::{describe, Mapping};
-use crate::options::Overrides;
 use crate::proxy_protocol::Version;
+use crate::settings::options::Overrides;
 use crate::signals;
 use crate::sys::fd::{clear_cloexec, set_cloexec, take_passed};
 

@@ -29,7 +29,7 @@ use crate::control::Refusal;
 use crate::frontend::{self, Frontend};
 use crate::mapping::{Mapping, Proto};
 use crate::nat::{Nat, Path};
-use crate::options::Mode;
+use crate::settings::options::Mode;
 use crate::stats::{Stats, Timings};
 use crate::stop::{Stop, StopHandle};
 

@@ -17,12 +17,12 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use crate::config::Settings;
 use crate::control::server::Server;
 use crate::control::Handed;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping};
-use crate::options::{Options, Overrides};
+use crate::settings::config::Settings;
+use crate::settings::options::{Options, Overrides};
 use crate::supervisor::{key, Key, Listener, Origin, OriginKind, Start};
 
 /// A shim's registration carried over: adopt it once its mapping runs.

@@ -312,7 +312,7 @@ fn helper_holds_the_table() {
     }
     use rproxy::allow::AllowList;
     use rproxy::mapping::parse_publish;
-    use rproxy::options::{Mode, Options};
+    use rproxy::settings::options::{Mode, Options};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

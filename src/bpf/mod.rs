@@ -27,7 +27,7 @@ use programs::Hook;
 
 use crate::engine::Engine;
 use crate::mapping::{describe, Mapping, Proto};
-use crate::options::Mode;
+use crate::settings::options::Mode;
 use crate::sys::bpf as sys;
 
 /// The programs' license: rproxy's own. Loading under it proves they call no GPL-only helper

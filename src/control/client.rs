@@ -11,8 +11,8 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use super::{read_reply, send_request, socket_path, Reply, Request, Row};
 use crate::mapping::{describe, parse_publish};
-use crate::options::{Options, Overrides};
 use crate::output::print;
+use crate::settings::options::{Options, Overrides};
 
 /// How long the daemon may take to accept, and then to answer. Generous: an `add` with
 /// kernel NAT waits for netlink; a daemon that takes longer is stuck.

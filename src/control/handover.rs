@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Handed, Refusal, Reply, Request, MAX_REPLY};
 use crate::mapping::describe;
-use crate::options::Overrides;
+use crate::settings::options::Overrides;
 use crate::supervisor::{Held, Origin, Supervisor};
 use crate::sys::fd::{recv_with_many_fds, MAX_FDS_PER_MESSAGE};
 

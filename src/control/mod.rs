@@ -28,8 +28,8 @@ use std::path::PathBuf;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::options::Overrides;
 use crate::proxy_protocol::Version;
+use crate::settings::options::Overrides;
 
 fn is_off(v: &Version) -> bool {
     !v.is_on()
@@ -357,7 +357,7 @@ mod tests {
             Request::Add {
                 spec: "8080:10.0.0.2:80".into(),
                 options: Overrides {
-                    nat: Some(crate::options::Mode::Require),
+                    nat: Some(crate::settings::options::Mode::Require),
                     ..Overrides::default()
                 },
             },
@@ -393,7 +393,7 @@ mod tests {
                     spec: "127.0.0.1:8080:10.0.0.2:80/tcp".into(),
                     origin: OriginKind::Shim,
                     options: Overrides {
-                        nat: Some(crate::options::Mode::On),
+                        nat: Some(crate::settings::options::Mode::On),
                         ..Overrides::default()
                     },
                     socket: 1,
@@ -474,7 +474,7 @@ mod tests {
         ) {
             let bytes = crate::testing::mutate(GOOD[which], &edits);
             if let Ok(Request::Add { options, .. } | Request::Register { options, .. }) = Request::decode(&bytes) {
-                let _ = options.apply(&crate::options::Options::default());
+                let _ = options.apply(&crate::settings::options::Options::default());
             }
         }
     }

@@ -25,8 +25,8 @@ use super::{Refusal, Reply, Request, Row, MAX_REQUEST};
 use crate::backoff::Backoff;
 use crate::frontend;
 use crate::mapping::{describe, parse_publish, Mapping, Proto};
-use crate::options::{Options, Overrides};
 use crate::proxy_protocol::{PortRules, Version};
+use crate::settings::options::{Options, Overrides};
 use crate::supervisor::{key, Change, Key, Listener, Origin, Start, Supervisor};
 use crate::sys::fd::recv_with_fds;
 

@@ -31,7 +31,7 @@ pub use published::{carrier, wanted, Wanted};
 use crate::engine::{Container, Engine, Event};
 use crate::frontend;
 use crate::mapping::describe;
-use crate::options::Options;
+use crate::settings::options::Options;
 use crate::supervisor::{key, Change, Current, Key, Listener, Origin, Start, Supervisor};
 
 /// How long a read of the event stream waits before looking whether the daemon stops.

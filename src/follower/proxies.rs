@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::docker::FLAGS;
-use crate::goflags;
+use crate::settings::goflags;
 use crate::supervisor::Key;
 
 /// The (protocol, host address) of every port dockerd's children serve, told from their

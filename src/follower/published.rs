@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::allow::AllowList;
 use crate::engine::{Attachment, Container};
 use crate::mapping::Mapping;
-use crate::options::Options;
+use crate::settings::options::Options;
 
 /// A mapping a container's ports ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]

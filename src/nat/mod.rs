@@ -30,7 +30,7 @@ use worker::Job;
 
 use crate::allow::AllowList;
 use crate::mapping::Mapping;
-use crate::options::Mode;
+use crate::settings::options::Mode;
 
 /// How a mapping's traffic is served.
 #[derive(Debug, Clone, PartialEq, Eq)]

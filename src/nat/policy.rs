@@ -6,7 +6,7 @@ use super::dockerd::Recent;
 use super::table::Table;
 use super::Path;
 use crate::mapping::Mapping;
-use crate::options::Mode;
+use crate::settings::options::Mode;
 
 /// The table, as far as it got.
 pub(super) enum State {

@@ -18,7 +18,7 @@ use super::policy::{self, State};
 use super::Path;
 use crate::allow::AllowList;
 use crate::mapping::Mapping;
-use crate::options::Mode;
+use crate::settings::options::Mode;
 
 /// The paths of dockerd's mappings as the thread last decided them, for `rproxy ls`.
 pub(super) type Current = Arc<Mutex<HashMap<Mapping, Path>>>;

@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use crate::allow::AllowList;
 use crate::backoff::Backoff;
 use crate::mapping::describe;
-use crate::options::Options;
 use crate::proxy_protocol::{self, Version};
+use crate::settings::options::Options;
 use crate::stats::{Failure, Stats};
 use crate::stop::Stop;
 

@@ -30,7 +30,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
 use crate::allow::AllowList;
-use crate::options::Options;
+use crate::settings::options::Options;
 use crate::stats::Stats;
 use crate::stop::Stop;
 use crate::sys;

@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-use crate::config;
-use crate::options::Mode;
 use crate::proxy_protocol::Version;
+use crate::settings::config;
+use crate::settings::options::Mode;
 
 /// rproxy's command line (the subcommand half; see [`DOCKER_FLAGS`] for the other).
 #[derive(Debug, Parser)]
@@ -323,7 +323,7 @@ fn wrap(text: &str, width: usize, indent: usize) -> String {
 mod tests {
     use super::*;
     use crate::docker;
-    use crate::goflags::Kind;
+    use crate::settings::goflags::Kind;
 
     fn argv(args: &[&str]) -> Vec<String> {
         std::iter::once("rproxy")

@@ -165,7 +165,7 @@ pub fn parse(flags: &[Flag], args: &[String]) -> Result<Parsed, ParseError> {
 }
 
 /// Go's strconv.ParseBool: how docker-proxy's boolean flags, and dockerd's network options,
-/// are read. Exactly these spellings: not rproxy's own yes/no ([`crate::options::parse_bool`]).
+/// are read. Exactly these spellings: not rproxy's own yes/no ([`crate::settings::options::parse_bool`]).
 pub fn parse_bool(s: &str) -> Option<bool> {
     match s {
         "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),

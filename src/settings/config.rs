@@ -13,10 +13,10 @@ use serde::Deserialize;
 use crate::allow::AllowList;
 use crate::control;
 use crate::engine::{self, Engine};
-use crate::env::Env;
 use crate::mapping::{describe, parse_publish, Mapping};
-use crate::options::{self, Mode, Options};
 use crate::proxy_protocol::{self, PortRule, PortRules, Version};
+use crate::settings::env::Env;
+use crate::settings::options::{self, Mode, Options};
 
 /// The config file read when `--config` is not given, if it exists.
 pub const DEFAULT_CONFIG: &str = "/etc/rproxy/rproxy.toml";

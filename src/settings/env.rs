@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::log;
-use crate::options::{self, Mode, Overrides};
+use crate::settings::options::{self, Mode, Overrides};
 
 /// Which mode is reading: each validates only the variables it uses, so a daemon-only
 /// setting never breaks a docker-mode port.
