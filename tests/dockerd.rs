@@ -2305,8 +2305,8 @@ fn the_shims_serve_on_when_the_daemon_is_killed(h: &mut Harness, name: &str, por
     h.step("daemon killed: nothing attached, the shims served on");
 }
 
-/// rproxy's programs in effect at the cgroup v2 root, as bpftool lists them.
-fn attached_programs() -> Vec<String> {
+/// rproxy's programs in effect at the cgroup v2 root, as bpftool lists them: (id, name).
+fn attached_programs() -> Vec<(u64, String)> {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -2325,8 +2325,8 @@ fn attached_programs() -> Vec<String> {
     v.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["name"].as_str().map(String::from))
-        .filter(|n| n.starts_with("rpx_"))
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+        .filter(|(_, n)| n.starts_with("rpx_"))
         .collect()
 }
 
@@ -2594,6 +2594,9 @@ struct Harness {
     /// Host state dockerd changes and we put back: FORWARD policy and forwarding sysctls.
     forward_policy: [Option<String>; 2],
     sysctls: Vec<(PathBuf, String)>,
+    /// Socket programs attached before the test began (another rproxy on this machine): not
+    /// ours to wait for.
+    foreign_programs: Vec<u64>,
 }
 
 /// One row of `rproxy ls`.
@@ -2678,6 +2681,7 @@ impl Harness {
             dockerd_flags: dockerd_flags.iter().map(|f| f.to_string()).collect(),
             forward_policy,
             sysctls,
+            foreign_programs: attached_programs().into_iter().map(|(id, _)| id).collect(),
         };
         h.step(&format!("work dir {}", h.dir.display()));
         // For the message of a run that waits for the lock meanwhile: where our logs are.
@@ -3131,8 +3135,17 @@ impl Harness {
         self.wait_none(
             Duration::from_secs(5),
             "socket programs left after SIGKILL",
-            attached_programs,
+            || self.our_programs(),
         );
+    }
+
+    /// The socket programs at the cgroup root that no other rproxy had attached before.
+    fn our_programs(&self) -> Vec<String> {
+        attached_programs()
+            .into_iter()
+            .filter(|(id, _)| !self.foreign_programs.contains(id))
+            .map(|(_, name)| name)
+            .collect()
     }
 
     /// `rproxy ls` against our daemon, parsed.
