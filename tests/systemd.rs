@@ -201,7 +201,11 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused during the upgrade: {tally:?}"
     );
-    assert!(tally.failed.is_empty(), "connections failed: {tally:?}");
+    assert!(
+        tally.failed.is_empty(),
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     assert_eq!(c.show("ActiveState"), "active");
     assert_eq!(c.show("NFileDescriptorStore"), "2");
 
@@ -226,7 +230,11 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused during restart: {tally:?}"
     );
-    assert!(tally.failed.is_empty(), "connections failed: {tally:?}");
+    assert!(
+        tally.failed.is_empty(),
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     let during = windows
         .iter()
         .map(|(from, to)| {
@@ -282,7 +290,11 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused after the crash: {tally:?}"
     );
-    assert!(tally.failed.len() <= 1, "connections failed: {tally:?}");
+    assert!(
+        tally.failed.len() <= 1,
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     assert_eq!(c.show("NRestarts"), "1");
 
     // stop: systemd empties the store; the port is closed, the runtime directory gone.
@@ -587,6 +599,22 @@ impl Container {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// rproxy.service's journal as text, each line with its time and process: what a
+    /// failed client tally is read against.
+    fn unit_log(&self) -> String {
+        format!(
+            "--- journal of rproxy.service:\n{}",
+            self.run_text(&[
+                "journalctl",
+                "-u",
+                "rproxy",
+                "-o",
+                "short-precise",
+                "--no-pager",
+            ])
+        )
+    }
+
     /// A property of rproxy.service.
     fn show(&self, property: &str) -> String {
         self.must(&["systemctl", "show", "--value", "-p", property, "rproxy"])
@@ -695,17 +723,29 @@ struct Entry {
 
 /// One connection: writes `data`, half-closes, reads the echo; the error kind of a failure.
 fn echo_once(port: u16, data: &[u8]) -> Result<(), ErrorKind> {
+    echo_traced(port, data).map_err(|(kind, _)| kind)
+}
+
+/// As [`echo_once`]; a failure also says where the client connected from (the daemon's
+/// debug lines name it) and what came back.
+fn echo_traced(port: u16, data: &[u8]) -> Result<(), (ErrorKind, String)> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).map_err(|e| e.kind())?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .map_err(|e| (e.kind(), String::new()))?;
+    let from = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let fail = |e: std::io::Error, step: &str| (e.kind(), format!("from {from}, at {step}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(data).map_err(|e| e.kind())?;
+    s.write_all(data).map_err(|e| fail(e, "write"))?;
     s.shutdown(std::net::Shutdown::Write)
-        .map_err(|e| e.kind())?;
+        .map_err(|e| fail(e, "shutdown"))?;
     let mut back = Vec::new();
-    s.read_to_end(&mut back).map_err(|e| e.kind())?;
+    s.read_to_end(&mut back).map_err(|e| fail(e, "read"))?;
     match back == data {
         true => Ok(()),
-        false => Err(ErrorKind::InvalidData),
+        false => Err((
+            ErrorKind::InvalidData,
+            format!("from {from}: got {:?}", String::from_utf8_lossy(&back)),
+        )),
     }
 }
 
@@ -769,10 +809,10 @@ impl ClientLoop {
                 n += 1;
                 let t = Instant::now();
                 tally.started.push(t);
-                match echo_once(port, format!("hello {n}\n").as_bytes()) {
+                match echo_traced(port, format!("hello {n}\n").as_bytes()) {
                     Ok(()) => tally.ok += 1,
-                    Err(ErrorKind::ConnectionRefused) => tally.refused += 1,
-                    Err(e) => tally.failed.push(format!("connection {n}: {e:?}")),
+                    Err((ErrorKind::ConnectionRefused, _)) => tally.refused += 1,
+                    Err((e, how)) => tally.failed.push(format!("connection {n}: {e:?} ({how})")),
                 }
                 tally.slowest = tally.slowest.max(t.elapsed());
                 std::thread::sleep(Duration::from_millis(2));
