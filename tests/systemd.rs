@@ -12,7 +12,8 @@
 //!   main process) while a client connects in a loop: not one connection refused;
 //! - `restart`, three times, while a client connects through a published port in a loop:
 //!   not one connection refused or lost, and the new process serves on the sockets systemd
-//!   kept;
+//!   kept; the process that took over in the upgrade is systemd's own child, so the first
+//!   restart drains a connection open across it instead of SIGKILLing it;
 //! - a crash (SIGKILL): Restart=on-failure, the store kept meanwhile: nothing refused;
 //! - `stop`: the port is closed (the store is emptied), the control socket's directory gone;
 //! - `journalctl -u rproxy` has the daemon's lines at their priorities (info 6, error 3).
@@ -185,12 +186,18 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
     let clients = ClientLoop::start(&c, PORT);
     std::thread::sleep(Duration::from_millis(200));
     let before = c.show("MainPID");
+    // Open across the takeover: the old process, draining it, is still there when the new
+    // one names itself the main process.
+    let mut held = c.in_netns(|| TcpStream::connect(("127.0.0.1", PORT)).unwrap());
+    talk(&mut held, b"before the upgrade");
     c.must(&["dpkg", "-i", deb_inside.to_str().unwrap()]);
     wait_until(
         "the new binary as the main process",
         Duration::from_secs(20),
         || c.show("MainPID") != before,
     );
+    talk(&mut held, b"after the takeover, still the old process's");
+    drop(held);
     wait_until("the old process gone", Duration::from_secs(20), || {
         !c.alive(&before)
     });
@@ -208,16 +215,42 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
     );
     assert_eq!(c.show("ActiveState"), "active");
     assert_eq!(c.show("NFileDescriptorStore"), "2");
+    // The process that took over must be systemd's child, as one it started is: a main
+    // process it did not fork, it stops with SIGTERM and at once, not waiting for it,
+    // SIGKILL (KillMode=mixed), which cuts every connection it relays.
+    let log = c.unit_log();
+    assert!(
+        !log.contains("which is not our child"),
+        "the main process after the upgrade is not systemd's child:\n{log}"
+    );
 
     // restart while a client connects in a loop: nothing refused, nothing lost.
     let clients = ClientLoop::start(&c, PORT);
     std::thread::sleep(Duration::from_millis(300));
     let mut windows = Vec::new();
-    for _ in 0..3 {
+    let restarts = 3;
+    for i in 0..restarts {
         let before = c.show("MainPID");
+        // The first restart stops the process that took over in the upgrade: a connection
+        // open across it is drained, not cut (systemctl waits for that).
+        let open = (i == 0).then(|| {
+            let mut open = c.in_netns(|| TcpStream::connect(("127.0.0.1", PORT)).unwrap());
+            talk(&mut open, b"before the restart");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                talk(&mut open, b"while the restart drains");
+            })
+        });
         let t = Instant::now();
         c.must(&["systemctl", "restart", "rproxy"]);
         windows.push((t, Instant::now()));
+        if let Some(open) = open {
+            assert!(
+                open.join().is_ok(),
+                "the connection open across the restart was cut\n{}",
+                c.unit_log()
+            );
+        }
         eprintln!("systemctl restart: {:?}", t.elapsed());
         let after = c.show("MainPID");
         assert_ne!(before, after, "restart kept the process");
@@ -264,7 +297,7 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         .collect();
     assert_eq!(
         reused.len(),
-        3,
+        restarts,
         "each restart serves on the stored sockets: {journal:#?}"
     );
 
