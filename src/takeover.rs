@@ -178,29 +178,19 @@ impl Program {
     }
 
     /// Starts the program file (the new one after an upgrade) as `daemon … --takeover`, in
-    /// this process's environment (so it reaches systemd's notify socket too). A thread
-    /// waits for it: if it fails before taking over, the log says so here, and this daemon
-    /// carries on.
+    /// this process's environment (so it reaches systemd's notify socket too), and returns
+    /// its pid. It is not this process's child ([`crate::sys::process::spawn_orphan`]): it
+    /// becomes systemd's, which then stops it, once it is the main process, as one it
+    /// started — with SIGTERM and a wait for the drain, not SIGKILL at once. If it fails
+    /// before taking over, its own lines in the log say why, and this daemon carries on.
     pub fn start_successor(&self) -> Result<u32, String> {
         let mut args = self.args.clone();
         if !args.iter().any(|a| a == "--takeover") {
             args.push("--takeover".into());
         }
-        let mut child = std::process::Command::new(&self.path)
-            .args(&args)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {}", self.path.display(), describe(&e)))?;
-        let pid = child.id();
-        let _ = std::thread::Builder::new()
-            .name("rproxy-successor".into())
-            .spawn(move || match child.wait() {
-                Ok(status) if status.success() => {}
-                Ok(status) => tracing::error!(
-                    "the new daemon (pid {pid}) ended: {status}; this one keeps serving"
-                ),
-                Err(e) => tracing::warn!("cannot wait for pid {pid}: {}", describe(&e)),
-            });
-        Ok(pid)
+        let mut command = std::process::Command::new(&self.path);
+        command.args(&args).stdin(std::process::Stdio::null());
+        crate::sys::process::spawn_orphan(&mut command)
+            .map_err(|e| format!("cannot start {}: {}", self.path.display(), describe(&e)))
     }
 }

@@ -12,7 +12,8 @@
 //!   main process) while a client connects in a loop: not one connection refused;
 //! - `restart`, three times, while a client connects through a published port in a loop:
 //!   not one connection refused or lost, and the new process serves on the sockets systemd
-//!   kept;
+//!   kept; the process that took over in the upgrade is systemd's own child, so the first
+//!   restart drains a connection open across it instead of SIGKILLing it;
 //! - a crash (SIGKILL): Restart=on-failure, the store kept meanwhile: nothing refused;
 //! - `stop`: the port is closed (the store is emptied), the control socket's directory gone;
 //! - `journalctl -u rproxy` has the daemon's lines at their priorities (info 6, error 3).
@@ -185,12 +186,18 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
     let clients = ClientLoop::start(&c, PORT);
     std::thread::sleep(Duration::from_millis(200));
     let before = c.show("MainPID");
+    // Open across the takeover: the old process, draining it, is still there when the new
+    // one names itself the main process.
+    let mut held = c.in_netns(|| TcpStream::connect(("127.0.0.1", PORT)).unwrap());
+    talk(&mut held, b"before the upgrade");
     c.must(&["dpkg", "-i", deb_inside.to_str().unwrap()]);
     wait_until(
         "the new binary as the main process",
         Duration::from_secs(20),
         || c.show("MainPID") != before,
     );
+    talk(&mut held, b"after the takeover, still the old process's");
+    drop(held);
     wait_until("the old process gone", Duration::from_secs(20), || {
         !c.alive(&before)
     });
@@ -201,19 +208,49 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused during the upgrade: {tally:?}"
     );
-    assert!(tally.failed.is_empty(), "connections failed: {tally:?}");
+    assert!(
+        tally.failed.is_empty(),
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     assert_eq!(c.show("ActiveState"), "active");
     assert_eq!(c.show("NFileDescriptorStore"), "2");
+    // The process that took over must be systemd's child, as one it started is: a main
+    // process it did not fork, it stops with SIGTERM and at once, not waiting for it,
+    // SIGKILL (KillMode=mixed), which cuts every connection it relays.
+    let log = c.unit_log();
+    assert!(
+        !log.contains("which is not our child"),
+        "the main process after the upgrade is not systemd's child:\n{log}"
+    );
 
     // restart while a client connects in a loop: nothing refused, nothing lost.
     let clients = ClientLoop::start(&c, PORT);
     std::thread::sleep(Duration::from_millis(300));
     let mut windows = Vec::new();
-    for _ in 0..3 {
+    let restarts = 3;
+    for i in 0..restarts {
         let before = c.show("MainPID");
+        // The first restart stops the process that took over in the upgrade: a connection
+        // open across it is drained, not cut (systemctl waits for that).
+        let open = (i == 0).then(|| {
+            let mut open = c.in_netns(|| TcpStream::connect(("127.0.0.1", PORT)).unwrap());
+            talk(&mut open, b"before the restart");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                talk(&mut open, b"while the restart drains");
+            })
+        });
         let t = Instant::now();
         c.must(&["systemctl", "restart", "rproxy"]);
         windows.push((t, Instant::now()));
+        if let Some(open) = open {
+            assert!(
+                open.join().is_ok(),
+                "the connection open across the restart was cut\n{}",
+                c.unit_log()
+            );
+        }
         eprintln!("systemctl restart: {:?}", t.elapsed());
         let after = c.show("MainPID");
         assert_ne!(before, after, "restart kept the process");
@@ -226,7 +263,11 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused during restart: {tally:?}"
     );
-    assert!(tally.failed.is_empty(), "connections failed: {tally:?}");
+    assert!(
+        tally.failed.is_empty(),
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     let during = windows
         .iter()
         .map(|(from, to)| {
@@ -256,7 +297,7 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         .collect();
     assert_eq!(
         reused.len(),
-        3,
+        restarts,
         "each restart serves on the stored sockets: {journal:#?}"
     );
 
@@ -282,7 +323,11 @@ fn the_unit_starts_reloads_restarts_without_refusing_and_stops() {
         tally.refused, 0,
         "connections refused after the crash: {tally:?}"
     );
-    assert!(tally.failed.len() <= 1, "connections failed: {tally:?}");
+    assert!(
+        tally.failed.len() <= 1,
+        "connections failed: {tally:?}\n{}",
+        c.unit_log()
+    );
     assert_eq!(c.show("NRestarts"), "1");
 
     // stop: systemd empties the store; the port is closed, the runtime directory gone.
@@ -587,6 +632,22 @@ impl Container {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// rproxy.service's journal as text, each line with its time and process: what a
+    /// failed client tally is read against.
+    fn unit_log(&self) -> String {
+        format!(
+            "--- journal of rproxy.service:\n{}",
+            self.run_text(&[
+                "journalctl",
+                "-u",
+                "rproxy",
+                "-o",
+                "short-precise",
+                "--no-pager",
+            ])
+        )
+    }
+
     /// A property of rproxy.service.
     fn show(&self, property: &str) -> String {
         self.must(&["systemctl", "show", "--value", "-p", property, "rproxy"])
@@ -695,17 +756,29 @@ struct Entry {
 
 /// One connection: writes `data`, half-closes, reads the echo; the error kind of a failure.
 fn echo_once(port: u16, data: &[u8]) -> Result<(), ErrorKind> {
+    echo_traced(port, data).map_err(|(kind, _)| kind)
+}
+
+/// As [`echo_once`]; a failure also says where the client connected from (the daemon's
+/// debug lines name it) and what came back.
+fn echo_traced(port: u16, data: &[u8]) -> Result<(), (ErrorKind, String)> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30)).map_err(|e| e.kind())?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+        .map_err(|e| (e.kind(), String::new()))?;
+    let from = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let fail = |e: std::io::Error, step: &str| (e.kind(), format!("from {from}, at {step}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    s.write_all(data).map_err(|e| e.kind())?;
+    s.write_all(data).map_err(|e| fail(e, "write"))?;
     s.shutdown(std::net::Shutdown::Write)
-        .map_err(|e| e.kind())?;
+        .map_err(|e| fail(e, "shutdown"))?;
     let mut back = Vec::new();
-    s.read_to_end(&mut back).map_err(|e| e.kind())?;
+    s.read_to_end(&mut back).map_err(|e| fail(e, "read"))?;
     match back == data {
         true => Ok(()),
-        false => Err(ErrorKind::InvalidData),
+        false => Err((
+            ErrorKind::InvalidData,
+            format!("from {from}: got {:?}", String::from_utf8_lossy(&back)),
+        )),
     }
 }
 
@@ -769,10 +842,10 @@ impl ClientLoop {
                 n += 1;
                 let t = Instant::now();
                 tally.started.push(t);
-                match echo_once(port, format!("hello {n}\n").as_bytes()) {
+                match echo_traced(port, format!("hello {n}\n").as_bytes()) {
                     Ok(()) => tally.ok += 1,
-                    Err(ErrorKind::ConnectionRefused) => tally.refused += 1,
-                    Err(e) => tally.failed.push(format!("connection {n}: {e:?}")),
+                    Err((ErrorKind::ConnectionRefused, _)) => tally.refused += 1,
+                    Err((e, how)) => tally.failed.push(format!("connection {n}: {e:?} ({how})")),
                 }
                 tally.slowest = tally.slowest.max(t.elapsed());
                 std::thread::sleep(Duration::from_millis(2));

@@ -1,4 +1,4 @@
-//! The process: its descriptor limit, its parent's death, and its name.
+//! The process: its descriptor limit, its parent's death, its name, and children it gives away.
 
 use std::io;
 use std::mem::zeroed;
@@ -49,4 +49,49 @@ pub fn set_name(name: &str) -> io::Result<()> {
     // we own (the last byte stays 0).
     cvt(unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) })?;
     Ok(())
+}
+
+/// Starts `command` as an orphan and returns its pid: a short-lived child forks it and exits
+/// at once, so the kernel hands it to the nearest subreaper or to init. Under systemd that is
+/// the service manager (PID 1, or the user manager, a subreaper), which then counts the
+/// process as its own child: named the main process (MAINPID=), it is stopped as one systemd
+/// started is, with SIGTERM and a wait. A main process systemd did not fork, it cannot wait
+/// for: it sends SIGTERM and, at once, SIGKILL (KillMode=mixed), cutting every connection the
+/// process still relays.
+pub fn spawn_orphan(command: &mut std::process::Command) -> io::Result<u32> {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array we pass; we own both from here.
+    let (read, write) = unsafe {
+        cvt(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    let tell = write.as_raw_fd();
+    // SAFETY: the closure runs in the child between fork and exec, which is single-threaded
+    // and whose libc state the fork left consistent; it calls only fork(2), write(2) and
+    // _exit(2), all async-signal-safe, and touches no memory but a stack array. The
+    // grandchild goes on to exec (the pipe is close-on-exec), the child tells its pid and
+    // exits without running anything of the parent's.
+    unsafe {
+        command.pre_exec(move || match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => Ok(()),
+            pid => {
+                let bytes = pid.to_ne_bytes();
+                libc::write(tell, bytes.as_ptr().cast(), bytes.len());
+                libc::_exit(0)
+            }
+        });
+    }
+    // Returns once the grandchild has exec'd (or failed to: then Err, the child reaped).
+    let mut child = command.spawn()?;
+    drop(write);
+    // The child exits right after its fork: reap it.
+    let _ = child.wait();
+    let mut bytes = [0u8; 4];
+    std::fs::File::from(read).read_exact(&mut bytes)?;
+    Ok(libc::pid_t::from_ne_bytes(bytes) as u32)
 }
