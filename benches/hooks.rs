@@ -86,14 +86,14 @@ fn main() {
     println!("|---|---:|---:|---:|");
     println!(
         "| TCP connect + close | {c0:.2} µs ({}) | {c1:.2} µs ({}) | {:.3} |",
-        span(&without.0),
-        span(&with.0),
+        span(&without.0, 2),
+        span(&with.0, 2),
         c1 / c0
     );
     println!(
         "| UDP sendto, 1 byte | {d0:.3} µs ({}) | {d1:.3} µs ({}) | {:.3} |",
-        span(&without.1),
-        span(&with.1),
+        span(&without.1, 2),
+        span(&with.1, 2),
         d1 / d0
     );
     println!(
@@ -155,9 +155,9 @@ fn program_costs(rproxy: &str, tcp: SocketAddr, rounds: usize) {
         println!(
             "| {name} | {:.0} ns ({}) | {:.0} ns ({}) |",
             median(miss),
-            span0(miss),
+            span(miss, 0),
             median(hit),
-            span0(hit)
+            span(hit, 0)
         );
     }
     println!(
@@ -203,13 +203,6 @@ fn per_run((t0, n0): (u64, u64), (t1, n1): (u64, u64)) -> f64 {
     (t1 - t0) as f64 / (n1 - n0).max(1) as f64
 }
 
-fn span0(v: &[f64]) -> String {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-    format!("{lo:.0}–{hi:.0}")
-}
-
 /// Microseconds per connect+close, and per sendto.
 fn measure(tcp: SocketAddr, udp: SocketAddr) -> (f64, f64) {
     let t = Instant::now();
@@ -235,11 +228,12 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-fn span(v: &[f64]) -> String {
+/// "min–max" of `v`, with `decimals` places.
+fn span(v: &[f64], decimals: usize) -> String {
     let (lo, hi) = v
         .iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-    format!("{lo:.2}–{hi:.2}")
+    format!("{lo:.decimals$}–{hi:.decimals$}")
 }
 
 /// `rproxy daemon --socket-lb=require` with one mapping of its own (so the maps are not

@@ -672,14 +672,7 @@ fn labels_say_who_may_reach_a_port_through_dockerds_dnat(h: &Harness, p: u16, q:
         format!("rproxy.allow.{q}={}", b.nets()),
     ]);
     let listen = format!("0.0.0.0:{p}");
-    poll(Duration::from_secs(10), || {
-        h.rproxy_ls()
-            .iter()
-            .any(|r| r.listen == listen && r.container == name)
-            .then_some(())
-            .ok_or(())
-    })
-    .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()));
+    wait_container_row(h, &listen, name);
     let (long, short) = (Duration::from_secs(10), Duration::ZERO);
     for (link, host) in [(&a, a.host4), (&a, a.host6), (&b, b.host4), (&b, b.host6)] {
         let is_a = std::ptr::eq(link, &a);
@@ -738,14 +731,7 @@ fn hairpin_is_judged_by_the_containers_own_address(h: &Harness, port: u16) {
     args.splice(2..2, ["--label", &label]);
     h.docker_ok(&args);
     let listen = format!("0.0.0.0:{port}");
-    poll(Duration::from_secs(10), || {
-        h.rproxy_ls()
-            .iter()
-            .any(|r| r.listen == listen && r.container == web)
-            .then_some(())
-            .ok_or(())
-    })
-    .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()));
+    wait_container_row(h, &listen, web);
     let gw = h.docker_ok(&[
         "inspect",
         "-f",
@@ -839,14 +825,7 @@ fn labelled_udp_echo_lets_in_a_alone(
     ]);
     h.docker_ok(&args);
     let listen = format!("0.0.0.0:{pu}");
-    poll(Duration::from_secs(10), || {
-        run_json_ls(h)
-            .into_iter()
-            .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(&listen)))
-            .filter(|r| r["allow"].as_array().is_some_and(|l| !l.is_empty()))
-            .ok_or(())
-    })
-    .unwrap_or_else(|()| panic!("{listen} has no list yet\n{}", h.diag()));
+    wait_listed(h, &listen);
     let mut pairs = vec![(a.host4, b.host4)];
     if ipv6 {
         pairs.push((a.host6, b.host6));
@@ -858,6 +837,30 @@ fn labelled_udp_echo_lets_in_a_alone(
     }
     h.docker_ok(&["rm", "-f", name]);
     h.step(&format!("labels: UDP {pu} echoes A's datagrams, not B's"));
+}
+
+/// Waits (10 s) for `ls` to show `listen` served for `container`.
+fn wait_container_row(h: &Harness, listen: &str, container: &str) {
+    poll(Duration::from_secs(10), || {
+        h.rproxy_ls()
+            .iter()
+            .any(|r| r.listen == listen && r.container == container)
+            .then_some(())
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} not served\n{}", h.diag()));
+}
+
+/// Waits (10 s) for `ls --json` to show a non-empty allow-list on the mapping at `listen`.
+fn wait_listed(h: &Harness, listen: &str) {
+    poll(Duration::from_secs(10), || {
+        run_json_ls(h)
+            .into_iter()
+            .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(listen)))
+            .filter(|r| r["allow"].as_array().is_some_and(|l| !l.is_empty()))
+            .ok_or(())
+    })
+    .unwrap_or_else(|()| panic!("{listen} has no list yet\n{}", h.diag()));
 }
 
 /// `rproxy ls --json` against our daemon.
@@ -1504,14 +1507,7 @@ fn labels_hold_on_ports_the_shims_hand_over(h: &Harness, port: u16, pu: u16) {
     h.docker_ok(&args);
     let listen = format!("0.0.0.0:{port}");
     // The shim registers at once; its container's labels follow dockerd's start event.
-    let labelled = poll(Duration::from_secs(10), || {
-        run_json_ls(h)
-            .into_iter()
-            .find(|r| r["spec"].as_str().is_some_and(|s| s.starts_with(&listen)))
-            .filter(|r| r["allow"].as_array().is_some_and(|l| !l.is_empty()))
-            .ok_or(())
-    });
-    labelled.unwrap_or_else(|()| panic!("{listen} has no list yet\n{}", h.diag()));
+    wait_listed(h, &listen);
     let hosts = if h.ipv6 {
         vec![(a.host4, b.host4), (a.host6, b.host6)]
     } else {
